@@ -1,0 +1,13 @@
+"""timm-hff: Hyperspherical Forward-Forward local learning for any timm backbone.
+
+Importing this package registers the ``hff_*`` models into timm's registry.
+"""
+from .version import __version__
+from ._config import HFFConfig
+from ._heads import PrototypeHead
+from ._stages import SplitError, StageSplit
+from ._model import HFFModel, HFFOutput
+from ._builder import build_hff_model
+from ._factory import create_model
+from ._registry import list_models
+from ._hub import load_pretrained_hff, save_pretrained

@@ -1,0 +1,132 @@
+"""HFF settings: one dataclass, validated once, serialised into ``config.json``.
+
+Every constant of the formulation in ``shared/HFF.md`` is a field here, so a checkpoint's ``config.json`` is
+enough to rebuild the stages and heads exactly.
+"""
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
+
+AUX_KINDS = ('none', 'conv1x1', 'conv3x3')
+POOL_KINDS = ('avg', 'token')
+PROTOTYPE_INITS = ('normal', 'orthogonal')
+PREDICT_KINDS = ('last', 'ensemble')
+
+PredictFrom = Union[str, int, Tuple[int, ...]]
+
+
+@dataclass
+class HFFConfig:
+    """How a timm backbone is cut into stages and how each stage learns.
+
+    Attributes:
+        num_stages: Stages to cut when ``stage_indices`` is None. Hierarchical models get one stage per
+            reduction level (the last ``num_stages`` levels; a stem tap joins stage 1); isotropic models (ViT)
+            get ``num_stages`` evenly spaced blocks.
+        stage_indices: Indices into the backbone's ``feature_info`` that end a stage, ``out_indices``-style.
+            Negative indices count from the end. If the last index is not the backbone's last tap, the
+            backbone is truncated there and the tail is left unused.
+        prototypes_per_class: K learned unit-norm prototypes per class, merged by a LogSumExp (a smooth max).
+        embed_dim: Dimension of the sphere the stage output is projected to; None keeps the stage width.
+        scale: Logit scale s (1 / temperature) of the cosine softmax.
+        margin: Additive cosine margin m subtracted from the target class score during training.
+        aux: Auxiliary block between an intermediate stage and its pooling ('none', 'conv1x1', 'conv3x3').
+            A 1x1 conv + norm + ReLU is cheap and non-linear; 'none' makes the head pool-then-project.
+            The last stage reuses the backbone's own head path (its pooling and head norm), so it has no aux.
+        aux_channels: Width of the aux block; None keeps the stage width.
+        pool: Pooling of intermediate stages: 'avg', or 'token' (the first prefix token of token models).
+        prototype_init: 'normal' (random directions) or 'orthogonal' (orthonormal rows where possible).
+        predict_from: 'last', 'ensemble' (mean of all stages' log-probabilities), a stage index, or a tuple of
+            stage indices to ensemble. An early stage index stops the forward there (early exit).
+        small_input: Adapt a conv stem to 28-32 px inputs: strides before the first tap become 1 and
+            pooling layers there become identities. Token models instead take timm's ``img_size`` and
+            ``patch_size`` kwargs.
+        img_size: Resolution of the build-time split check; None takes timm's default input size
+            (32 with ``small_input``).
+        check_split: Run the build-time checks (split equals ``forward_intermediates``, each parameter owned by
+            at most one stage). Costs two forward passes on a batch of two.
+    """
+    num_stages: int = 4
+    stage_indices: Optional[Tuple[int, ...]] = None
+    prototypes_per_class: int = 1
+    embed_dim: Optional[int] = 128
+    scale: float = 16.0
+    margin: float = 0.2
+    aux: str = 'conv1x1'
+    aux_channels: Optional[int] = None
+    pool: str = 'avg'
+    prototype_init: str = 'normal'
+    predict_from: PredictFrom = 'last'
+    small_input: bool = False
+    img_size: Optional[int] = None
+    check_split: bool = True
+
+    def __post_init__(self):
+        if self.stage_indices is not None:
+            self.stage_indices = tuple(int(i) for i in self.stage_indices)
+        if isinstance(self.predict_from, (list, tuple)):
+            self.predict_from = tuple(int(i) for i in self.predict_from)
+        self.validate()
+
+    def validate(self) -> None:
+        """Check types and ranges; raises ValueError with one line naming the field and the fix."""
+        _check_int('num_stages', self.num_stages, 1)
+        _check_int('prototypes_per_class', self.prototypes_per_class, 1)
+        if self.embed_dim is not None:
+            _check_int('embed_dim', self.embed_dim, 1)
+        if self.aux_channels is not None:
+            _check_int('aux_channels', self.aux_channels, 1)
+        if self.img_size is not None:
+            _check_int('img_size', self.img_size, 1)
+        if self.stage_indices is not None and len(self.stage_indices) == 0:
+            raise ValueError('stage_indices is empty; give at least one feature_info index or None for the default')
+        if not isinstance(self.scale, (int, float)) or not self.scale > 0:
+            raise ValueError(f'scale must be a positive number (1 / temperature), got {self.scale!r}')
+        if not isinstance(self.margin, (int, float)) or not 0 <= self.margin < 2:
+            raise ValueError(f'margin must be a cosine margin in [0, 2), got {self.margin!r}')
+        _check_choice('aux', self.aux, AUX_KINDS)
+        _check_choice('pool', self.pool, POOL_KINDS)
+        _check_choice('prototype_init', self.prototype_init, PROTOTYPE_INITS)
+        if isinstance(self.predict_from, str):
+            _check_choice('predict_from', self.predict_from, PREDICT_KINDS)
+        elif isinstance(self.predict_from, tuple):
+            if not self.predict_from:
+                raise ValueError('predict_from is an empty tuple; give stage indices, "last" or "ensemble"')
+        elif not isinstance(self.predict_from, int) or isinstance(self.predict_from, bool):
+            raise ValueError(f"predict_from must be 'last', 'ensemble', a stage index or a tuple of them, "
+                             f"got {self.predict_from!r}")
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = asdict(self)
+        for k, v in d.items():
+            if isinstance(v, tuple):
+                d[k] = list(v)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> 'HFFConfig':
+        """Build from a (possibly untrusted) dict; unknown keys are an error, not silently dropped."""
+        if not isinstance(d, dict):
+            raise ValueError(f'HFF config must be a mapping, got {type(d).__name__}')
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f'unknown HFF setting(s) {unknown}; known settings are {sorted(known)}')
+        return cls(**d)
+
+    @classmethod
+    def split_kwargs(cls, kwargs: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+        """Split ``create_model`` kwargs into (HFF settings, timm kwargs)."""
+        known = {f.name for f in fields(cls)}
+        hff = {k: v for k, v in kwargs.items() if k in known}
+        rest = {k: v for k, v in kwargs.items() if k not in known}
+        return hff, rest
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f'{name} must be an integer >= {minimum}, got {value!r}')
+
+
+def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f'{name} must be one of {list(choices)}, got {value!r}')

@@ -1,0 +1,136 @@
+"""The prototype head: a stage's local classifier on the unit hypersphere.
+
+    stage output -> aux block -> pooling (per layout) -> projection -> L2 normalise = z
+    scores s_c = (1/s) logsumexp_j(s <z, p_cj>)   over the K unit-norm prototypes p_cj of class c
+    loss = cross_entropy(s * (s_c - m * target), target)
+
+The other classes' prototypes act as negatives, so no negative data is needed and one pass predicts.
+"""
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ._config import HFFConfig
+
+LAYOUTS = ('NCHW', 'NHWC', 'NLC', 'NC')
+
+
+class AuxBlock(nn.Module):
+    """Non-linear per-position block between a stage and its pooling (the paper's AuxConv).
+
+    For NHWC and token layouts a 1x1 conv is a Linear over the last dim, so it runs there without permutes.
+    """
+
+    def __init__(self, kind: str, layout: str, in_chs: int, out_chs: int):
+        super().__init__()
+        self.layout = layout
+        if layout == 'NCHW':
+            k = 3 if kind == 'conv3x3' else 1
+            self.proj = nn.Conv2d(in_chs, out_chs, k, padding=k // 2, bias=False)
+            self.norm = nn.BatchNorm2d(out_chs)
+            self.act = nn.ReLU(inplace=True)
+        else:
+            if kind == 'conv3x3':
+                raise ValueError(f"aux='conv3x3' needs an NCHW stage output, this stage is {layout}; "
+                                 f"use aux='conv1x1' or 'none'")
+            self.proj = nn.Linear(in_chs, out_chs, bias=False)
+            self.norm = nn.LayerNorm(out_chs)
+            self.act = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.norm(self.proj(x)))
+
+
+class PrototypeHead(nn.Module):
+    """Projects a stage output onto the sphere and scores it against learned class prototypes.
+
+    Args:
+        in_chs: Channels of the stage output.
+        layout: 'NCHW', 'NHWC', 'NLC' (tokens, ``num_prefix_tokens`` first) or 'NC' (already pooled).
+        num_classes: Number of classes C.
+        cfg: The HFF settings (K, embed_dim, scale, margin, aux, pool, prototype_init).
+        num_prefix_tokens: Class/register tokens at the front of an NLC sequence.
+    """
+
+    def __init__(self, in_chs: int, layout: str, num_classes: int, cfg: HFFConfig, num_prefix_tokens: int = 0):
+        super().__init__()
+        assert layout in LAYOUTS, layout
+        self.layout = layout
+        self.num_prefix_tokens = num_prefix_tokens
+        self.pool_kind = cfg.pool
+        if cfg.pool == 'token' and layout == 'NLC' and num_prefix_tokens == 0:
+            raise ValueError("pool='token' needs a model with a class token; use pool='avg'")
+        self.num_prototypes = cfg.prototypes_per_class
+        self.scale = float(cfg.scale)
+        self.margin = float(cfg.margin)
+        self.prototype_init = cfg.prototype_init
+
+        if cfg.aux == 'none' or layout == 'NC':
+            self.aux = nn.Identity()
+            width = in_chs
+        else:
+            width = cfg.aux_channels or in_chs
+            self.aux = AuxBlock(cfg.aux, layout, in_chs, width)
+        self.embed_dim = cfg.embed_dim or width
+        self.proj = nn.Linear(width, self.embed_dim) if cfg.embed_dim else nn.Identity()
+        self.prototypes = nn.Parameter(torch.empty(num_classes * self.num_prototypes, self.embed_dim))
+        self.num_classes = num_classes
+        self.reset_prototypes(num_classes)
+
+    def reset_prototypes(self, num_classes: int) -> None:
+        """Draw fresh prototypes for ``num_classes`` classes (used for new label sets in transfer)."""
+        self.num_classes = num_classes
+        w = torch.empty(num_classes * self.num_prototypes, self.embed_dim, device=self.prototypes.device,
+                        dtype=self.prototypes.dtype)
+        if self.prototype_init == 'orthogonal':
+            nn.init.orthogonal_(w)
+        else:
+            nn.init.normal_(w)
+        self.prototypes = nn.Parameter(F.normalize(w, dim=1))
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layout == 'NCHW':
+            return x.mean((2, 3))
+        if self.layout == 'NHWC':
+            return x.mean((1, 2))
+        if self.layout == 'NLC':
+            if self.pool_kind == 'token':
+                return x[:, 0]
+            return x[:, self.num_prefix_tokens:].mean(1)
+        return x
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The stage output as a point z on the unit sphere, shape (B, embed_dim)."""
+        z = self.proj(self.pool(self.aux(x)))
+        return F.normalize(z.float(), dim=-1)
+
+    def unit_prototypes(self) -> torch.Tensor:
+        return F.normalize(self.prototypes.float(), dim=-1)
+
+    def class_scores(self, z: torch.Tensor) -> torch.Tensor:
+        """Smooth-max cosine s_c in [-1, 1] per class, shape (B, C)."""
+        cos = z @ self.unit_prototypes().t()
+        if self.num_prototypes == 1:
+            return cos
+        cos = cos.view(z.shape[0], self.num_classes, self.num_prototypes)
+        return torch.logsumexp(self.scale * cos, dim=-1) / self.scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits ``scale * s_c``: a softmax over them is the head's class posterior."""
+        return self.scale * self.class_scores(self.embed(x))
+
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Margin softmax loss; ``target`` is class indices (B,) or soft targets (B, C) from mixup."""
+        if target.ndim == 1:
+            soft = F.one_hot(target, self.num_classes).to(logits.dtype)
+        else:
+            soft = target.to(logits.dtype)
+        return torch.sum(-soft * F.log_softmax(logits - self.scale * self.margin * soft, dim=-1), dim=-1).mean()
+
+
+def log_probs_mean(stage_logits) -> torch.Tensor:
+    """Ensemble of stages: the mean of their log-probabilities."""
+    return torch.stack([F.log_softmax(s.float(), dim=-1) for s in stage_logits]).mean(0)
+

@@ -1,0 +1,276 @@
+"""HFFModel: a timm backbone cut into stages, each with a prototype head that it learns from alone.
+
+    x -> stage 1 -> h1 ---------> head 1 -> logits 1, loss 1
+           (detach) -> stage 2 -> h2 -> head 2 -> logits 2, loss 2
+                          ...            (the last stage runs through the backbone's own pooling/head norm)
+
+``model(x)`` predicts in one pass. ``model(x, target)`` returns every stage's local loss:
+
+- ``mode='simultaneous'``: the summed loss, for one ``backward()`` by the caller. Each stage's graph stays alive
+  until then, so this costs as much activation memory as backprop.
+- ``mode='memory_efficient'``: each stage's loss is backpropagated (through ``backward_fn``, e.g.
+  ``accelerator.backward``) as soon as the stage has run, freeing its graph before the next stage runs, as
+  InfoPro does. Gradients are the same as in simultaneous mode.
+"""
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Set, Union
+
+import torch
+import torch.nn as nn
+
+from ._config import HFFConfig
+from ._heads import PrototypeHead, log_probs_mean
+from ._stages import StageSplit, run_stages, stage_modules
+
+MODES = ('simultaneous', 'memory_efficient')
+
+
+@dataclass
+class HFFOutput:
+    """What one training forward returns.
+
+    Attributes:
+        logits: The model's prediction (``predict_from``) for this batch, detached.
+        stage_logits: Each stage's class logits, detached.
+        stage_losses: Each stage's local loss, detached (for logging).
+        loss: Sum of the stage losses. In simultaneous mode it carries the graph (call backward on it); in
+            memory_efficient mode the backward has already run and it is detached.
+        backward_done: True when the model already ran the backward (memory_efficient mode).
+    """
+    logits: torch.Tensor
+    stage_logits: List[torch.Tensor]
+    stage_losses: List[torch.Tensor]
+    loss: torch.Tensor
+    backward_done: bool
+
+
+class HFFModel(nn.Module):
+    """A timm backbone trained greedily, stage by stage, against unit-norm class prototypes.
+
+    The backbone is a plain timm model (built with ``num_classes=0``) registered as ``self.backbone``, so its
+    ``state_dict`` keys are timm's own under a ``backbone.`` prefix, and ``self.heads[k]`` is stage k's
+    prototype head. Use ``timm_hff.create_model`` rather than this constructor.
+    """
+
+    def __init__(self, backbone: nn.Module, split: StageSplit, num_classes: int, cfg: HFFConfig,
+                 in_chans: int, model_name: str = ''):
+        super().__init__()
+        self.backbone = backbone
+        self.split = split
+        self.hff_cfg = cfg
+        self.model_name = model_name
+        self.in_chans = in_chans
+        self.num_classes = num_classes
+        self.num_features = split.channels[-1]
+        self.heads = nn.ModuleList([
+            PrototypeHead(split.channels[k], split.layouts[k], num_classes, cfg, split.num_prefix_tokens)
+            for k in range(split.num_stages)
+        ])
+        self.predict_from = cfg.predict_from
+        self._frozen: Set[int] = set()
+        self.feature_info = [
+            dict(num_chs=split.channels[k], reduction=split.reductions[k],
+                 module=f'backbone.{backbone.feature_info[split.feature_indices[k]]["module"]}', stage=k)
+            for k in range(split.num_stages)
+        ]
+        self.pretrained_cfg = dict(getattr(backbone, 'pretrained_cfg', {}) or {})
+        self.pretrained_cfg.update(num_classes=num_classes, classifier='heads')
+
+    # ----- timm-compatible surface -----
+    @property
+    def num_stages(self) -> int:
+        return self.split.num_stages
+
+    @property
+    def default_cfg(self) -> Dict:
+        return self.pretrained_cfg
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """New class set: fresh prototypes in every head; the backbone and aux blocks are kept."""
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f'num_classes must be an integer >= 1, got {num_classes!r}')
+        self.num_classes = num_classes
+        self.pretrained_cfg['num_classes'] = num_classes
+        for head in self.heads:
+            head.reset_prototypes(num_classes)
+
+    def get_classifier(self) -> nn.Module:
+        return self.heads[self.num_stages - 1]
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        """Prototypes live on the sphere: weight decay would only fight the normalisation."""
+        nwd = {f'heads.{k}.prototypes' for k in range(self.num_stages)}
+        if hasattr(self.backbone, 'no_weight_decay'):
+            nwd |= {f'backbone.{n}' for n in self.backbone.no_weight_decay()}
+        return nwd
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        if not hasattr(self.backbone, 'set_grad_checkpointing'):
+            raise ValueError(f'{type(self.backbone).__name__} does not support gradient checkpointing')
+        self.backbone.set_grad_checkpointing(enable)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict:
+        return self.backbone.group_matcher(coarse) if hasattr(self.backbone, 'group_matcher') else {}
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbone's own unpooled features (the whole backbone, as in timm)."""
+        self._check_input(x)
+        return self.backbone.forward_features(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Backbone head path (pooling, head norm) then the last stage's prototype head."""
+        x = self.backbone.forward_head(x, pre_logits=True)
+        return x if pre_logits else self.heads[-1](x)
+
+    def forward_intermediates(self, x: torch.Tensor, **kwargs):
+        """timm's ``forward_intermediates`` of the backbone, unchanged."""
+        return self.backbone.forward_intermediates(x, **kwargs)
+
+    # ----- stages -----
+    def stage_parameters(self, k: int, include_head: bool = True) -> List[nn.Parameter]:
+        """Parameters that stage k's local loss trains: its slice of the backbone, and its head."""
+        k = self._stage_index(k)
+        params = dict(self.backbone.named_parameters())
+        out = [params[n] for n in self.split.stage_param_names[k]]
+        if include_head:
+            out += list(self.heads[k].parameters())
+        return out
+
+    def freeze_stages(self, stages: Sequence[int], freeze: bool = True) -> None:
+        """Freeze (or unfreeze) stages: no gradient, and their norm layers keep their running statistics.
+
+        Used by greedy sequential schedules and by head-only transfer.
+        """
+        for k in stages:
+            k = self._stage_index(k)
+            for p in self.stage_parameters(k):
+                p.requires_grad_(not freeze)
+            (self._frozen.add if freeze else self._frozen.discard)(k)
+        self.train(self.training)
+
+    def unfreeze_stages(self, stages: Sequence[int]) -> None:
+        self.freeze_stages(stages, freeze=False)
+
+    @property
+    def frozen_stages(self) -> List[int]:
+        return sorted(self._frozen)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode:
+            for k in self._frozen:
+                for m in stage_modules(self.backbone, self.split.stage_param_names[k]):
+                    m.eval()
+                self.heads[k].eval()
+        return self
+
+    # ----- forward -----
+    def forward_stages(self, x: torch.Tensor, stop_after: Optional[int] = None) -> List[torch.Tensor]:
+        """Every stage's class logits (up to ``stop_after``) from one pass."""
+        self._check_input(x)
+        outs = run_stages(self.backbone, self.split, x, stop_after=stop_after)
+        return [self.heads[k](h) for k, h in enumerate(outs)]
+
+    def forward(
+            self,
+            x: torch.Tensor,
+            target: Optional[torch.Tensor] = None,
+            mode: str = 'simultaneous',
+            backward_fn: Optional[Callable[[torch.Tensor], None]] = None,
+            stages: Optional[Sequence[int]] = None,
+    ) -> Union[torch.Tensor, HFFOutput]:
+        """Predict (no target) or compute the local losses (with target).
+
+        Args:
+            x: Images (B, in_chans, H, W).
+            target: Class indices (B,) or soft targets (B, C). Without it, returns logits (B, C).
+            mode: 'simultaneous' or 'memory_efficient' (see the module docstring).
+            backward_fn: How memory_efficient mode backpropagates a loss; default ``loss.backward()``. Pass
+                ``accelerator.backward`` so mixed-precision scaling applies.
+            stages: Train only these stages (a greedy schedule); the forward stops after the last of them.
+        """
+        if target is None:
+            return self._predict(x)
+        if mode not in MODES:
+            raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
+        self._check_input(x)
+        active = sorted({self._stage_index(k) for k in stages}) if stages is not None else list(range(self.num_stages))
+        active = [k for k in active if k not in self._frozen]
+        if not active:
+            raise ValueError('no stage left to train: all requested stages are frozen')
+        stage_logits: List[torch.Tensor] = []
+        losses: List[torch.Tensor] = []
+        memory_efficient = mode == 'memory_efficient'
+        backward_fn = backward_fn or (lambda loss: loss.backward())
+
+        def on_stage(k: int, h: torch.Tensor) -> None:
+            logits = self.heads[k](h)
+            if k in active:
+                loss = self.heads[k].loss(logits, target)
+                if memory_efficient:
+                    backward_fn(loss)
+                    loss = loss.detach()
+                losses.append(loss)
+            stage_logits.append(logits.detach())
+
+        run_stages(self.backbone, self.split, x, on_stage=on_stage, stop_after=active[-1])
+        total = torch.stack(losses).sum()
+        return HFFOutput(
+            logits=self._combine(stage_logits, default_last=True),
+            stage_logits=stage_logits,
+            stage_losses=[l.detach() for l in losses],
+            loss=total,
+            backward_done=memory_efficient,
+        )
+
+    def _predict(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        pf = self.predict_from
+        if pf == 'last':
+            stop = None
+        elif isinstance(pf, int):
+            stop = self._stage_index(pf)
+        elif isinstance(pf, tuple):
+            stop = max(self._stage_index(k) for k in pf)
+        else:
+            stop = None
+        outs = run_stages(self.backbone, self.split, x, stop_after=stop)
+        if pf == 'last' or isinstance(pf, int):
+            return self.heads[len(outs) - 1](outs[-1])
+        return self._combine([self.heads[k](h) for k, h in enumerate(outs)])
+
+    def _combine(self, stage_logits: List[torch.Tensor], default_last: bool = False) -> torch.Tensor:
+        pf = self.predict_from
+        if pf == 'ensemble':
+            return log_probs_mean(stage_logits)
+        if isinstance(pf, tuple):
+            picked = [stage_logits[self._stage_index(k)] for k in pf if self._stage_index(k) < len(stage_logits)]
+            return log_probs_mean(picked) if picked else stage_logits[-1]
+        if isinstance(pf, int) and self._stage_index(pf) < len(stage_logits):
+            return stage_logits[self._stage_index(pf)]
+        return stage_logits[-1]
+
+    def set_predict_from(self, predict_from) -> None:
+        cfg = HFFConfig(**{**self.hff_cfg.to_dict(), 'predict_from': predict_from, 'check_split': False})
+        self.predict_from = cfg.predict_from
+        if not isinstance(self.predict_from, str):
+            for k in (self.predict_from if isinstance(self.predict_from, tuple) else (self.predict_from,)):
+                self._stage_index(k)
+        self.hff_cfg.predict_from = self.predict_from
+
+    def _stage_index(self, k: int) -> int:
+        n = self.num_stages
+        if isinstance(k, bool) or not isinstance(k, int) or not -n <= k < n:
+            raise ValueError(f'stage index {k!r} is out of range: this model has {n} stages (0..{n - 1})')
+        return k % n
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor) or x.ndim != 4:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f'expected images of shape (B, {self.in_chans}, H, W), got {shape}')
+        if x.shape[1] != self.in_chans:
+            raise ValueError(f'expected {self.in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)}); '
+                             f'create the model with in_chans={x.shape[1]} or convert the images')

@@ -1,0 +1,323 @@
+"""Cutting a timm backbone into detached, locally trained stages.
+
+The timm model stays the only owner of its parameters: a stage is not a module but a *tap*, a submodule named
+by the backbone's ``feature_info`` whose output ends the stage. While ``run_stages`` runs the backbone's own
+``forward_features`` + ``forward_head(pre_logits=True)``, a forward hook on each tap hands the stage output
+(with its graph) to the caller and passes a detached copy downstream, so no gradient crosses a boundary. The
+last stage runs through the backbone's own head path (pooling, head norm), which is what makes exporting to a
+plain timm classifier exact. One mechanism covers sequential CNNs, NHWC models and token models alike.
+
+At build time ``probe_split`` checks the cut on a batch of two: every tap must equal timm's own
+``forward_intermediates`` (so the hooks sit on the right modules), and autograd's graph from each stage output
+must reach a disjoint set of parameters (so the detach really cuts).
+"""
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from ._config import HFFConfig
+
+
+class SplitError(ValueError):
+    """The backbone cannot be cut into HFF stages; the message names the timm family and why."""
+
+
+class _StopForward(Exception):
+    """Raised inside the last needed tap to end the backbone's forward early (early exit, greedy stage)."""
+
+
+@dataclass
+class StageSplit:
+    """Where a backbone is cut, and what the build-time probe learned about each stage."""
+    feature_indices: Tuple[int, ...]          # feature_info index ending each stage
+    tap_names: Tuple[str, ...]                # modules whose output ends a stage (all but a full last stage)
+    full_tail: bool                           # last stage runs through forward_head(pre_logits=True)
+    layouts: List[str] = field(default_factory=list)      # 'NCHW' | 'NHWC' | 'NLC' | 'NC' per stage
+    channels: List[int] = field(default_factory=list)
+    reductions: List[int] = field(default_factory=list)
+    num_prefix_tokens: int = 0
+    stage_param_names: List[List[str]] = field(default_factory=list)
+    unused_param_names: List[str] = field(default_factory=list)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.feature_indices)
+
+
+def family_of(backbone: nn.Module) -> str:
+    """The timm module (family) a model comes from, for error messages."""
+    return type(backbone).__module__.rsplit('.', 1)[-1]
+
+
+def resolve_stage_indices(backbone: nn.Module, cfg: HFFConfig) -> Tuple[int, ...]:
+    """Turn ``cfg.stage_indices`` (or the default rule) into sorted, valid ``feature_info`` indices."""
+    info = getattr(backbone, 'feature_info', None)
+    if not info:
+        raise SplitError(f"timm family '{family_of(backbone)}' ({type(backbone).__name__}) has no feature_info, "
+                         f"so it has no stage boundaries to cut at")
+    n = len(info)
+    if cfg.stage_indices is not None:
+        out = []
+        for i in cfg.stage_indices:
+            if not -n <= i < n:
+                raise ValueError(f'stage index {i} is out of range for {type(backbone).__name__}, which has {n} '
+                                 f'feature_info taps (valid: 0..{n - 1} or -{n}..-1)')
+            out.append(i % n)
+        if len(set(out)) != len(out):
+            raise ValueError(f'stage_indices {tuple(cfg.stage_indices)} name the same tap twice')
+        return tuple(sorted(out))
+    reductions = [f['reduction'] for f in info]
+    if len(set(reductions)) == 1:   # isotropic (ViT-style): evenly spaced blocks
+        k = min(cfg.num_stages, n)
+        return tuple(sorted({round((s + 1) * n / k) - 1 for s in range(k)}))
+    last_per_level = [i for i in range(n) if i == n - 1 or reductions[i + 1] != reductions[i]]
+    return tuple(last_per_level[-cfg.num_stages:])
+
+
+def build_split(backbone: nn.Module, cfg: HFFConfig) -> StageSplit:
+    indices = resolve_stage_indices(backbone, cfg)
+    info = backbone.feature_info
+    names = [info[i]['module'] for i in indices]
+    full_tail = indices[-1] == len(info) - 1
+    taps = tuple(names[:-1]) if full_tail else tuple(names)
+    for name in taps:
+        try:
+            backbone.get_submodule(name)
+        except AttributeError:
+            raise SplitError(f"timm family '{family_of(backbone)}': feature_info names module '{name}', which "
+                             f"is not in the model, so the stage cannot be tapped") from None
+    return StageSplit(feature_indices=indices, tap_names=taps, full_tail=full_tail)
+
+
+def run_stages(
+        backbone: nn.Module,
+        split: StageSplit,
+        x: torch.Tensor,
+        on_stage: Optional[Callable[[int, torch.Tensor], None]] = None,
+        stop_after: Optional[int] = None,
+) -> List[torch.Tensor]:
+    """One forward pass of the backbone, cut into stages.
+
+    Args:
+        on_stage: Called as ``on_stage(k, h_k)`` as soon as stage k's output exists, before stage k+1 runs
+            (``memory_efficient`` training runs stage k's backward there, freeing its graph).
+        stop_after: Stop the forward after this stage (early exit, or a greedy schedule's active stage).
+
+    Returns:
+        The stage outputs h_k, each still attached to its own stage's graph (the next stage saw a detached copy).
+    """
+    last = split.num_stages - 1 if stop_after is None else stop_after
+    outputs: List[torch.Tensor] = []
+
+    def make_hook(k: int):
+        def hook(module, args, output):
+            if not isinstance(output, torch.Tensor):
+                raise SplitError(f"timm family '{family_of(backbone)}': tap '{split.tap_names[k]}' returns "
+                                 f"{type(output).__name__}, not a tensor, so it cannot end a stage")
+            if len(outputs) > k:   # a re-run (grad checkpointing recompute): only keep the cut
+                return output.detach()
+            outputs.append(output)
+            if on_stage is not None:
+                on_stage(k, output)
+            if k >= last:
+                raise _StopForward
+            return output.detach()
+        return hook
+
+    handles = [backbone.get_submodule(name).register_forward_hook(make_hook(k))
+               for k, name in enumerate(split.tap_names) if k <= last]
+    try:
+        feats = backbone.forward_features(x)
+        if split.full_tail:
+            pooled = backbone.forward_head(feats, pre_logits=True)
+            outputs.append(pooled)
+            if on_stage is not None:
+                on_stage(split.num_stages - 1, pooled)
+    except _StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    if len(outputs) != last + 1:
+        missing = split.tap_names[len(outputs)] if len(outputs) < len(split.tap_names) else 'forward_head'
+        raise SplitError(f"timm family '{family_of(backbone)}': stage {len(outputs)} (tap '{missing}') never ran "
+                         f"in forward_features, so the model cannot be cut there")
+    return outputs
+
+
+def _params_reached(t: torch.Tensor) -> set:
+    """ids of the leaf parameters that autograd would send gradient to from ``t``."""
+    reached, seen, stack = set(), set(), [t.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        var = getattr(fn, 'variable', None)
+        if var is not None:
+            reached.add(id(var))
+        stack.extend(nxt for nxt, _ in fn.next_functions)
+    return reached
+
+
+def _to_nchw(t: torch.Tensor, ref: torch.Tensor) -> Tuple[Optional[str], Optional[torch.Tensor], int]:
+    """Match a tap output to timm's NCHW intermediate: (layout, tensor as NCHW, prefix tokens)."""
+    if t.shape == ref.shape:
+        return 'NCHW', t, 0
+    if t.ndim == 4 and ref.ndim == 4 and t.permute(0, 3, 1, 2).shape == ref.shape:
+        return 'NHWC', t.permute(0, 3, 1, 2), 0
+    if t.ndim == 3 and ref.ndim == 4:
+        b, c, h, w = ref.shape
+        prefix = t.shape[1] - h * w
+        if t.shape[0] == b and t.shape[2] == c and prefix >= 0:
+            return 'NLC', t[:, prefix:].reshape(b, h, w, c).permute(0, 3, 1, 2), prefix
+    return None, None, 0
+
+
+def _layout_from_info(t: torch.Tensor, num_chs: int) -> Tuple[str, int]:
+    if t.ndim == 4 and t.shape[1] == num_chs:
+        return 'NCHW', 0
+    if t.ndim == 4 and t.shape[-1] == num_chs:
+        return 'NHWC', 0
+    if t.ndim == 3 and t.shape[-1] == num_chs:
+        return 'NLC', 0
+    if t.ndim == 2:
+        return 'NC', 0
+    raise SplitError(f'a stage output of shape {tuple(t.shape)} matches no known layout for {num_chs} channels')
+
+
+def probe_split(backbone: nn.Module, split: StageSplit, in_chans: int, img_size: int, check: bool = True) -> None:
+    """Run a batch of two through the cut; learn each stage's layout, width, reduction and parameters.
+
+    With ``check``, also assert that each tap equals ``forward_intermediates`` and that no parameter is
+    reached from two stages. Raises SplitError naming the family when either fails.
+    """
+    family = family_of(backbone)
+    was_training = backbone.training
+    backbone.eval()
+    x = torch.randn(2, in_chans, img_size, img_size)
+    try:
+        with torch.enable_grad():
+            outs = run_stages(backbone, split, x)
+        refs: Optional[List[torch.Tensor]] = None
+        n_taps = len(split.tap_names)
+        if check and n_taps and hasattr(backbone, 'forward_intermediates'):
+            with torch.no_grad():
+                try:
+                    refs = backbone.forward_intermediates(
+                        x, indices=list(split.feature_indices[:n_taps]), intermediates_only=True)
+                except Exception as e:  # a family whose forward_intermediates has other index semantics
+                    raise SplitError(f"timm family '{family}': forward_intermediates failed on the stage taps "
+                                     f"({type(e).__name__}: {e})") from None
+    finally:
+        backbone.train(was_training)
+
+    info = backbone.feature_info
+    layouts, channels, reductions, prefix_tokens = [], [], [], 0
+    for k, t in enumerate(outs):
+        if k == len(outs) - 1 and split.full_tail:
+            layouts.append('NC')
+            channels.append(t.shape[-1])
+            reductions.append(info[split.feature_indices[k]]['reduction'])
+            continue
+        if refs is not None:
+            layout, as_nchw, prefix = _to_nchw(t, refs[k])
+            if layout is None or not torch.allclose(as_nchw, refs[k], rtol=1e-4, atol=1e-4):
+                raise SplitError(f"timm family '{family}': the output of tap '{split.tap_names[k]}' does not equal "
+                                 f"forward_intermediates index {split.feature_indices[k]}, so the cut would be "
+                                 f"wrong; this family is not supported")
+            spatial = refs[k].shape[-1]
+            chs = refs[k].shape[1]
+        else:
+            layout, prefix = _layout_from_info(t, info[split.feature_indices[k]]['num_chs'])
+            chs = t.shape[1] if layout == 'NCHW' else t.shape[-1]
+            spatial = t.shape[-1] if layout == 'NCHW' else (t.shape[2] if layout == 'NHWC' else 0)
+        layouts.append(layout)
+        channels.append(int(chs))
+        reductions.append(max(1, round(img_size / spatial)) if spatial else info[split.feature_indices[k]]['reduction'])
+        prefix_tokens = max(prefix_tokens, prefix)
+
+    names = {id(p): n for n, p in backbone.named_parameters()}
+    owner: Dict[int, int] = {}
+    stage_params: List[List[str]] = []
+    for k, t in enumerate(outs):
+        reached = _params_reached(t) & names.keys()
+        if check:
+            shared = [i for i in reached if i in owner]
+            if shared:
+                raise SplitError(f"timm family '{family}': parameter '{names[shared[0]]}' gets gradient from "
+                                 f"stages {owner[shared[0]]} and {k}; the detach at the stage boundary does not "
+                                 f"cut this model's graph")
+        for i in reached:
+            owner.setdefault(i, k)
+        stage_params.append(sorted(names[i] for i in reached))
+    split.layouts, split.channels, split.reductions = layouts, channels, reductions
+    split.num_prefix_tokens = prefix_tokens
+    split.stage_param_names = stage_params
+    split.unused_param_names = sorted(n for i, n in names.items() if i not in owner)
+
+
+def adapt_small_input(backbone: nn.Module, split: StageSplit, in_chans: int) -> List[str]:
+    """Make a conv stem keep resolution for 28-32 px inputs; returns the names of what changed.
+
+    Every conv before the first tap loses its stride and every pooling layer there becomes an identity, so
+    a 28 px image reaches stage 1 at 28 px instead of 7 px. Token models are sized by timm's own
+    ``img_size`` / ``patch_size`` kwargs instead.
+    """
+    if hasattr(backbone, 'patch_embed'):
+        raise ValueError(f"small_input adapts conv stems; '{type(backbone).__name__}' embeds patches, so pass "
+                         f"timm's img_size=32, patch_size=4 (or similar) instead")
+    first = split.tap_names[0] if split.tap_names else None
+    order: List[str] = []
+    module_names = {m: n for n, m in backbone.named_modules()}
+
+    def record(module, args, output):
+        order.append(module_names[module])
+        if module_names[module] == first:
+            raise _StopForward
+
+    handles = [m.register_forward_hook(record) for n, m in backbone.named_modules() if n]
+    try:
+        with torch.no_grad():
+            backbone.eval()
+            backbone.forward_features(torch.zeros(1, in_chans, 64, 64))
+    except _StopForward:
+        pass
+    finally:
+        backbone.train()
+        for h in handles:
+            h.remove()
+    if first is None or first not in order:
+        raise ValueError('small_input needs at least two stages (a first tap to stop at)')
+    changed = []
+    for name in order[:order.index(first)]:
+        if first.startswith(name + '.') or name == first:
+            continue
+        m = backbone.get_submodule(name)
+        if isinstance(m, nn.Conv2d) and max(m.stride) > 1:
+            m.stride = (1, 1)
+            changed.append(name)
+        elif isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)) and _stride_of(m) > 1:
+            parent, _, child = name.rpartition('.')
+            setattr(backbone.get_submodule(parent) if parent else backbone, child, nn.Identity())
+            changed.append(name)
+    if not changed:
+        raise ValueError(f"small_input found no strided conv or pooling before '{first}' in "
+                         f"{type(backbone).__name__}; nothing to adapt")
+    return changed
+
+
+def _stride_of(m: nn.Module) -> int:
+    s = m.stride if m.stride is not None else m.kernel_size
+    return max(s) if isinstance(s, (tuple, list)) else int(s)
+
+
+def stage_modules(backbone: nn.Module, param_names: Sequence[str]) -> List[nn.Module]:
+    """The submodules that directly hold any of ``param_names`` (to put a frozen stage's norms in eval)."""
+    mods = {}
+    for pname in param_names:
+        mod_name = pname.rpartition('.')[0]
+        mods[mod_name] = backbone.get_submodule(mod_name) if mod_name else backbone
+    return list(mods.values())
