@@ -40,8 +40,8 @@ class HFFConfig:
         small_input: Adapt a conv stem to 28-32 px inputs: strides before the first tap become 1 and
             pooling layers there become identities. Token models instead take timm's ``img_size`` and
             ``patch_size`` kwargs.
-        img_size: Resolution of the build-time split check; None takes timm's default input size
-            (32 with ``small_input``).
+        check_img_size: Resolution of the build-time split check; None takes timm's ``img_size`` kwarg if
+            given, else the model's default input size (32 with ``small_input``).
         check_split: Run the build-time checks (split equals ``forward_intermediates``, each parameter owned by
             at most one stage). Costs two forward passes on a batch of two.
     """
@@ -57,7 +57,7 @@ class HFFConfig:
     prototype_init: str = 'normal'
     predict_from: PredictFrom = 'last'
     small_input: bool = False
-    img_size: Optional[int] = None
+    check_img_size: Optional[int] = None
     check_split: bool = True
 
     def __post_init__(self):
@@ -75,8 +75,8 @@ class HFFConfig:
             _check_int('embed_dim', self.embed_dim, 1)
         if self.aux_channels is not None:
             _check_int('aux_channels', self.aux_channels, 1)
-        if self.img_size is not None:
-            _check_int('img_size', self.img_size, 1)
+        if self.check_img_size is not None:
+            _check_int('check_img_size', self.check_img_size, 1)
         if self.stage_indices is not None and len(self.stage_indices) == 0:
             raise ValueError('stage_indices is empty; give at least one feature_info index or None for the default')
         if not isinstance(self.scale, (int, float)) or not self.scale > 0:

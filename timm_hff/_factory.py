@@ -87,4 +87,5 @@ def create_from_timm(arch: str, cfg: HFFConfig, pretrained: bool = False, num_cl
         raise ValueError(f'in_chans must be an integer >= 1, got {in_chans!r}')
     backbone = timm.create_model(arch, pretrained=pretrained, num_classes=0, in_chans=in_chans,
                                  pretrained_cfg_overlay=pretrained_cfg_overlay, **timm_kwargs)
-    return build_hff_model(backbone, num_classes, cfg, in_chans, model_name=arch)
+    return build_hff_model(backbone, num_classes, cfg, in_chans, model_name=arch,
+                           timm_img_size=timm_kwargs.get('img_size'))

@@ -188,7 +188,8 @@ def _layout_from_info(t: torch.Tensor, num_chs: int) -> Tuple[str, int]:
     raise SplitError(f'a stage output of shape {tuple(t.shape)} matches no known layout for {num_chs} channels')
 
 
-def probe_split(backbone: nn.Module, split: StageSplit, in_chans: int, img_size: int, check: bool = True) -> None:
+def probe_split(backbone: nn.Module, split: StageSplit, in_chans: int, img_size: int,
+                check: bool = True) -> None:
     """Run a batch of two through the cut; learn each stage's layout, width, reduction and parameters.
 
     With ``check``, also assert that each tap equals ``forward_intermediates`` and that no parameter is
@@ -220,7 +221,9 @@ def probe_split(backbone: nn.Module, split: StageSplit, in_chans: int, img_size:
         if k == len(outs) - 1 and split.full_tail:
             layouts.append('NC')
             channels.append(t.shape[-1])
-            reductions.append(info[split.feature_indices[k]]['reduction'])
+            # scale timm's nominal reduction by what the probe measured (small_input changes the stem)
+            factor = reductions[-1] / info[split.feature_indices[k - 1]]['reduction'] if k else 1
+            reductions.append(max(1, round(info[split.feature_indices[k]]['reduction'] * factor)))
             continue
         if refs is not None:
             layout, as_nchw, prefix = _to_nchw(t, refs[k])
@@ -236,7 +239,8 @@ def probe_split(backbone: nn.Module, split: StageSplit, in_chans: int, img_size:
             spatial = t.shape[-1] if layout == 'NCHW' else (t.shape[2] if layout == 'NHWC' else 0)
         layouts.append(layout)
         channels.append(int(chs))
-        reductions.append(max(1, round(img_size / spatial)) if spatial else info[split.feature_indices[k]]['reduction'])
+        nominal = info[split.feature_indices[k]]['reduction']
+        reductions.append(max(1, round(img_size / spatial)) if spatial else nominal)
         prefix_tokens = max(prefix_tokens, prefix)
 
     names = {id(p): n for n, p in backbone.named_parameters()}
