@@ -1,0 +1,239 @@
+"""Where images come from: a Hub id, a local ``imagefolder`` or MNIST-family IDX files, all as HF ``datasets``.
+
+A source is named the way timm's ``train.py`` names HF data sets:
+
+    hfds/<hub id>     datasets.load_dataset(<hub id>, split=...)               e.g. hfds/uoft-cs/cifar10
+    hfids/<hub id>    the same, streamed (an IterableDataset; nothing is downloaded up front)
+    imagefolder       datasets.load_dataset('imagefolder', data_dir=...)      class-per-folder images
+    idx               the four IDX files of MNIST / Fashion-MNIST / KMNIST in data_dir
+    ''                infer from data_dir: IDX files if present, otherwise imagefolder
+
+Whatever the source, the result is an ``ImageData``: the ``datasets`` object plus the image / label columns and
+the class names, checked once here so that training can trust them.
+"""
+import difflib
+import os
+from dataclasses import dataclass, field
+from typing import Any, List, Optional, Tuple
+
+from ._idx import FASHION_MNIST_DIR, has_idx_files, idx_dataset
+
+IMAGE_KEYS = ('image', 'img', 'jpg', 'png', 'webp')
+LABEL_KEYS = ('label', 'fine_label', 'labels', 'cls', 'class', 'target')
+HUB_PREFIX = 'hfds/'
+HUB_STREAM_PREFIX = 'hfids/'
+
+
+@dataclass
+class ImageData:
+    """One split of an image-classification data set, with its columns resolved.
+
+    Attributes:
+        dataset: A ``datasets.Dataset`` (map-style) or ``datasets.IterableDataset`` (streaming).
+        image_key: Column holding the image (an ``Image`` or fixed-shape ``Array2D``/``Array3D`` feature).
+        label_key: Column holding the class index (a ``ClassLabel``).
+        num_classes: Classes the model is built for (>= the ClassLabel's count).
+        label_names: One name per class.
+        source: 'hub', 'imagefolder' or 'idx'.
+        name: The Hub id or the local folder (recorded in the model card).
+        split: The split name.
+        streaming: True for an IterableDataset.
+        num_samples: Rows in the split, or the given ``num_samples`` for a stream (None when unknown).
+    """
+    dataset: Any
+    image_key: str
+    label_key: str
+    num_classes: int
+    label_names: List[str]
+    source: str
+    name: str
+    split: str
+    streaming: bool = False
+    num_samples: Optional[int] = None
+    array_images: bool = field(default=False)
+
+    def __len__(self) -> int:
+        if self.num_samples is None:
+            raise TypeError(f'the streamed split {self.name}:{self.split} has unknown length; set num_samples')
+        return self.num_samples
+
+
+def parse_dataset_spec(dataset: str, data_dir: Optional[str]) -> Tuple[str, str, bool]:
+    """(source, name, streaming) from a ``dataset`` string and ``data_dir``; raises a one-line error when unknown."""
+    dataset = dataset or ''
+    if dataset.startswith(HUB_STREAM_PREFIX):
+        return 'hub', _hub_id(dataset[len(HUB_STREAM_PREFIX):], dataset), True
+    if dataset.startswith(HUB_PREFIX):
+        return 'hub', _hub_id(dataset[len(HUB_PREFIX):], dataset), False
+    if dataset in ('', 'idx', 'imagefolder'):
+        if not data_dir:
+            hint = f" (Fashion-MNIST: data_dir={FASHION_MNIST_DIR})" if dataset in ('', 'idx') else ''
+            raise ValueError(f"dataset {dataset or '(inferred)'!r} reads local files: set data_dir{hint}")
+        if not os.path.isdir(data_dir):
+            raise FileNotFoundError(f'data_dir {data_dir!r} does not exist or is not a folder')
+        if dataset == '':
+            dataset = 'idx' if has_idx_files(data_dir) else 'imagefolder'
+        return dataset, os.path.abspath(data_dir), False
+    if '/' in dataset and not dataset.startswith(('/', '.')):
+        raise ValueError(f"unknown dataset {dataset!r}: name Hub data sets as 'hfds/{dataset}' (or 'hfids/{dataset}' "
+                         f"to stream)")
+    raise ValueError(f"unknown dataset {dataset!r}: use 'hfds/<hub id>', 'hfids/<hub id>', 'imagefolder' or 'idx' "
+                     f"(the last two with data_dir)")
+
+
+def _hub_id(name: str, spec: str) -> str:
+    if not name or name.count('/') > 1:
+        raise ValueError(f"dataset {spec!r} does not name a Hub data set; expected e.g. 'hfds/uoft-cs/cifar10'")
+    return name
+
+
+def load_image_dataset(
+        dataset: str = '',
+        data_dir: Optional[str] = None,
+        split: str = 'train',
+        streaming: bool = False,
+        input_key: Optional[str] = None,
+        target_key: Optional[str] = None,
+        num_classes: Optional[int] = None,
+        num_samples: Optional[int] = None,
+        dataset_config: Optional[str] = None,
+) -> ImageData:
+    """Load one split and resolve its image and label columns.
+
+    Args:
+        dataset: Source spec (see the module docstring).
+        data_dir: Folder for 'imagefolder' / 'idx' (or for inferring the source).
+        split: Split name ('train', 'test', 'validation', ...).
+        streaming: Stream the split (any source but 'idx'); 'hfids/' implies it.
+        input_key: Image column; inferred ('image', 'img', ... or the only Image feature) when None.
+        target_key: Label column; inferred ('label', 'fine_label', ... or the only ClassLabel) when None.
+        num_classes: Classes the model will have. Must cover every label; an integer label column needs it.
+        num_samples: Keep the first N rows (a map-style split), or the length of a stream (needed to plan steps).
+        dataset_config: Hub configuration name, for data sets that have several.
+    """
+    source, name, stream_spec = parse_dataset_spec(dataset, data_dir)
+    streaming = streaming or stream_spec
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                    or num_classes < 1):
+        raise ValueError(f'num_classes must be an integer >= 1, got {num_classes!r}')
+    if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int)
+                                    or num_samples < 1):
+        raise ValueError(f'num_samples must be an integer >= 1, got {num_samples!r}')
+    if source == 'idx':
+        if streaming:
+            raise ValueError('IDX data is read into memory; it cannot be streamed (set streaming: false)')
+        ds = idx_dataset(name, split)
+    else:
+        ds = _load_hf(source, name, split, streaming, dataset_config)
+
+    features = getattr(ds, 'features', None)
+    image_key = _pick_image_key(features, input_key, name, split)
+    label_key, ds, class_label = _pick_label(ds, features, target_key, num_classes, name, split)
+    n_label = class_label.num_classes if class_label is not None else num_classes
+    if num_classes is not None and num_classes < n_label:
+        raise ValueError(f"{name}:{split} column '{label_key}' has {n_label} classes but num_classes={num_classes}: "
+                         f"labels would fall outside [0, {num_classes}); raise num_classes or leave it unset")
+    n = num_classes or n_label
+    names = list(class_label.names) if class_label is not None else []
+    names += [str(i) for i in range(len(names), n)]
+
+    array_images = features is not None and type(features[image_key]).__name__.startswith('Array')
+    if streaming:
+        if num_samples is not None:
+            ds = ds.take(num_samples)
+        total = num_samples
+    else:
+        if num_samples is not None and num_samples < len(ds):
+            ds = ds.select(range(num_samples))
+        total = len(ds)
+        if total == 0:
+            raise ValueError(f'{name}:{split} is empty')
+        _check_label_range(ds, label_key, n, name, split)
+    return ImageData(dataset=ds, image_key=image_key, label_key=label_key, num_classes=n, label_names=names,
+                     source=source, name=name, split=split, streaming=streaming, num_samples=total,
+                     array_images=array_images)
+
+
+def _load_hf(source: str, name: str, split: str, streaming: bool, config: Optional[str]):
+    import datasets
+
+    path, kwargs = (name, {}) if source == 'hub' else ('imagefolder', dict(data_dir=name))
+    try:
+        return datasets.load_dataset(path, config, split=split, streaming=streaming, **kwargs)
+    except ValueError as e:
+        msg = str(e)
+        if 'split' in msg.lower():
+            raise ValueError(f"split {split!r} does not exist in {name}: {msg.splitlines()[0]}") from None
+        raise
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f'cannot load {name!r} ({type(e).__name__}: {str(e).splitlines()[0]}); check the '
+                                f'id or path, the network, or HF_HUB_OFFLINE with a filled cache') from None
+
+
+def _pick_image_key(features, input_key: Optional[str], name: str, split: str) -> str:
+    if features is None:
+        return input_key or 'image'
+    columns = list(features)
+    if input_key is not None:
+        if input_key not in features:
+            raise ValueError(f"{name}:{split} has no image column {input_key!r}; columns are {columns}")
+        return input_key
+    for key in IMAGE_KEYS:
+        if key in features:
+            return key
+    images = [k for k, f in features.items() if type(f).__name__ in ('Image', 'Array2D', 'Array3D')]
+    if len(images) == 1:
+        return images[0]
+    raise ValueError(f"cannot tell which column of {name}:{split} holds the images (columns {columns}); set "
+                     f"input_key")
+
+
+def _pick_label(ds, features, target_key: Optional[str], num_classes: Optional[int], name: str, split: str):
+    """(label column, dataset (possibly cast), its ClassLabel or None)."""
+    import datasets
+
+    if features is None:
+        if num_classes is None:
+            raise ValueError(f'{name}:{split} does not declare its features, so the class count is unknown; '
+                             f'set num_classes (and input_key / target_key if not image / label)')
+        return target_key or 'label', ds, None
+    columns = list(features)
+    if target_key is not None:
+        if target_key not in features:
+            raise ValueError(f"{name}:{split} has no label column {target_key!r}; columns are {columns}")
+        key = target_key
+    else:
+        key = next((k for k in LABEL_KEYS if k in features), None)
+        if key is None:
+            labels = [k for k, f in features.items() if isinstance(f, datasets.ClassLabel)]
+            if len(labels) != 1:
+                close = difflib.get_close_matches('label', columns, n=1)
+                raise ValueError(f"cannot tell which column of {name}:{split} holds the labels (columns {columns}); "
+                                 f"set target_key" + (f" (perhaps {close[0]!r})" if close else ''))
+            key = labels[0]
+    feat = features[key]
+    if isinstance(feat, datasets.ClassLabel):
+        return key, ds, feat
+    if isinstance(feat, datasets.Value) and feat.dtype.startswith(('int', 'uint')):
+        if num_classes is None:
+            raise ValueError(f"{name}:{split} column '{key}' is {feat.dtype}, not a ClassLabel, so the class count "
+                             f"is unknown; set num_classes")
+        label = datasets.ClassLabel(num_classes=num_classes)
+        return key, ds.cast_column(key, label), label
+    raise ValueError(f"{name}:{split} column '{key}' is {feat!r}, not a class label; give target_key of a "
+                     f"ClassLabel (or integer) column")
+
+
+def _check_label_range(ds, key: str, num_classes: int, name: str, split: str) -> None:
+    """Every label in [0, num_classes), checked on the Arrow column (no Python loop)."""
+    import pyarrow.compute as pc
+
+    column = ds.with_format('arrow')[key]
+    column = column.column(key) if hasattr(column, 'column') else column
+    bounds = pc.min_max(column).as_py()
+    lo, hi = bounds['min'], bounds['max']
+    if lo is None:
+        raise ValueError(f"{name}:{split} column '{key}' holds no labels")
+    if lo < 0 or hi >= num_classes:
+        raise ValueError(f"{name}:{split} column '{key}' has labels in [{lo}, {hi}], outside [0, {num_classes}) "
+                         f"(num_classes={num_classes}); fix the labels or num_classes")
