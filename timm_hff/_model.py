@@ -61,7 +61,8 @@ class HFFModel(nn.Module):
         self.model_name = model_name
         self.in_chans = in_chans
         self.num_classes = num_classes
-        self.num_features = split.channels[-1]
+        self.num_features = getattr(backbone, 'num_features', split.channels[-1])
+        self.head_hidden_size = split.channels[-1]   # width the last prototype head sees (timm's pre-logits)
         self.heads = nn.ModuleList([
             PrototypeHead(split.channels[k], split.layouts[k], num_classes, cfg, split.num_prefix_tokens)
             for k in range(split.num_stages)
@@ -216,10 +217,17 @@ class HFFModel(nn.Module):
                 losses.append(loss)
             stage_logits.append(logits.detach())
 
-        run_stages(self.backbone, self.split, x, on_stage=on_stage, stop_after=active[-1])
+        if memory_efficient:
+            if getattr(self.backbone, 'grad_checkpointing', False):
+                raise ValueError("memory_efficient mode already frees each stage's graph; it does not combine with "
+                                 "grad checkpointing (a head's backward inside a checkpointed block); use one")
+            run_stages(self.backbone, self.split, x, on_stage=on_stage, stop_after=active[-1])
+        else:   # heads run after the forward, outside any checkpointed region of the backbone
+            for k, h in enumerate(run_stages(self.backbone, self.split, x, stop_after=active[-1])):
+                on_stage(k, h)
         total = torch.stack(losses).sum()
         return HFFOutput(
-            logits=self._combine(stage_logits, default_last=True),
+            logits=self._combine(stage_logits),
             stage_logits=stage_logits,
             stage_losses=[l.detach() for l in losses],
             loss=total,
@@ -242,7 +250,7 @@ class HFFModel(nn.Module):
             return self.heads[len(outs) - 1](outs[-1])
         return self._combine([self.heads[k](h) for k, h in enumerate(outs)])
 
-    def _combine(self, stage_logits: List[torch.Tensor], default_last: bool = False) -> torch.Tensor:
+    def _combine(self, stage_logits: List[torch.Tensor]) -> torch.Tensor:
         pf = self.predict_from
         if pf == 'ensemble':
             return log_probs_mean(stage_logits)

@@ -40,6 +40,8 @@ class StageSplit:
     num_prefix_tokens: int = 0
     stage_param_names: List[List[str]] = field(default_factory=list)
     unused_param_names: List[str] = field(default_factory=list)
+    probe_img_size: int = 0                   # resolution the build-time probe ran at (known to work)
+    state: Optional['_CutState'] = field(default=None, repr=False, compare=False)
 
     @property
     def num_stages(self) -> int:
@@ -82,13 +84,68 @@ def build_split(backbone: nn.Module, cfg: HFFConfig) -> StageSplit:
     names = [info[i]['module'] for i in indices]
     full_tail = indices[-1] == len(info) - 1
     taps = tuple(names[:-1]) if full_tail else tuple(names)
-    for name in taps:
-        try:
-            backbone.get_submodule(name)
-        except AttributeError:
-            raise SplitError(f"timm family '{family_of(backbone)}': feature_info names module '{name}', which "
-                             f"is not in the model, so the stage cannot be tapped") from None
-    return StageSplit(feature_indices=indices, tap_names=taps, full_tail=full_tail)
+    return StageSplit(feature_indices=indices, tap_names=tuple(_hookable(backbone, n) for n in taps),
+                      full_tail=full_tail)
+
+
+def _hookable(backbone: nn.Module, name: str) -> str:
+    """The module to hook for a tap: the tap itself, or, for an ``nn.Sequential``, its last block.
+
+    timm's gradient checkpointing (``checkpoint_seq(..., flatten=True)``) calls a Sequential's blocks directly
+    and never the container, so a hook on the container would not fire; the last block's output is the same.
+    """
+    try:
+        module = backbone.get_submodule(name)
+    except AttributeError:
+        raise SplitError(f"timm family '{family_of(backbone)}': feature_info names module '{name}', which "
+                         f"is not in the model, so the stage cannot be tapped") from None
+    while isinstance(module, nn.Sequential) and len(module):
+        name, module = f'{name}.{len(module) - 1}', module[-1]
+    return name
+
+
+class _CutState:
+    """What the tap hooks do right now: only cut (default), or also hand stage outputs to ``run_stages``."""
+
+    def __init__(self):
+        self.outputs: Optional[List[torch.Tensor]] = None
+        self.on_stage: Optional[Callable[[int, torch.Tensor], None]] = None
+        self.last = -1
+
+
+class _TapHook:
+    """Forward hook ending stage k: the downstream model always sees a detached copy of the stage output.
+
+    It stays installed for the model's life, so gradient checkpointing's recompute (which runs after the
+    forward, during backward) sees the same cut graph as the forward did. A callable object rather than a
+    closure, so ``copy.deepcopy`` of the model (EMA) rebinds it to the copy's state.
+    """
+
+    def __init__(self, state: _CutState, k: int, name: str, family: str):
+        self.state, self.k, self.name, self.family = state, k, name, family
+
+    def __call__(self, module, args, output):
+        if not isinstance(output, torch.Tensor):
+            raise SplitError(f"timm family '{self.family}': tap '{self.name}' returns {type(output).__name__}, "
+                             f"not a tensor, so it cannot end a stage")
+        st = self.state
+        if st.outputs is not None and len(st.outputs) == self.k:   # first run in a capture (not a recompute)
+            st.outputs.append(output)
+            if st.on_stage is not None:
+                st.on_stage(self.k, output)
+            if self.k >= st.last:
+                raise _StopForward
+        return output.detach()
+
+
+def install_cuts(backbone: nn.Module, split: StageSplit) -> None:
+    """Hook every tap so that no gradient crosses a stage boundary (idempotent)."""
+    if split.state is not None:
+        return
+    split.state = _CutState()
+    family = family_of(backbone)
+    for k, name in enumerate(split.tap_names):
+        backbone.get_submodule(name).register_forward_hook(_TapHook(split.state, k, name, family))
 
 
 def run_stages(
@@ -108,26 +165,13 @@ def run_stages(
     Returns:
         The stage outputs h_k, each still attached to its own stage's graph (the next stage saw a detached copy).
     """
+    install_cuts(backbone, split)
+    st = split.state
+    if st.outputs is not None:
+        raise RuntimeError('run_stages is not re-entrant: a forward of this model is already running')
     last = split.num_stages - 1 if stop_after is None else stop_after
     outputs: List[torch.Tensor] = []
-
-    def make_hook(k: int):
-        def hook(module, args, output):
-            if not isinstance(output, torch.Tensor):
-                raise SplitError(f"timm family '{family_of(backbone)}': tap '{split.tap_names[k]}' returns "
-                                 f"{type(output).__name__}, not a tensor, so it cannot end a stage")
-            if len(outputs) > k:   # a re-run (grad checkpointing recompute): only keep the cut
-                return output.detach()
-            outputs.append(output)
-            if on_stage is not None:
-                on_stage(k, output)
-            if k >= last:
-                raise _StopForward
-            return output.detach()
-        return hook
-
-    handles = [backbone.get_submodule(name).register_forward_hook(make_hook(k))
-               for k, name in enumerate(split.tap_names) if k <= last]
+    st.outputs, st.on_stage, st.last = outputs, on_stage, last
     try:
         feats = backbone.forward_features(x)
         if split.full_tail:
@@ -138,8 +182,7 @@ def run_stages(
     except _StopForward:
         pass
     finally:
-        for h in handles:
-            h.remove()
+        st.outputs, st.on_stage, st.last = None, None, -1
     if len(outputs) != last + 1:
         missing = split.tap_names[len(outputs)] if len(outputs) < len(split.tap_names) else 'forward_head'
         raise SplitError(f"timm family '{family_of(backbone)}': stage {len(outputs)} (tap '{missing}') never ran "
@@ -201,7 +244,15 @@ def probe_split(backbone: nn.Module, split: StageSplit, in_chans: int, img_size:
     x = torch.randn(2, in_chans, img_size, img_size)
     try:
         with torch.enable_grad():
-            outs = run_stages(backbone, split, x)
+            try:
+                outs = run_stages(backbone, split, x)
+            except SplitError:
+                raise
+            except Exception as e:
+                msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise ValueError(f"{type(backbone).__name__} cannot run a {img_size}x{img_size} check image "
+                                 f"({msg}); pass check_img_size (or timm's img_size) with a size this model "
+                                 f"accepts") from None
         refs: Optional[List[torch.Tensor]] = None
         n_taps = len(split.tap_names)
         if check and n_taps and hasattr(backbone, 'forward_intermediates'):
@@ -259,6 +310,7 @@ def probe_split(backbone: nn.Module, split: StageSplit, in_chans: int, img_size:
         stage_params.append(sorted(names[i] for i in reached))
     split.layouts, split.channels, split.reductions = layouts, channels, reductions
     split.num_prefix_tokens = prefix_tokens
+    split.probe_img_size = img_size
     split.stage_param_names = stage_params
     split.unused_param_names = sorted(n for i, n in names.items() if i not in owner)
 

@@ -1,0 +1,335 @@
+"""Core behaviour of HFF models, parametrised over timm families (mirrors timm's tests/test_models.py)."""
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from timm.optim import create_optimizer_v2
+
+import timm_hff
+from timm_hff import HFFConfig, SplitError
+from timm_hff._stages import run_stages
+
+torch.backends.cudnn.deterministic = True
+
+# (timm name, kwargs giving a small, fast model): every timm test_* model plus one real model of each family
+# the issue names, shrunk where timm allows it.
+SMALL = dict(check_img_size=64)
+_TEST_SIZED = {'test_coatnet': 64, 'test_maxvit': 64, 'test_vit': 32, 'test_vit2': 32, 'test_vit3': 32,
+               'test_vit4': 32, 'test_vit_relpos': 32}   # models whose attention is built for one img_size
+MODELS = [(n, dict(img_size=_TEST_SIZED[n]) if n in _TEST_SIZED else dict(check_img_size=32))
+          for n in timm.list_models('test_*')] + [
+    ('resnet18', SMALL),
+    ('convnext_atto', SMALL),
+    ('efficientnet_b0', SMALL),
+    ('mobilenetv3_small_050', SMALL),
+    ('regnetx_002', SMALL),
+    ('densenet121', SMALL),
+    ('swin_tiny_patch4_window7_224', dict(img_size=64, window_size=4, embed_dim=32, depths=(1, 1, 1, 1),
+                                          num_heads=(1, 2, 2, 4))),
+    ('mambaout_femto', SMALL),
+    ('vit_tiny_patch16_224', dict(img_size=32, patch_size=8, depth=4)),
+    ('deit_tiny_patch16_224', dict(img_size=32, patch_size=8, depth=4)),
+    ('eva02_tiny_patch14_224', dict(img_size=28, patch_size=7, depth=4)),
+]
+IDS = [m[0] for m in MODELS]
+NUM_CLASSES = 7
+
+
+def _build(name, kwargs, **extra):
+    torch.manual_seed(0)
+    return timm_hff.create_model(name, num_classes=NUM_CLASSES, **{**kwargs, **extra})
+
+
+def _batch(model, b=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    s = model.split.probe_img_size
+    return torch.randn(b, model.in_chans, s, s, generator=g), torch.randint(0, NUM_CLASSES, (b,), generator=g)
+
+
+@pytest.mark.parametrize('name,kwargs', MODELS, ids=IDS)
+def test_split_equals_forward_intermediates(name, kwargs):
+    model = _build(name, kwargs).eval()
+    x, _ = _batch(model, seed=5)
+    split = model.split
+    with torch.no_grad():
+        outs = run_stages(model.backbone, split, x)
+        n_taps = len(split.tap_names)
+        refs = model.backbone.forward_intermediates(x, indices=list(split.feature_indices[:n_taps]),
+                                                    intermediates_only=True)
+        pooled = model.backbone.forward_head(model.backbone.forward_features(x), pre_logits=True)
+    assert len(outs) == model.num_stages
+    for k in range(n_taps):
+        out = outs[k]
+        if split.layouts[k] == 'NHWC':
+            out = out.permute(0, 3, 1, 2)
+        elif split.layouts[k] == 'NLC':
+            b, c, h, w = refs[k].shape
+            out = out[:, split.num_prefix_tokens:].reshape(b, h, w, c).permute(0, 3, 1, 2)
+        torch.testing.assert_close(out, refs[k], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(outs[-1], pooled)
+
+
+@pytest.mark.parametrize('name,kwargs', MODELS, ids=IDS)
+def test_stage_loss_reaches_only_its_stage(name, kwargs):
+    model = _build(name, kwargs).train()
+    x, y = _batch(model)
+    backbone_names = {id(p): n for n, p in model.backbone.named_parameters()}
+    for k in range(model.num_stages):
+        model.zero_grad(set_to_none=True)
+        logits = model.forward_stages(x, stop_after=k)[k]
+        model.heads[k].loss(logits, y).backward()
+        got = {backbone_names[id(p)] for p in model.backbone.parameters() if p.grad is not None}
+        assert got, f'stage {k} trained no backbone parameter'
+        assert got <= set(model.split.stage_param_names[k]), f'stage {k} leaked into {sorted(got - set(model.split.stage_param_names[k]))[:3]}'
+        for j, head in enumerate(model.heads):
+            has_grad = any(p.grad is not None for p in head.parameters())
+            assert has_grad == (j == k)
+    owned = [n for names in model.split.stage_param_names for n in names]
+    assert len(owned) == len(set(owned)), 'a parameter is owned by two stages'
+    assert set(owned) | set(model.split.unused_param_names) == {n for n, _ in model.backbone.named_parameters()}
+
+
+@pytest.mark.parametrize('name,kwargs', MODELS, ids=IDS)
+def test_modes_give_equal_gradients(name, kwargs):
+    model = _build(name, kwargs).train()
+    x, y = _batch(model)
+    torch.manual_seed(3)
+    out = model(x, y, mode='simultaneous')
+    assert not out.backward_done
+    out.loss.backward()
+    grads_sim = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(3)
+    out_me = model(x, y, mode='memory_efficient')
+    assert out_me.backward_done and out_me.loss.grad_fn is None
+    grads_me = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert grads_sim.keys() == grads_me.keys()
+    for n in grads_sim:
+        torch.testing.assert_close(grads_me[n], grads_sim[n], rtol=1e-4, atol=1e-5, msg=n)
+    torch.testing.assert_close(torch.stack(out_me.stage_losses), torch.stack(out.stage_losses), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('name,kwargs', MODELS, ids=IDS)
+def test_logits_shape_and_unit_prototypes(name, kwargs):
+    model = _build(name, kwargs, prototypes_per_class=3).eval()
+    x, _ = _batch(model, b=2)
+    with torch.no_grad():
+        logits = model(x)
+        stage_logits = model.forward_stages(x)
+    assert logits.shape == (2, NUM_CLASSES)
+    assert len(stage_logits) == model.num_stages
+    torch.testing.assert_close(logits, stage_logits[-1])
+    for head in model.heads:
+        assert head.prototypes.shape == (NUM_CLASSES * 3, head.embed_dim)
+        torch.testing.assert_close(head.unit_prototypes().norm(dim=-1), torch.ones(NUM_CLASSES * 3))
+    assert model.num_features == model.backbone.num_features
+    assert model.head_hidden_size == getattr(model.backbone, 'head_hidden_size', model.backbone.num_features)
+
+
+def test_prototype_scores_are_logsumexp_over_unit_cosines():
+    model = _build('test_resnet', dict(check_img_size=32), prototypes_per_class=2, scale=10.0, margin=0.3)
+    head = model.heads[-1]
+    with torch.no_grad():
+        head.prototypes.mul_(torch.rand(head.prototypes.shape[0], 1) * 5 + 0.1)   # norms must not matter
+    z = F.normalize(torch.randn(4, head.embed_dim), dim=-1)
+    p = F.normalize(head.prototypes, dim=-1).view(NUM_CLASSES, 2, -1)
+    cos = torch.einsum('bd,ckd->bck', z, p)
+    expected = torch.logsumexp(10.0 * cos, -1) / 10.0
+    torch.testing.assert_close(head.class_scores(z), expected)
+    # the margin lowers only the target's logit before the softmax
+    logits = 10.0 * expected
+    y = torch.tensor([0, 1, 2, 3])
+    ref = F.cross_entropy(logits - 10.0 * 0.3 * F.one_hot(y, NUM_CLASSES), y)
+    torch.testing.assert_close(head.loss(logits, y), ref)
+    soft = F.one_hot(y, NUM_CLASSES).float()
+    torch.testing.assert_close(head.loss(logits, soft), ref)
+
+
+def test_one_step_learns_and_prototypes_have_no_weight_decay():
+    model = _build('test_resnet', dict(check_img_size=32)).train()
+    nwd = model.no_weight_decay()
+    assert {f'heads.{k}.prototypes' for k in range(model.num_stages)} <= nwd
+    opt = create_optimizer_v2(model, 'sgd', lr=0.5, weight_decay=0.1)
+    no_decay = [g for g in opt.param_groups if g['weight_decay'] == 0]
+    no_decay_ids = {id(p) for g in no_decay for p in g['params']}
+    assert all(id(h.prototypes) in no_decay_ids for h in model.heads)
+    x, y = _batch(model, b=8)
+    before = model(x, y).stage_losses
+    for _ in range(5):
+        opt.zero_grad()
+        model(x, y).loss.backward()
+        opt.step()
+    after = model(x, y).stage_losses
+    assert all(a < b for a, b in zip(after, before)), (before, after)
+
+
+def test_predict_from_stage_and_ensemble():
+    model = _build('test_convnext', dict(check_img_size=32)).eval()
+    x, _ = _batch(model)
+    with torch.no_grad():
+        stages = model.forward_stages(x)
+        model.set_predict_from(1)
+        torch.testing.assert_close(model(x), stages[1])
+        model.set_predict_from('ensemble')
+        expected = torch.stack([F.log_softmax(s, -1) for s in stages]).mean(0)
+        torch.testing.assert_close(model(x), expected)
+        model.set_predict_from((0, 2))
+        expected = torch.stack([F.log_softmax(stages[k], -1) for k in (0, 2)]).mean(0)
+        torch.testing.assert_close(model(x), expected)
+    with pytest.raises(ValueError, match='out of range'):
+        model.set_predict_from(9)
+
+
+def test_early_exit_stops_the_forward():
+    model = _build('test_resnet', dict(check_img_size=32)).eval()
+    ran = []
+    model.backbone.get_submodule('layer4').register_forward_hook(lambda *a: ran.append('layer4'))
+    x, _ = _batch(model)
+    with torch.no_grad():
+        model.forward_stages(x, stop_after=1)
+    assert ran == []
+    with torch.no_grad():
+        model(x)
+    assert ran == ['layer4']
+
+
+def test_sequential_stage_training_and_freezing():
+    model = _build('test_resnet', dict(check_img_size=32)).train()
+    x, y = _batch(model, b=4)
+    model.freeze_stages([0])
+    bn = model.backbone.bn1   # stem norm belongs to stage 0
+    stats = bn.running_mean.clone()
+    out = model(x, y, stages=[1])
+    out.loss.backward()
+    assert len(out.stage_losses) == 1
+    assert all(p.grad is None for p in model.stage_parameters(0))
+    assert any(p.grad is not None for p in model.stage_parameters(1))
+    assert all(p.grad is None for k in (2, 3) for p in model.stage_parameters(k))
+    torch.testing.assert_close(bn.running_mean, stats)   # frozen stage keeps its statistics in train mode
+    assert model.frozen_stages == [0]
+    model.unfreeze_stages([0])
+    assert all(p.requires_grad for p in model.stage_parameters(0))
+    model.freeze_stages([0, 1, 2, 3])
+    with pytest.raises(ValueError, match='all requested stages are frozen'):
+        model(x, y)
+
+
+def test_grad_checkpointing_keeps_gradients():
+    model = _build('test_resnet', dict(check_img_size=32)).train()
+    x, y = _batch(model)
+    model(x, y).loss.backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    model.set_grad_checkpointing(True)
+    model(x, y).loss.backward()
+    for n, g in ref.items():
+        torch.testing.assert_close(dict(model.named_parameters())[n].grad, g, rtol=1e-4, atol=1e-5, msg=n)
+    with pytest.raises(ValueError, match='does not combine with grad checkpointing'):
+        model(x, y, mode='memory_efficient')
+
+
+def test_state_dict_keys_are_timms():
+    model = _build('resnet18', SMALL)
+    plain = timm.create_model('resnet18', num_classes=0)
+    backbone_keys = {k[len('backbone.'):] for k in model.state_dict() if k.startswith('backbone.')}
+    assert backbone_keys == set(plain.state_dict())
+    assert all(k.startswith(('backbone.', 'heads.')) for k in model.state_dict())
+
+
+def test_small_input_keeps_resolution():
+    model = _build('resnet18', {}, small_input=True, in_chans=1)
+    assert model.split.reductions == [1, 2, 4, 8]
+    assert [f['reduction'] for f in model.feature_info] == [1, 2, 4, 8]
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, 28, 28)).shape == (2, NUM_CLASSES)
+    with pytest.raises(ValueError, match='patch_size'):
+        timm_hff.create_model('vit_tiny_patch16_224', num_classes=3, small_input=True)
+
+
+def test_pretrained_backbone_from_file(tmp_path):
+    src = timm.create_model('test_resnet', num_classes=0)
+    with torch.no_grad():
+        for p in src.parameters():
+            p.fill_(0.25)
+    path = tmp_path / 'weights.safetensors'
+    save_file(src.state_dict(), str(path))
+    model = timm_hff.create_model('test_resnet', pretrained=True, num_classes=4, check_img_size=32,
+                                  pretrained_cfg_overlay=dict(file=str(path)))
+    for k, v in src.state_dict().items():
+        torch.testing.assert_close(model.backbone.state_dict()[k], v, msg=k)
+    assert model.num_classes == 4
+
+
+def test_reset_classifier_new_prototypes():
+    model = _build('test_resnet', dict(check_img_size=32))
+    model.reset_classifier(3)
+    assert model.num_classes == 3 and model.pretrained_cfg['num_classes'] == 3
+    x, _ = _batch(model)
+    assert model.eval()(x).shape == (3, 3)
+    with pytest.raises(ValueError, match='num_classes'):
+        model.reset_classifier(0)
+
+
+def test_registry_and_timm_create_model():
+    assert 'hff_resnet18' in timm.list_models('hff_*')
+    assert 'hff_resnet18' in timm_hff.list_models('hff_*')
+    assert 'resnet18' in timm_hff.list_models('resnet1*')
+    model = timm.create_model('hff_resnet18', num_classes=5, check_img_size=32, drop_path_rate=None)
+    assert isinstance(model, timm_hff.HFFModel) and model.num_classes == 5
+    assert model.model_name == 'resnet18'
+    small = timm_hff.create_model('hff_resnet18_small', num_classes=10, in_chans=1)
+    assert small.hff_cfg.small_input and small.split.reductions[0] == 1
+    # an unregistered hff_<arch> still resolves through timm_hff.create_model
+    assert timm_hff.create_model('hff_test_convnext', num_classes=2, check_img_size=32).model_name == 'test_convnext'
+
+
+def test_stage_indices_choose_boundaries_and_truncate():
+    model = _build('resnet18', SMALL, stage_indices=(0, 2, 3))
+    assert model.num_stages == 3 and not model.split.full_tail
+    assert [f['module'] for f in model.feature_info] == ['backbone.act1', 'backbone.layer2', 'backbone.layer3']
+    assert set(model.split.unused_param_names) >= {n for n, _ in model.backbone.layer4.named_parameters(prefix='layer4')}
+    x, y = _batch(model)
+    out = model(x, y)
+    assert len(out.stage_losses) == 3
+    vit = _build('vit_tiny_patch16_224', dict(img_size=32, patch_size=8), num_stages=3)
+    assert vit.split.feature_indices == (3, 7, 11)
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(model_name='not_a_model'), "unknown model 'not_a_model'"),
+    (dict(num_classes=0), 'num_classes must be an integer >= 1'),
+    (dict(prototypes_per_class=0), 'prototypes_per_class must be an integer >= 1'),
+    (dict(stage_indices=(1, 9)), 'stage index 9 is out of range'),
+    (dict(margin=-0.1), 'margin must be'),
+    (dict(scale=0), 'scale must be a positive number'),
+    (dict(aux='conv5x5'), "aux must be one of"),
+])
+def test_bad_arguments_give_one_line_errors(kwargs, match):
+    kwargs = {'model_name': 'test_resnet', 'num_classes': 3, 'check_img_size': 32, **kwargs}
+    with pytest.raises(ValueError, match=match) as e:
+        timm_hff.create_model(**kwargs)
+    assert '\n' not in str(e.value)
+
+
+def test_wrong_input_channels():
+    model = _build('test_resnet', dict(check_img_size=32), in_chans=1)
+    with pytest.raises(ValueError, match='expected 1 input channels, got 3') as e:
+        model(torch.randn(2, 3, 32, 32))
+    assert 'in_chans=3' in str(e.value)
+    with pytest.raises(ValueError, match='expected images of shape'):
+        model(torch.randn(2, 32, 32))
+
+
+def test_unsplittable_family_names_the_family():
+    # hrnet's feature taps are not on one path through forward_features (its branches fuse across scales)
+    with pytest.raises(SplitError, match="family 'hrnet'") as e:
+        timm_hff.create_model('hrnet_w18_small', num_classes=3, check_img_size=64)
+    assert '\n' not in str(e.value)
+
+
+def test_config_round_trip_rejects_unknown_keys():
+    cfg = HFFConfig(prototypes_per_class=4, stage_indices=[1, 2], predict_from=[0, 1])
+    assert HFFConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match=r"unknown HFF setting\(s\) \['protos'\]"):
+        HFFConfig.from_dict({'protos': 3})
