@@ -10,4 +10,5 @@ from ._model import HFFModel, HFFOutput
 from ._builder import build_hff_model
 from ._factory import create_model
 from ._registry import list_models
-from ._hub import load_pretrained_hff, save_pretrained
+from ._hub import load_pretrained_hff, push_to_hub, save_pretrained
+from ._export import export_timm

@@ -1,7 +1,8 @@
 """``hff_*`` names: a timm architecture plus HFF defaults, registered into timm's own registry.
 
 After ``import timm_hff``, ``timm.create_model('hff_resnet18')`` and ``timm.list_models('hff_*')`` work, and so
-does ``timm.create_model('hf-hub:...')`` on an HFF checkpoint whose ``architecture`` is an ``hff_*`` name.
+does ``timm.create_model('hf-hub:...')`` / ``('local-dir:...')`` on a saved HFF model, whose ``architecture`` is
+the generic ``hff_timm`` entrypoint (or any ``hff_*`` name).
 Any other timm architecture also resolves as ``hff_<arch>`` through ``timm_hff.create_model``.
 """
 import fnmatch
@@ -28,6 +29,11 @@ _DEFAULTS: Dict[str, Dict[str, Any]] = {
 }
 
 
+# The ``architecture`` that saved HFF configs name: one entrypoint for every wrapped timm architecture (the timm
+# arch is in ``model_args['arch']``), so ``timm.create_model('hf-hub:...')`` resolves any HFF checkpoint.
+GENERIC_ARCH = 'hff_timm'
+
+
 def registered_defaults(name: str) -> Tuple[str, Dict[str, Any]]:
     """(timm architecture, HFF defaults) for an ``hff_*`` name; unregistered ``hff_<arch>`` gets no defaults."""
     defaults = dict(_DEFAULTS.get(name, {}))
@@ -38,12 +44,16 @@ def registered_defaults(name: str) -> Tuple[str, Dict[str, Any]]:
 def _make_entrypoint(name: str):
     def entrypoint(pretrained: bool = False, **kwargs):
         from ._factory import create_model
-        pretrained_cfg = kwargs.pop('pretrained_cfg', None)
-        hub_id = getattr(pretrained_cfg, 'hf_hub_id', None) or (
-            pretrained_cfg.get('hf_hub_id') if isinstance(pretrained_cfg, dict) else None)
-        if pretrained and hub_id:   # timm.create_model('hf-hub:...') resolved this name from a config.json
-            kwargs.pop('pretrained_cfg_overlay', None)
-            return create_model(f'hf-hub:{hub_id}', pretrained=True, **kwargs)
+        from ._hub import load_from_timm_source
+        saved = load_from_timm_source(pretrained, kwargs)  # timm.create_model('hf-hub:...'/'local-dir:...')
+        if saved is not None:
+            return saved
+        kwargs.pop('pretrained_cfg', None)
+        if name == GENERIC_ARCH:
+            arch = kwargs.pop('arch', None)
+            if not isinstance(arch, str) or not arch:
+                raise ValueError(f"{GENERIC_ARCH} wraps any timm architecture: pass arch='<timm model name>'")
+            return create_model(arch, pretrained=pretrained, **kwargs)
         return create_model(name, pretrained=pretrained, **kwargs)
     entrypoint.__name__ = name
     entrypoint.__qualname__ = name
@@ -53,7 +63,7 @@ def _make_entrypoint(name: str):
 
 
 def _register_all() -> None:
-    for name in _DEFAULTS:
+    for name in (*_DEFAULTS, GENERIC_ARCH):
         if name not in timm.list_models('hff_*'):
             fn = _make_entrypoint(name)
             globals()[name] = fn
