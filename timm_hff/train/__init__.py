@@ -1,0 +1,3 @@
+"""Training on HF Accelerate: ``TrainConfig`` (YAML recipes), ``Trainer`` / ``train``, and the ``hff-train`` CLI."""
+from ._config import METHODS, PRECISIONS, SCHEDULES, TrainConfig
+from ._trainer import Trainer, build_bp_model, build_model, train

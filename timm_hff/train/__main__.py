@@ -1,0 +1,5 @@
+"""``python -m timm_hff.train`` / ``accelerate launch -m timm_hff.train --config recipes/<name>.yaml``."""
+from .cli import main
+
+if __name__ == '__main__':
+    raise SystemExit(main())

@@ -1,0 +1,125 @@
+"""Epoch checkpoints that are never half-written, resume discovery, and a lock on the run folder.
+
+A checkpoint is ``accelerator.save_state`` (model weights as safetensors, optimizer, RNG states of every
+process) plus ``trainer_state.json`` (epoch, update count, metric history, identity of the run) and, with EMA,
+``ema.safetensors``. It is written into ``checkpoints/.tmp-epoch_NNNN`` and renamed to ``checkpoints/epoch_NNNN``
+only when complete, so a crash at any moment leaves the previous checkpoint intact and loses at most the
+current epoch.
+"""
+import json
+import os
+import shutil
+from typing import Any, Dict, Optional
+
+CKPT_DIR = 'checkpoints'
+STATE_FILE = 'trainer_state.json'
+EMA_FILE = 'ema.safetensors'
+LOCK_FILE = '.lock'
+_PREFIX = 'epoch_'
+
+
+class RunInUseError(RuntimeError):
+    """Another live process holds the run folder's lock."""
+
+
+def checkpoint_name(epoch: int) -> str:
+    return f'{_PREFIX}{epoch:04d}'
+
+
+def list_checkpoints(run_dir: str):
+    """Complete checkpoints of a run, oldest first (temporary folders are never listed)."""
+    root = os.path.join(run_dir, CKPT_DIR)
+    if not os.path.isdir(root):
+        return []
+    names = sorted(n for n in os.listdir(root) if n.startswith(_PREFIX)
+                   and os.path.isfile(os.path.join(root, n, STATE_FILE)))
+    return [os.path.join(root, n) for n in names]
+
+
+def resolve_resume(resume: str, run_dir: str) -> Optional[str]:
+    """The checkpoint folder to continue from.
+
+    ``resume`` may be a checkpoint folder, a run folder (its latest checkpoint), or 'auto' (this run's latest
+    checkpoint, or None to start fresh).
+    """
+    if resume == 'auto':
+        found = list_checkpoints(run_dir)
+        return found[-1] if found else None
+    if not os.path.isdir(resume):
+        raise FileNotFoundError(f'--resume {resume!r}: no such folder')
+    if os.path.isfile(os.path.join(resume, STATE_FILE)):
+        return resume
+    found = list_checkpoints(resume)
+    if not found:
+        raise FileNotFoundError(f'--resume {resume!r} holds no complete checkpoint ({CKPT_DIR}/{_PREFIX}NNNN with '
+                                f'{STATE_FILE})')
+    return found[-1]
+
+
+def read_state(ckpt: str) -> Dict[str, Any]:
+    with open(os.path.join(ckpt, STATE_FILE)) as f:
+        return json.load(f)
+
+
+def check_compatible(state: Dict[str, Any], identity: Dict[str, Any], ckpt: str) -> None:
+    """Refuse a checkpoint of another model, class count, method, schedule or world size."""
+    theirs = state.get('identity', {})
+    for key, mine in identity.items():
+        if key in theirs and theirs[key] != mine:
+            raise ValueError(f'--resume {ckpt}: the checkpoint was made with {key}={theirs[key]!r} but this run has '
+                             f'{key}={mine!r}; resume with the same settings or start a new experiment')
+
+
+def prune(run_dir: str, keep: int) -> None:
+    for path in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class RunLock:
+    """An exclusive lock on a run folder, so two runs never write into the same place.
+
+    The lock file holds the owner's pid; a lock left by a process that no longer exists is taken over.
+    """
+
+    def __init__(self, run_dir: str):
+        self.path = os.path.join(run_dir, LOCK_FILE)
+        self.held = False
+
+    def acquire(self) -> None:
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                pid = self._owner()
+                if pid is not None and pid != os.getpid() and _alive(pid):
+                    raise RunInUseError(f'{os.path.dirname(self.path)} is in use by another training run (pid {pid}); '
+                                       f'wait for it or choose another --experiment / --output') from None
+                os.remove(self.path)   # stale: its owner is gone
+                continue
+            with os.fdopen(fd, 'w') as f:
+                f.write(str(os.getpid()))
+            self.held = True
+            return
+        raise RuntimeError(f'could not lock {self.path}')
+
+    def release(self) -> None:
+        if self.held and os.path.exists(self.path):
+            os.remove(self.path)
+        self.held = False
+
+    def _owner(self) -> Optional[int]:
+        try:
+            with open(self.path) as f:
+                return int(f.read().strip() or 0) or None
+        except (OSError, ValueError):
+            return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

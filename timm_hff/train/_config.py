@@ -1,0 +1,329 @@
+"""``TrainConfig``: every training setting in one dataclass, loaded from a YAML recipe plus overrides.
+
+Names follow timm's ``train.py`` where timm has the setting (``opt``, ``lr``, ``sched``, ``warmup_epochs``,
+``model_ema_decay``, ``mixup``, ``reprob``, ``grad_accum_steps``, ...), so a timm user can read a recipe at once.
+Loading is strict: an unknown key, a wrong type or an out-of-range value is a one-line error naming the key,
+never a silently ignored setting.
+"""
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import yaml
+
+from ..data import AUG_KINDS, AugConfig
+
+SCHEDULES = ('simultaneous', 'memory_efficient', 'sequential')
+METHODS = ('hff', 'bp')
+PRECISIONS = ('no', 'bf16', 'fp16')
+
+
+@dataclass
+class TrainConfig:
+    """A training run. See ``recipes/*.yaml`` for complete examples.
+
+    Data:
+        dataset: 'hfds/<hub id>', 'hfids/<hub id>' (streamed), 'imagefolder', 'idx', or '' (infer from data_dir).
+        data_dir: Local folder ('imagefolder' / 'idx').
+        dataset_config: Hub configuration name, for data sets that have several.
+        train_split / val_split: Split names.
+        input_key / target_key: Image / label columns; inferred when None.
+        num_classes: Classes to build prototypes for; None takes the label column's ClassLabel.
+        train_num_samples / val_num_samples: Use the first N rows; for a stream, its length (required there).
+        streaming: Stream the splits (implied by 'hfids/').
+        data_in_memory: Hold each split as one uint8 tensor (decode once); None: only array columns (IDX).
+        workers: Loader workers for per-sample decoding.
+        shuffle_buffer: Shuffle buffer of a streamed training split.
+
+    Model:
+        model: A timm architecture, an 'hff_*' name, or 'hf-hub:' / 'local-dir:' HFF weights.
+        pretrained: Load timm's pretrained backbone (or the HFF weights of a hub / local model).
+        in_chans: Input channels (1 reads images as grayscale).
+        img_size: Input resolution; None takes the model's default.
+        model_kwargs: timm keyword arguments (e.g. ``channels``, ``drop_path_rate``).
+        hff: HFF settings (``HFFConfig`` fields: num_stages, prototypes_per_class, margin, small_input, ...).
+        method: 'hff' (local prototype losses) or 'bp' (the same backbone with timm's head, end to end).
+        freeze_stages: HFF stages to keep frozen (transfer).
+        head_only: Train only the prototype heads; the whole backbone stays frozen (transfer).
+        channels_last: Channels-last memory format.
+
+    Optimisation:
+        schedule: 'simultaneous' (all stages each step), 'memory_efficient' (each stage's backward as soon as it
+            has run; single process only), 'sequential' (greedy: stage k trains alone for ``epochs`` epochs).
+        opt, lr, weight_decay, momentum, opt_eps, opt_betas: timm ``create_optimizer_v2``.
+        clip_grad: Gradient-norm clip, applied per stage (each stage has its own loss).
+        sched, warmup_epochs, warmup_lr, min_lr, cooldown_epochs, decay_epochs, decay_rate, sched_on_updates: timm
+            ``create_scheduler_v2`` (with 'sequential', one cosine cycle per stage).
+        epochs: Epochs (per stage with 'sequential').
+        batch_size: Per-process batch size; validation_batch_size defaults to it.
+        grad_accum_steps: Gradient accumulation steps.
+        mixed_precision: 'no', 'bf16' or 'fp16'.
+        model_ema, model_ema_decay, model_ema_warmup: timm ``ModelEmaV3``.
+        mixup, cutmix, mixup_prob, mixup_switch_prob, mixup_mode, smoothing: timm ``Mixup`` / label smoothing.
+
+    Augmentation: aug, crop_padding, hflip, vflip, scale, ratio, color_jitter, aa, reprob, remode, recount (see
+        ``timm_hff.data.AugConfig``); mean, std, crop_pct, interpolation override the model's data config.
+
+    Run:
+        seed: Seed of everything (initialisation, data order, augmentation).
+        output: Parent folder of runs; experiment: the run's folder name (default: the recipe name).
+        log_with: Extra Accelerate trackers, e.g. 'tensorboard'.
+        checkpoint_hist: Epoch checkpoints to keep.
+        resume: A checkpoint folder or a run folder to continue from ('auto': this run's latest, if any).
+        save_model: Save the final model (``save_pretrained``) at the end.
+        progress: Show a tqdm bar.
+    """
+    # data
+    dataset: str = ''
+    data_dir: Optional[str] = None
+    dataset_config: Optional[str] = None
+    train_split: str = 'train'
+    val_split: str = 'test'
+    input_key: Optional[str] = None
+    target_key: Optional[str] = None
+    num_classes: Optional[int] = None
+    train_num_samples: Optional[int] = None
+    val_num_samples: Optional[int] = None
+    streaming: bool = False
+    data_in_memory: Optional[bool] = None
+    workers: int = 2
+    shuffle_buffer: int = 10000
+    # model
+    model: str = 'resnet18'
+    pretrained: bool = False
+    in_chans: int = 3
+    img_size: Optional[int] = None
+    model_kwargs: Dict[str, Any] = field(default_factory=dict)
+    hff: Dict[str, Any] = field(default_factory=dict)
+    method: str = 'hff'
+    freeze_stages: List[int] = field(default_factory=list)
+    head_only: bool = False
+    channels_last: bool = False
+    # optimisation
+    schedule: str = 'simultaneous'
+    opt: str = 'sgd'
+    lr: float = 0.1
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    opt_eps: Optional[float] = None
+    opt_betas: Optional[List[float]] = None
+    clip_grad: Optional[float] = None
+    sched: str = 'cosine'
+    epochs: int = 10
+    warmup_epochs: int = 0
+    warmup_lr: float = 1e-5
+    min_lr: float = 0.0
+    cooldown_epochs: int = 0
+    decay_epochs: Optional[float] = None
+    decay_rate: float = 0.1
+    sched_on_updates: bool = True
+    batch_size: int = 128
+    validation_batch_size: Optional[int] = None
+    grad_accum_steps: int = 1
+    mixed_precision: str = 'no'
+    model_ema: bool = False
+    model_ema_decay: float = 0.9998
+    model_ema_warmup: bool = False
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    mixup_mode: str = 'batch'
+    smoothing: float = 0.0
+    # augmentation
+    aug: str = 'pad_crop'
+    crop_padding: int = 4
+    hflip: float = 0.5
+    vflip: float = 0.0
+    scale: Optional[List[float]] = None
+    ratio: Optional[List[float]] = None
+    color_jitter: float = 0.4
+    aa: Optional[str] = None
+    reprob: float = 0.0
+    remode: str = 'pixel'
+    recount: int = 1
+    mean: Optional[List[float]] = None
+    std: Optional[List[float]] = None
+    crop_pct: Optional[float] = None
+    interpolation: Optional[str] = None
+    # run
+    seed: int = 42
+    output: str = 'output'
+    experiment: str = ''
+    log_with: Optional[str] = None
+    checkpoint_hist: int = 1
+    resume: Optional[str] = None
+    save_model: bool = True
+    progress: bool = True
+
+    def __post_init__(self):
+        self.validate()
+
+    # ----- validation -----
+    def validate(self) -> None:
+        """Types first (from the annotations), then ranges and choices; one-line errors naming the key."""
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            setattr(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
+        _choice('method', self.method, METHODS)
+        _choice('schedule', self.schedule, SCHEDULES)
+        _choice('mixed_precision', self.mixed_precision, PRECISIONS)
+        _choice('aug', self.aug, AUG_KINDS)
+        _choice('mixup_mode', self.mixup_mode, ('batch', 'pair', 'elem'))
+        for name in ('workers', 'warmup_epochs', 'cooldown_epochs', 'crop_padding'):
+            _at_least(name, getattr(self, name), 0)
+        for name in ('epochs', 'batch_size', 'grad_accum_steps', 'checkpoint_hist', 'recount', 'shuffle_buffer',
+                     'in_chans'):
+            _at_least(name, getattr(self, name), 1)
+        for name in ('num_classes', 'train_num_samples', 'val_num_samples', 'img_size', 'validation_batch_size'):
+            if getattr(self, name) is not None:
+                _at_least(name, getattr(self, name), 1)
+        for name in ('hflip', 'vflip', 'reprob', 'mixup_prob', 'mixup_switch_prob', 'model_ema_decay'):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f'{name} must be in [0, 1], got {getattr(self, name)!r}')
+        for name in ('lr', 'weight_decay', 'mixup', 'cutmix', 'min_lr', 'warmup_lr'):
+            if getattr(self, name) < 0:
+                raise ValueError(f'{name} must be >= 0, got {getattr(self, name)!r}')
+        if not 0.0 <= self.smoothing < 1.0:
+            raise ValueError(f'smoothing must be in [0, 1), got {self.smoothing!r}')
+        if self.clip_grad is not None and self.clip_grad <= 0:
+            raise ValueError(f'clip_grad must be > 0 (or null to disable), got {self.clip_grad!r}')
+        if self.in_chans not in (1, 3):
+            raise ValueError(f'in_chans must be 1 (grayscale) or 3 (RGB) for image data, got {self.in_chans}')
+        for name in ('scale', 'ratio'):
+            v = getattr(self, name)
+            if v is not None and (len(v) != 2 or not 0 < v[0] <= v[1]):
+                raise ValueError(f'{name} must be two increasing positive numbers [lo, hi], got {v!r}')
+        if self.method == 'bp':
+            if self.schedule != 'simultaneous':
+                raise ValueError(f"schedule {self.schedule!r} is an HFF schedule; method 'bp' trains end to end "
+                                 f"(use schedule: simultaneous)")
+            if self.freeze_stages or self.head_only or self.model_kwargs.get('features_only'):
+                raise ValueError("freeze_stages / head_only apply to HFF stages; not with method 'bp'")
+        if self.freeze_stages and self.head_only:
+            raise ValueError('give freeze_stages or head_only, not both (head_only freezes the whole backbone)')
+        if self.schedule == 'sequential' and (self.freeze_stages or self.head_only):
+            raise ValueError("schedule 'sequential' freezes stages itself; drop freeze_stages / head_only")
+        if self.hff:
+            from .._config import HFFConfig
+            HFFConfig.from_dict(dict(self.hff, check_split=False))   # unknown keys / bad values fail here
+        if self.streaming or self.dataset.startswith('hfids/'):
+            if self.train_num_samples is None:
+                raise ValueError('a streamed training split has no known length: set train_num_samples (the '
+                                 'images per epoch)')
+            if self.data_in_memory:
+                raise ValueError('data_in_memory cannot hold a streamed split; set data_in_memory: null')
+
+    # ----- views -----
+    def aug_config(self) -> AugConfig:
+        return AugConfig(aug=self.aug, crop_padding=self.crop_padding, hflip=self.hflip, vflip=self.vflip,
+                         scale=tuple(self.scale) if self.scale else None,
+                         ratio=tuple(self.ratio) if self.ratio else None, color_jitter=self.color_jitter,
+                         aa=self.aa, reprob=self.reprob, remode=self.remode, recount=self.recount)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def run_name(self) -> str:
+        return self.experiment or 'run'
+
+    @property
+    def output_dir(self) -> str:
+        return os.path.join(self.output, self.run_name)
+
+    @property
+    def streamed(self) -> bool:
+        return self.streaming or self.dataset.startswith('hfids/')
+
+    # ----- loading -----
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any], where: str = 'config') -> 'TrainConfig':
+        """Build from a mapping; unknown keys fail with the closest known key suggested."""
+        if not isinstance(d, dict):
+            raise ValueError(f'{where} must be a mapping of settings, got {type(d).__name__}')
+        known = [f.name for f in fields(cls)]
+        for key in d:
+            if key not in known:
+                close = difflib.get_close_matches(str(key), known, n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ''
+                raise ValueError(f"{where}: unknown setting '{key}'{hint}")
+        return cls(**d)
+
+    @classmethod
+    def from_yaml(cls, path: str, overrides: Optional[Dict[str, Any]] = None) -> 'TrainConfig':
+        """A recipe file plus overrides (CLI flags win). The experiment name defaults to the recipe's file name."""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f'recipe {path!r} not found')
+        with open(path) as f:
+            try:
+                d = yaml.safe_load(f)
+            except yaml.YAMLError as e:
+                raise ValueError(f'{path} is not valid YAML: {str(e).splitlines()[0]}') from None
+        d = {} if d is None else d
+        if not isinstance(d, dict):
+            raise ValueError(f'{path} must hold a mapping of settings, got {type(d).__name__}')
+        merged = {**d, **(overrides or {})}
+        if not merged.get('experiment'):   # the recipe's name; a BP baseline of it gets its own folder
+            stem = os.path.splitext(os.path.basename(path))[0]
+            merged['experiment'] = stem + ('_bp' if merged.get('method') == 'bp' else '')
+        return cls.from_dict(merged, where=path)
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, '__name__', None) or str(tp).replace('typing.', '')
+
+
+def _coerce(name: str, value: Any, tp) -> Any:
+    """Check ``value`` against the annotation ``tp``; accept int for float and YAML-1.1 '1e-3' strings for float."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Union:   # Optional[X]
+        if value is None:
+            return None
+        inner = [a for a in args if a is not type(None)][0]
+        return _coerce(name, value, inner)
+    if tp is Any:
+        return value
+    if origin in (list, List, tuple, Tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f'{name} must be a list, got {value!r}')
+        return [_coerce(f'{name}[{i}]', v, args[0]) for i, v in enumerate(value)]
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            raise ValueError(f'{name} must be a mapping, got {value!r}')
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f'{name} must be true or false, got {value!r}')
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f'{name} must be an integer, got {value!r}')
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ValueError(f'{name} must be a number, got {value!r}') from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f'{name} must be a number, got {value!r}')
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f'{name} must be a string, got {value!r}')
+        return value
+    raise TypeError(f'unsupported setting type {_type_name(tp)} for {name}')
+
+
+def _choice(name: str, value: Any, choices) -> None:
+    if value not in choices:
+        raise ValueError(f'{name} must be one of {list(choices)}, got {value!r}')
+
+
+def _at_least(name: str, value: int, minimum: int) -> None:
+    if value < minimum:
+        raise ValueError(f'{name} must be >= {minimum}, got {value!r}')

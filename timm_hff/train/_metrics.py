@@ -1,0 +1,69 @@
+"""Per-epoch metrics on disk: ``metrics.json``, ``metrics.csv`` and a PNG of per-stage accuracy curves.
+
+Every file is written to a temporary name and renamed, so a reader (or a crash) never sees half a file.
+"""
+import csv
+import io
+import json
+import os
+from typing import Any, Dict, List, Optional
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    tmp = f'{path}.tmp-{os.getpid()}'
+    with open(tmp, 'w') as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_metrics(out_dir: str, history: List[Dict[str, Any]], plot: bool = True) -> None:
+    """(Re)write metrics.json, metrics.csv and accuracy.png from the whole history."""
+    atomic_write_text(os.path.join(out_dir, 'metrics.json'), json.dumps(history, indent=2) + '\n')
+    keys: List[str] = []
+    for row in history:
+        keys += [k for k in row if k not in keys]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: _fmt(row.get(k)) for k in keys})
+    atomic_write_text(os.path.join(out_dir, 'metrics.csv'), buf.getvalue())
+    if plot and history:
+        plot_accuracy(history, os.path.join(out_dir, 'accuracy.png'))
+
+
+def _fmt(v: Any) -> Any:
+    return f'{v:.6g}' if isinstance(v, float) else ('' if v is None else v)
+
+
+def stage_keys(row: Dict[str, Any], prefix: str = 'top1') -> List[str]:
+    """``top1_stage0``, ``top1_stage1``, ... in stage order."""
+    keys = [k for k in row if k.startswith(f'{prefix}_stage')]
+    return sorted(keys, key=lambda k: int(k.rsplit('stage', 1)[1]))
+
+
+def plot_accuracy(history: List[Dict[str, Any]], path: str, title: Optional[str] = None) -> None:
+    """Test top-1 per stage and of the model's prediction, against the epoch."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    epochs = [row['epoch'] for row in history]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    for key in stage_keys(history[-1]):
+        ax.plot(epochs, [row.get(key) for row in history], marker='.', label=f"stage {int(key.rsplit('stage', 1)[1]) + 1}")
+    ax.plot(epochs, [row.get('top1') for row in history], color='black', lw=2, label='prediction')
+    if any('ema_top1' in row for row in history):
+        ax.plot(epochs, [row.get('ema_top1') for row in history], color='black', ls='--', label='EMA prediction')
+    ax.set_xlabel('epoch')
+    ax.set_ylabel('test top-1 (%)')
+    ax.grid(alpha=0.3)
+    ax.legend(loc='lower right', fontsize=8)
+    ax.set_title(title or 'per-stage test accuracy')
+    fig.tight_layout()
+    tmp = f'{path}.tmp-{os.getpid()}.png'
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)

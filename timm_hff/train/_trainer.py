@@ -1,0 +1,565 @@
+"""The training loop on HF Accelerate, one straight line:
+
+    TrainConfig -> data (datasets + timm transforms) -> model (HFF or BP) -> timm optimizer / scheduler
+      -> accelerator.prepare -> per epoch: train (local stage losses) -> evaluate every stage -> checkpoint
+      -> save_pretrained
+
+Multi-process runs go through ``accelerate launch``; everything here is written once for any number of
+processes (DDP) and for mixed precision ('no' | 'bf16' | 'fp16').
+"""
+import logging
+import math
+import os
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from ..data import ImageData, ImageLoader, create_image_loader, load_image_dataset, resolve_data_config
+from ._checkpoint import (
+    CKPT_DIR, EMA_FILE, STATE_FILE, RunLock, check_compatible, checkpoint_name, list_checkpoints, prune, read_state,
+    resolve_resume,
+)
+from ._config import TrainConfig
+from ._metrics import atomic_write_text, write_metrics
+
+_logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------- model
+def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
+    """The HFF model of the recipe, or (``method: bp``) the same timm backbone with timm's own head."""
+    if cfg.method == 'bp':
+        return build_bp_model(cfg, num_classes)
+    from .._factory import create_model
+
+    hff = dict(cfg.hff)
+    if cfg.img_size and 'check_img_size' not in hff:
+        hff['check_img_size'] = cfg.img_size
+    model = create_model(cfg.model, pretrained=cfg.pretrained, num_classes=num_classes, in_chans=cfg.in_chans,
+                         **cfg.model_kwargs, **hff)
+    if model.num_classes != num_classes:
+        model.reset_classifier(num_classes)
+    if cfg.freeze_stages:
+        model.freeze_stages(cfg.freeze_stages)
+    if cfg.head_only:
+        for p in model.backbone.parameters():
+            p.requires_grad_(False)
+    return model
+
+
+def build_bp_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
+    """``timm.create_model(arch, num_classes=C)`` with HFF's small-input stem adaptation at HFF's own stage cut,
+    so BP and HFF train the very same backbone."""
+    import timm
+    from .._config import HFFConfig
+    from .._factory import parse_model_name
+    from .._stages import adapt_small_input, build_split
+
+    source, name = parse_model_name(cfg.model)
+    hff = dict(cfg.hff)
+    if source in ('hf-hub', 'local-dir'):
+        raise ValueError(f"method 'bp' needs a timm architecture, not saved HFF weights ({cfg.model})")
+    if source == 'hff':
+        from .._registry import registered_defaults
+        name, defaults = registered_defaults(name)
+        hff = {**defaults, **hff}
+    model = timm.create_model(name, pretrained=cfg.pretrained, num_classes=num_classes, in_chans=cfg.in_chans,
+                              **cfg.model_kwargs)
+    hff_cfg = HFFConfig.from_dict(dict(hff, check_split=False))
+    if hff_cfg.small_input:
+        adapt_small_input(model, build_split(model, hff_cfg), cfg.in_chans)
+    return model
+
+
+def set_train_mode(model: nn.Module, cfg: TrainConfig) -> None:
+    """``model.train()``, keeping a frozen backbone's norm layers in eval mode (head-only transfer)."""
+    model.train()
+    if cfg.head_only:
+        _unwrap(model).backbone.eval()
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, 'module') and isinstance(model.module, nn.Module) else model
+
+
+# ------------------------------------------------------------------------------------------------------ data
+def build_data(cfg: TrainConfig, accelerator) -> Tuple[ImageData, ImageData]:
+    kw = dict(streaming=cfg.streaming, input_key=cfg.input_key, target_key=cfg.target_key,
+              dataset_config=cfg.dataset_config)
+    with accelerator.main_process_first():   # one process fills the datasets cache, the others read it
+        train = load_image_dataset(cfg.dataset, cfg.data_dir, cfg.train_split, num_classes=cfg.num_classes,
+                                   num_samples=cfg.train_num_samples, **kw)
+        val = load_image_dataset(cfg.dataset, cfg.data_dir, cfg.val_split, num_classes=train.num_classes,
+                                 num_samples=cfg.val_num_samples, **kw)
+    if val.streaming and val.num_samples is None:
+        _logger.info('validation stream of unknown length: every image is evaluated once')
+    return train, val
+
+
+def build_loaders(cfg: TrainConfig, model: nn.Module, train: ImageData, val: ImageData, accelerator):
+    data_cfg = resolve_data_config(model, cfg.in_chans, cfg.img_size, cfg.mean, cfg.std, cfg.crop_pct,
+                                   cfg.interpolation)
+    common = dict(workers=cfg.workers, seed=cfg.seed, in_memory=cfg.data_in_memory, channels_last=cfg.channels_last,
+                  process_index=accelerator.process_index, num_processes=accelerator.num_processes)
+    mixing = cfg.mixup > 0 or cfg.cutmix > 0
+    train_loader = create_image_loader(train, data_cfg, True, cfg.batch_size, aug=cfg.aug_config(),
+                                       drop_last=mixing, shuffle_buffer=cfg.shuffle_buffer, **common)
+    val_loader = create_image_loader(val, data_cfg, False, cfg.validation_batch_size or cfg.batch_size, **common)
+    return data_cfg, train_loader, val_loader
+
+
+def _steps_per_epoch(loader: ImageLoader, cfg: TrainConfig, num_processes: int) -> int:
+    """Batches per process per epoch (streams: from train_num_samples; all processes do the same count)."""
+    if loader.kind == 'stream':
+        steps = loader.num_samples // (cfg.batch_size * num_processes)
+        if steps < 1:
+            raise ValueError(f'train_num_samples={loader.num_samples} is less than one global batch '
+                             f'({cfg.batch_size} x {num_processes} processes)')
+        return steps
+    return len(loader.loader)
+
+
+# ------------------------------------------------------------------------------------------------------ loop
+class Trainer:
+    """Owns one run: call ``fit()``; the result is the final metrics dict."""
+
+    def __init__(self, cfg: TrainConfig):
+        from accelerate import Accelerator, DistributedDataParallelKwargs
+
+        self.cfg = cfg
+        self.out_dir = cfg.output_dir
+        needs_unused = cfg.schedule == 'sequential'   # inactive stages get no gradient
+        self._ddp_kwargs = DistributedDataParallelKwargs(find_unused_parameters=needs_unused)
+        project = dict(project_dir=self.out_dir) if cfg.log_with else {}
+        self.accelerator = Accelerator(
+            mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum_steps,
+            log_with=cfg.log_with, kwargs_handlers=[self._ddp_kwargs], step_scheduler_with_optimizer=False,
+            **project)
+        acc = self.accelerator
+        if cfg.schedule == 'memory_efficient' and acc.num_processes > 1:
+            raise ValueError("schedule 'memory_efficient' runs each stage's backward inside the forward, which DDP "
+                             "cannot synchronise; with several processes use schedule: simultaneous")
+        self.lock = RunLock(self.out_dir)
+        if acc.is_main_process:
+            os.makedirs(self.out_dir, exist_ok=True)
+            self.lock.acquire()
+        try:
+            self._setup(needs_unused)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _setup(self, needs_unused: bool) -> None:
+        from accelerate.utils import set_seed
+
+        cfg, acc = self.cfg, self.accelerator
+        acc.wait_for_everyone()
+        self.resume_from = self._find_resume()
+
+        set_seed(cfg.seed)   # the same initial weights on every process (DDP also broadcasts rank 0's)
+        self.train_data, self.val_data = build_data(cfg, acc)
+        self.num_classes = self.train_data.num_classes
+        model = build_model(cfg, self.num_classes)
+        if cfg.method == 'hff' and model.split.unused_param_names and not needs_unused:
+            self._ddp_kwargs.find_unused_parameters = True   # a truncated backbone leaves parameters unused
+        self.num_stages = model.num_stages if cfg.method == 'hff' else 1
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.data_cfg, self.train_loader, self.val_loader = build_loaders(cfg, model, self.train_data,
+                                                                          self.val_data, acc)
+        self.steps_per_epoch = _steps_per_epoch(self.train_loader, cfg, acc.num_processes)
+        self.updates_per_epoch = math.ceil(self.steps_per_epoch / cfg.grad_accum_steps)
+        self.total_epochs = cfg.epochs * (self.num_stages if cfg.schedule == 'sequential' else 1)
+
+        from timm.optim import create_optimizer_v2
+        from timm.scheduler import create_scheduler_v2
+        opt_kwargs = {}
+        if cfg.opt_eps is not None:
+            opt_kwargs['eps'] = cfg.opt_eps
+        if cfg.opt_betas is not None:
+            opt_kwargs['betas'] = tuple(cfg.opt_betas)
+        optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                        momentum=cfg.momentum, **opt_kwargs)
+        sequential = cfg.schedule == 'sequential'
+        self.scheduler, _ = create_scheduler_v2(
+            optimizer, sched=cfg.sched, num_epochs=cfg.epochs if sequential else self.total_epochs,
+            decay_epochs=cfg.decay_epochs, cooldown_epochs=cfg.cooldown_epochs, decay_rate=cfg.decay_rate,
+            min_lr=cfg.min_lr, warmup_lr=cfg.warmup_lr, warmup_epochs=cfg.warmup_epochs,
+            cycle_limit=self.num_stages if sequential else 1, cycle_decay=1.0,
+            step_on_epochs=not cfg.sched_on_updates, updates_per_epoch=self.updates_per_epoch)
+
+        to_prepare = [model, optimizer]
+        if not self.train_loader.sharded:
+            to_prepare.append(self.train_loader.loader)
+        if not self.val_loader.sharded:
+            to_prepare.append(self.val_loader.loader)
+        prepared = acc.prepare(*to_prepare)
+        self.model, self.optimizer = prepared[0], prepared[1]
+        rest = list(prepared[2:])
+        self.train_iterable = rest.pop(0) if not self.train_loader.sharded else self.train_loader.loader
+        self.val_iterable = rest.pop(0) if not self.val_loader.sharded else self.val_loader.loader
+
+        self.ema = None
+        if cfg.model_ema:   # after prepare: a copy of the (broadcast) weights every process shares
+            from timm.utils import ModelEmaV3
+            self.ema = ModelEmaV3(acc.unwrap_model(self.model), decay=cfg.model_ema_decay,
+                                  use_warmup=cfg.model_ema_warmup)
+        self.mixup = self._build_mixup()
+        set_seed(cfg.seed, device_specific=True)   # from here on, each process draws its own augmentation
+        self.start_epoch, self.updates, self.history = 0, 0, []
+        if self.resume_from:
+            self._load(self.resume_from)
+        self.lr_at(self.start_epoch, self.updates)
+
+    # ----- setup helpers -----
+    @property
+    def identity(self) -> Dict[str, Any]:
+        """What a checkpoint must match to be resumed by this run."""
+        c = self.cfg
+        return dict(model=c.model, method=c.method, schedule=c.schedule, num_classes=self.num_classes,
+                    hff=c.hff, model_kwargs=c.model_kwargs, in_chans=c.in_chans,
+                    num_processes=self.accelerator.num_processes, batch_size=c.batch_size,
+                    grad_accum_steps=c.grad_accum_steps)
+
+    def _find_resume(self) -> Optional[str]:
+        cfg = self.cfg
+        if cfg.resume:
+            return resolve_resume(cfg.resume, self.out_dir)
+        if list_checkpoints(self.out_dir):
+            raise ValueError(f'{self.out_dir} already holds checkpoints of a run; pass --resume to continue it, or '
+                             f'choose another --experiment / --output')
+        return None
+
+    def _build_mixup(self):
+        cfg = self.cfg
+        if cfg.mixup > 0 or cfg.cutmix > 0:
+            from timm.data import Mixup
+            return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
+                         switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode, label_smoothing=cfg.smoothing,
+                         num_classes=self.num_classes)
+        return None
+
+    def lr_at(self, epoch: int, updates: int) -> None:
+        if self.scheduler is None:
+            return
+        if self.cfg.sched_on_updates:
+            self.scheduler.step_update(updates)
+        else:
+            self.scheduler.step(epoch)
+
+    def active_stage(self, epoch: int) -> Optional[int]:
+        return epoch // self.cfg.epochs if self.cfg.schedule == 'sequential' else None
+
+    # ----- checkpoints -----
+    def _save(self, epoch: int) -> str:
+        acc = self.accelerator
+        root = os.path.join(self.out_dir, CKPT_DIR)
+        final = os.path.join(root, checkpoint_name(epoch))
+        tmp = os.path.join(root, '.tmp-' + checkpoint_name(epoch))
+        if acc.is_main_process:
+            os.makedirs(root, exist_ok=True)
+            if os.path.exists(tmp):
+                import shutil
+                shutil.rmtree(tmp)
+        acc.wait_for_everyone()
+        acc.save_state(tmp, safe_serialization=True)
+        if acc.is_main_process:
+            import json
+            state = dict(epoch=epoch, updates=self.updates, history=self.history, identity=self.identity)
+            atomic_write_text(os.path.join(tmp, STATE_FILE), json.dumps(state, indent=1) + '\n')
+            if self.ema is not None:
+                from safetensors.torch import save_file
+                save_file({k: v.contiguous() for k, v in self.ema.module.state_dict().items()},
+                          os.path.join(tmp, EMA_FILE))
+            if os.path.exists(final):
+                import shutil
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            prune(self.out_dir, self.cfg.checkpoint_hist)
+        acc.wait_for_everyone()
+        return final
+
+    def _load(self, ckpt: str) -> None:
+        state = read_state(ckpt)
+        check_compatible(state, self.identity, ckpt)
+        self.accelerator.load_state(ckpt)
+        if self.ema is not None:
+            path = os.path.join(ckpt, EMA_FILE)
+            if not os.path.isfile(path):
+                raise ValueError(f'--resume {ckpt}: model_ema is on but the checkpoint has no {EMA_FILE}')
+            from safetensors.torch import load_file
+            self.ema.module.load_state_dict(load_file(path))
+        self.start_epoch = int(state['epoch']) + 1
+        self.updates = int(state['updates'])
+        self.history = list(state['history'])
+        self.accelerator.print(f'resumed from {ckpt} (epoch {state["epoch"] + 1} done)')
+
+    # ----- one epoch -----
+    def _sync_buffers(self, module: nn.Module) -> None:
+        """Rank 0's norm statistics everywhere (DDP broadcasts them at each forward; do it before eval / save)."""
+        if self.accelerator.num_processes > 1:
+            import torch.distributed as dist
+            for b in module.buffers():
+                dist.broadcast(b.data, src=0)
+
+    def _targets(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self.mixup is not None:
+            return self.mixup(x, y)
+        if self.cfg.smoothing > 0:
+            from timm.data.mixup import one_hot
+            off = self.cfg.smoothing / self.num_classes
+            return x, one_hot(y, self.num_classes, on_value=1.0 - self.cfg.smoothing + off, off_value=off)
+        return x, y
+
+    def _bp_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if target.ndim == 2:
+            return torch.sum(-target * torch.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+        return nn.functional.cross_entropy(logits.float(), target)
+
+    def train_epoch(self, epoch: int) -> Dict[str, Any]:
+        cfg, acc = self.cfg, self.accelerator
+        model, unwrapped = self.model, acc.unwrap_model(self.model)
+        stage = self.active_stage(epoch)
+        if stage is not None:   # greedy: earlier stages frozen (norms in eval), later ones not run
+            unwrapped.unfreeze_stages(range(self.num_stages))
+            unwrapped.freeze_stages(range(stage))
+        set_train_mode(model, cfg)
+        if self.train_loader.kind == 'stream':
+            self.train_loader.loader.dataset.set_epoch(epoch)
+        else:
+            self.train_iterable.set_epoch(epoch)
+        transform = self.train_loader.transform
+        mode = 'memory_efficient' if cfg.schedule == 'memory_efficient' else 'simultaneous'
+        stage_params = ([unwrapped.stage_parameters(k) for k in range(self.num_stages)]
+                        if cfg.method == 'hff' else [list(unwrapped.parameters())])
+
+        from tqdm.auto import tqdm
+        bar = tqdm(total=self.steps_per_epoch, desc=f'epoch {epoch + 1}/{self.total_epochs}', leave=False,
+                   disable=not (cfg.progress and acc.is_local_main_process), dynamic_ncols=True)
+        loss_sum = torch.zeros((), device=acc.device)
+        stage_sum = torch.zeros(self.num_stages, device=acc.device)
+        seen, steps, start, last_print = 0, 0, time.time(), time.time()
+        batches = _take(self.train_iterable, self.steps_per_epoch, restart=self.train_loader.kind == 'stream')
+        for step, (x, y) in enumerate(batches):
+            x, y = x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True)
+            x, target = self._targets(transform(x), y)
+            with acc.accumulate(model):
+                if cfg.method == 'bp':
+                    loss = self._bp_loss(model(x), target)
+                    acc.backward(loss)
+                    stage_losses = [loss.detach()]
+                else:
+                    out = model(x, target, mode=mode, stages=None if stage is None else [stage],
+                                backward_fn=acc.backward if mode == 'memory_efficient' else None)
+                    if not out.backward_done:
+                        acc.backward(out.loss)
+                    loss, stage_losses = out.loss.detach(), out.stage_losses
+                if acc.sync_gradients and cfg.clip_grad:
+                    acc.unscale_gradients()
+                    for params in stage_params:   # each stage's own gradient norm: their losses are separate
+                        torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], cfg.clip_grad)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            if acc.sync_gradients:
+                self.updates += 1
+                self.lr_at(epoch, self.updates)
+                if self.ema is not None:
+                    self.ema.update(unwrapped, step=self.updates)
+            loss_sum += loss.detach().float()
+            if stage is None:
+                stage_sum += torch.stack([s.float() for s in stage_losses])
+            else:
+                stage_sum[stage] += stage_losses[0].float()
+            seen += x.shape[0]
+            steps += 1
+            bar.update(1)
+            if bar.disable is False and (time.time() - last_print > 1.0 or step + 1 == self.steps_per_epoch):
+                last_print = time.time()
+                bar.set_postfix(loss=f'{loss_sum.item() / (step + 1):.4f}',
+                                img_s=f'{seen * acc.num_processes / (time.time() - start):.0f}',
+                                lr=f"{self.optimizer.param_groups[0]['lr']:.3g}")
+        bar.close()
+        steps = max(steps, 1)
+        elapsed = time.time() - start
+        totals = acc.reduce(torch.cat([loss_sum.view(1), stage_sum]), reduction='mean') / steps
+        row = dict(train_loss=totals[0].item(), lr=self.optimizer.param_groups[0]['lr'],
+                   train_time_s=elapsed, train_img_per_s=seen * acc.num_processes / max(elapsed, 1e-9))
+        if cfg.method == 'hff':
+            for k in range(self.num_stages):
+                if stage is None or k == stage:
+                    row[f'train_loss_stage{k}'] = totals[1 + k].item()
+        if stage is not None:
+            row['active_stage'] = stage
+        return row
+
+    @torch.no_grad()
+    def evaluate(self, module: nn.Module, prefix: str = '') -> Dict[str, Any]:
+        """Top-1 / top-5 of every stage and of the model's prediction over the whole split, each image once."""
+        acc, cfg = self.accelerator, self.cfg
+        self._sync_buffers(module)
+        module.eval()
+        transform = self.val_loader.transform
+        k = min(5, self.num_classes)
+        n_heads = self.num_stages + 1 if cfg.method == 'hff' else 1
+        correct1 = torch.zeros(n_heads, dtype=torch.long, device=acc.device)
+        correct5 = torch.zeros(n_heads, dtype=torch.long, device=acc.device)
+        total = torch.zeros((), dtype=torch.long, device=acc.device)
+        gather = not self.val_loader.sharded   # map-style: gather_for_metrics drops the padding of the last batch
+        for x, y in self.val_iterable:
+            x, y = transform(x.to(acc.device)), y.to(acc.device)
+            with acc.autocast():
+                if cfg.method == 'hff':
+                    stage_logits = module.forward_stages(x)
+                    heads = stage_logits + [module._combine(stage_logits)]
+                else:
+                    heads = [module(x)]
+            top = torch.stack([h.float().topk(k, dim=-1).indices for h in heads], 1)   # (B, heads, k)
+            hit = top == y.view(-1, 1, 1)
+            c1, c5 = hit[..., 0], hit.any(-1)
+            if gather:
+                c1, c5 = acc.gather_for_metrics((c1, c5))
+            correct1 += c1.sum(0)
+            correct5 += c5.sum(0)
+            total += c1.shape[0]
+        if not gather:
+            correct1, correct5, total = (acc.reduce(t, reduction='sum') for t in (correct1, correct5, total))
+        n = max(int(total), 1)
+        top1 = (correct1.double() * 100 / n).tolist()
+        top5 = (correct5.double() * 100 / n).tolist()
+        row = {f'{prefix}top1': top1[-1], f'{prefix}val_images': int(total)}
+        if self.num_classes > 5:
+            row[f'{prefix}top5'] = top5[-1]
+        if cfg.method == 'hff':
+            for s in range(self.num_stages):
+                row[f'{prefix}top1_stage{s}'] = top1[s]
+                if self.num_classes > 5:
+                    row[f'{prefix}top5_stage{s}'] = top5[s]
+        return row
+
+    # ----- the run -----
+    def fit(self) -> Dict[str, Any]:
+        acc, cfg = self.accelerator, self.cfg
+        try:
+            if cfg.log_with:
+                acc.init_trackers(cfg.run_name, config=_flat_config(cfg))
+            if acc.is_main_process:
+                atomic_write_text(os.path.join(self.out_dir, 'config.yaml'), _yaml(cfg))
+                self._print_plan()
+            for epoch in range(self.start_epoch, self.total_epochs):
+                row = dict(epoch=epoch + 1)
+                row.update(self.train_epoch(epoch))
+                t = time.time()
+                row.update(self.evaluate(acc.unwrap_model(self.model)))
+                if self.ema is not None:
+                    row.update(self.evaluate(self.ema.module, prefix='ema_'))
+                row['eval_time_s'] = time.time() - t
+                self.lr_at(epoch + 1, self.updates)
+                self.history.append(row)
+                if acc.is_main_process:
+                    write_metrics(self.out_dir, self.history)
+                    acc.print(_summary(row, self.num_stages, cfg.method))
+                if cfg.log_with:
+                    acc.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=epoch + 1)
+                self._save(epoch)
+            final = dict(self.history[-1]) if self.history else {}
+            self._finish(final)
+            return final
+        finally:
+            if cfg.log_with:
+                acc.end_training()
+            if acc.is_main_process:
+                self.lock.release()
+
+    def _print_plan(self) -> None:
+        cfg = self.cfg
+        tl, vl = self.train_loader, self.val_loader
+        self.accelerator.print(
+            f'{cfg.method.upper()} {cfg.model} ({self.num_stages} stage(s), schedule {cfg.schedule}) on '
+            f'{self.train_data.name}: {tl.num_samples} train / {vl.num_samples} test images ({tl.kind} loader), '
+            f'{self.num_classes} classes, input {self.data_cfg["input_size"]}; {self.total_epochs} epochs x '
+            f'{self.steps_per_epoch} steps on {self.accelerator.num_processes} process(es), '
+            f'mixed precision {cfg.mixed_precision}; output {self.out_dir}')
+
+    def _finish(self, final: Dict[str, Any]) -> None:
+        acc, cfg = self.accelerator, self.cfg
+        unwrapped = acc.unwrap_model(self.model)
+        self._sync_buffers(unwrapped)
+        if not cfg.save_model or not acc.is_main_process:
+            acc.wait_for_everyone()
+            return
+        path = os.path.join(self.out_dir, 'model')
+        saved = save_final_model(unwrapped, path, cfg, self.train_data, final, self.data_cfg)
+        if saved and self.ema is not None:
+            save_final_model(self.ema.module, os.path.join(self.out_dir, 'model_ema'), cfg, self.train_data, final,
+                             self.data_cfg)
+        acc.print(f'weights: {saved}' if saved else 'weights: not saved (see the warning above)')
+        acc.wait_for_everyone()
+
+
+def save_final_model(model: nn.Module, path: str, cfg: TrainConfig, data: ImageData, metrics: Dict[str, Any],
+                     data_cfg: Optional[Dict[str, Any]] = None) -> Optional[str]:
+    """HFF: ``timm_hff.save_pretrained`` (config.json + model.safetensors + card); BP: timm's ``save_for_hf``."""
+    metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    train_args = dict(cfg.to_dict(), dataset_name=data.name)
+    if cfg.method == 'bp':
+        import shutil
+        import tempfile
+        from timm.models import save_for_hf
+        tmp = tempfile.mkdtemp(prefix='.tmp-model-', dir=os.path.dirname(os.path.abspath(path)))
+        small = bool(cfg.hff.get('small_input'))
+        save_for_hf(model, tmp, model_config=dict(label_names=data.label_names, hff_small_input=small),
+                    model_args=dict(cfg.model_kwargs), data_config=data_cfg, safe_serialization=True)
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+        return path
+    from .. import _hub
+    try:
+        return _hub.save_pretrained(model, path, label_names=data.label_names, metrics=metrics,
+                                    train_args=train_args) or path
+    except NotImplementedError as e:
+        _logger.warning(f'final model not saved: {e}')
+        return None
+
+
+def _take(iterable, n: int, restart: bool = False):
+    """The first n batches; a stream that runs dry restarts, so every process does exactly n steps (DDP)."""
+    done = 0
+    while done < n:
+        produced = False
+        for batch in iterable:
+            produced = True
+            yield batch
+            done += 1
+            if done >= n:
+                return
+        if not restart or not produced:
+            return
+
+
+def _summary(row: Dict[str, Any], num_stages: int, method: str) -> str:
+    parts = [f"epoch {row['epoch']}: loss {row['train_loss']:.4f}, {row['train_img_per_s']:.0f} img/s, "
+             f"test top-1 {row['top1']:.2f}%"]
+    if 'top5' in row:
+        parts.append(f"top-5 {row['top5']:.2f}%")
+    if method == 'hff':
+        parts.append('stages ' + ' / '.join(f"{row[f'top1_stage{k}']:.2f}" for k in range(num_stages)))
+    if 'ema_top1' in row:
+        parts.append(f"EMA {row['ema_top1']:.2f}%")
+    return ', '.join(parts)
+
+
+def _flat_config(cfg: TrainConfig) -> Dict[str, Any]:
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in cfg.to_dict().items()}
+
+
+def _yaml(cfg: TrainConfig) -> str:
+    import yaml
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def train(cfg: TrainConfig) -> Dict[str, Any]:
+    """Run a whole training; returns the last epoch's metrics."""
+    return Trainer(cfg).fit()
