@@ -144,10 +144,11 @@ def load_into_memory(data: ImageData, data_cfg: Dict[str, Any], workers: int = 0
     ds = data.dataset
     labels = torch.from_numpy(np.asarray(ds.with_format('numpy', columns=[data.label_key])[:][data.label_key],
                                          dtype=np.int64))
-    if data.array_images:
+    images = None
+    if data.array_images:   # already pixels: no per-image work unless a resize is needed
         raw = ds.with_format('numpy', columns=[data.image_key], dtype=np.uint8)[:][data.image_key]
         images = images_to_uint8(torch.from_numpy(np.ascontiguousarray(raw)), data_cfg)
-    else:
+    if images is None:      # timm's eval transform per image, once
         loader = DataLoader(SampleImages(data, SampleTransform(data_cfg, train=False)), batch_size=256,
                             num_workers=workers, collate_fn=LabelCheckedCollate(data.num_classes, data.name))
         images = torch.cat([x for x, _ in loader])

@@ -135,33 +135,28 @@ def to_pil(img, mode: str):
     return img if img.mode == mode else img.convert(mode)
 
 
-def images_to_uint8(images: torch.Tensor, data_cfg: Dict[str, Any]) -> torch.Tensor:
-    """A whole in-memory split (N, H, W[, C]) or (N, C, H, W) uint8 -> (N, in_chans, S, S), as timm's eval transform
-    would make each image (channel conversion like PIL's, resize to ``S / crop_pct``, centre crop).
-
-    Done once at load time, so batches are already at the model's resolution.
+def images_to_uint8(images: torch.Tensor, data_cfg: Dict[str, Any]) -> Optional[torch.Tensor]:
+    """A whole in-memory split (N, H, W[, C]) or (N, C, H, W) uint8 -> (N, in_chans, S, S) without any per-image
+    work, when the images are already at the model's size (then timm's eval transform only converts channels,
+    which is done here exactly as PIL's ``convert`` does it). Returns None when a resize is needed.
     """
-    import torchvision.transforms.v2.functional as TF
-
     if images.dtype != torch.uint8:
         raise ValueError(f'in-memory images must be uint8, got {images.dtype}')
     if images.ndim == 3:
         images = images.unsqueeze(1)
     elif images.ndim == 4 and images.shape[1] not in (1, 3) and images.shape[-1] in (1, 3):
         images = images.permute(0, 3, 1, 2)
-    in_chans, size = data_cfg['input_size'][0], data_cfg['input_size'][1:]
-    if images.shape[1] == 3 and in_chans == 1:   # ITU-R 601-2 luma, as PIL's convert('L')
-        w = torch.tensor([299, 587, 114], dtype=torch.int32).view(1, 3, 1, 1)
-        images = ((images.to(torch.int32) * w).sum(1, keepdim=True) + 500).div(1000, rounding_mode='floor')
+    in_chans, size = data_cfg['input_size'][0], tuple(data_cfg['input_size'][1:])
+    if tuple(images.shape[-2:]) != size:
+        return None
+    if images.shape[1] == 3 and in_chans == 1:   # ITU-R 601-2 luma, rounded as PIL's convert('L')
+        w = torch.tensor([19595, 38470, 7471], dtype=torch.int32).view(1, 3, 1, 1)
+        images = ((images.to(torch.int32) * w).sum(1, keepdim=True) + 0x8000) >> 16
         images = images.to(torch.uint8)
     elif images.shape[1] == 1 and in_chans == 3:
         images = images.expand(-1, 3, -1, -1)
     elif images.shape[1] != in_chans:
         raise ValueError(f'cannot turn {images.shape[1]}-channel images into in_chans={in_chans}')
-    if tuple(images.shape[-2:]) != tuple(size):
-        crop_pct = data_cfg.get('crop_pct') or 1.0
-        scale = [int(s / crop_pct) for s in size]
-        images = TF.center_crop(TF.resize(images, scale, antialias=True), list(size))
     return images.contiguous()
 
 

@@ -46,6 +46,7 @@ class TrainConfig:
         model_kwargs: timm keyword arguments (e.g. ``channels``, ``drop_path_rate``).
         hff: HFF settings (``HFFConfig`` fields: num_stages, prototypes_per_class, margin, small_input, ...).
         method: 'hff' (local prototype losses) or 'bp' (the same backbone with timm's head, end to end).
+        reset_prototypes: Draw fresh prototypes in every head (a new label set with the same class count).
         freeze_stages: HFF stages to keep frozen (transfer).
         head_only: Train only the prototype heads; the whole backbone stays frozen (transfer).
         channels_last: Channels-last memory format.
@@ -99,6 +100,7 @@ class TrainConfig:
     model_kwargs: Dict[str, Any] = field(default_factory=dict)
     hff: Dict[str, Any] = field(default_factory=dict)
     method: str = 'hff'
+    reset_prototypes: bool = False
     freeze_stages: List[int] = field(default_factory=list)
     head_only: bool = False
     channels_last: bool = False
@@ -201,8 +203,9 @@ class TrainConfig:
             if self.schedule != 'simultaneous':
                 raise ValueError(f"schedule {self.schedule!r} is an HFF schedule; method 'bp' trains end to end "
                                  f"(use schedule: simultaneous)")
-            if self.freeze_stages or self.head_only or self.model_kwargs.get('features_only'):
-                raise ValueError("freeze_stages / head_only apply to HFF stages; not with method 'bp'")
+            if self.freeze_stages or self.head_only or self.reset_prototypes:
+                raise ValueError("freeze_stages / head_only / reset_prototypes apply to HFF models; not with "
+                                 "method 'bp'")
         if self.freeze_stages and self.head_only:
             raise ValueError('give freeze_stages or head_only, not both (head_only freezes the whole backbone)')
         if self.schedule == 'sequential' and (self.freeze_stages or self.head_only):

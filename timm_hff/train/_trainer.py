@@ -39,7 +39,7 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
         hff['check_img_size'] = cfg.img_size
     model = create_model(cfg.model, pretrained=cfg.pretrained, num_classes=num_classes, in_chans=cfg.in_chans,
                          **cfg.model_kwargs, **hff)
-    if model.num_classes != num_classes:
+    if model.num_classes != num_classes or cfg.reset_prototypes:   # a new label set: fresh prototypes
         model.reset_classifier(num_classes)
     if cfg.freeze_stages:
         model.freeze_stages(cfg.freeze_stages)
@@ -502,6 +502,7 @@ def save_final_model(model: nn.Module, path: str, cfg: TrainConfig, data: ImageD
                      data_cfg: Optional[Dict[str, Any]] = None) -> Optional[str]:
     """HFF: ``timm_hff.save_pretrained`` (config.json + model.safetensors + card); BP: timm's ``save_for_hf``."""
     metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    metrics.update(dataset=dataset_id(data), split=cfg.val_split)
     train_args = dict(cfg.to_dict(), dataset_name=data.name)
     if cfg.method == 'bp':
         import shutil
@@ -522,6 +523,15 @@ def save_final_model(model: nn.Module, path: str, cfg: TrainConfig, data: ImageD
     except NotImplementedError as e:
         _logger.warning(f'final model not saved: {e}')
         return None
+
+
+def dataset_id(data: ImageData) -> str:
+    """A Hub id for the model card where one exists (Fashion-MNIST's IDX files have one), else the folder name."""
+    if data.source == 'hub':
+        return data.name
+    if data.source == 'idx' and 'fashion' in data.name.lower():
+        return 'zalando-datasets/fashion_mnist'
+    return os.path.basename(data.name.rstrip('/')) or data.name
 
 
 def _take(iterable, n: int, restart: bool = False):
