@@ -333,3 +333,18 @@ def test_config_round_trip_rejects_unknown_keys():
     assert HFFConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match=r"unknown HFF setting\(s\) \['protos'\]"):
         HFFConfig.from_dict({'protos': 3})
+
+
+def test_deepcopy_for_ema_rebinds_the_cut():
+    from timm.utils import ModelEmaV3
+    model = _build('test_resnet', dict(check_img_size=32)).train()
+    ema = ModelEmaV3(model, decay=0.5)
+    x, y = _batch(model)
+    with torch.no_grad():
+        ema_logits = ema.module.forward_stages(x)
+    assert len(ema_logits) == model.num_stages
+    assert ema.module.split.state is not model.split.state
+    out = model(x, y)   # the original still captures its own stages after the copy ran
+    out.loss.backward()
+    ema.update(model)
+    assert all(p.grad is None for p in ema.module.parameters())
