@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import warnings
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -224,6 +223,9 @@ def _logits(model, x):
 # ----- save / load -----
 def test_save_layout(trained, saved):
     assert sorted(p.name for p in saved.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
+    mask = os.umask(0)
+    os.umask(mask)
+    assert {oct(p.stat().st_mode & 0o777) for p in saved.iterdir()} == {oct(0o666 & ~mask)}
     assert not [p for p in saved.parent.iterdir() if p.name.startswith('.')], 'temporary folders left behind'
     cfg = json.loads((saved / 'config.json').read_text())
     assert cfg['architecture'] == 'hff_timm' and timm.is_model(cfg['architecture'])
@@ -250,7 +252,8 @@ def test_local_dir_round_trip_is_bit_identical(trained, saved):
         assert isinstance(model, timm_hff.HFFModel)
         assert torch.equal(_logits(model, x), want)
         with torch.no_grad():
-            assert all(torch.equal(a, b) for a, b in zip(model.forward_stages(x), trained.forward_stages(x)))
+            pairs = zip(model.forward_stages(x), trained.forward_stages(x), strict=True)
+            assert all(torch.equal(a, b) for a, b in pairs)
         assert model.pretrained_cfg['label_names'] == LABELS
         data_cfg = timm.data.resolve_model_data_config(model)
         assert tuple(data_cfg['input_size']) == (1, 28, 28) and tuple(data_cfg['mean']) == (0.286,)
@@ -315,11 +318,16 @@ def test_new_num_classes_keeps_backbone_and_resets_prototypes(trained, saved):
 
 
 # ----- atomic writes -----
-def test_save_is_atomic_and_keeps_other_files(trained, tmp_path, monkeypatch):
+@pytest.mark.parametrize('exchange', [True, False], ids=['renameat2', 'two-renames'])
+def test_save_is_atomic_and_keeps_other_files(exchange, trained, tmp_path, monkeypatch):
+    if not exchange:
+        monkeypatch.setattr(_hub, '_rename_exchange', lambda a, b: False)
     target = tmp_path / 'model'
     save_pretrained(trained, target, card=False)
     (target / 'notes.txt').write_text('kept')
     before = {p.name: p.read_bytes() for p in target.iterdir()}
+
+    real_save = safetensors.torch.save_file
 
     def failing_save(tensors, path, metadata=None):
         Path(path).write_bytes(b'half a file')
@@ -327,7 +335,7 @@ def test_save_is_atomic_and_keeps_other_files(trained, tmp_path, monkeypatch):
     monkeypatch.setattr(_hub.safetensors.torch, 'save_file', failing_save)
     with pytest.raises(OSError, match='disk full'):
         save_pretrained(_fmnist_like(seed=3), target)
-    monkeypatch.undo()
+    monkeypatch.setattr(_hub.safetensors.torch, 'save_file', real_save)
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ['model']
 

@@ -57,7 +57,8 @@ After `import timm_hff`, `timm.create_model('{{ model_id }}', pretrained=True)` 
 
 | | |
 |---|---|
-| Backbone | `{{ arch }}` from timm{% if base_model %}, fine-tuned from [`{{ base_model }}`](https://huggingface.co/{{ base_model }}){% endif %} |
+| Backbone | `{{ arch }}` from timm
+{%- if base_model %}, fine-tuned from [`{{ base_model }}`](https://huggingface.co/{{ base_model }}){% endif %} |
 | Classes | {{ num_classes }} |
 | Input | {{ in_chans }} x {{ img_size }} x {{ img_size }} |
 | Parameters | {{ num_params }} |
@@ -71,7 +72,8 @@ After `import timm_hff`, `timm.create_model('{{ model_id }}', pretrained=True)` 
 | Prediction | Tap (timm module) | Width | Stride | Parameters | Top-1 (%) |{% if has_top5 %} Top-5 (%) |{% endif %}
 |---|---|---|---|---|---|{% if has_top5 %}---|{% endif %}
 {%- for row in stage_rows %}
-| {{ row.name }} | `{{ row.module }}` | {{ row.channels }} | {{ row.reduction }} | {{ row.params }} | {{ row.top1 }} |{% if has_top5 %} {{ row.top5 }} |{% endif %}
+| {{ row.name }} | `{{ row.module }}` | {{ row.channels }} | {{ row.reduction }} | {{ row.params }} | {{ row.top1 }} |
+{%- if has_top5 %} {{ row.top5 }} |{% endif %}
 {%- endfor %}
 | **Final** (`predict_from={{ predict_from }}`) | | | | | **{{ top1 }}** |{% if has_top5 %} **{{ top5 }}** |{% endif %}
 {%- else -%}
@@ -167,9 +169,9 @@ def build_model_card(config: Dict[str, Any], repo_id: Optional[str] = None,
         eval_results=eval_results or None,
     )
     input_size = (config.get('pretrained_cfg') or {}).get('input_size') or [hff.get('in_chans', 3), 224, 224]
-    stage_rows = [dict(name=f'Stage {k + 1}', module=s.get('module', s.get('feature_index')), channels=s.get('channels'),
-                       reduction=s.get('reduction'), params=_count(s.get('params')), top1=_pct(stage_top1[k]),
-                       top5=_pct(stage_top5[k]))
+    stage_rows = [dict(name=f'Stage {k + 1}', module=s.get('module', s.get('feature_index')),
+                       channels=s.get('channels'), reduction=s.get('reduction'), params=_count(s.get('params')),
+                       top1=_pct(stage_top1[k]), top5=_pct(stage_top5[k]))
                   for k, s in enumerate(stages)]
     measures = [(k, v) for k, v in metrics.items() if k not in _NOT_MEASURES and v is not None
                 and not re.fullmatch(r'(stage_)?top[15](_stage\d+)?', k)]

@@ -119,11 +119,13 @@ def fold_last_head(model, multi_prototype: str = 'mean') -> tuple:
     if k > 1 and multi_prototype == 'mean':
         warnings.warn(f'prototypes_per_class={k}: HFF takes a smooth max over each class\'s prototypes, which a '
                       f'linear classifier cannot express; exporting the normalised mean prototype per class (the '
-                      f'argmax can differ from HFF\'s where they spread out; multi_prototype=\'expand\' is closer)')
+                      f'argmax can differ from HFF\'s where they spread out; multi_prototype=\'expand\' is closer)',
+                      stacklevel=2)
         protos = F.normalize(protos.view(c, k, -1).mean(1), dim=-1)
     elif k > 1:
         warnings.warn(f'prototypes_per_class={k}: exporting {c * k} outputs, one per prototype (class = index // {k}, '
-                      f'label_names repeated); a hard max replaces HFF\'s LogSumExp over a class\'s prototypes')
+                      f'label_names repeated); a hard max replaces HFF\'s LogSumExp over a class\'s prototypes',
+                      stacklevel=2)
     if isinstance(head.proj, nn.Linear):
         w = head.proj.weight.detach().float()
         b = head.proj.bias.detach().float() if head.proj.bias is not None else torch.zeros(w.shape[0])
@@ -142,7 +144,7 @@ def _check_exportable(model) -> None:
                           f'without small_input (e.g. upsampled inputs) to export')
     if model.predict_from != 'last':
         warnings.warn(f'the model predicts with predict_from={model.predict_from!r}; the export reproduces the '
-                      f'last stage\'s prediction')
+                      f'last stage\'s prediction', stacklevel=2)
 
 
 def _probe_size(model) -> int:
@@ -174,15 +176,16 @@ def _verify(model, plain: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -
 def _export_card(model, multi_prototype: Optional[str]) -> ModelCard:
     base = model.pretrained_cfg.get('hf_hub_id') if model.pretrained_cfg.get('source') == 'hf-hub' else None
     data = ModelCardData(library_name='timm', pipeline_tag='image-classification', license='apache-2.0',
-                         tags=['image-classification', 'timm', 'timm_hff'], base_model=base.split('@')[0] if base else None)
+                         tags=['image-classification', 'timm', 'timm_hff'],
+                         base_model=base.split('@')[0] if base else None)
     k = model.heads[-1].num_prototypes
-    text = (f'---\n{data.to_yaml()}\n---\n\n# {model.model_name}, exported from an HFF model\n\n'
-            f'A stock timm `{model.model_name}` with a linear classifier folded from the last stage of a Hyperspherical '
-            f'Forward-Forward (HFF, arXiv 2605.00082) model. It loads with timm alone:\n\n```python\nimport timm\n\n'
-            f"model = timm.create_model('local-dir:/path/to/this/folder', pretrained=True).eval()\n```\n\n"
-            f'Its argmax is the HFF last-stage prediction'
-            + {None: ' exactly', 'mean': f' approximately ({k} prototypes per class were averaged)',
-               'expand': f' up to LogSumExp vs max: it has one output per prototype, class = index // {k}'}[multi_prototype]
-            + '; its logits are the HFF cosine scores times a positive per-image factor, so its softmax is not '
-              'calibrated like the HFF model\'s.\n')
-    return ModelCard(text)
+    fidelity = {None: 'exactly',
+                'mean': f'approximately ({k} prototypes per class were averaged into one)',
+                'expand': f'up to LogSumExp vs max: it has one output per prototype, class = index // {k}'}
+    return ModelCard(
+        f'---\n{data.to_yaml()}\n---\n\n# {model.model_name}, exported from an HFF model\n\n'
+        f'A stock timm `{model.model_name}` with a linear classifier folded from the last stage of a Hyperspherical '
+        f'Forward-Forward (HFF, arXiv 2605.00082) model. It loads with timm alone:\n\n```python\nimport timm\n\n'
+        f"model = timm.create_model('local-dir:/path/to/this/folder', pretrained=True).eval()\n```\n\n"
+        f'Its argmax is the HFF last-stage prediction {fidelity[multi_prototype]}; its logits are the HFF cosine '
+        f'scores times a positive per-image factor, so its softmax is not calibrated like the HFF model\'s.\n')

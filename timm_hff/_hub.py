@@ -221,7 +221,8 @@ def read_config(path: Union[str, Path], where: Optional[str] = None) -> SavedCon
     try:
         raw = json.loads(path.read_text(encoding='utf-8'))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f'{where}: {CONFIG_NAME} is not valid JSON ({_one_line(e)}); re-download or save again')
+        raise ConfigError(f'{where}: {CONFIG_NAME} is not valid JSON ({_one_line(e)}); re-download or save again'
+                          ) from None
     return parse_config(raw, where)
 
 
@@ -374,7 +375,7 @@ def _pretrained_cfg(model: HFFModel, train_args: Optional[Dict[str, Any]]) -> Di
         data = resolve_input_data_config(model.backbone, args=args)
     except (TypeError, ValueError) as e:
         warnings.warn(f'train_args preprocessing {args} does not fit the model ({_one_line(e)}); saving the '
-                      f"backbone's default preprocessing instead")
+                      f"backbone's default preprocessing instead", stacklevel=2)
         data = resolve_input_data_config(model.backbone)
     source = model.backbone.pretrained_cfg or {}
     cfg = {k: source[k] for k in ('fixed_input_size', 'first_conv') if source.get(k) is not None}
@@ -452,7 +453,8 @@ def load_pretrained_hff(model_name: str, pretrained: bool = True, num_classes: O
     if num_classes is not None and num_classes != saved.num_classes:
         if pretrained:
             warnings.warn(f'{files.where} was trained for {saved.num_classes} classes; num_classes={num_classes} '
-                          f're-initialises the prototypes of every stage (backbone and aux blocks are kept)')
+                          f're-initialises the prototypes of every stage (backbone and aux blocks are kept)',
+                          stacklevel=2)
             model.reset_classifier(num_classes)
         model.pretrained_cfg.pop('label_names', None)
         model.pretrained_cfg['num_classes'] = num_classes
@@ -500,7 +502,8 @@ def _merge_settings(saved: SavedConfig, hff_cfg: Optional[HFFConfig], kwargs: Di
     """Saved settings, overridden by the caller's; with ``pretrained``, only shape-neutral HFF settings may change."""
     hff_kwargs, timm_overrides = HFFConfig.split_kwargs({k: v for k, v in kwargs.items() if v is not None})
     if hff_cfg is not None and hff_kwargs:
-        raise ValueError(f'give HFF settings either as hff_cfg or as keyword arguments, not both ({sorted(hff_kwargs)})')
+        raise ValueError(f'give HFF settings either as hff_cfg or as keyword arguments, not both '
+                         f'({sorted(hff_kwargs)})')
     saved_dict = saved.cfg.to_dict()
     wanted = {**saved_dict, **(hff_cfg.to_dict() if hff_cfg is not None else hff_kwargs)}
     if pretrained:
@@ -518,7 +521,7 @@ def _check_stages(model: HFFModel, saved: SavedConfig, where: str) -> None:
     if not saved.stages:
         return
     want = [(s.get('feature_index'), s.get('channels')) for s in saved.stages]
-    got = [(int(i), int(c)) for i, c in zip(model.split.feature_indices, model.split.channels)]
+    got = [(int(i), int(c)) for i, c in zip(model.split.feature_indices, model.split.channels, strict=True)]
     if want != got:
         raise ShapeMismatchError(f'{where}: the stages rebuilt with timm {timm.__version__} are (feature index, '
                                  f'channels) {got}, the saved ones {want}; load it with the timm version that '
@@ -778,6 +781,10 @@ def atomic_dir(target: Union[str, Path], keep: Sequence[str] = ()) -> Iterator[P
     tmp = Path(tempfile.mkdtemp(prefix=f'.{target.name}.tmp-', dir=target.parent))
     try:
         yield tmp
+        mode = 0o666 & ~_umask()     # safetensors writes 0600; a model folder is as readable as any file
+        for p in tmp.iterdir():
+            if p.is_file() and not p.is_symlink():
+                os.chmod(p, mode)
         if target.is_dir():
             for old in target.iterdir():
                 if not (tmp / old.name).exists():
