@@ -271,8 +271,10 @@ def unwrap_model(model) -> HFFModel:
     """The HFFModel inside Accelerate/DDP (``.module``) or ``torch.compile`` (``._orig_mod``) wrappers."""
     seen = 0
     while not isinstance(model, HFFModel) and seen < 8:
-        inner = getattr(model, 'module', None) or getattr(model, '_orig_mod', None)
-        if inner is None:
+        inner = getattr(model, 'module', None)
+        if not isinstance(inner, torch.nn.Module):
+            inner = getattr(model, '_orig_mod', None)
+        if not isinstance(inner, torch.nn.Module):
             break
         model, seen = inner, seen + 1
     if not isinstance(model, HFFModel):
