@@ -110,7 +110,7 @@ def build_loaders(cfg: TrainConfig, model: nn.Module, train: ImageData, val: Ima
     return data_cfg, train_loader, val_loader
 
 
-def _steps_per_epoch(loader: ImageLoader, cfg: TrainConfig, num_processes: int) -> int:
+def _steps_per_epoch(loader: ImageLoader, iterable, cfg: TrainConfig, num_processes: int) -> int:
     """Batches per process per epoch (streams: from train_num_samples; all processes do the same count)."""
     if loader.kind == 'stream':
         steps = loader.num_samples // (cfg.batch_size * num_processes)
@@ -118,7 +118,7 @@ def _steps_per_epoch(loader: ImageLoader, cfg: TrainConfig, num_processes: int) 
             raise ValueError(f'train_num_samples={loader.num_samples} is less than one global batch '
                              f'({cfg.batch_size} x {num_processes} processes)')
         return steps
-    return len(loader.loader)
+    return len(iterable)
 
 
 # ------------------------------------------------------------------------------------------------------ loop
@@ -161,6 +161,8 @@ class Trainer:
         set_seed(cfg.seed)   # the same initial weights on every process (DDP also broadcasts rank 0's)
         self.train_data, self.val_data = build_data(cfg, acc)
         self.num_classes = self.train_data.num_classes
+        if self.resume_from:   # refuse another run's checkpoint before building anything
+            check_compatible(read_state(self.resume_from), self.identity, self.resume_from)
         model = build_model(cfg, self.num_classes)
         if cfg.method == 'hff' and model.split.unused_param_names and not needs_unused:
             self._ddp_kwargs.find_unused_parameters = True   # a truncated backbone leaves parameters unused
@@ -169,8 +171,6 @@ class Trainer:
             model = model.to(memory_format=torch.channels_last)
         self.data_cfg, self.train_loader, self.val_loader = build_loaders(cfg, model, self.train_data,
                                                                           self.val_data, acc)
-        self.steps_per_epoch = _steps_per_epoch(self.train_loader, cfg, acc.num_processes)
-        self.updates_per_epoch = math.ceil(self.steps_per_epoch / cfg.grad_accum_steps)
         self.total_epochs = cfg.epochs * (self.num_stages if cfg.schedule == 'sequential' else 1)
 
         from timm.optim import create_optimizer_v2
@@ -182,14 +182,6 @@ class Trainer:
             opt_kwargs['betas'] = tuple(cfg.opt_betas)
         optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                         momentum=cfg.momentum, **opt_kwargs)
-        sequential = cfg.schedule == 'sequential'
-        self.scheduler, _ = create_scheduler_v2(
-            optimizer, sched=cfg.sched, num_epochs=cfg.epochs if sequential else self.total_epochs,
-            decay_epochs=cfg.decay_epochs, cooldown_epochs=cfg.cooldown_epochs, decay_rate=cfg.decay_rate,
-            min_lr=cfg.min_lr, warmup_lr=cfg.warmup_lr, warmup_epochs=cfg.warmup_epochs,
-            cycle_limit=self.num_stages if sequential else 1, cycle_decay=1.0,
-            step_on_epochs=not cfg.sched_on_updates, updates_per_epoch=self.updates_per_epoch)
-
         to_prepare = [model, optimizer]
         if not self.train_loader.sharded:
             to_prepare.append(self.train_loader.loader)
@@ -200,6 +192,16 @@ class Trainer:
         rest = list(prepared[2:])
         self.train_iterable = rest.pop(0) if not self.train_loader.sharded else self.train_loader.loader
         self.val_iterable = rest.pop(0) if not self.val_loader.sharded else self.val_loader.loader
+        # batches per process: known only once Accelerate has sharded the loader
+        self.steps_per_epoch = _steps_per_epoch(self.train_loader, self.train_iterable, cfg, acc.num_processes)
+        self.updates_per_epoch = math.ceil(self.steps_per_epoch / cfg.grad_accum_steps)
+        sequential = cfg.schedule == 'sequential'
+        self.scheduler, _ = create_scheduler_v2(
+            optimizer, sched=cfg.sched, num_epochs=cfg.epochs if sequential else self.total_epochs,
+            decay_epochs=cfg.decay_epochs, cooldown_epochs=cfg.cooldown_epochs, decay_rate=cfg.decay_rate,
+            min_lr=cfg.min_lr, warmup_lr=cfg.warmup_lr, warmup_epochs=cfg.warmup_epochs,
+            cycle_limit=self.num_stages if sequential else 1, cycle_decay=1.0,
+            step_on_epochs=not cfg.sched_on_updates, updates_per_epoch=self.updates_per_epoch)
 
         self.ema = None
         if cfg.model_ema:   # after prepare: a copy of the (broadcast) weights every process shares
@@ -283,7 +285,6 @@ class Trainer:
 
     def _load(self, ckpt: str) -> None:
         state = read_state(ckpt)
-        check_compatible(state, self.identity, ckpt)
         self.accelerator.load_state(ckpt)
         if self.ema is not None:
             path = os.path.join(ckpt, EMA_FILE)
@@ -334,6 +335,8 @@ class Trainer:
         mode = 'memory_efficient' if cfg.schedule == 'memory_efficient' else 'simultaneous'
         stage_params = ([unwrapped.stage_parameters(k) for k in range(self.num_stages)]
                         if cfg.method == 'hff' else [list(unwrapped.parameters())])
+        trained = ([stage] if stage is not None else [k for k in range(self.num_stages)
+                                                       if k not in getattr(unwrapped, 'frozen_stages', [])])
 
         from tqdm.auto import tqdm
         bar = tqdm(total=self.steps_per_epoch, desc=f'epoch {epoch + 1}/{self.total_epochs}', leave=False,
@@ -368,10 +371,7 @@ class Trainer:
                 if self.ema is not None:
                     self.ema.update(unwrapped, step=self.updates)
             loss_sum += loss.detach().float()
-            if stage is None:
-                stage_sum += torch.stack([s.float() for s in stage_losses])
-            else:
-                stage_sum[stage] += stage_losses[0].float()
+            stage_sum[trained] += torch.stack([s.float() for s in stage_losses])
             seen += x.shape[0]
             steps += 1
             bar.update(1)
@@ -387,9 +387,8 @@ class Trainer:
         row = dict(train_loss=totals[0].item(), lr=self.optimizer.param_groups[0]['lr'],
                    train_time_s=elapsed, train_img_per_s=seen * acc.num_processes / max(elapsed, 1e-9))
         if cfg.method == 'hff':
-            for k in range(self.num_stages):
-                if stage is None or k == stage:
-                    row[f'train_loss_stage{k}'] = totals[1 + k].item()
+            for k in trained:
+                row[f'train_loss_stage{k}'] = totals[1 + k].item()
         if stage is not None:
             row['active_stage'] = stage
         return row
