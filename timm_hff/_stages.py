@@ -96,21 +96,31 @@ def _hookable(backbone: nn.Module, name: str) -> str:
     """
     try:
         module = backbone.get_submodule(name)
-    except AttributeError:
-        raise SplitError(f"timm family '{family_of(backbone)}': feature_info names module '{name}', which "
-                         f"is not in the model, so the stage cannot be tapped") from None
+    except AttributeError:   # some families name taps relative to a wrapper (e.g. 'blocks.3' for 'encoder.blocks.3')
+        matches = [n for n, _ in backbone.named_modules() if n.endswith('.' + name)]
+        if len(matches) != 1:
+            raise SplitError(f"timm family '{family_of(backbone)}': feature_info names module '{name}', which "
+                             f"is not in the model, so the stage cannot be tapped") from None
+        name = matches[0]
+        module = backbone.get_submodule(name)
     while isinstance(module, nn.Sequential) and len(module):
         name, module = f'{name}.{len(module) - 1}', module[-1]
     return name
 
 
 class _CutState:
-    """What the tap hooks do right now: only cut (default), or also hand stage outputs to ``run_stages``."""
+    """What the tap hooks do right now: only cut (default), or also hand stage outputs to ``run_stages``.
 
-    def __init__(self):
+    ``elements[k]`` says which tensor of a tuple-returning tap (pit, efficientvim, crossvit) is the stage output
+    the head sees; the probe picks it by matching ``forward_intermediates``. Every tensor of the tuple is cut.
+    """
+
+    def __init__(self, num_taps: int = 0):
         self.outputs: Optional[List[torch.Tensor]] = None
+        self.raw: Optional[List[object]] = None   # the probe's view of what each tap returned
         self.on_stage: Optional[Callable[[int, torch.Tensor], None]] = None
         self.last = -1
+        self.elements: List[int] = [0] * num_taps
 
 
 class _TapHook:
@@ -125,24 +135,31 @@ class _TapHook:
         self.state, self.k, self.name, self.family = state, k, name, family
 
     def __call__(self, module, args, output):
-        if not isinstance(output, torch.Tensor):
+        if isinstance(output, torch.Tensor):
+            main, cut = output, output.detach()
+        elif isinstance(output, (tuple, list)) and any(isinstance(o, torch.Tensor) for o in output):
+            cut = type(output)(o.detach() if isinstance(o, torch.Tensor) else o for o in output)
+            main = output[self.state.elements[self.k]]
+        else:
             raise SplitError(f"timm family '{self.family}': tap '{self.name}' returns {type(output).__name__}, "
                              f"not a tensor, so it cannot end a stage")
         st = self.state
         if st.outputs is not None and len(st.outputs) == self.k:   # first run in a capture (not a recompute)
-            st.outputs.append(output)
+            if st.raw is not None:
+                st.raw.append(output)
+            st.outputs.append(main)
             if st.on_stage is not None:
-                st.on_stage(self.k, output)
+                st.on_stage(self.k, main)
             if self.k >= st.last:
                 raise _StopForward
-        return output.detach()
+        return cut
 
 
 def install_cuts(backbone: nn.Module, split: StageSplit) -> None:
     """Hook every tap so that no gradient crosses a stage boundary (idempotent)."""
     if split.state is not None:
         return
-    split.state = _CutState()
+    split.state = _CutState(len(split.tap_names))
     family = family_of(backbone)
     for k, name in enumerate(split.tap_names):
         backbone.get_submodule(name).register_forward_hook(_TapHook(split.state, k, name, family))
@@ -154,6 +171,7 @@ def run_stages(
         x: torch.Tensor,
         on_stage: Optional[Callable[[int, torch.Tensor], None]] = None,
         stop_after: Optional[int] = None,
+        raw: Optional[List[object]] = None,
 ) -> List[torch.Tensor]:
     """One forward pass of the backbone, cut into stages.
 
@@ -161,6 +179,7 @@ def run_stages(
         on_stage: Called as ``on_stage(k, h_k)`` as soon as stage k's output exists, before stage k+1 runs
             (``memory_efficient`` training runs stage k's backward there, freeing its graph).
         stop_after: Stop the forward after this stage (early exit, or a greedy schedule's active stage).
+        raw: If given, collects what each tap returned (a tensor or a tuple), for the build-time probe.
 
     Returns:
         The stage outputs h_k, each still attached to its own stage's graph (the next stage saw a detached copy).
@@ -171,7 +190,7 @@ def run_stages(
         raise RuntimeError('run_stages is not re-entrant: a forward of this model is already running')
     last = split.num_stages - 1 if stop_after is None else stop_after
     outputs: List[torch.Tensor] = []
-    st.outputs, st.on_stage, st.last = outputs, on_stage, last
+    st.outputs, st.on_stage, st.last, st.raw = outputs, on_stage, last, raw
     try:
         feats = backbone.forward_features(x)
         if split.full_tail:
@@ -182,7 +201,7 @@ def run_stages(
     except _StopForward:
         pass
     finally:
-        st.outputs, st.on_stage, st.last = None, None, -1
+        st.outputs, st.on_stage, st.last, st.raw = None, None, -1, None
     if len(outputs) != last + 1:
         missing = split.tap_names[len(outputs)] if len(outputs) < len(split.tap_names) else 'forward_head'
         raise SplitError(f"timm family '{family_of(backbone)}': stage {len(outputs)} (tap '{missing}') never ran "
@@ -219,6 +238,49 @@ def _to_nchw(t: torch.Tensor, ref: torch.Tensor) -> Tuple[Optional[str], Optiona
     return None, None, 0
 
 
+def _probe_run(backbone: nn.Module, split: StageSplit, x: torch.Tensor, img_size: int,
+               raw: Optional[List[object]]) -> List[torch.Tensor]:
+    """run_stages with grad on the probe batch; a model that rejects the batch size gets a one-line error."""
+    try:
+        with torch.enable_grad():
+            return run_stages(backbone, split, x, raw=raw)
+    except SplitError:
+        raise
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{type(backbone).__name__} cannot run a {img_size}x{img_size} check image ({msg}); pass "
+                         f"check_img_size (or timm's img_size) with a size this model accepts") from None
+
+
+def _pick_element(output, ref: Optional[torch.Tensor]) -> int:
+    """Index of the tensor in a tap's tuple output that equals timm's intermediate (else the first feature map)."""
+    candidates = [i for i, o in enumerate(output) if isinstance(o, torch.Tensor) and o.ndim >= 3]
+    if ref is not None:
+        for i in candidates:
+            layout, as_nchw, _ = _to_nchw(output[i].detach(), ref)
+            if layout is not None and torch.allclose(as_nchw, ref, rtol=1e-4, atol=1e-4):
+                return i
+    return candidates[0] if candidates else 0
+
+
+def _same_tokens_any_order(t: torch.Tensor, ref: torch.Tensor) -> Tuple[Optional[str], int]:
+    """Tokens that hold the intermediate's feature vectors in another order (hiera's unrolled blocks).
+
+    Per-token aux blocks and average pooling do not depend on token order, so such a tap is a valid stage end.
+    Evidence: the first two moments of every channel agree.
+    """
+    if t.ndim != 3 or ref.ndim != 4:
+        return None, 0
+    b, c, h, w = ref.shape
+    if t.shape[0] != b or t.shape[2] != c or t.shape[1] != h * w:
+        return None, 0
+    t = t.detach()
+    for p in (1, 2):
+        if not torch.allclose(t.pow(p).mean(1), ref.pow(p).mean((2, 3)), rtol=1e-4, atol=1e-4):
+            return None, 0
+    return 'NLC', 0
+
+
 def _layout_from_info(t: torch.Tensor, num_chs: int) -> Tuple[str, int]:
     if t.ndim == 4 and t.shape[1] == num_chs:
         return 'NCHW', 0
@@ -242,27 +304,26 @@ def probe_split(backbone: nn.Module, split: StageSplit, in_chans: int, img_size:
     was_training = backbone.training
     backbone.eval()
     x = torch.randn(2, in_chans, img_size, img_size)
+    n_taps = len(split.tap_names)
     try:
-        with torch.enable_grad():
-            try:
-                outs = run_stages(backbone, split, x)
-            except SplitError:
-                raise
-            except Exception as e:
-                msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-                raise ValueError(f"{type(backbone).__name__} cannot run a {img_size}x{img_size} check image "
-                                 f"({msg}); pass check_img_size (or timm's img_size) with a size this model "
-                                 f"accepts") from None
+        raw: List[object] = []
+        outs = _probe_run(backbone, split, x, img_size, raw)
+        tuple_taps = [k for k, r in enumerate(raw) if not isinstance(r, torch.Tensor)]
         refs: Optional[List[torch.Tensor]] = None
-        n_taps = len(split.tap_names)
-        if check and n_taps and hasattr(backbone, 'forward_intermediates'):
+        if (check or tuple_taps) and n_taps and hasattr(backbone, 'forward_intermediates'):
             with torch.no_grad():
                 try:
                     refs = backbone.forward_intermediates(
                         x, indices=list(split.feature_indices[:n_taps]), intermediates_only=True)
                 except Exception as e:  # a family whose forward_intermediates has other index semantics
                     raise SplitError(f"timm family '{family}': forward_intermediates failed on the stage taps "
-                                     f"({type(e).__name__}: {e})") from None
+                                     f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        if tuple_taps:   # pick the tensor of each tuple that is the stage output, then run again with it
+            for k in tuple_taps:
+                split.state.elements[k] = _pick_element(raw[k], refs[k] if refs is not None else None)
+            outs = _probe_run(backbone, split, x, img_size, None)
+        if not check:
+            refs = None
     finally:
         backbone.train(was_training)
 
@@ -279,6 +340,8 @@ def probe_split(backbone: nn.Module, split: StageSplit, in_chans: int, img_size:
         if refs is not None:
             layout, as_nchw, prefix = _to_nchw(t, refs[k])
             if layout is None or not torch.allclose(as_nchw, refs[k], rtol=1e-4, atol=1e-4):
+                layout, prefix = _same_tokens_any_order(t, refs[k])
+            if layout is None:
                 raise SplitError(f"timm family '{family}': the output of tap '{split.tap_names[k]}' does not equal "
                                  f"forward_intermediates index {split.feature_indices[k]}, so the cut would be "
                                  f"wrong; this family is not supported")
