@@ -1,0 +1,367 @@
+"""Training cost: step time and peak memory of HFF (simultaneous, memory_efficient) vs backprop variants.
+
+    python -m benchmarks.train_cost --quick           # narrow ResNet-18 @ 28 px, ResNet-50 @ 64 px, CPU
+    python -m benchmarks.train_cost                   # ResNet-18 @ 32 px (small-input stem), ResNet-50 @ 224 px
+    python -m benchmarks.train_cost --device cuda     # GPU: bf16 autocast, channels_last, CUDA events
+
+Methods, all on one backbone and one batch: HFF ``simultaneous`` (sum of stage losses, one backward), HFF
+``memory_efficient`` (each stage's backward as soon as it has run), BP (timm classifier, cross-entropy), BP with
+timm's gradient checkpointing, BP with gradient accumulation (4 micro-batches, equal effective batch). One
+optimiser (SGD, momentum 0.9) for all. A diagnostic row trains HFF's stage 1 alone: its memory is the floor of
+``memory_efficient``'s peak, since that mode holds one stage's graph at a time.
+
+Step time: every method's model is built in one process and timed in interleaved rounds (so load from other
+processes hits all alike); the fastest step is reported (load only adds time), the median is in the JSON.
+Peak memory: on CPU each method runs in a fresh subprocess (glibc told to mmap every allocation >= 64 KiB, so
+freed tensors leave the resident set), the peak resident set (VmHWM, reset after set-up) minus the resident set
+after set-up; on CUDA ``torch.cuda.max_memory_allocated`` minus the allocated memory after set-up, one method
+alive at a time. Set-up = model, optimiser state and batch in memory, one warm-up step done, gradients freed;
+so the peak counts activations, gradients and workspaces.
+"""
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from ._common import (METHOD_LABELS, add_common_args, build_for_method, get_spec, machine_info, machine_line,
+                      make_runtime, make_train_step, markdown_table, median, mode_of, new_figure, time_calls,
+                      verdict, write_outputs)
+
+# mode -> [(preset, batch)]
+SIZES = {
+    'quick': [('tiny_resnet_28', 64), ('resnet50_64', 8)],
+    'full': [('resnet18_32', 64), ('resnet50_224', 16)],
+    'cuda': [('resnet18_32', 512), ('resnet50_224', 128)],
+}
+# mode -> (warm-up steps, interleaved rounds, steps per round)
+STEPS = {'quick': (1, 3, 1), 'full': (1, 3, 1), 'cuda': (5, 3, 10)}
+METHODS = ('hff_simultaneous', 'hff_memory_efficient', 'bp', 'bp_ckpt', 'bp_accum')
+DIAGNOSTIC = 'hff_stage1'   # memory only: HFF's stage 1 trained alone
+ACCUM_STEPS = 4
+TIME_TARGET = 1.15        # HFF simultaneous step time <= 1.15x BP
+MEMORY_TARGET = 0.45      # HFF memory_efficient peak <= 0.45x BP (4 stages), and below BP + checkpointing
+MALLOC_ENV = dict(MALLOC_MMAP_THRESHOLD_='65536', MALLOC_TRIM_THRESHOLD_='0')
+
+
+def _setup(method: str, preset: str, batch: int, runtime, seed: int):
+    spec = get_spec(preset)
+    torch.manual_seed(seed)
+    base = 'hff_memory_efficient' if method == DIAGNOSTIC else method
+    model = runtime.model(build_for_method(base, spec, num_classes=10).train())
+    import timm.optim
+    opt = timm.optim.create_optimizer_v2(model, 'sgd', lr=0.01, momentum=0.9, weight_decay=1e-4)
+    x = runtime.input(torch.randn(batch, spec.in_chans, spec.img_size, spec.img_size))
+    y = torch.randint(0, 10, (batch,), device=runtime.device)
+    if method == DIAGNOSTIC:
+        def step(x, y):
+            opt.zero_grad(set_to_none=True)
+            with runtime.autocast():
+                model(x, y, mode='memory_efficient', stages=[0], backward_fn=_plain_backward(runtime))
+            opt.step()
+    else:
+        step = make_train_step(method, model, opt, runtime, accum_steps=ACCUM_STEPS)
+    return model, opt, step, x, y
+
+
+def _plain_backward(runtime):
+    def backward(loss):
+        with runtime.no_autocast():
+            loss.backward()
+    return backward
+
+
+# ----- memory -----
+def _rss_kib(field: str) -> int:
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith(field + ':'):
+                return int(line.split()[1])
+    raise RuntimeError(f'{field} not in /proc/self/status')
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')   # resets VmHWM to the current resident set (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def measure_memory(method: str, preset: str, batch: int, runtime, seed: int, steps: int = 1) -> Dict[str, Any]:
+    """Peak memory of ``steps`` training steps above the post-set-up level, in MiB (run in a fresh process on CPU)."""
+    model, opt, step, x, y = _setup(method, preset, batch, runtime, seed)
+    step(x, y)
+    opt.zero_grad(set_to_none=True)
+    gc.collect()
+    if runtime.is_cuda:
+        runtime.sync()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated(runtime.device)
+        torch.cuda.reset_peak_memory_stats(runtime.device)
+        for _ in range(steps):
+            step(x, y)
+        runtime.sync()
+        peak = torch.cuda.max_memory_allocated(runtime.device)
+        out = dict(peak_mib=(peak - base) / 2 ** 20, total_peak_mib=peak / 2 ** 20, base_mib=base / 2 ** 20,
+                   how='torch.cuda.max_memory_allocated')
+    else:
+        reset = _reset_peak_rss()
+        base = _rss_kib('VmRSS')
+        for _ in range(steps):
+            step(x, y)
+        if reset:
+            peak, how = _rss_kib('VmHWM'), 'VmHWM (reset via clear_refs)'
+        else:   # no clear_refs: lifetime peak (set-up transients included)
+            import resource
+            peak, how = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, 'ru_maxrss'
+        out = dict(peak_mib=(peak - base) / 1024, total_peak_mib=peak / 1024, base_mib=base / 1024, how=how)
+    del model, opt, step
+    gc.collect()
+    if runtime.is_cuda:
+        torch.cuda.empty_cache()
+    return out
+
+
+def memory_in_subprocess(method: str, preset: str, batch: int, args) -> Dict[str, Any]:
+    job = dict(method=method, preset=preset, batch=batch, seed=args.seed, threads=args.threads)
+    env = {**os.environ, **MALLOC_ENV}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, '-m', 'benchmarks.train_cost', '--worker', json.dumps(job)],
+                          cwd=root, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-1:] or ['(no output)']
+        raise RuntimeError(f'memory worker for {method} on {preset} failed: {tail[0]}')
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _worker(job_json: str) -> None:
+    job = json.loads(job_json)
+    if job.get('threads'):
+        torch.set_num_threads(int(job['threads']))
+    from ._common import Runtime
+    runtime = Runtime(torch.device('cpu'), amp=False, channels_last=False)
+    print(json.dumps(measure_memory(job['method'], job['preset'], int(job['batch']), runtime, int(job['seed']))))
+
+
+# ----- profile: where the activations are -----
+def saved_activation_profile(preset: str, batch: int, runtime, seed: int) -> Dict[str, Any]:
+    """MiB that autograd saves for backward, per HFF stage (backbone slice + its head) and for BP in total.
+
+    Counted with ``torch.autograd.graph.saved_tensors_hooks`` over unique storages during one training forward.
+    memory_efficient mode holds one stage's saved tensors at a time, so the largest stage's share of BP's total
+    is (up to gradients and workspaces) the lowest peak ratio it can reach.
+    """
+    from collections import defaultdict
+
+    from timm_hff._stages import run_stages
+    import torch.nn.functional as F
+    spec = get_spec(preset)
+    torch.manual_seed(seed)
+    x = runtime.input(torch.randn(batch, spec.in_chans, spec.img_size, spec.img_size))
+    y = torch.randint(0, 10, (batch,), device=runtime.device)
+    buckets: Dict[int, Dict[int, int]] = defaultdict(dict)
+    cur = [0]
+
+    def pack(t):
+        buckets[cur[0]][t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    hff = runtime.model(build_for_method('hff_simultaneous', spec, 10).train())
+
+    def on_stage(k, h):
+        hff.heads[k](h)
+        cur[0] = k + 1
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), runtime.autocast():
+        run_stages(hff.backbone, hff.split, x, on_stage=on_stage)
+    stages = [sum(buckets[k].values()) / 2 ** 20 for k in range(hff.num_stages)]
+    del hff
+    bp = runtime.model(build_for_method('bp', spec, 10).train())
+    buckets.clear()
+    cur[0] = 0
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), runtime.autocast():
+        F.cross_entropy(bp(x), y)
+    bp_total = sum(buckets[0].values()) / 2 ** 20
+    del bp
+    return dict(stage_saved_mib=stages, bp_saved_mib=bp_total, stage_share_of_bp=[v / bp_total for v in stages])
+
+
+# ----- time -----
+def measure_times(methods: List[str], preset: str, batch: int, runtime, seed: int, mode: str) -> Dict[str, float]:
+    warmup, rounds, per_round = STEPS[mode]
+    setups = {m: _setup(m, preset, batch, runtime, seed) for m in methods}
+    fns = {m: (lambda s=s: s[2](s[3], s[4])) for m, s in setups.items()}
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: Dict[str, List[float]] = {m: [] for m in methods}
+    for _ in range(rounds):
+        for m, fn in fns.items():
+            times[m] += time_calls(fn, runtime, warmup=0, iters=per_round)
+    del setups, fns
+    gc.collect()
+    if runtime.is_cuda:
+        torch.cuda.empty_cache()
+    return {m: (min(t), median(t)) for m, t in times.items()}   # best of: load from others only adds time
+
+
+def run_model(preset: str, batch: int, methods: List[str], runtime, args, mode: str) -> List[Dict[str, Any]]:
+    spec = get_spec(preset)
+    print(f'  {preset}: timing {len(methods)} methods ...', file=sys.stderr, flush=True)
+    times = measure_times(methods, preset, batch, runtime, args.seed, mode)
+    rows = []
+    for m in methods + [DIAGNOSTIC]:
+        print(f'  {preset}: memory of {m} ...', file=sys.stderr, flush=True)
+        mem = (measure_memory(m, preset, batch, runtime, args.seed) if runtime.is_cuda
+               else memory_in_subprocess(m, preset, batch, args))
+        rows.append(dict(model=preset, spec=spec.describe(), method=m, label=_label(m), batch=batch,
+                         micro_batch=batch // ACCUM_STEPS if m == 'bp_accum' else batch,
+                         step_s=times[m][0] if m in times else None, median_step_s=times[m][1] if m in times else None,
+                         images_per_s=batch / times[m][0] if m in times else None, **mem))
+    profile = saved_activation_profile(preset, batch, runtime, args.seed)
+    by = {r['method']: r for r in rows}
+    bp = by.get('bp')
+    for r in rows:
+        r['time_vs_bp'] = r['step_s'] / bp['step_s'] if bp and r['step_s'] else None
+        r['memory_vs_bp'] = r['peak_mib'] / bp['peak_mib'] if bp and bp['peak_mib'] > 0 else None
+    return rows, profile
+
+
+def _label(method: str) -> str:
+    return METHOD_LABELS.get(method, 'HFF stage 1 alone (floor of memory_efficient)')
+
+
+def targets(rows: List[Dict[str, Any]], num_stages: Dict[str, int]) -> List[Dict[str, Any]]:
+    out = []
+    for model in dict.fromkeys(r['model'] for r in rows):
+        by = {r['method']: r for r in rows if r['model'] == model}
+        if 'bp' not in by:
+            continue
+        if 'hff_simultaneous' in by:
+            ratio = by['hff_simultaneous']['time_vs_bp']
+            out.append(dict(model=model, target=f'HFF simultaneous step time <= {TIME_TARGET}x BP',
+                            value=f'{ratio:.2f}x', met=ratio <= TIME_TARGET))
+        if 'hff_memory_efficient' in by:
+            ratio = by['hff_memory_efficient']['memory_vs_bp']
+            out.append(dict(model=model, target=f'HFF memory_efficient peak <= {MEMORY_TARGET}x BP '
+                                                f'({num_stages[model]} stages)',
+                            value=f'{ratio:.2f}x', met=ratio <= MEMORY_TARGET))
+            if 'bp_ckpt' in by:
+                me, ck = by['hff_memory_efficient']['peak_mib'], by['bp_ckpt']['peak_mib']
+                out.append(dict(model=model, target='HFF memory_efficient peak < BP + checkpointing',
+                                value=f'{me:.0f} vs {ck:.0f} MiB', met=me < ck))
+    return out
+
+
+def render(rows, tgts, info, command, stage_share, profiles) -> str:
+    headers = ['model', 'method', 'batch (micro)', 'step ms', 'img/s', 'time vs BP', 'peak MiB', 'memory vs BP']
+    table = markdown_table(headers, [
+        [r['model'], r['label'], f"{r['batch']} ({r['micro_batch']})",
+         f"{r['step_s'] * 1000:.1f}" if r['step_s'] else '-',
+         f"{r['images_per_s']:.1f}" if r['images_per_s'] else '-',
+         f"{r['time_vs_bp']:.2f}x" if r['time_vs_bp'] else '-', f"{r['peak_mib']:.1f}",
+         f"{r['memory_vs_bp']:.2f}x" if r['memory_vs_bp'] is not None else '-'] for r in rows])
+    ttable = markdown_table(['model', 'target', 'measured', 'verdict'],
+                            [[t['model'], t['target'], t['value'], verdict(t['met'])] for t in tgts])
+    specs = sorted({f"- {r['model']}: {r['spec']}" for r in rows})
+    notes = []
+    for model, share in stage_share.items():
+        prof = profiles.get(model)
+        split = ', '.join(f'{v:.2f}' for v in prof['stage_share_of_bp']) if prof else '?'
+        notes.append(f'- {model}: activations saved for backward per HFF stage (backbone slice + head), as a '
+                     f'share of BP\'s: {split}. Training stage 1 alone peaks at {share:.2f}x BP: memory_efficient '
+                     f'holds one stage\'s graph at a time, so the largest stage sets its floor.')
+    missed = [t for t in tgts if not t['met']]
+    lines = [f'### Training cost (`{command}`)', '', f'Machine: {machine_line(info)}', '', table, '', ttable, '',
+             *specs, '']
+    lines += ['Where the activations are:', *notes, '']
+    if missed:
+        lines += ['Why targets are missed:', *_why(missed), '']
+    lines += ['Protocol: ' + PROTOCOL_SHORT.format(memory=info['memory_protocol'])]
+    return '\n'.join(lines)
+
+
+def _why(missed):
+    out = []
+    if any('step time' in t['target'] for t in missed):
+        out.append('- Step time: HFF runs each intermediate stage\'s aux head (1x1 conv at the stage\'s width and '
+                   'resolution, norm, ReLU) on top of the backbone, forward and backward; with a narrow aux '
+                   '(`aux_channels`) or `aux=\'none\'` the overhead shrinks. On a shared CPU, timing noise also '
+                   'counts: see the JSON for per-method seconds.')
+    if any('checkpointing' in t['target'] or 'peak <=' in t['target'] for t in missed):
+        out.append('- Memory: a ResNet keeps most of its activations in its high-resolution first stage (stem + '
+                   'layer1), so cutting at the 4 reduction levels gives unequal stages; a finer cut of stage 1 '
+                   '(`stage_indices` with the stem tap) or checkpointing inside stage 1 would lower the floor.')
+    return out
+
+
+PROTOCOL_SHORT = ('step time = fastest of the interleaved rounds (all methods in one process) of one optimiser step '
+                  '(zero_grad, forward, backward, SGD step), after warm-up. Peak memory = {memory}, above the '
+                  'post-set-up level (model, SGD state and batch in memory, gradients freed), over one step.')
+
+
+def plot(rows):
+    models = list(dict.fromkeys(r['model'] for r in rows))
+    fig, axes = new_figure(ncols=len(models), width=6.0)
+    for ax, model in zip(axes, models):
+        rs = [r for r in rows if r['model'] == model and r['step_s']]
+        for r in rs:
+            ax.scatter(r['step_s'] * 1000, r['peak_mib'], s=40)
+            ax.annotate(r['label'], (r['step_s'] * 1000, r['peak_mib']), fontsize=7, xytext=(4, 2),
+                        textcoords='offset points')
+        ax.set_xlabel('step time (ms)')
+        ax.set_ylabel('peak training memory above set-up (MiB)')
+        ax.set_title(model)
+        ax.set_ylim(bottom=0)
+    return fig
+
+
+def main(argv=None) -> Dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser, 'train_cost')
+    parser.add_argument('--models', nargs='+', default=None, help="presets as NAME or NAME:BATCH")
+    parser.add_argument('--methods', nargs='+', default=list(METHODS), choices=list(METHODS) + ['ff'])
+    parser.add_argument('--worker', default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker is not None:
+        _worker(args.worker)
+        return {}
+    runtime = make_runtime(args)
+    mode = mode_of(args)
+    from .inference import _parse_model
+    models = SIZES[mode] if args.models is None else [_parse_model(m, SIZES[mode], parser) for m in args.models]
+    for preset, batch in models:
+        if 'bp_accum' in args.methods and batch < ACCUM_STEPS:
+            parser.error(f'batch {batch} of {preset} is below the {ACCUM_STEPS} accumulation micro-batches')
+    info = machine_info(runtime)
+    info['memory_protocol'] = ('torch.cuda.max_memory_allocated, one method alive at a time' if runtime.is_cuda else
+                               'peak resident set (VmHWM after clear_refs) of a fresh subprocess per method, '
+                               'MALLOC_MMAP_THRESHOLD_=65536')
+    rows, num_stages, stage_share, profiles = [], {}, {}, {}
+    for preset, batch in models:
+        rs, profiles[preset] = run_model(preset, batch, list(args.methods), runtime, args, mode)
+        rows += rs
+        num_stages[preset] = len(profiles[preset]['stage_saved_mib'])
+        diag = [r for r in rs if r['method'] == DIAGNOSTIC]
+        if diag and diag[0]['memory_vs_bp'] is not None:
+            stage_share[preset] = diag[0]['memory_vs_bp']
+    tgts = targets(rows, num_stages)
+    command = ('python -m benchmarks.train_cost ' + ' '.join(argv if argv is not None else sys.argv[1:])).strip()
+    md = render(rows, tgts, info, command, stage_share, profiles)
+    payload = dict(benchmark='train_cost', mode=mode, command=command, machine=info,
+                   protocol=__doc__.split('\n\n', 2)[-1].strip(), steps=STEPS[mode], accum_steps=ACCUM_STEPS,
+                   rows=rows, targets=tgts, saved_activation_profile=profiles)
+    paths = write_outputs(args.out, md, payload, plot(rows))
+    print(md)
+    print(f"\n(wrote {', '.join(paths.values())})")
+    return payload
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,112 @@
+"""Smoke tests of the benchmarks at toy sizes: they run, write consistent outputs, and judge targets honestly."""
+import json
+import os
+import subprocess
+
+import pytest
+import torch
+
+from benchmarks import _common, accuracy, inference, train_cost
+from benchmarks._common import Runtime
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _read(out):
+    with open(os.path.join(out, 'results.json')) as f:
+        payload = json.load(f)
+    with open(os.path.join(out, 'results.md')) as f:
+        md = f.read()
+    assert os.path.getsize(os.path.join(out, 'plot.png')) > 1000
+    assert not [n for n in os.listdir(out) if n.endswith('.tmp')]   # atomic writes leave no temp files
+    return payload, md
+
+
+def test_inference_speedup_and_verdicts(tmp_path, capsys):
+    out = str(tmp_path / 'inf')
+    payload = inference.main(['--quick', '--classes', '2', '8', '--models', 'tiny_resnet_28:4', '--out', out])
+    saved, md = _read(out)
+    assert saved['rows'] == json.loads(json.dumps(payload['rows']))
+    assert [r['num_classes'] for r in saved['rows']] == [2, 8]
+    for r in saved['rows']:
+        ips = r['images_per_s']
+        assert r['speedup_hff_over_ff'] == pytest.approx(ips['hff'] / ips['ff'])
+        assert r['target_met'] == (r['speedup_hff_over_ff'] >= 0.8 * r['num_classes'])
+        # FF's compute really is C passes of (about) the HFF backbone
+        assert r['flop_ratio_ff_over_hff'] == pytest.approx(r['num_classes'], rel=0.15)
+    assert md.splitlines()[0].startswith('### Inference') and 'Protocol:' in md
+    assert md in capsys.readouterr().out
+
+
+def test_inference_in_gpu_runtime_settings_on_cpu():
+    """The GPU path (bf16 autocast, channels_last) exercised on the CPU."""
+    runtime = Runtime(torch.device('cpu'), amp=True, channels_last=True)
+    rows = inference.run_model('tiny_resnet_28', 4, [3], runtime, min_time=0.0)
+    assert rows[0]['images_per_s']['ff'] > 0 and rows[0]['ff_images'] == 4
+
+
+def test_train_cost_memory_and_targets(tmp_path):
+    out = str(tmp_path / 'tc')
+    payload = train_cost.main(['--quick', '--models', 'tiny_resnet_28:16', '--methods', 'bp', 'bp_accum',
+                               'hff_memory_efficient', '--out', out])
+    saved, md = _read(out)
+    by = {r['method']: r for r in saved['rows']}
+    assert set(by) == {'bp', 'bp_accum', 'hff_memory_efficient', 'hff_stage1'}
+    assert by['bp']['memory_vs_bp'] == pytest.approx(1.0) and by['bp']['time_vs_bp'] == pytest.approx(1.0)
+    assert all(r['peak_mib'] > 0 for r in saved['rows'])
+    # measured, not assumed: a quarter of the batch per backward needs clearly less activation memory
+    assert by['bp_accum']['peak_mib'] < 0.8 * by['bp']['peak_mib']
+    assert by['bp_accum']['micro_batch'] == 4
+    tg = [t for t in saved['targets'] if 'peak <=' in t['target']][0]
+    assert tg['met'] == (by['hff_memory_efficient']['memory_vs_bp'] <= 0.45)
+    prof = saved['saved_activation_profile']['tiny_resnet_28']
+    assert len(prof['stage_saved_mib']) == 4 and sum(prof['stage_share_of_bp']) > 0.9
+    assert ('MISSED' in md) == (not all(t['met'] for t in saved['targets']))
+
+
+def test_train_steps_in_gpu_runtime_settings_on_cpu():
+    runtime = Runtime(torch.device('cpu'), amp=True, channels_last=True)
+    spec = _common.get_spec('tiny_resnet_28')
+    x = runtime.input(torch.randn(4, 1, 28, 28))
+    y = torch.randint(0, 10, (4,))
+    for method in ('hff_simultaneous', 'hff_memory_efficient', 'bp', 'bp_ckpt', 'bp_accum', 'ff'):
+        model = runtime.model(_common.build_for_method(method, spec, 10).train())
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        before = [p.detach().clone() for p in model.parameters()]
+        step = _common.make_train_step(method, model, opt, runtime, accum_steps=2)
+        for _ in range(2):   # two steps: timm zero-inits each block's last norm, which gates step one
+            assert torch.isfinite(step(x, y))
+        frozen = [n for (n, p), b in zip(model.named_parameters(), before) if torch.equal(b, p)]
+        assert len(frozen) <= 0.05 * len(before), f'{method} did not train {frozen}'
+
+
+def test_accuracy_smoke(tmp_path):
+    out = str(tmp_path / 'acc')
+    accuracy.main(['--quick', '--train-subset', '64', '--test-subset', '32', '--out', out])
+    saved, md = _read(out)
+    res = saved['results']
+    assert set(res) == {'hff', 'bp', 'ff'} and saved['test_size'] == 32
+    for m, r in res.items():
+        assert 0 <= r['accuracy'] <= 1
+        assert all(a < b for a, b in zip(r['exit_flops'], r['exit_flops'][1:]))   # deeper exits cost more
+    assert len(res['hff']['stage_accuracy']) == len(res['ff']['stage_accuracy']) == 4
+    assert res['hff']['exit_accuracy'][-1] == res['hff']['accuracy']
+    assert res['ff']['exit_flops'][-1] > 9 * res['hff']['exit_flops'][-1]   # C passes vs one
+    assert 'not the full test set' in md
+
+
+def test_bad_arguments_fail_clearly(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        inference.main(['--quick', '--models', 'nope', '--out', str(tmp_path)])
+    assert 'unknown model preset' in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match='no CUDA device'):
+            inference.main(['--device', 'cuda', '--out', str(tmp_path)])
+    with pytest.raises(ValueError, match='unknown method'):
+        _common.build_for_method('sgd', _common.get_spec('tiny_resnet_28'), 10)
+
+
+def test_markdown_table_and_gpu_script():
+    md = _common.markdown_table(['a', 'b'], [[1, 0.123456], ['x', 12345.6]])
+    assert md.splitlines() == ['| a | b |', '|---|---|', '| 1 | 0.123 |', '| x | 12,346 |']
+    assert subprocess.run(['bash', '-n', os.path.join(ROOT, 'benchmarks', 'gpu_all.sh')]).returncode == 0
