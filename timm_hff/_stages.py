@@ -89,23 +89,39 @@ def build_split(backbone: nn.Module, cfg: HFFConfig) -> StageSplit:
 
 
 def _hookable(backbone: nn.Module, name: str) -> str:
-    """The module to hook for a tap: the tap itself, or, for an ``nn.Sequential``, its last block.
+    """The module to hook for a tap: the tap itself, or, for a container, its last block.
 
-    timm's gradient checkpointing (``checkpoint_seq(..., flatten=True)``) calls a Sequential's blocks directly
-    and never the container, so a hook on the container would not fire; the last block's output is the same.
+    timm's gradient checkpointing (``checkpoint_seq(..., flatten=True)``) calls a Sequential's blocks directly and
+    never the container, and a ModuleList is never called at all, so a hook there would not fire; the last block's
+    output is the same tensor. Names that timm's ``feature_info`` gets slightly wrong (relative to a wrapper, or
+    'block.0' for 'blocks.0') are looked up leniently: ``probe_split`` verifies whatever is found.
     """
-    try:
-        module = backbone.get_submodule(name)
-    except AttributeError:   # some families name taps relative to a wrapper (e.g. 'blocks.3' for 'encoder.blocks.3')
-        matches = [n for n, _ in backbone.named_modules() if n.endswith('.' + name)]
-        if len(matches) != 1:
-            raise SplitError(f"timm family '{family_of(backbone)}': feature_info names module '{name}', which "
-                             f"is not in the model, so the stage cannot be tapped") from None
-        name = matches[0]
-        module = backbone.get_submodule(name)
-    while isinstance(module, nn.Sequential) and len(module):
-        name, module = f'{name}.{len(module) - 1}', module[-1]
+    candidates = [name, '.'.join([name.split('.')[0] + 's'] + name.split('.')[1:])]
+    for cand in candidates:
+        try:
+            module = backbone.get_submodule(cand)
+            name = cand
+            break
+        except AttributeError:
+            matches = [n for n, _ in backbone.named_modules() if n.endswith('.' + cand)]
+            if len(matches) == 1:
+                name = matches[0]
+                module = backbone.get_submodule(name)
+                break
+    else:
+        raise SplitError(f"timm family '{family_of(backbone)}': feature_info names module '{name}', which "
+                         f"is not in the model, so the stage cannot be tapped")
+    while _plain_container(module) and len(module):
+        child, module = list(module.named_children())[-1]
+        name = f'{name}.{child}'
     return name
+
+
+def _plain_container(module: nn.Module) -> bool:
+    """A Sequential whose forward is Sequential's own (a subclass may concatenate, as densenets do), or a ModuleList."""
+    if isinstance(module, nn.ModuleList):
+        return True
+    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
 
 
 class _CutState:
