@@ -295,7 +295,7 @@ def test_bp_baseline_same_backbone(idx_root, tmp_path):
 
 
 def test_outputs_and_saved_model(idx_root, tmp_path):
-    trainer, final = run(tiny(idx_root, tmp_path, epochs=2))
+    trainer, final = run(tiny(idx_root, tmp_path, epochs=2, clip_grad=1.0))
     run_dir = tmp_path / 'run'
     rows = json.loads((run_dir / 'metrics.json').read_text())
     assert [r['epoch'] for r in rows] == [1, 2]
@@ -313,6 +313,22 @@ def test_outputs_and_saved_model(idx_root, tmp_path):
         torch.testing.assert_close(loaded(x), model(x))
     cfg = json.loads((run_dir / 'model' / 'config.json').read_text())
     assert json.dumps(final['top1']) in json.dumps(cfg)
+    # the reported accuracies, recomputed independently from the IDX files
+    from timm_hff.data import load_idx_arrays
+    images, labels = load_idx_arrays(idx_root, 'test')
+    mean, std = trainer.data_cfg['mean'][0], trainer.data_cfg['std'][0]
+    x = (torch.tensor(images).float().unsqueeze(1) / 255 - mean) / std
+    y = torch.tensor(labels)
+    with torch.no_grad():
+        stage_logits = loaded.forward_stages(x)
+        final_logits = loaded(x)
+    for k, logits in enumerate(stage_logits):
+        assert final[f'top1_stage{k}'] == pytest.approx(100 * (logits.argmax(-1) == y).double().mean().item())
+    assert final['top1'] == pytest.approx(100 * (final_logits.argmax(-1) == y).double().mean().item())
+    ens = torch.stack([l.log_softmax(-1) for l in stage_logits]).mean(0)
+    assert final['top1_ensemble'] == pytest.approx(100 * (ens.argmax(-1) == y).double().mean().item())
+    top5 = (final_logits.topk(5, -1).indices == y[:, None]).any(-1).double().mean().item()
+    assert final['top5'] == pytest.approx(100 * top5)
 
 
 def test_labels_outside_num_classes(idx_root, tmp_path):

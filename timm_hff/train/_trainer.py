@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from .._heads import log_probs_mean
 from ..data import ImageData, ImageLoader, create_image_loader, load_image_dataset, resolve_data_config
 from ._checkpoint import (
     CKPT_DIR, EMA_FILE, STATE_FILE, RunLock, check_compatible, checkpoint_name, list_checkpoints, prune, read_state,
@@ -401,7 +402,7 @@ class Trainer:
         module.eval()
         transform = self.val_loader.transform
         k = min(5, self.num_classes)
-        n_heads = self.num_stages + 1 if cfg.method == 'hff' else 1
+        n_heads = self.num_stages + 2 if cfg.method == 'hff' else 1
         correct1 = torch.zeros(n_heads, dtype=torch.long, device=acc.device)
         correct5 = torch.zeros(n_heads, dtype=torch.long, device=acc.device)
         total = torch.zeros((), dtype=torch.long, device=acc.device)
@@ -410,8 +411,8 @@ class Trainer:
             x, y = transform(x.to(acc.device)), y.to(acc.device)
             with acc.autocast():
                 if cfg.method == 'hff':
-                    stage_logits = module.forward_stages(x)
-                    heads = stage_logits + [module._combine(stage_logits)]
+                    stage_logits = module.forward_stages(x)   # + the mean of all stages' log-probabilities
+                    heads = stage_logits + [log_probs_mean(stage_logits), module._combine(stage_logits)]
                 else:
                     heads = [module(x)]
             top = torch.stack([h.float().topk(k, dim=-1).indices for h in heads], 1)   # (B, heads, k)
@@ -435,6 +436,7 @@ class Trainer:
                 row[f'{prefix}top1_stage{s}'] = top1[s]
                 if self.num_classes > 5:
                     row[f'{prefix}top5_stage{s}'] = top5[s]
+            row[f'{prefix}top1_ensemble'] = top1[self.num_stages]
         return row
 
     # ----- the run -----
@@ -555,6 +557,7 @@ def _summary(row: Dict[str, Any], num_stages: int, method: str) -> str:
         parts.append(f"top-5 {row['top5']:.2f}%")
     if method == 'hff':
         parts.append('stages ' + ' / '.join(f"{row[f'top1_stage{k}']:.2f}" for k in range(num_stages)))
+        parts.append(f"ensemble {row['top1_ensemble']:.2f}")
     if 'ema_top1' in row:
         parts.append(f"EMA {row['ema_top1']:.2f}%")
     return ', '.join(parts)
