@@ -1,6 +1,6 @@
 """Training cost: step time and peak memory of HFF (simultaneous, memory_efficient) vs backprop variants.
 
-    python -m benchmarks.train_cost --quick           # narrow ResNet-18 @ 28 px, ResNet-50 @ 64 px, CPU
+    python -m benchmarks.train_cost --quick           # narrow ResNet-18 @ 28 px, ResNet-50 @ 112 px, CPU
     python -m benchmarks.train_cost                   # ResNet-18 @ 32 px (small-input stem), ResNet-50 @ 224 px
     python -m benchmarks.train_cost --device cuda     # GPU: bf16 autocast, channels_last, CUDA events
 
@@ -34,7 +34,7 @@ from ._common import (METHOD_LABELS, add_common_args, build_for_method, get_spec
 
 # mode -> [(preset, batch)]
 SIZES = {
-    'quick': [('tiny_resnet_28', 64), ('resnet50_64', 8)],
+    'quick': [('tiny_resnet_28', 64), ('resnet50_112', 8)],
     'full': [('resnet18_32', 64), ('resnet50_224', 16)],
     'cuda': [('resnet18_32', 512), ('resnet50_224', 128)],
 }
@@ -151,9 +151,10 @@ def _worker(job_json: str) -> None:
 
 # ----- profile: where the activations are -----
 def saved_activation_profile(preset: str, batch: int, runtime, seed: int) -> Dict[str, Any]:
-    """MiB that autograd saves for backward, per HFF stage (backbone slice + its head) and for BP in total.
+    """MiB of activations autograd saves for backward, per HFF stage (backbone slice + its head) and for BP.
 
-    Counted with ``torch.autograd.graph.saved_tensors_hooks`` over unique storages during one training forward.
+    Counted with ``torch.autograd.graph.saved_tensors_hooks`` over unique storages during one training forward,
+    parameters left out (their gradients are listed apart: ``stage_param_mib``, ``bp_param_mib``).
     memory_efficient mode holds one stage's saved tensors at a time, so the largest stage's share of BP's total
     is (up to gradients and workspaces) the lowest peak ratio it can reach.
     """
@@ -168,11 +169,18 @@ def saved_activation_profile(preset: str, batch: int, runtime, seed: int) -> Dic
     buckets: Dict[int, Dict[int, int]] = defaultdict(dict)
     cur = [0]
 
+    params: set = set()
+
     def pack(t):
-        buckets[cur[0]][t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:   # weights saved for backward are parameters, not activations
+            buckets[cur[0]][ptr] = t.untyped_storage().nbytes()
         return t
 
     hff = runtime.model(build_for_method('hff_simultaneous', spec, 10).train())
+    params.update(p.untyped_storage().data_ptr() for p in hff.parameters())
+    param_mib = [sum(p.numel() * p.element_size() for p in hff.stage_parameters(k)) / 2 ** 20
+                 for k in range(hff.num_stages)]
 
     def on_stage(k, h):
         hff.heads[k](h)
@@ -183,13 +191,17 @@ def saved_activation_profile(preset: str, batch: int, runtime, seed: int) -> Dic
     stages = [sum(buckets[k].values()) / 2 ** 20 for k in range(hff.num_stages)]
     del hff
     bp = runtime.model(build_for_method('bp', spec, 10).train())
+    params.clear()
+    params.update(p.untyped_storage().data_ptr() for p in bp.parameters())
+    bp_param_mib = sum(p.numel() * p.element_size() for p in bp.parameters()) / 2 ** 20
     buckets.clear()
     cur[0] = 0
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), runtime.autocast():
         F.cross_entropy(bp(x), y)
     bp_total = sum(buckets[0].values()) / 2 ** 20
     del bp
-    return dict(stage_saved_mib=stages, bp_saved_mib=bp_total, stage_share_of_bp=[v / bp_total for v in stages])
+    return dict(stage_saved_mib=stages, bp_saved_mib=bp_total, stage_share_of_bp=[v / bp_total for v in stages],
+                stage_param_mib=param_mib, bp_param_mib=bp_param_mib)
 
 
 # ----- time -----
@@ -274,9 +286,12 @@ def render(rows, tgts, info, command, stage_share, profiles) -> str:
     for model, share in stage_share.items():
         prof = profiles.get(model)
         split = ', '.join(f'{v:.2f}' for v in prof['stage_share_of_bp']) if prof else '?'
+        grads = (f"; gradients: {prof['bp_param_mib']:.0f} MiB for BP, {sum(prof['stage_param_mib']):.0f} MiB for "
+                 f"HFF, of BP's {prof['bp_saved_mib']:.0f} MiB of activations" if prof else '')
         notes.append(f'- {model}: activations saved for backward per HFF stage (backbone slice + head), as a '
-                     f'share of BP\'s: {split}. Training stage 1 alone peaks at {share:.2f}x BP: memory_efficient '
-                     f'holds one stage\'s graph at a time, so the largest stage sets its floor.')
+                     f'share of BP\'s: {split}{grads}. Training stage 1 alone peaks at {share:.2f}x BP: '
+                     f'memory_efficient holds one stage\'s graph at a time (plus the gradients of the stages done), '
+                     f'so the largest stage sets its floor.')
     missed = [t for t in tgts if not t['met']]
     lines = [f'### Training cost (`{command}`)', '', f'Machine: {machine_line(info)}', '', table, '', ttable, '',
              *specs, '']
@@ -295,9 +310,14 @@ def _why(missed):
                    '(`aux_channels`) or `aux=\'none\'` the overhead shrinks. On a shared CPU, timing noise also '
                    'counts: see the JSON for per-method seconds.')
     if any('checkpointing' in t['target'] or 'peak <=' in t['target'] for t in missed):
-        out.append('- Memory: a ResNet keeps most of its activations in its high-resolution first stage (stem + '
-                   'layer1), so cutting at the 4 reduction levels gives unequal stages; a finer cut of stage 1 '
-                   '(`stage_indices` with the stem tap) or checkpointing inside stage 1 would lower the floor.')
+        out.append('- Memory: memory_efficient cannot peak below its largest stage (that stage\'s saved activations, '
+                   'the gradients of the stages already done, and gradient buffers at that stage\'s resolution; '
+                   'see "stage 1 alone"). A ResNet cut at its reduction levels keeps most activations in the '
+                   'high-resolution stage 1 (stem + layer1), even more so with the small-input stem, so when that '
+                   'share is above the target no 4-stage HFF at this cut can reach it. BP + checkpointing keeps only '
+                   'block inputs. What would close it: checkpointing inside the largest stage in memory_efficient '
+                   'mode (the core refuses that combination today), or more, evenly sized stages (cuts finer than '
+                   'timm\'s feature_info levels).')
     return out
 
 

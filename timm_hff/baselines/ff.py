@@ -39,8 +39,8 @@ class FFConfig:
             pattern per class, upsampled), 'fixed' (a random +-1 pattern per class) or 'onehot' (Hinton's MNIST
             encoding: one-hot over the first C pixels of the plane, zero elsewhere).
         label_res: Side of the per-class pattern for 'learned' and 'fixed' before upsampling to the input.
-        predict_skip_first: Leave stage 1 out of the summed goodness at inference, as Hinton does (its goodness
-            mostly measures the label plane itself). Ignored with one stage.
+        predict_skip_first: Leave stage 1 out of the summed goodness at inference, as Hinton (2022) does with
+            the first hidden layer. Ignored with one stage.
         chunk_size: Rows (image, candidate label) per backbone call at inference; bounds memory for large C.
         eps: Added to the mean square before the square root in the between-stage normalisation.
     """
@@ -117,10 +117,12 @@ class _NormaliseHook:
         self.state, self.k, self.eps = state, k, eps
 
     def __call__(self, module, args, output):
+        g = goodness(output)
         if self.state.goods is not None and self.k not in self.state.goods:
-            self.state.goods[self.k] = goodness(output)
-        rms = output.float().pow(2).flatten(1).mean(1).add(self.eps).sqrt().to(output.dtype)
-        return output / rms.view(-1, *([1] * (output.ndim - 1)))
+            self.state.goods[self.k] = g
+        # the next stage sees a detached input anyway (HFF's cut), so the scale needs no graph
+        scale = (g.detach() + self.eps).rsqrt().to(output.dtype)
+        return output * scale.view(-1, *([1] * (output.ndim - 1)))
 
 
 class FFModel(nn.Module):
