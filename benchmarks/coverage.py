@@ -51,7 +51,11 @@ def _build_small(name: str, num_classes: int):
     Coverage asks whether a family wraps, not how fast: small inputs keep the whole sweep within minutes.
     """
     errors = []
-    for kwargs in (dict(img_size=64), dict(check_img_size=64), dict()):
+    attempts = [dict(img_size=64), dict(check_img_size=64)]
+    default = timm.get_pretrained_cfg(name)
+    if default is None or max(default.input_size[1:]) <= 384:   # a 1024 px default would need ~20 GB here
+        attempts.append(dict())
+    for kwargs in attempts:
         torch.manual_seed(0)
         try:
             return timm_hff.create_model(name, num_classes=num_classes, **kwargs)
