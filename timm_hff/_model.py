@@ -172,7 +172,7 @@ class HFFModel(nn.Module):
     def forward_stages(self, x: torch.Tensor, stop_after: Optional[int] = None) -> List[torch.Tensor]:
         """Every stage's class logits (up to ``stop_after``) from one pass."""
         self._check_input(x)
-        outs = run_stages(self.backbone, self.split, x, stop_after=stop_after)
+        outs = self._run(x, stop_after=stop_after)
         return [self.heads[k](h) for k, h in enumerate(outs)]
 
     def forward(
@@ -197,7 +197,7 @@ class HFFModel(nn.Module):
             return self._predict(x)
         if mode not in MODES:
             raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
-        self._check_input(x)
+        self._check_input(x, target)
         active = sorted({self._stage_index(k) for k in stages}) if stages is not None else list(range(self.num_stages))
         active = [k for k in active if k not in self._frozen]
         if not active:
@@ -221,9 +221,9 @@ class HFFModel(nn.Module):
             if getattr(self.backbone, 'grad_checkpointing', False):
                 raise ValueError("memory_efficient mode already frees each stage's graph; it does not combine with "
                                  "grad checkpointing (a head's backward inside a checkpointed block); use one")
-            run_stages(self.backbone, self.split, x, on_stage=on_stage, stop_after=active[-1])
+            self._run(x, on_stage=on_stage, stop_after=active[-1])
         else:   # heads run after the forward, outside any checkpointed region of the backbone
-            for k, h in enumerate(run_stages(self.backbone, self.split, x, stop_after=active[-1])):
+            for k, h in enumerate(self._run(x, stop_after=active[-1])):
                 on_stage(k, h)
         total = torch.stack(losses).sum()
         return HFFOutput(
@@ -245,7 +245,7 @@ class HFFModel(nn.Module):
             stop = max(self._stage_index(k) for k in pf)
         else:
             stop = None
-        outs = run_stages(self.backbone, self.split, x, stop_after=stop)
+        outs = self._run(x, stop_after=stop)
         if pf == 'last' or isinstance(pf, int):
             return self.heads[len(outs) - 1](outs[-1])
         return self._combine([self.heads[k](h) for k, h in enumerate(outs)])
@@ -275,10 +275,73 @@ class HFFModel(nn.Module):
             raise ValueError(f'stage index {k!r} is out of range: this model has {n} stages (0..{n - 1})')
         return k % n
 
-    def _check_input(self, x: torch.Tensor) -> None:
+    def _run(self, x: torch.Tensor, on_stage: Optional[Callable[[int, torch.Tensor], None]] = None,
+             stop_after: Optional[int] = None) -> List[torch.Tensor]:
+        """``run_stages``, with a one-line ValueError when the backbone cannot take this input size.
+
+        Which sizes a backbone accepts (a fixed-size patch embedding, a stem larger than a tiny image) is only
+        known by running it, so the backbone's own error is translated here, at the model's input boundary,
+        instead of being predicted up front. Only failures of the backbone at a size other than the one the build
+        checked are translated; errors raised by ``on_stage`` (a head, a backward) and out-of-memory pass as is.
+        """
+        failed_in_callback = []
+
+        def guarded(k: int, h: torch.Tensor) -> None:
+            try:
+                on_stage(k, h)
+            except BaseException:
+                failed_in_callback.append(k)
+                raise
+
+        try:
+            return run_stages(self.backbone, self.split, x, on_stage=guarded if on_stage else None,
+                              stop_after=stop_after)
+        except (RuntimeError, AssertionError) as e:
+            checked = self.split.probe_img_size
+            if failed_in_callback or isinstance(e, torch.OutOfMemoryError) or tuple(x.shape[-2:]) == (checked,) * 2:
+                raise
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"{self.model_name or type(self.backbone).__name__} cannot take a "
+                             f"{x.shape[-2]}x{x.shape[-1]} input ({msg}); it was built and checked at "
+                             f"{checked}x{checked}: resize the images, or build the model for this size "
+                             f"(img_size / check_img_size)") from None
+
+    def _check_input(self, x: torch.Tensor, target: Optional[torch.Tensor] = None) -> None:
+        """The model's input boundary: image layout, channels and dtype; with ``target``, its shape and range.
+
+        Checks read metadata only, except the label range on CPU (where ``F.one_hot`` would read the labels
+        anyway); labels on an accelerator were checked by the data loaders before the transfer.
+        """
         if not isinstance(x, torch.Tensor) or x.ndim != 4:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f'expected images of shape (B, {self.in_chans}, H, W), got {shape}')
         if x.shape[1] != self.in_chans:
             raise ValueError(f'expected {self.in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)}); '
                              f'create the model with in_chans={x.shape[1]} or convert the images')
+        if not x.is_floating_point():
+            raise ValueError(f'expected floating-point images, got {x.dtype}; convert and normalise them first '
+                             f'(e.g. timm_hff.data.BatchTransform, or x.float() / 255 then mean / std)')
+        if target is not None:
+            self._check_target(target, x.shape[0])
+
+    def _check_target(self, target: torch.Tensor, batch: int) -> None:
+        n = self.num_classes
+        if not isinstance(target, torch.Tensor) or target.ndim not in (1, 2):
+            shape = tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__
+            raise ValueError(f'target must be class indices of shape ({batch},) or soft targets of shape '
+                             f'({batch}, {n}), got {shape}')
+        want = (batch,) if target.ndim == 1 else (batch, n)
+        if tuple(target.shape) != want:
+            raise ValueError(f'target has shape {tuple(target.shape)} but the batch needs {want} '
+                             f'({batch} images, {n} classes)')
+        if target.ndim == 2:
+            if not target.is_floating_point():
+                raise ValueError(f'soft targets must be floating point, got {target.dtype}')
+            return
+        if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+            raise ValueError(f'class-index targets must be integers, got {target.dtype}; use target.long()')
+        if target.device.type == 'cpu' and target.numel():
+            lo, hi = int(target.min()), int(target.max())
+            if lo < 0 or hi >= n:
+                raise ValueError(f'target holds class {lo if lo < 0 else hi}, outside [0, {n}) for this model\'s {n} '
+                                 f'classes; fix the labels or build the model with num_classes >= {max(hi + 1, n)}')
