@@ -17,7 +17,6 @@ from timm_hff.data import (
     AugConfig, BatchTransform, EpochSampler, SampleTransform, create_image_loader, images_to_uint8,
     load_image_dataset, random_pad_crop, resolve_data_config,
 )
-from timm_hff.data import _sources
 
 
 def write_idx(path, array, gz=True):
@@ -156,9 +155,8 @@ def test_label_columns_checked(monkeypatch):
     tables = {
         'strings': datasets.Dataset.from_dict({'image': imgs, 'label': ['a', 'b', 'a', 'b']}),
         'ints': datasets.Dataset.from_dict({'image': imgs, 'label': [0, 1, 2, 7]}),
-        'classes': datasets.Dataset.from_dict({'image': imgs, 'label': [0, 1, 2, 3]},
-                                              features=datasets.Features({'image': datasets.Image(),
-                                                                          'label': datasets.ClassLabel(num_classes=4)})),
+        'classes': datasets.Dataset.from_dict({'image': imgs, 'label': [0, 1, 2, 3]}, features=datasets.Features(
+            {'image': datasets.Image(), 'label': datasets.ClassLabel(num_classes=4)})),
         'nolabel': datasets.Dataset.from_dict({'image': imgs, 'y1': [0] * 4, 'y2': [1] * 4}),
     }
     monkeypatch.setattr(datasets, 'load_dataset', lambda path, name=None, split=None, streaming=False: tables[path])

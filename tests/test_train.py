@@ -208,7 +208,6 @@ def test_sequential_trains_one_stage_at_a_time(idx_root, tmp_path):
     model = trainer.accelerator.unwrap_model(trainer.model)
     S = model.num_stages
     assert len(trainer.history) == S and [r['active_stage'] for r in trainer.history] == list(range(S))
-    init = None
     snaps = [weights(ckpt(tmp_path, e)) for e in range(S)]
     for e in range(1, S):
         for k in range(S):

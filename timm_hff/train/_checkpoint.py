@@ -9,6 +9,7 @@ current epoch.
 import json
 import os
 import shutil
+import weakref
 from typing import Any, Dict, Optional
 
 CKPT_DIR = 'checkpoints'
@@ -57,8 +58,17 @@ def resolve_resume(resume: str, run_dir: str) -> Optional[str]:
 
 
 def read_state(ckpt: str) -> Dict[str, Any]:
-    with open(os.path.join(ckpt, STATE_FILE)) as f:
-        return json.load(f)
+    """A checkpoint's ``trainer_state.json``; a damaged one is a one-line error, not a JSON traceback."""
+    path = os.path.join(ckpt, STATE_FILE)
+    try:
+        with open(path) as f:
+            state = json.load(f)
+    except ValueError as e:
+        raise ValueError(f'{path} is not valid JSON ({e}); the checkpoint is damaged: resume from an earlier one') \
+            from None
+    if not isinstance(state, dict) or not {'epoch', 'updates', 'history'} <= set(state):
+        raise ValueError(f'{path} lacks epoch / updates / history; it is not a timm_hff training checkpoint')
+    return state
 
 
 def check_compatible(state: Dict[str, Any], identity: Dict[str, Any], ckpt: str) -> None:
@@ -75,10 +85,16 @@ def prune(run_dir: str, keep: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+# Locks held by this process, by path: a lock file naming our own pid is only stale if no live RunLock holds it
+# (two Trainers in one process, e.g. a notebook, must not share a run folder either).
+_HELD: 'weakref.WeakValueDictionary[str, RunLock]' = weakref.WeakValueDictionary()
+
+
 class RunLock:
     """An exclusive lock on a run folder, so two runs never write into the same place.
 
-    The lock file holds the owner's pid; a lock left by a process that no longer exists is taken over.
+    The lock file holds the owner's pid; a lock left by a process that no longer exists is taken over, and so is
+    one naming this process when no live ``RunLock`` of this process holds it.
     """
 
     def __init__(self, run_dir: str):
@@ -91,6 +107,10 @@ class RunLock:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
                 pid = self._owner()
+                holder = _HELD.get(os.path.abspath(self.path))
+                if pid == os.getpid() and holder is not None and holder is not self and holder.held:
+                    raise RunInUseError(f'{os.path.dirname(self.path)} is in use by another training run in this '
+                                        f'process; let it finish, or release it (trainer.lock.release())') from None
                 if pid is not None and pid != os.getpid() and _alive(pid):
                     raise RunInUseError(f'{os.path.dirname(self.path)} is in use by another training run (pid {pid}); '
                                        f'wait for it or choose another --experiment / --output') from None
@@ -99,6 +119,7 @@ class RunLock:
             with os.fdopen(fd, 'w') as f:
                 f.write(str(os.getpid()))
             self.held = True
+            _HELD[os.path.abspath(self.path)] = self
             return
         raise RuntimeError(f'could not lock {self.path}')
 

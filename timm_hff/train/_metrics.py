@@ -53,7 +53,8 @@ def plot_accuracy(history: List[Dict[str, Any]], path: str, title: Optional[str]
     epochs = [row['epoch'] for row in history]
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
     for key in stage_keys(history[-1]):
-        ax.plot(epochs, [row.get(key) for row in history], marker='.', label=f"stage {int(key.rsplit('stage', 1)[1]) + 1}")
+        stage = int(key.rsplit('stage', 1)[1]) + 1
+        ax.plot(epochs, [row.get(key) for row in history], marker='.', label=f'stage {stage}')
     ax.plot(epochs, [row.get('top1') for row in history], color='black', lw=2, label='prediction')
     if any('ema_top1' in row for row in history):
         ax.plot(epochs, [row.get('ema_top1') for row in history], color='black', ls='--', label='EMA prediction')

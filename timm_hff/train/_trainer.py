@@ -7,11 +7,13 @@
 Multi-process runs go through ``accelerate launch``; everything here is written once for any number of
 processes (DDP) and for mixed precision ('no' | 'bf16' | 'fp16').
 """
+import json
 import logging
 import math
 import os
+import shutil
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -26,6 +28,10 @@ from ._config import TrainConfig
 from ._metrics import atomic_write_text, write_metrics
 
 _logger = logging.getLogger(__name__)
+
+# Stage losses are checked for NaN / inf at every step on the device; the host reads the verdict (one sync, and
+# one gather under DDP, so that every process stops together) every this many steps and at the end of an epoch.
+FINITE_CHECK_EVERY = 16
 
 
 # ----------------------------------------------------------------------------------------------------- model
@@ -94,8 +100,6 @@ def build_data(cfg: TrainConfig, accelerator) -> Tuple[ImageData, ImageData]:
                                    num_samples=cfg.train_num_samples, **kw)
         val = load_image_dataset(cfg.dataset, cfg.data_dir, cfg.val_split, num_classes=train.num_classes,
                                  num_samples=cfg.val_num_samples, **kw)
-    if val.streaming and val.num_samples is None:
-        _logger.info('validation stream of unknown length: every image is evaluated once')
     return train, val
 
 
@@ -144,8 +148,12 @@ class Trainer:
                              "cannot synchronise; with several processes use schedule: simultaneous")
         self.lock = RunLock(self.out_dir)
         if acc.is_main_process:
-            os.makedirs(self.out_dir, exist_ok=True)
-            self.lock.acquire()
+            try:
+                os.makedirs(self.out_dir, exist_ok=True)
+                self.lock.acquire()
+            except OSError as e:   # read-only or full file system: say so before any work is done
+                raise _os_error(e, f'cannot write to the output folder {self.out_dir} ({_first_line(e)}); choose a '
+                                   f'writable --output') from None
         try:
             self._setup(needs_unused)
         except BaseException:
@@ -264,29 +272,43 @@ class Trainer:
         if acc.is_main_process:
             os.makedirs(root, exist_ok=True)
             if os.path.exists(tmp):
-                import shutil
                 shutil.rmtree(tmp)
         acc.wait_for_everyone()
-        acc.save_state(tmp, safe_serialization=True)
+        try:
+            acc.save_state(tmp, safe_serialization=True)
+            if acc.is_main_process:
+                state = dict(epoch=epoch, updates=self.updates, history=self.history, identity=self.identity)
+                atomic_write_text(os.path.join(tmp, STATE_FILE), json.dumps(state, indent=1) + '\n')
+                if self.ema is not None:
+                    from safetensors.torch import save_file
+                    save_file({k: v.contiguous() for k, v in self.ema.module.state_dict().items()},
+                              os.path.join(tmp, EMA_FILE))
+                if os.path.exists(final):
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+        except (OSError, RuntimeError) as e:   # disk full, read-only, quota: torch reports these as RuntimeError
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise _os_error(e, f'cannot write checkpoint {final} ({_first_line(e)}); {self._kept()}: free disk '
+                               f'space or fix permissions, then continue with --resume') from None
         if acc.is_main_process:
-            import json
-            state = dict(epoch=epoch, updates=self.updates, history=self.history, identity=self.identity)
-            atomic_write_text(os.path.join(tmp, STATE_FILE), json.dumps(state, indent=1) + '\n')
-            if self.ema is not None:
-                from safetensors.torch import save_file
-                save_file({k: v.contiguous() for k, v in self.ema.module.state_dict().items()},
-                          os.path.join(tmp, EMA_FILE))
-            if os.path.exists(final):
-                import shutil
-                shutil.rmtree(final)
-            os.replace(tmp, final)
             prune(self.out_dir, self.cfg.checkpoint_hist)
         acc.wait_for_everyone()
         return final
 
+    def _kept(self) -> str:
+        found = list_checkpoints(self.out_dir)
+        return f'the last good checkpoint {found[-1]} is kept' if found else 'no checkpoint had been written yet'
+
     def _load(self, ckpt: str) -> None:
         state = read_state(ckpt)
-        self.accelerator.load_state(ckpt)
+        try:
+            self.accelerator.load_state(ckpt)
+        except Exception as e:   # truncated or foreign files; the identity was already checked
+            from .._hub import CorruptCheckpointError
+            raise CorruptCheckpointError(f'--resume {ckpt}: the checkpoint cannot be loaded ({type(e).__name__}: '
+                                         f'{_first_line(e)}); resume from an earlier checkpoint or start a new '
+                                         f'experiment') from None
         if self.ema is not None:
             path = os.path.join(ckpt, EMA_FILE)
             if not os.path.isfile(path):
@@ -344,6 +366,8 @@ class Trainer:
                    disable=not (cfg.progress and acc.is_local_main_process), dynamic_ncols=True)
         loss_sum = torch.zeros((), device=acc.device)
         stage_sum = torch.zeros(self.num_stages, device=acc.device)
+        first_bad = torch.full((len(trained),), -1, dtype=torch.long, device=acc.device)   # step of a NaN / inf
+        bad_value = torch.zeros(len(trained), device=acc.device)
         seen, steps, start, last_print = 0, 0, time.time(), time.time()
         batches = _take(self.train_iterable, self.steps_per_epoch, restart=self.train_loader.kind == 'stream')
         for step, (x, y) in enumerate(batches):
@@ -371,8 +395,14 @@ class Trainer:
                 self.lr_at(epoch, self.updates)
                 if self.ema is not None:
                     self.ema.update(unwrapped, step=self.updates)
+            step_losses = torch.stack([s.float() for s in stage_losses])
+            newly_bad = ~torch.isfinite(step_losses) & (first_bad < 0)   # no host sync: flags stay on the device
+            first_bad = torch.where(newly_bad, step, first_bad)
+            bad_value = torch.where(newly_bad, step_losses, bad_value)
+            if (step + 1) % FINITE_CHECK_EVERY == 0:
+                self._check_finite(first_bad, bad_value, trained, epoch)
             loss_sum += loss.detach().float()
-            stage_sum[trained] += torch.stack([s.float() for s in stage_losses])
+            stage_sum[trained] += step_losses
             seen += x.shape[0]
             steps += 1
             bar.update(1)
@@ -382,6 +412,7 @@ class Trainer:
                                 img_s=f'{seen * acc.num_processes / (time.time() - start):.0f}',
                                 lr=f"{self.optimizer.param_groups[0]['lr']:.3g}")
         bar.close()
+        self._check_finite(first_bad, bad_value, trained, epoch)
         steps = max(steps, 1)
         elapsed = time.time() - start
         totals = acc.reduce(torch.cat([loss_sum.view(1), stage_sum]), reduction='mean') / steps
@@ -393,6 +424,28 @@ class Trainer:
         if stage is not None:
             row['active_stage'] = stage
         return row
+
+    def _check_finite(self, first_bad: torch.Tensor, bad_value: torch.Tensor, trained, epoch: int) -> None:
+        """Stop at the first NaN / inf stage loss of any process, naming the stage and the step; nothing is saved,
+        so the last checkpoint on disk stays the last good one. Every process calls this at the same steps."""
+        acc = self.accelerator
+        n = len(trained)
+        if acc.num_processes > 1:
+            first_bad = acc.gather(first_bad).view(acc.num_processes, n)
+            bad_value = acc.gather(bad_value).view(acc.num_processes, n)
+        else:
+            first_bad, bad_value = first_bad.view(1, n), bad_value.view(1, n)
+        bad = first_bad >= 0
+        if not bool(bad.any()):
+            return
+        earliest = torch.where(bad, first_bad, torch.iinfo(torch.long).max).flatten().argmin().item()
+        rank, j = divmod(int(earliest), n)
+        what = f'stage {trained[j]} loss' if self.cfg.method == 'hff' else 'loss'
+        on = f' on process {rank}' if acc.num_processes > 1 else ''
+        raise FloatingPointError(
+            f'{what} is {bad_value[rank, j].item()} at epoch {epoch + 1}, step {int(first_bad[rank, j]) + 1} of '
+            f'{self.steps_per_epoch}{on}; training stopped without saving and {self._kept()}: lower lr, set '
+            f'clip_grad or check the data, then continue with --resume')
 
     @torch.no_grad()
     def evaluate(self, module: nn.Module, prefix: str = '') -> Dict[str, Any]:
@@ -506,7 +559,6 @@ def save_final_model(model: nn.Module, path: str, cfg: TrainConfig, data: ImageD
     metrics.update(dataset=dataset_id(data), split=cfg.val_split)
     train_args = dict(cfg.to_dict(), dataset_name=data.name)
     if cfg.method == 'bp':
-        import shutil
         import tempfile
         from timm.models import save_for_hf
         tmp = tempfile.mkdtemp(prefix='.tmp-model-', dir=os.path.dirname(os.path.abspath(path)))
@@ -533,6 +585,17 @@ def dataset_id(data: ImageData) -> str:
     if data.source == 'idx' and 'fashion' in data.name.lower():
         return 'zalando-datasets/fashion_mnist'
     return os.path.basename(data.name.rstrip('/')) or data.name
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _os_error(e: BaseException, message: str) -> OSError:
+    """An OSError with ``message`` that keeps the errno of ``e`` (ENOSPC, EACCES, ...) when it has one."""
+    code = getattr(e, 'errno', None)
+    return OSError(code, message) if code is not None else OSError(message)
 
 
 def _take(iterable, n: int, restart: bool = False):

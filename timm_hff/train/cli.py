@@ -72,10 +72,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         cfg = TrainConfig.from_yaml(ns.config, overrides) if ns.config else TrainConfig.from_dict(overrides)
         from ._trainer import Trainer
         trainer = Trainer(cfg)
-    except (ValueError, FileNotFoundError, RunInUseError) as e:
+    except (ValueError, OSError, RunInUseError) as e:   # bad settings, data, checkpoint or output folder
         print(f'hff-train: error: {e}', file=sys.stderr)
         return 2
-    trainer.fit()
+    try:
+        trainer.fit()
+    except (FloatingPointError, OSError) as e:   # a NaN / inf loss, a full or read-only disk: the message says what
+        print(f'hff-train: error: {e}', file=sys.stderr)   # was kept and how to continue
+        return 1
     return 0
 
 
