@@ -147,7 +147,7 @@ def load_image_dataset(
             ds = ds.select(range(num_samples))
         total = len(ds)
         if total == 0:
-            raise ValueError(f'{name}:{split} is empty')
+            raise ValueError(f'{name}:{split} holds no images; check data_dir and the split name')
         _check_label_range(ds, label_key, n, name, split)
     return ImageData(dataset=ds, image_key=image_key, label_key=label_key, num_classes=n, label_names=names,
                      source=source, name=name, split=split, streaming=streaming, num_samples=total,

@@ -17,6 +17,12 @@ import yaml
 from ..data import AUG_KINDS, AugConfig
 
 SCHEDULES = ('simultaneous', 'memory_efficient', 'sequential')
+# Names other trainers use for a setting, so the hint for an unknown key names the right one (difflib alone
+# suggests 'decay_rate' for 'learning_rate').
+_ALIASES = {'learning_rate': 'lr', 'optimizer': 'opt', 'scheduler': 'sched', 'lr_scheduler': 'sched',
+            'num_epochs': 'epochs', 'max_epochs': 'epochs', 'ema': 'model_ema', 'label_smoothing': 'smoothing',
+            'num_workers': 'workers', 'arch': 'model', 'data_path': 'data_dir', 'output_dir': 'output',
+            'precision': 'mixed_precision', 'gradient_accumulation_steps': 'grad_accum_steps'}
 METHODS = ('hff', 'bp')
 PRECISIONS = ('no', 'bf16', 'fp16')
 
@@ -251,7 +257,7 @@ class TrainConfig:
         known = [f.name for f in fields(cls)]
         for key in d:
             if key not in known:
-                close = difflib.get_close_matches(str(key), known, n=1)
+                close = [_ALIASES[key]] if key in _ALIASES else difflib.get_close_matches(str(key), known, n=1)
                 hint = f"; did you mean '{close[0]}'?" if close else ''
                 raise ValueError(f"{where}: unknown setting '{key}'{hint}")
         return cls(**d)
@@ -265,7 +271,10 @@ class TrainConfig:
             try:
                 d = yaml.safe_load(f)
             except yaml.YAMLError as e:
-                raise ValueError(f'{path} is not valid YAML: {str(e).splitlines()[0]}') from None
+                mark = getattr(e, 'problem_mark', None)
+                at = f' at line {mark.line + 1}, column {mark.column + 1}' if mark is not None else ''
+                what = getattr(e, 'problem', None) or str(e).splitlines()[0]
+                raise ValueError(f'{path} is not valid YAML: {what}{at}') from None
         d = {} if d is None else d
         if not isinstance(d, dict):
             raise ValueError(f'{path} must hold a mapping of settings, got {type(d).__name__}')

@@ -152,7 +152,7 @@ class Trainer:
                 os.makedirs(self.out_dir, exist_ok=True)
                 self.lock.acquire()
             except OSError as e:   # read-only or full file system: say so before any work is done
-                raise _os_error(e, f'cannot write to the output folder {self.out_dir} ({_first_line(e)}); choose a '
+                raise _os_error(e, f'cannot write to the output folder {self.out_dir} ({_reason(e)}); choose a '
                                    f'writable --output') from None
         try:
             self._setup(needs_unused)
@@ -289,8 +289,8 @@ class Trainer:
         except (OSError, RuntimeError) as e:   # disk full, read-only, quota: torch reports these as RuntimeError
             if acc.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)
-            raise _os_error(e, f'cannot write checkpoint {final} ({_first_line(e)}); {self._kept()}: free disk '
-                               f'space or fix permissions, then continue with --resume') from None
+            raise _os_error(e, f'cannot write checkpoint {final} ({_reason(e)}); {self._kept()}: free disk space '
+                               f'or fix permissions, then {self._go_on()}') from None
         if acc.is_main_process:
             prune(self.out_dir, self.cfg.checkpoint_hist)
         acc.wait_for_everyone()
@@ -299,6 +299,9 @@ class Trainer:
     def _kept(self) -> str:
         found = list_checkpoints(self.out_dir)
         return f'the last good checkpoint {found[-1]} is kept' if found else 'no checkpoint had been written yet'
+
+    def _go_on(self) -> str:
+        return 'continue with --resume' if list_checkpoints(self.out_dir) else 'start the run again'
 
     def _load(self, ckpt: str) -> None:
         state = read_state(ckpt)
@@ -445,7 +448,7 @@ class Trainer:
         raise FloatingPointError(
             f'{what} is {bad_value[rank, j].item()} at epoch {epoch + 1}, step {int(first_bad[rank, j]) + 1} of '
             f'{self.steps_per_epoch}{on}; training stopped without saving and {self._kept()}: lower lr, set '
-            f'clip_grad or check the data, then continue with --resume')
+            f'clip_grad or check the data, then {self._go_on()}')
 
     @torch.no_grad()
     def evaluate(self, module: nn.Module, prefix: str = '') -> Dict[str, Any]:
@@ -590,6 +593,11 @@ def dataset_id(data: ImageData) -> str:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def _reason(e: BaseException) -> str:
+    """'No space left on device' for an OSError (the caller names the path), else the first line."""
+    return e.strerror if isinstance(e, OSError) and e.strerror else _first_line(e)
 
 
 def _os_error(e: BaseException, message: str) -> OSError:

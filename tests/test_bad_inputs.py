@@ -1,0 +1,450 @@
+"""Bad inputs across the library: each must fail with its own error type and a one-line message that says what was
+wrong and what to do, raised by timm_hff at its boundary (config, CLI, data and file loaders, model input), never a
+traceback from deep inside torch or timm; faults during training (a NaN loss, a full disk) must keep the last good
+checkpoint.
+
+Every case is one entry of ``CASES``; ``HFF_ERRORS_TABLE=<file> pytest tests/test_bad_inputs.py`` writes the
+README's table of inputs and the exact messages they produce.
+"""
+import errno
+import json
+import os
+import re
+import shutil
+import traceback
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import timm_hff
+from timm_hff import _hub
+from timm_hff._hub import CorruptCheckpointError, FormatVersionError, ShapeMismatchError, UnsafeCheckpointError
+from timm_hff._stages import SplitError
+from timm_hff.data import load_image_dataset
+from timm_hff.train import Trainer
+from timm_hff.train._checkpoint import RunInUseError, list_checkpoints
+from timm_hff.train.cli import main
+
+from conftest import ckpt, cli_args, reset_accelerate, tiny, tiny_settings, weights
+from test_data import make_idx, make_imagefolder
+
+PACKAGE = os.path.dirname(os.path.abspath(timm_hff.__file__))
+CASES = {}          # name -> (function(env), exception type, pattern)
+MESSAGES = {}       # name -> (exception type name, message) as produced, for the README table
+
+
+def case(name, error, pattern):
+    def register(fn):
+        CASES[name] = (fn, error, pattern)
+        return fn
+    return register
+
+
+class Env:
+    """What a case may use: a scratch folder, tiny data, and one finished tiny run (checkpoint + saved model)."""
+
+    def __init__(self, tmp, shared):
+        self.tmp = tmp
+        self.idx, self.run_dir, self.model_dir = shared['idx'], shared['run_dir'], shared['model_dir']
+
+    def copy_model(self):
+        d = self.tmp / 'model'
+        shutil.copytree(self.model_dir, d)
+        return d
+
+    def edit_config(self, d, fn):
+        cfg = json.loads((d / 'config.json').read_text())
+        fn(cfg)
+        (d / 'config.json').write_text(json.dumps(cfg))
+
+    def cli(self, argv, capsys):
+        """Run hff-train in this process; returns (exit code, stderr). Errors must be exactly one line."""
+        reset_accelerate()
+        rc = main(argv)
+        err = capsys.readouterr().err.strip()
+        assert rc != 0, 'the CLI accepted a bad input'
+        assert '\n' not in err and err.startswith('hff-train: error: '), err
+        raise CliError(err[len('hff-train: error: '):], rc)
+
+
+class CliError(Exception):
+    """What a CLI case raises for the uniform checks: the one line hff-train printed, and its exit code."""
+
+    def __init__(self, message, rc):
+        super().__init__(message)
+        self.rc = rc
+
+
+def small_model(**kw):
+    return timm_hff.create_model('test_resnet', num_classes=3, in_chans=1, small_input=True, check_img_size=28,
+                                 **kw).eval()
+
+
+# ----- model construction (HFFConfig, create_model) -----
+@case('unknown backbone', ValueError, r"unknown model 'resnet_nope': not a timm architecture")
+def _(env):
+    timm_hff.create_model('resnet_nope', num_classes=3)
+
+
+@case('backbone family that cannot be split', SplitError, r"timm family 'hrnet'.*cannot be tapped")
+def _(env):
+    timm_hff.create_model('hrnet_w18_small', num_classes=3, check_img_size=64)
+
+
+@case('num_classes 0', ValueError, r'num_classes must be an integer >= 1 \(HFF needs class prototypes\), got 0')
+def _(env):
+    timm_hff.create_model('test_resnet', num_classes=0, check_img_size=32)
+
+
+@case('prototypes_per_class 0', ValueError, r'prototypes_per_class must be an integer >= 1, got 0')
+def _(env):
+    timm_hff.create_model('test_resnet', num_classes=3, prototypes_per_class=0)
+
+
+@case('negative margin', ValueError, r'margin must be a cosine margin in \[0, 2\), got -0.1')
+def _(env):
+    timm_hff.create_model('test_resnet', num_classes=3, margin=-0.1)
+
+
+@case('non-positive scale', ValueError, r'scale must be a positive number \(1 / temperature\), got 0')
+def _(env):
+    timm_hff.create_model('test_resnet', num_classes=3, scale=0)
+
+
+@case('stage index out of range', ValueError, r'stage index 9 is out of range for ResNet, which has 5 feature_info')
+def _(env):
+    timm_hff.create_model('test_resnet', num_classes=3, stage_indices=(1, 9), check_img_size=32)
+
+
+# ----- model input -----
+@case('wrong input channel count', ValueError, r'expected 1 input channels, got 3 .*in_chans=3')
+def _(env):
+    small_model()(torch.randn(2, 3, 28, 28))
+
+
+@case('uint8 images (not normalised)', ValueError, r'expected floating-point images, got torch.uint8')
+def _(env):
+    small_model()(torch.zeros(2, 1, 28, 28, dtype=torch.uint8))
+
+
+@case('input too small for the stem', ValueError,
+      r'test_convnext cannot take a 3x3 input \(.*Kernel size.*\); it was built and checked at 32x32')
+def _(env):
+    model = timm_hff.create_model('test_convnext', num_classes=3, check_img_size=32).eval()
+    model(torch.randn(1, 3, 3, 3))
+
+
+@case('wrong size for a fixed-size ViT', ValueError,
+      r"test_vit cannot take a 48x48 input \(Input height \(48\) doesn't match model \(32\)\.\); .*32x32")
+def _(env):
+    model = timm_hff.create_model('test_vit', num_classes=3, img_size=32, dynamic_img_size=False).eval()
+    model(torch.randn(1, 3, 48, 48), torch.tensor([0]))   # a training forward: the same boundary
+
+
+@case('labels outside [0, num_classes) (model input)', ValueError,
+      r"target holds class 3, outside \[0, 3\) for this model's 3 classes; .*num_classes >= 4")
+def _(env):
+    small_model().train()(torch.randn(2, 1, 28, 28), torch.tensor([0, 3]))
+
+
+@case('target batch size differs from the images', ValueError,
+      r'target has shape \(3,\) but the batch needs \(2,\) \(2 images, 3 classes\)')
+def _(env):
+    small_model().train()(torch.randn(2, 1, 28, 28), torch.tensor([0, 1, 2]))
+
+
+# ----- data -----
+@case('missing data dir', FileNotFoundError, r"data_dir '.*nowhere' does not exist or is not a folder")
+def _(env):
+    load_image_dataset('idx', str(env.tmp / 'nowhere'), 'train')
+
+
+@case('empty data split', ValueError, r'empty:test holds no images; check data_dir and the split name')
+def _(env):
+    make_idx(str(env.tmp / 'empty'), n_train=8, n_test=0)
+    load_image_dataset('idx', str(env.tmp / 'empty'), 'test')
+
+
+@case('truncated IDX file', ValueError, r't10k-images-idx3-ubyte is truncated or corrupt: 3820 data bytes, expected 3920')
+def _(env):
+    root = str(env.tmp / 'trunc')
+    make_idx(root, n_train=8, n_test=5)
+    path = os.path.join(root, 't10k-images-idx3-ubyte')
+    with open(path, 'rb') as f:
+        data = f.read()
+    with open(path, 'wb') as f:
+        f.write(data[:-100])
+    load_image_dataset('idx', root, 'test')
+
+
+@case('image column missing', ValueError, r"folder:train has no image column 'img'; columns are \['image', 'label'\]")
+def _(env):
+    root = make_imagefolder(str(env.tmp / 'folder'), per_class=(1, 1))
+    load_image_dataset('imagefolder', root, 'train', input_key='img')
+
+
+@case('labels outside [0, num_classes) (training data)', ValueError,
+      r"column 'label' has 10 classes but num_classes=5: labels would fall outside \[0, 5\)")
+def _(env):
+    Trainer(tiny(env.idx, env.tmp, num_classes=5))
+
+
+# ----- recipes and the CLI -----
+@case('recipe YAML with an unknown key', CliError, r"recipe\.yaml: unknown setting 'learning_rate'; did you mean 'lr'\?")
+def _(env, capsys):
+    (env.tmp / 'recipe.yaml').write_text('model: test_resnet\nlearning_rate: 0.1\n')
+    env.cli(['--config', str(env.tmp / 'recipe.yaml')], capsys)
+
+
+@case('recipe YAML with a wrong type', CliError, r"batch_size must be an integer, got '64 images'")
+def _(env, capsys):
+    (env.tmp / 'recipe.yaml').write_text('model: test_resnet\nbatch_size: 64 images\n')
+    env.cli(['--config', str(env.tmp / 'recipe.yaml')], capsys)
+
+
+@case('recipe that is not valid YAML', CliError,
+      r"recipe\.yaml is not valid YAML: expected ',' or '\]', but got '<stream end>' at line 2, column 1")
+def _(env, capsys):
+    (env.tmp / 'recipe.yaml').write_text('model: [test_resnet\n')
+    env.cli(['--config', str(env.tmp / 'recipe.yaml')], capsys)
+
+
+@case('--resume pointing at a run of another model', CliError,
+      r"--resume .*epoch_0000: the checkpoint was made with model='test_resnet' but this run has "
+      r"model='test_convnext'")
+def _(env, capsys):
+    settings = tiny_settings(env.idx, env.tmp, model='test_convnext', hff={}, img_size=32)
+    env.cli(cli_args(settings) + ['--resume', env.run_dir], capsys)
+
+
+@case('--resume pointing at a folder without checkpoints', CliError,
+      r"--resume '.*model' holds no complete checkpoint \(checkpoints/epoch_NNNN with trainer_state\.json\)")
+def _(env, capsys):
+    env.cli(cli_args(tiny_settings(env.idx, env.tmp)) + ['--resume', env.model_dir], capsys)
+
+
+@case('--resume at a checkpoint with truncated weights', CorruptCheckpointError,
+      r'--resume .*epoch_0000: the checkpoint cannot be loaded \(.*\); resume from an earlier checkpoint')
+def _(env):
+    run = env.tmp / 'copy'
+    shutil.copytree(env.run_dir, run)
+    path = run / 'checkpoints' / 'epoch_0000' / 'model.safetensors'
+    path.write_bytes(path.read_bytes()[:1000])
+    Trainer(tiny(env.idx, env.tmp / 'out', resume=str(run)))
+
+
+@case('new run into a folder that holds checkpoints', ValueError,
+      r'run already holds checkpoints of a run; pass --resume to continue it')
+def _(env):
+    Trainer(tiny(env.idx, os.path.dirname(env.run_dir)))
+
+
+# ----- saved models (config.json + model.safetensors) -----
+@case('config.json from a newer format version', FormatVersionError,
+      r'uses HFF format version 7, but timm_hff .* reads up to version 1; upgrade with `pip install -U timm-hff`')
+def _(env):
+    import timm
+    d = env.copy_model()
+    env.edit_config(d, lambda c: c['hff'].update(format_version=7))
+    timm.create_model(f'local-dir:{d}', pretrained=True)   # through timm's own entry point
+
+
+@case('truncated weights', CorruptCheckpointError, r'model\.safetensors is truncated or corrupted \(')
+def _(env):
+    d = env.copy_model()
+    data = (d / 'model.safetensors').read_bytes()
+    (d / 'model.safetensors').write_bytes(data[:len(data) // 2])
+    timm_hff.create_model(f'local-dir:{d}', pretrained=True)
+
+
+@case('corrupted weights', CorruptCheckpointError, r'model\.safetensors has sha256 [0-9a-f]{12}\.\.\., but config\.json '
+                                                   r'recorded [0-9a-f]{12}\.\.\.: the file is corrupted')
+def _(env):
+    d = env.copy_model()
+    data = bytearray((d / 'model.safetensors').read_bytes())
+    data[-64:] = bytes(255 - b for b in data[-64:])
+    (d / 'model.safetensors').write_bytes(bytes(data))
+    timm_hff.create_model(f'local-dir:{d}', pretrained=True)
+
+
+@case('pickle weights', UnsafeCheckpointError, r'holds only pickle weights \(pytorch_model\.bin\), which timm_hff '
+                                               r'never loads')
+def _(env):
+    d = env.copy_model()
+    state = load_file(d / 'model.safetensors')
+    (d / 'model.safetensors').unlink()
+    torch.save(state, d / 'pytorch_model.bin')
+    timm_hff.create_model(f'local-dir:{d}', pretrained=True)
+
+
+@case('weights whose shapes do not match', ShapeMismatchError,
+      r"tensor 'heads\.0\.[\w.]+' is \[.*128.*\] in model\.safetensors but \[.*8.*\] in the model built from "
+      r"config\.json.*; the two files come from different models")
+def _(env):
+    d = env.copy_model()
+
+    def smaller(c):
+        c['hff']['config']['embed_dim'] = 8
+        c['model_args']['embed_dim'] = 8
+    env.edit_config(d, smaller)
+    timm_hff.create_model(f'local-dir:{d}', pretrained=True)
+
+
+# ----- faults during training -----
+def _nan_in(trainer, stage, at_call, value=float('nan')):
+    """Make stage ``stage``'s loss ``value`` at its ``at_call``-th training step (1-based, over epochs)."""
+    head = trainer.accelerator.unwrap_model(trainer.model).heads[stage]
+    original, calls = head.loss, [0]
+
+    def loss(logits, target):
+        calls[0] += 1
+        out = original(logits, target)
+        return out * value if calls[0] == at_call else out
+    head.loss = loss
+
+
+def _assert_complete(path, epoch):
+    """A checkpoint folder that is whole: its state names its epoch and its weights load and are finite."""
+    state = json.loads(open(os.path.join(path, 'trainer_state.json')).read())
+    assert state['epoch'] == epoch
+    assert all(torch.isfinite(v).all() for v in weights(path).values() if v.is_floating_point())
+
+
+@case('NaN loss during training', FloatingPointError,
+      r'stage 1 loss is nan at epoch 2, step 1 of 2; training stopped without saving and the last good checkpoint '
+      r'.*epoch_0000 is kept')
+def _(env):
+    trainer = Trainer(tiny(env.idx, env.tmp, epochs=3, save_model=False))
+    _nan_in(trainer, stage=1, at_call=3, value=float('nan'))   # 2 steps per epoch: epoch 2, step 1
+    try:
+        trainer.fit()
+    finally:
+        assert [os.path.basename(p) for p in list_checkpoints(str(env.tmp / 'run'))] == ['epoch_0000']
+        assert os.listdir(env.tmp / 'run' / 'checkpoints') == ['epoch_0000']   # no temp folder either
+        _assert_complete(ckpt(env.tmp, 0), 0)
+        assert len(json.loads((env.tmp / 'run' / 'metrics.json').read_text())) == 1
+        assert not (env.tmp / 'run' / '.lock').exists()
+
+
+@case('inf loss during training (CLI)', CliError,
+      r'stage 0 loss is inf at epoch 1, step 2 of 2; training stopped without saving and no checkpoint had been '
+      r'written yet: .*then start the run again')
+def _(env, capsys, monkeypatch):
+    from timm_hff._heads import PrototypeHead
+    original, calls = PrototypeHead.loss, [0]
+
+    def loss(self, logits, target):   # every stage goes inf at step 2: the first stage is named
+        calls[0] += 1
+        out = original(self, logits, target)
+        return out * float('inf') if calls[0] > 4 else out
+    monkeypatch.setattr(PrototypeHead, 'loss', loss)
+    try:
+        env.cli(cli_args(tiny_settings(env.idx, env.tmp, save_model=False, epochs=2)), capsys)
+    except CliError as e:
+        assert e.rc == 1 and not list_checkpoints(str(env.tmp / 'run'))
+        raise
+
+
+@case('disk full while writing a checkpoint', OSError,
+      r'\[Errno 28\] cannot write checkpoint .*epoch_0001 \(No space left on device\); the last good checkpoint '
+      r'.*epoch_0000 is kept: free disk space or fix permissions, then continue with --resume')
+def _(env, monkeypatch):
+    import accelerate.utils.other as acc_other
+    real = acc_other.safe_save_file
+
+    def disk_full(tensors, filename, metadata=None):
+        if 'epoch_0001' not in str(filename):
+            return real(tensors, filename, metadata=metadata)
+        with open(filename, 'wb') as f:   # half a file, then the device is full
+            f.write(b'\0' * 100)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(acc_other, 'safe_save_file', disk_full)
+    try:
+        Trainer(tiny(env.idx, env.tmp, epochs=2, save_model=False)).fit()
+    finally:
+        monkeypatch.setattr(acc_other, 'safe_save_file', real)
+        assert os.listdir(env.tmp / 'run' / 'checkpoints') == ['epoch_0000']
+        _assert_complete(ckpt(env.tmp, 0), 0)
+        reset_accelerate()   # nothing lost: the run continues from the kept checkpoint once there is space
+        trainer = Trainer(tiny(env.idx, env.tmp, epochs=2, save_model=False, resume='auto'))
+        assert trainer.start_epoch == 1
+        trainer.fit()
+        _assert_complete(ckpt(env.tmp, 1), 1)
+
+
+@case('read-only output folder', PermissionError,
+      r'\[Errno 13\] cannot write to the output folder .*run \(Permission denied\); choose a writable --output')
+def _(env, monkeypatch):
+    out = str(env.tmp / 'run')
+    os.makedirs(out)
+    real_open = os.open
+
+    def read_only(path, *args, **kwargs):   # what a read-only mount does (chmod does not stop root)
+        if str(path).startswith(out):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_open(path, *args, **kwargs)
+    monkeypatch.setattr(os, 'open', read_only)
+    Trainer(tiny(env.idx, env.tmp))
+
+
+@case('two runs writing into the same output folder', RunInUseError,
+      r'run is in use by another training run in this process; let it finish, or release it')
+def _(env):
+    first = Trainer(tiny(env.idx, env.tmp))
+    try:
+        reset_accelerate()
+        Trainer(tiny(env.idx, env.tmp))
+    finally:
+        first.lock.release()
+
+
+# ----- the suite -----
+@pytest.fixture(scope='module')
+def shared(tmp_path_factory, idx_root):
+    """One finished tiny run: a checkpoint of test_resnet and its saved model folder."""
+    out = tmp_path_factory.mktemp('finished')
+    reset_accelerate()
+    Trainer(tiny(idx_root, out)).fit()
+    reset_accelerate()
+    return dict(idx=idx_root, run_dir=str(out / 'run'), model_dir=str(out / 'run' / 'model'))
+
+
+@pytest.fixture(scope='module', autouse=True)
+def errors_table():
+    yield
+    path = os.environ.get('HFF_ERRORS_TABLE')
+    if path and MESSAGES:
+        rows = ['| Bad input | Error | Message |', '|---|---|---|']
+        rows += [f'| {name} | `{kind}` | {msg} |' for name, (kind, msg) in MESSAGES.items()]
+        with open(path, 'w') as f:
+            f.write(f'{len(MESSAGES)} distinct bad inputs.\n\n' + '\n'.join(rows) + '\n')
+
+
+def _raised_by_timm_hff(exc: BaseException) -> bool:
+    frames = traceback.extract_tb(exc.__traceback__)
+    return bool(frames) and os.path.abspath(frames[-1].filename).startswith(PACKAGE + os.sep)
+
+
+@pytest.mark.parametrize('name', list(CASES))
+def test_bad_input(name, shared, tmp_path, capsys, monkeypatch, fresh_accelerate_state):
+    fn, error, pattern = CASES[name]
+    env = Env(tmp_path, shared)
+    extra = dict(capsys=capsys, monkeypatch=monkeypatch)
+    kwargs = {k: v for k, v in extra.items() if k in fn.__code__.co_varnames[:fn.__code__.co_argcount]}
+    with pytest.raises(error) as info:
+        fn(env, **kwargs)
+    message = str(info.value)
+    assert type(info.value) is error or error is OSError, f'{type(info.value).__name__}: {message}'
+    assert re.search(pattern, message), message
+    assert message and '\n' not in message, message
+    if error is not CliError:   # raised by timm_hff at its boundary, not leaked from torch / timm internals
+        assert _raised_by_timm_hff(info.value), ''.join(traceback.format_tb(info.value.__traceback__)[-1:])
+    shown = message.replace(str(tmp_path), '<tmp>').replace(shared['run_dir'], '<run>')
+    shown = shown.replace(shared['idx'], '<data>').replace('|', '\\|')
+    MESSAGES[name] = ('hff-train (exit %d)' % info.value.rc if error is CliError else type(info.value).__name__,
+                      shown)
+
+
+def test_enough_distinct_cases():
+    assert len(CASES) >= 20
