@@ -46,12 +46,14 @@ def _alarm(signum, frame):
 
 
 def _build_small(name: str, num_classes: int):
-    """Build at 64 px where the family allows it (timm's img_size, else a 64 px probe), else at its default size.
+    """Build at 64 (or 112) px where the family allows it (timm's img_size, else a probe at that size), else at its
+    default size.
 
     Coverage asks whether a family wraps, not how fast: small inputs keep the whole sweep within minutes.
     """
     errors = []
-    attempts = [dict(img_size=64), dict(check_img_size=64)]
+    # 112 = 16 * 7: a size for patch-14 models that 64 does not divide
+    attempts = [dict(img_size=64), dict(check_img_size=64), dict(img_size=112), dict(check_img_size=112)]
     default = timm.get_pretrained_cfg(name)
     if default is None or max(default.input_size[1:]) <= 384:   # a 1024 px default would need ~20 GB here
         attempts.append(dict())

@@ -2,14 +2,17 @@
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 import torch
 
-from benchmarks import _common, accuracy, inference, train_cost
-from benchmarks._common import Runtime
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:   # benchmarks/ is a repo-root package, not installed; plain `pytest` may not see it
+    sys.path.insert(0, ROOT)
+
+from benchmarks import _common, accuracy, inference, train_cost  # noqa: E402
+from benchmarks._common import Runtime  # noqa: E402
 
 
 def _read(out):
