@@ -19,28 +19,12 @@ from timm_hff.train import TrainConfig, Trainer
 from timm_hff.train._checkpoint import RunInUseError
 from timm_hff.train.cli import build_parser, main, parse_overrides
 
-from test_data import make_idx, make_imagefolder
+from conftest import REPO, ckpt, tiny, weights   # also the fixtures idx_root, fresh_accelerate_state
+from conftest import cli_args as _cli_args, reset_accelerate as AcceleratorReset
+from test_data import make_imagefolder
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = sorted(glob.glob(os.path.join(REPO, 'recipes', '*.yaml')))
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Accelerate keeps process-wide singletons; each run here may use another precision."""
-    from accelerate.state import AcceleratorState, GradientState
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
-@pytest.fixture(scope='module')
-def idx_root(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp('data') / 'idx')
-    make_idx(root, n_train=48, n_test=13)
-    return root
+pytestmark = pytest.mark.usefixtures('fresh_accelerate_state')
 
 
 @pytest.fixture(scope='module')
@@ -48,25 +32,9 @@ def folder_root(tmp_path_factory):
     return make_imagefolder(str(tmp_path_factory.mktemp('data') / 'folder'), per_class=(4, 3))
 
 
-def tiny(idx_root, out, **kw):
-    base = dict(dataset='idx', data_dir=idx_root, model='test_resnet', hff=dict(small_input=True), in_chans=1,
-                img_size=28, crop_pct=1.0, train_num_samples=16, batch_size=8, epochs=1, workers=0, lr=0.05,
-                output=str(out), experiment='run', progress=False, seed=3)
-    base.update(kw)
-    return TrainConfig.from_dict(base)
-
-
 def run(cfg):
     trainer = Trainer(cfg)
     return trainer, trainer.fit()
-
-
-def weights(path):
-    return load_file(os.path.join(path, 'model.safetensors'))
-
-
-def ckpt(out, epoch, exp='run'):
-    return os.path.join(str(out), exp, 'checkpoints', f'epoch_{epoch:04d}')
 
 
 # ----- config -----
@@ -152,13 +120,6 @@ def _saved_hff_model(tmp_path):
     model = timm_hff.create_model('resnet18', num_classes=10, in_chans=1, small_input=True, check_img_size=28,
                                   channels=(8, 16, 32, 64), stem_width=8, layers=(1, 1, 1, 1))
     return _hub.save_pretrained(model, str(tmp_path / 'source_model'), card=False)
-
-
-def _cli_args(over):
-    args = []
-    for k, v in over.items():
-        args += [f'--{k}', 'null' if v is None else json.dumps(v) if not isinstance(v, str) else v]
-    return args
 
 
 @pytest.mark.parametrize('recipe', RECIPES, ids=[os.path.basename(r)[:-5] for r in RECIPES])
@@ -258,12 +219,6 @@ def test_resume_continues_bitwise(idx_root, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="made with model='test_resnet'"):
         Trainer(tiny(idx_root, tmp_path / 'c', resume=ckpt(tmp_path / 'a', 2), model='test_convnext',
                      hff=dict()))
-
-
-def AcceleratorReset():
-    from accelerate.state import AcceleratorState, GradientState
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 # ----- precision, baseline, outputs, safety -----
