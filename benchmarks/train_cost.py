@@ -7,8 +7,9 @@
 Methods, all on one backbone and one batch: HFF ``simultaneous`` (sum of stage losses, one backward), HFF
 ``memory_efficient`` (each stage's backward as soon as it has run), BP (timm classifier, cross-entropy), BP with
 timm's gradient checkpointing, BP with gradient accumulation (4 micro-batches, equal effective batch). One
-optimiser (SGD, momentum 0.9) for all. A diagnostic row trains HFF's stage 1 alone: its memory is the floor of
-``memory_efficient``'s peak, since that mode holds one stage's graph at a time.
+optimiser (SGD, momentum 0.9) for all. Two memory-only diagnostic rows: HFF's stage 1 trained alone (the floor
+of ``memory_efficient``'s peak, since that mode holds one stage's graph at a time), and ``memory_efficient`` with
+``aux='none'`` (heads pool first, so no full-resolution aux activations).
 
 Step time: every method's model is built in one process and timed in interleaved rounds (so load from other
 processes hits all alike); the fastest step is reported (load only adds time), the median is in the JSON.
@@ -41,7 +42,7 @@ SIZES = {
 # mode -> (warm-up steps, interleaved rounds, steps per round)
 STEPS = {'quick': (1, 3, 1), 'full': (1, 3, 1), 'cuda': (5, 3, 10)}
 METHODS = ('hff_simultaneous', 'hff_memory_efficient', 'bp', 'bp_ckpt', 'bp_accum')
-DIAGNOSTIC = 'hff_stage1'   # memory only: HFF's stage 1 trained alone
+DIAGNOSTICS = ('hff_stage1', 'hff_me_noaux')   # memory only: HFF's stage 1 alone; memory_efficient with aux='none'
 ACCUM_STEPS = 4
 TIME_TARGET = 1.15        # HFF simultaneous step time <= 1.15x BP
 MEMORY_TARGET = 0.45      # HFF memory_efficient peak <= 0.45x BP (4 stages), and below BP + checkpointing
@@ -51,20 +52,21 @@ MALLOC_ENV = dict(MALLOC_MMAP_THRESHOLD_='65536', MALLOC_TRIM_THRESHOLD_='0')
 def _setup(method: str, preset: str, batch: int, runtime, seed: int):
     spec = get_spec(preset)
     torch.manual_seed(seed)
-    base = 'hff_memory_efficient' if method == DIAGNOSTIC else method
-    model = runtime.model(build_for_method(base, spec, num_classes=10).train())
+    base = 'hff_memory_efficient' if method in DIAGNOSTICS else method
+    extra = dict(aux='none') if method == 'hff_me_noaux' else {}
+    model = runtime.model(build_for_method(base, spec, num_classes=10, **extra).train())
     import timm.optim
     opt = timm.optim.create_optimizer_v2(model, 'sgd', lr=0.01, momentum=0.9, weight_decay=1e-4)
     x = runtime.input(torch.randn(batch, spec.in_chans, spec.img_size, spec.img_size))
     y = torch.randint(0, 10, (batch,), device=runtime.device)
-    if method == DIAGNOSTIC:
+    if method == 'hff_stage1':
         def step(x, y):
             opt.zero_grad(set_to_none=True)
             with runtime.autocast():
                 model(x, y, mode='memory_efficient', stages=[0], backward_fn=_plain_backward(runtime))
             opt.step()
     else:
-        step = make_train_step(method, model, opt, runtime, accum_steps=ACCUM_STEPS)
+        step = make_train_step(base, model, opt, runtime, accum_steps=ACCUM_STEPS)
     return model, opt, step, x, y
 
 
@@ -154,28 +156,30 @@ def saved_activation_profile(preset: str, batch: int, runtime, seed: int) -> Dic
     """MiB of activations autograd saves for backward, per HFF stage (backbone slice + its head) and for BP.
 
     Counted with ``torch.autograd.graph.saved_tensors_hooks`` over unique storages during one training forward,
-    parameters left out (their gradients are listed apart: ``stage_param_mib``, ``bp_param_mib``).
+    parameters left out (their gradients are listed apart: ``stage_param_mib``, ``bp_param_mib``). Always in fp32:
+    under autocast the saved bf16 copies of weights would pass for activations; the shares are what matter.
     memory_efficient mode holds one stage's saved tensors at a time, so the largest stage's share of BP's total
     is (up to gradients and workspaces) the lowest peak ratio it can reach.
     """
-    from collections import defaultdict
-
     from timm_hff._stages import run_stages
     import torch.nn.functional as F
     spec = get_spec(preset)
     torch.manual_seed(seed)
     x = runtime.input(torch.randn(batch, spec.in_chans, spec.img_size, spec.img_size))
     y = torch.randint(0, 10, (batch,), device=runtime.device)
-    buckets: Dict[int, Dict[int, int]] = defaultdict(dict)
-    cur = [0]
-
+    owner: Dict[int, Any] = {}     # storage -> the bucket that saved it first
+    sizes: Dict[int, int] = {}
+    cur: List[Any] = [('stage', 0)]
     params: set = set()
 
     def pack(t):
         ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:   # weights saved for backward are parameters, not activations
-            buckets[cur[0]][ptr] = t.untyped_storage().nbytes()
+        if ptr not in params and ptr not in owner:   # weights saved for backward are parameters, not activations
+            owner[ptr], sizes[ptr] = cur[0], t.untyped_storage().nbytes()
         return t
+
+    def mib(key) -> float:
+        return sum(sizes[p] for p, k in owner.items() if k == key) / 2 ** 20
 
     hff = runtime.model(build_for_method('hff_simultaneous', spec, 10).train())
     params.update(p.untyped_storage().data_ptr() for p in hff.parameters())
@@ -183,24 +187,27 @@ def saved_activation_profile(preset: str, batch: int, runtime, seed: int) -> Dic
                  for k in range(hff.num_stages)]
 
     def on_stage(k, h):
+        cur[0] = ('head', k)
         hff.heads[k](h)
-        cur[0] = k + 1
+        cur[0] = ('stage', k + 1)
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), runtime.autocast():
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         run_stages(hff.backbone, hff.split, x, on_stage=on_stage)
-    stages = [sum(buckets[k].values()) / 2 ** 20 for k in range(hff.num_stages)]
+    heads = [mib(('head', k)) for k in range(hff.num_stages)]
+    stages = [mib(('stage', k)) + heads[k] for k in range(hff.num_stages)]
     del hff
     bp = runtime.model(build_for_method('bp', spec, 10).train())
     params.clear()
     params.update(p.untyped_storage().data_ptr() for p in bp.parameters())
     bp_param_mib = sum(p.numel() * p.element_size() for p in bp.parameters()) / 2 ** 20
-    buckets.clear()
-    cur[0] = 0
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), runtime.autocast():
+    owner.clear()
+    cur[0] = 'bp'
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         F.cross_entropy(bp(x), y)
-    bp_total = sum(buckets[0].values()) / 2 ** 20
+    bp_total = mib('bp')
     del bp
-    return dict(stage_saved_mib=stages, bp_saved_mib=bp_total, stage_share_of_bp=[v / bp_total for v in stages],
+    return dict(stage_saved_mib=stages, head_saved_mib=heads, bp_saved_mib=bp_total,
+                stage_share_of_bp=[v / bp_total for v in stages], head_share_of_bp=[v / bp_total for v in heads],
                 stage_param_mib=param_mib, bp_param_mib=bp_param_mib)
 
 
@@ -228,10 +235,15 @@ def run_model(preset: str, batch: int, methods: List[str], runtime, args, mode: 
     print(f'  {preset}: timing {len(methods)} methods ...', file=sys.stderr, flush=True)
     times = measure_times(methods, preset, batch, runtime, args.seed, mode)
     rows = []
-    for m in methods + [DIAGNOSTIC]:
-        print(f'  {preset}: memory of {m} ...', file=sys.stderr, flush=True)
-        mem = (measure_memory(m, preset, batch, runtime, args.seed) if runtime.is_cuda
-               else memory_in_subprocess(m, preset, batch, args))
+    all_methods = methods + list(DIAGNOSTICS)
+    print(f'  {preset}: memory of {len(all_methods)} configurations ...', file=sys.stderr, flush=True)
+    if runtime.is_cuda:   # one process, one method alive at a time
+        mems = [measure_memory(m, preset, batch, runtime, args.seed) for m in all_methods]
+    else:   # each process measures only its own resident set, so the workers may run side by side
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(max_workers=args.memory_jobs) as pool:
+            mems = list(pool.map(lambda m: memory_in_subprocess(m, preset, batch, args), all_methods))
+    for m, mem in zip(all_methods, mems):
         rows.append(dict(model=preset, spec=spec.describe(), method=m, label=_label(m), batch=batch,
                          micro_batch=batch // ACCUM_STEPS if m == 'bp_accum' else batch,
                          step_s=times[m][0] if m in times else None, median_step_s=times[m][1] if m in times else None,
@@ -246,7 +258,8 @@ def run_model(preset: str, batch: int, methods: List[str], runtime, args, mode: 
 
 
 def _label(method: str) -> str:
-    return METHOD_LABELS.get(method, 'HFF stage 1 alone (floor of memory_efficient)')
+    return METHOD_LABELS.get(method) or {'hff_stage1': 'HFF stage 1 alone (floor of memory_efficient)',
+                                         'hff_me_noaux': "HFF memory_efficient, aux='none'"}[method]
 
 
 def targets(rows: List[Dict[str, Any]], num_stages: Dict[str, int]) -> List[Dict[str, Any]]:
@@ -286,12 +299,16 @@ def render(rows, tgts, info, command, stage_share, profiles) -> str:
     for model, share in stage_share.items():
         prof = profiles.get(model)
         split = ', '.join(f'{v:.2f}' for v in prof['stage_share_of_bp']) if prof else '?'
-        grads = (f"; gradients: {prof['bp_param_mib']:.0f} MiB for BP, {sum(prof['stage_param_mib']):.0f} MiB for "
-                 f"HFF, of BP's {prof['bp_saved_mib']:.0f} MiB of activations" if prof else '')
+        grads = (f" (the heads' part: {', '.join(f'{v:.2f}' for v in prof['head_share_of_bp'])}); gradients: "
+                 f"{prof['bp_param_mib']:.0f} MiB for BP, {sum(prof['stage_param_mib']):.0f} MiB for HFF, against "
+                 f"BP's {prof['bp_saved_mib']:.0f} MiB of activations" if prof else '')
+        noaux = [r for r in rows if r['model'] == model and r['method'] == 'hff_me_noaux']
+        noaux = (f" With aux='none' (pool, then project) memory_efficient peaks at {noaux[0]['memory_vs_bp']:.2f}x BP."
+                 if noaux and noaux[0]['memory_vs_bp'] is not None else '')
         notes.append(f'- {model}: activations saved for backward per HFF stage (backbone slice + head), as a '
                      f'share of BP\'s: {split}{grads}. Training stage 1 alone peaks at {share:.2f}x BP: '
                      f'memory_efficient holds one stage\'s graph at a time (plus the gradients of the stages done), '
-                     f'so the largest stage sets its floor.')
+                     f'so the largest stage sets its floor.{noaux}')
     missed = [t for t in tgts if not t['met']]
     lines = [f'### Training cost (`{command}`)', '', f'Machine: {machine_line(info)}', '', table, '', ttable, '',
              *specs, '']
@@ -347,11 +364,15 @@ def main(argv=None) -> Dict[str, Any]:
     add_common_args(parser, 'train_cost')
     parser.add_argument('--models', nargs='+', default=None, help="presets as NAME or NAME:BATCH")
     parser.add_argument('--methods', nargs='+', default=list(METHODS), choices=list(METHODS) + ['ff'])
+    parser.add_argument('--memory-jobs', type=int, default=2,
+                        help='CPU memory workers run side by side (each measures only its own process)')
     parser.add_argument('--worker', default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker is not None:
         _worker(args.worker)
         return {}
+    if args.memory_jobs < 1:
+        parser.error(f'--memory-jobs must be >= 1, got {args.memory_jobs}')
     runtime = make_runtime(args)
     mode = mode_of(args)
     from .inference import _parse_model
@@ -368,7 +389,7 @@ def main(argv=None) -> Dict[str, Any]:
         rs, profiles[preset] = run_model(preset, batch, list(args.methods), runtime, args, mode)
         rows += rs
         num_stages[preset] = len(profiles[preset]['stage_saved_mib'])
-        diag = [r for r in rs if r['method'] == DIAGNOSTIC]
+        diag = [r for r in rs if r['method'] == 'hff_stage1']
         if diag and diag[0]['memory_vs_bp'] is not None:
             stage_share[preset] = diag[0]['memory_vs_bp']
     tgts = targets(rows, num_stages)

@@ -54,7 +54,7 @@ def test_train_cost_memory_and_targets(tmp_path):
                                'hff_memory_efficient', '--out', out])
     saved, md = _read(out)
     by = {r['method']: r for r in saved['rows']}
-    assert set(by) == {'bp', 'bp_accum', 'hff_memory_efficient', 'hff_stage1'}
+    assert set(by) == {'bp', 'bp_accum', 'hff_memory_efficient', 'hff_stage1', 'hff_me_noaux'}
     assert by['bp']['memory_vs_bp'] == pytest.approx(1.0) and by['bp']['time_vs_bp'] == pytest.approx(1.0)
     assert all(r['peak_mib'] > 0 for r in saved['rows'])
     # measured, not assumed: a quarter of the batch per backward needs clearly less activation memory
@@ -64,6 +64,7 @@ def test_train_cost_memory_and_targets(tmp_path):
     assert tg['met'] == (by['hff_memory_efficient']['memory_vs_bp'] <= 0.45)
     prof = saved['saved_activation_profile']['tiny_resnet_28']
     assert len(prof['stage_saved_mib']) == 4 and sum(prof['stage_share_of_bp']) > 0.9
+    assert all(0 < h < s for h, s in zip(prof['head_saved_mib'][:3], prof['stage_saved_mib']))
     assert ('MISSED' in md) == (not all(t['met'] for t in saved['targets']))
 
 
