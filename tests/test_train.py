@@ -358,3 +358,15 @@ def test_module_entry_point():
     proc = subprocess.run([sys.executable, '-m', 'timm_hff.train', '--help'], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0 and '--config' in proc.stdout and '--baseline' in proc.stdout
+
+
+def test_threads_setting(idx_root, tmp_path):
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        Trainer(tiny(idx_root, tmp_path, threads=1)).lock.release()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match='threads must be >= 1'):
+        tiny(idx_root, tmp_path, threads=0)

@@ -135,6 +135,8 @@ class Trainer:
 
         self.cfg = cfg
         self.out_dir = cfg.output_dir
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
         needs_unused = cfg.schedule == 'sequential'   # inactive stages get no gradient
         self._ddp_kwargs = DistributedDataParallelKwargs(find_unused_parameters=needs_unused)
         project = dict(project_dir=self.out_dir) if cfg.log_with else {}
