@@ -66,7 +66,7 @@ def train(method: str, model, xtr, ytr, cfg, runtime, seed: int) -> Dict[str, fl
     for epoch in range(cfg['epochs']):
         perm = torch.randperm(n, generator=g)
         for i in range(steps_per_epoch):
-            idx = perm[i * batch:(i + 1) * batch]
+            idx = perm[i * batch:(i + 1) * batch].to(xtr.device)
             x = normalize_images(xtr[idx])
             if cfg['augment']:
                 x = augment(x, g)

@@ -25,7 +25,8 @@ import json
 import os
 import subprocess
 import sys
-from typing import Any, Dict, List, Optional
+import time
+from typing import Any, Dict, List
 
 import torch
 
@@ -41,6 +42,8 @@ SIZES = {
 }
 # mode -> (warm-up steps, interleaved rounds, steps per round)
 STEPS = {'quick': (1, 3, 1), 'full': (1, 3, 1), 'cuda': (5, 3, 10)}
+TIMING_S = {'quick': 20.0, 'full': 90.0, 'cuda': 0.0}   # keep adding rounds until this long (CPU noise)
+MAX_ROUNDS = 12
 METHODS = ('hff_simultaneous', 'hff_memory_efficient', 'bp', 'bp_ckpt', 'bp_accum')
 DIAGNOSTICS = ('hff_stage1', 'hff_me_noaux')   # memory only: HFF's stage 1 alone; memory_efficient with aux='none'
 ACCUM_STEPS = 4
@@ -195,7 +198,7 @@ def saved_activation_profile(preset: str, batch: int, runtime, seed: int) -> Dic
         run_stages(hff.backbone, hff.split, x, on_stage=on_stage)
     heads = [mib(('head', k)) for k in range(hff.num_stages)]
     stages = [mib(('stage', k)) + heads[k] for k in range(hff.num_stages)]
-    del hff
+    hff = None   # free it before BP is built
     bp = runtime.model(build_for_method('bp', spec, 10).train())
     params.clear()
     params.update(p.untyped_storage().data_ptr() for p in bp.parameters())
@@ -212,7 +215,8 @@ def saved_activation_profile(preset: str, batch: int, runtime, seed: int) -> Dic
 
 
 # ----- time -----
-def measure_times(methods: List[str], preset: str, batch: int, runtime, seed: int, mode: str) -> Dict[str, float]:
+def measure_times(methods: List[str], preset: str, batch: int, runtime, seed: int, mode: str,
+                  timing_s: float) -> Dict[str, float]:
     warmup, rounds, per_round = STEPS[mode]
     setups = {m: _setup(m, preset, batch, runtime, seed) for m in methods}
     fns = {m: (lambda s=s: s[2](s[3], s[4])) for m, s in setups.items()}
@@ -220,9 +224,11 @@ def measure_times(methods: List[str], preset: str, batch: int, runtime, seed: in
         for _ in range(warmup):
             fn()
     times: Dict[str, List[float]] = {m: [] for m in methods}
-    for _ in range(rounds):
+    start, done = time.perf_counter(), 0
+    while done < rounds or (time.perf_counter() - start < timing_s and done < MAX_ROUNDS):
         for m, fn in fns.items():
             times[m] += time_calls(fn, runtime, warmup=0, iters=per_round)
+        done += 1
     del setups, fns
     gc.collect()
     if runtime.is_cuda:
@@ -233,7 +239,8 @@ def measure_times(methods: List[str], preset: str, batch: int, runtime, seed: in
 def run_model(preset: str, batch: int, methods: List[str], runtime, args, mode: str) -> List[Dict[str, Any]]:
     spec = get_spec(preset)
     print(f'  {preset}: timing {len(methods)} methods ...', file=sys.stderr, flush=True)
-    times = measure_times(methods, preset, batch, runtime, args.seed, mode)
+    timing_s = TIMING_S[mode] if args.timing_seconds is None else args.timing_seconds
+    times = measure_times(methods, preset, batch, runtime, args.seed, mode, timing_s)
     rows = []
     all_methods = methods + list(DIAGNOSTICS)
     print(f'  {preset}: memory of {len(all_methods)} configurations ...', file=sys.stderr, flush=True)
@@ -338,7 +345,8 @@ def _why(missed):
     return out
 
 
-PROTOCOL_SHORT = ('step time = fastest of the interleaved rounds (all methods in one process) of one optimiser step '
+PROTOCOL_SHORT = ('step time = fastest of >= 3 interleaved rounds (all methods in one process; on CPU more rounds '
+                  'until 20 s (quick) / 90 s (full) have passed) of one optimiser step '
                   '(zero_grad, forward, backward, SGD step), after warm-up. Peak memory = {memory}, above the '
                   'post-set-up level (model, SGD state and batch in memory, gradients freed), over one step.')
 
@@ -364,6 +372,8 @@ def main(argv=None) -> Dict[str, Any]:
     add_common_args(parser, 'train_cost')
     parser.add_argument('--models', nargs='+', default=None, help="presets as NAME or NAME:BATCH")
     parser.add_argument('--methods', nargs='+', default=list(METHODS), choices=list(METHODS) + ['ff'])
+    parser.add_argument('--timing-seconds', type=float, default=None,
+                        help="keep adding timing rounds until this long per model (default: the mode's)")
     parser.add_argument('--memory-jobs', type=int, default=2,
                         help='CPU memory workers run side by side (each measures only its own process)')
     parser.add_argument('--worker', default=None, help=argparse.SUPPRESS)

@@ -50,8 +50,8 @@ def test_inference_in_gpu_runtime_settings_on_cpu():
 
 def test_train_cost_memory_and_targets(tmp_path):
     out = str(tmp_path / 'tc')
-    payload = train_cost.main(['--quick', '--models', 'tiny_resnet_28:16', '--methods', 'bp', 'bp_accum',
-                               'hff_memory_efficient', '--out', out])
+    train_cost.main(['--quick', '--models', 'tiny_resnet_28:16', '--methods', 'bp', 'bp_accum', 'hff_memory_efficient',
+                     '--timing-seconds', '0', '--out', out])
     saved, md = _read(out)
     by = {r['method']: r for r in saved['rows']}
     assert set(by) == {'bp', 'bp_accum', 'hff_memory_efficient', 'hff_stage1', 'hff_me_noaux'}
