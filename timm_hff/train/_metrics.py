@@ -31,7 +31,8 @@ def write_metrics(out_dir: str, history: List[Dict[str, Any]], plot: bool = True
         writer.writerow({k: _fmt(row.get(k)) for k in keys})
     atomic_write_text(os.path.join(out_dir, 'metrics.csv'), buf.getvalue())
     if plot and history:
-        plot_accuracy(history, os.path.join(out_dir, 'accuracy.png'))
+        name = os.path.basename(os.path.normpath(out_dir))
+        plot_accuracy(history, os.path.join(out_dir, 'accuracy.png'), title=f'{name}: test top-1 per stage')
 
 
 def _fmt(v: Any) -> Any:
@@ -49,6 +50,7 @@ def plot_accuracy(history: List[Dict[str, Any]], path: str, title: Optional[str]
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     epochs = [row['epoch'] for row in history]
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
@@ -58,6 +60,7 @@ def plot_accuracy(history: List[Dict[str, Any]], path: str, title: Optional[str]
     ax.plot(epochs, [row.get('top1') for row in history], color='black', lw=2, label='prediction')
     if any('ema_top1' in row for row in history):
         ax.plot(epochs, [row.get('ema_top1') for row in history], color='black', ls='--', label='EMA prediction')
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel('epoch')
     ax.set_ylabel('test top-1 (%)')
     ax.grid(alpha=0.3)
