@@ -235,7 +235,7 @@ def test_bf16_on_cpu(idx_root, tmp_path):
 
 
 def test_bp_baseline_same_backbone(idx_root, tmp_path):
-    trainer, final = run(tiny(idx_root, tmp_path, method='bp', experiment='bp'))
+    trainer, final = run(tiny(idx_root, tmp_path, method='bp', experiment='bp', channels_last=True))
     assert 'top1_stage0' not in final and 0 <= final['top1'] <= 100
     bp = weights(str(tmp_path / 'bp' / 'model'))
     assert json.loads((tmp_path / 'bp' / 'model' / 'config.json').read_text())['num_classes'] == 10

@@ -568,6 +568,7 @@ def save_final_model(model: nn.Module, path: str, cfg: TrainConfig, data: ImageD
         from timm.models import save_for_hf
         tmp = tempfile.mkdtemp(prefix='.tmp-model-', dir=os.path.dirname(os.path.abspath(path)))
         small = bool(cfg.hff.get('small_input'))
+        model = model.to(memory_format=torch.contiguous_format)   # safetensors stores contiguous tensors only
         save_for_hf(model, tmp, model_config=dict(label_names=data.label_names, hff_small_input=small),
                     model_args=dict(cfg.model_kwargs), data_config=data_cfg, safe_serialization=True)
         if os.path.exists(path):
