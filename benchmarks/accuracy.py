@@ -1,7 +1,7 @@
 """Accuracy on Fashion-MNIST: HFF vs backprop vs Forward-Forward, same backbone, same epochs, same data order.
 
     python -m benchmarks.accuracy --quick             # narrow ResNet-18, 6k/2k subset, 1 epoch (CPU minutes)
-    python -m benchmarks.accuracy                     # narrow ResNet-18, full 60k/10k, 3 epochs (hours on 2 CPU cores)
+    python -m benchmarks.accuracy                     # narrow ResNet-18, full 60k/10k, 3 epochs (~1.5 h, one CPU thread)
     python -m benchmarks.accuracy --device cuda       # ResNet-18 (28 px stem), full 60k/10k, 5 epochs on a GPU
 
 Reports final test accuracy, per-stage accuracy (HFF: each stage's prototype head; FF: each stage's goodness

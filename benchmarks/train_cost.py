@@ -214,6 +214,24 @@ def saved_activation_profile(preset: str, batch: int, runtime, seed: int) -> Dic
                 stage_param_mib=param_mib, bp_param_mib=bp_param_mib)
 
 
+# ----- FLOPs: the noise-free part of the step-time comparison -----
+FLOP_BATCH = 4   # smallest batch the accumulation baseline can split
+
+
+def train_flops_per_image(method: str, preset: str, runtime, seed: int) -> float:
+    """FLOPs of one training step (forward + backward, convolutions and matmuls) per image, by FlopCounterMode.
+
+    Norms, activations and the optimiser are not counted: the ratio to BP isolates the heads' extra compute and
+    what the cut saves (no input gradient at a stage boundary).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+    model, opt, step, x, y = _setup(method, preset, FLOP_BATCH, runtime, seed)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step(x, y)
+    return counter.get_total_flops() / FLOP_BATCH
+
+
 # ----- time -----
 def measure_times(methods: List[str], preset: str, batch: int, runtime, seed: int, mode: str,
                   timing_s: float) -> Dict[str, float]:
@@ -241,6 +259,7 @@ def run_model(preset: str, batch: int, methods: List[str], runtime, args, mode: 
     print(f'  {preset}: timing {len(methods)} methods ...', file=sys.stderr, flush=True)
     timing_s = TIMING_S[mode] if args.timing_seconds is None else args.timing_seconds
     times = measure_times(methods, preset, batch, runtime, args.seed, mode, timing_s)
+    flops = {m: train_flops_per_image(m, preset, runtime, args.seed) for m in methods}
     rows = []
     all_methods = methods + list(DIAGNOSTICS)
     print(f'  {preset}: memory of {len(all_methods)} configurations ...', file=sys.stderr, flush=True)
@@ -254,12 +273,15 @@ def run_model(preset: str, batch: int, methods: List[str], runtime, args, mode: 
         rows.append(dict(model=preset, spec=spec.describe(), method=m, label=_label(m), batch=batch,
                          micro_batch=batch // ACCUM_STEPS if m == 'bp_accum' else batch,
                          step_s=times[m][0] if m in times else None, median_step_s=times[m][1] if m in times else None,
-                         images_per_s=batch / times[m][0] if m in times else None, **mem))
+                         images_per_s=batch / times[m][0] if m in times else None,
+                         train_gflops_per_image=flops[m] / 1e9 if m in flops else None, **mem))
     profile = saved_activation_profile(preset, batch, runtime, args.seed)
     by = {r['method']: r for r in rows}
     bp = by.get('bp')
     for r in rows:
         r['time_vs_bp'] = r['step_s'] / bp['step_s'] if bp and r['step_s'] else None
+        r['flops_vs_bp'] = (r['train_gflops_per_image'] / bp['train_gflops_per_image']
+                            if bp and r['train_gflops_per_image'] else None)
         r['memory_vs_bp'] = r['peak_mib'] / bp['peak_mib'] if bp and bp['peak_mib'] > 0 else None
     return rows, profile
 
@@ -276,9 +298,9 @@ def targets(rows: List[Dict[str, Any]], num_stages: Dict[str, int]) -> List[Dict
         if 'bp' not in by:
             continue
         if 'hff_simultaneous' in by:
-            ratio = by['hff_simultaneous']['time_vs_bp']
+            ratio, fl = by['hff_simultaneous']['time_vs_bp'], by['hff_simultaneous']['flops_vs_bp']
             out.append(dict(model=model, target=f'HFF simultaneous step time <= {TIME_TARGET}x BP',
-                            value=f'{ratio:.2f}x', met=ratio <= TIME_TARGET))
+                            value=f'{ratio:.2f}x (FLOPs {fl:.2f}x)', met=ratio <= TIME_TARGET, flops_ratio=fl))
         if 'hff_memory_efficient' in by:
             ratio = by['hff_memory_efficient']['memory_vs_bp']
             out.append(dict(model=model, target=f'HFF memory_efficient peak <= {MEMORY_TARGET}x BP '
@@ -292,12 +314,14 @@ def targets(rows: List[Dict[str, Any]], num_stages: Dict[str, int]) -> List[Dict
 
 
 def render(rows, tgts, info, command, stage_share, profiles) -> str:
-    headers = ['model', 'method', 'batch (micro)', 'step ms', 'img/s', 'time vs BP', 'peak MiB', 'memory vs BP']
+    headers = ['model', 'method', 'batch (micro)', 'step ms', 'img/s', 'time vs BP', 'FLOPs vs BP', 'peak MiB',
+               'memory vs BP']
     table = markdown_table(headers, [
         [r['model'], r['label'], f"{r['batch']} ({r['micro_batch']})",
          f"{r['step_s'] * 1000:.1f}" if r['step_s'] else '-',
          f"{r['images_per_s']:.1f}" if r['images_per_s'] else '-',
-         f"{r['time_vs_bp']:.2f}x" if r['time_vs_bp'] else '-', f"{r['peak_mib']:.1f}",
+         f"{r['time_vs_bp']:.2f}x" if r['time_vs_bp'] else '-',
+         f"{r['flops_vs_bp']:.2f}x" if r['flops_vs_bp'] else '-', f"{r['peak_mib']:.1f}",
          f"{r['memory_vs_bp']:.2f}x" if r['memory_vs_bp'] is not None else '-'] for r in rows])
     ttable = markdown_table(['model', 'target', 'measured', 'verdict'],
                             [[t['model'], t['target'], t['value'], verdict(t['met'])] for t in tgts])
@@ -328,11 +352,19 @@ def render(rows, tgts, info, command, stage_share, profiles) -> str:
 
 def _why(missed):
     out = []
-    if any('step time' in t['target'] for t in missed):
-        out.append('- Step time: HFF runs each intermediate stage\'s aux head (1x1 conv at the stage\'s width and '
-                   'resolution, norm, ReLU) on top of the backbone, forward and backward; with a narrow aux '
-                   '(`aux_channels`) or `aux=\'none\'` the overhead shrinks. On a shared CPU, timing noise also '
-                   'counts: see the JSON for per-method seconds.')
+    for t in missed:
+        if 'step time' not in t['target']:
+            continue
+        if t['flops_ratio'] <= TIME_TARGET:
+            out.append(f"- Step time ({t['model']}): HFF's training FLOPs are {t['flops_ratio']:.2f}x BP's (within the "
+                       f"target), so the measured {t['value'].split()[0]} comes from what FLOPs leave out (the heads' "
+                       f"norms and activations, hooks) or from timing noise on this shared machine; medians per "
+                       f"method are in the JSON.")
+        else:
+            out.append(f"- Step time ({t['model']}): HFF's training FLOPs are already {t['flops_ratio']:.2f}x BP's: "
+                       f"each intermediate stage's aux head (1x1 conv + norm + ReLU at the stage's width and "
+                       f"resolution) runs forward and backward; a narrower aux (`aux_channels`) or `aux='none'` "
+                       f"(pool, then project) removes most of it.")
     if any('checkpointing' in t['target'] or 'peak <=' in t['target'] for t in missed):
         out.append('- Memory: memory_efficient cannot peak below its largest stage (that stage\'s saved activations, '
                    'the gradients of the stages already done, and gradient buffers at that stage\'s resolution; '

@@ -60,6 +60,8 @@ def test_train_cost_memory_and_targets(tmp_path):
     # measured, not assumed: a quarter of the batch per backward needs clearly less activation memory
     assert by['bp_accum']['peak_mib'] < 0.8 * by['bp']['peak_mib']
     assert by['bp_accum']['micro_batch'] == 4
+    assert by['bp_accum']['flops_vs_bp'] == pytest.approx(1.0, rel=1e-3)   # same work, smaller pieces
+    assert 0.8 < by['hff_memory_efficient']['flops_vs_bp'] < 1.3
     tg = [t for t in saved['targets'] if 'peak <=' in t['target']][0]
     assert tg['met'] == (by['hff_memory_efficient']['memory_vs_bp'] <= 0.45)
     prof = saved['saved_activation_profile']['tiny_resnet_28']
