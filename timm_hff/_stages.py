@@ -11,6 +11,7 @@ At build time ``probe_split`` checks the cut on a batch of two: every tap must e
 ``forward_intermediates`` (so the hooks sit on the right modules), and autograd's graph from each stage output
 must reach a disjoint set of parameters (so the detach really cuts).
 """
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -254,6 +255,15 @@ def _to_nchw(t: torch.Tensor, ref: torch.Tensor) -> Tuple[Optional[str], Optiona
     return None, None, 0
 
 
+def _reduction(img_size: int, spatial: int, nominal: int) -> int:
+    """The stride that maps ``img_size`` to ``spatial``: timm's nominal one if it explains the size, else a power
+    of two that does with padding (28 px -> 4 at stride 8), else the ratio."""
+    for p in (nominal, *(2 ** i for i in range(8))):
+        if math.ceil(img_size / p) == spatial:
+            return p
+    return max(1, round(img_size / spatial))   # e.g. patch 14
+
+
 def _probe_run(backbone: nn.Module, split: StageSplit, x: torch.Tensor, img_size: int,
                raw: Optional[List[object]]) -> List[torch.Tensor]:
     """run_stages with grad on the probe batch; a model that rejects the batch size gets a one-line error."""
@@ -370,7 +380,7 @@ def probe_split(backbone: nn.Module, split: StageSplit, in_chans: int, img_size:
         layouts.append(layout)
         channels.append(int(chs))
         nominal = info[split.feature_indices[k]]['reduction']
-        reductions.append(max(1, round(img_size / spatial)) if spatial else nominal)
+        reductions.append(_reduction(img_size, spatial, nominal) if spatial else nominal)
         prefix_tokens = max(prefix_tokens, prefix)
 
     names = {id(p): n for n, p in backbone.named_parameters()}
