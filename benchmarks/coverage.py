@@ -126,7 +126,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
              '| module | model | ok | stages | layouts | px | s | error |', '|---|---|---|---|---|---|---|---|']
     for r in rows:
         lines.append(f"| {r['module']} | {r.get('model')} | {'yes' if r['ok'] else 'no'} | {r.get('stages') or ''} | "
-                     f"{r.get('layouts') or ''} | {r.get('img_size') or ''} | {r.get('seconds') or ''} | {r.get('error', '')} |")
+                     f"{r.get('layouts') or ''} | {r.get('img_size') or ''} | {r.get('seconds') or ''} | "
+                     f"{r.get('error', '')} |")
     table = '\n'.join(lines)
     os.makedirs(args.out, exist_ok=True)
     for fname, text in (('coverage.json', json.dumps(summary, indent=2)), ('coverage.md', table + '\n')):

@@ -90,7 +90,8 @@ def test_stage_loss_reaches_only_its_stage(name, kwargs):
         model.heads[k].loss(logits, y).backward()
         got = {backbone_names[id(p)] for p in model.backbone.parameters() if p.grad is not None}
         assert got, f'stage {k} trained no backbone parameter'
-        assert got <= set(model.split.stage_param_names[k]), f'stage {k} leaked into {sorted(got - set(model.split.stage_param_names[k]))[:3]}'
+        own = set(model.split.stage_param_names[k])
+        assert got <= own, f'stage {k} leaked into {sorted(got - own)[:3]}'
         for j, head in enumerate(model.heads):
             has_grad = any(p.grad is not None for p in head.parameters())
             assert has_grad == (j == k)
@@ -297,7 +298,8 @@ def test_stage_indices_choose_boundaries_and_truncate():
     model = _build('resnet18', SMALL, stage_indices=(0, 2, 3))
     assert model.num_stages == 3 and not model.split.full_tail
     assert [f['module'] for f in model.feature_info] == ['backbone.act1', 'backbone.layer2', 'backbone.layer3']
-    assert set(model.split.unused_param_names) >= {n for n, _ in model.backbone.layer4.named_parameters(prefix='layer4')}
+    layer4 = {n for n, _ in model.backbone.layer4.named_parameters(prefix='layer4')}
+    assert set(model.split.unused_param_names) >= layer4
     x, y = _batch(model)
     out = model(x, y)
     assert len(out.stage_losses) == 3

@@ -3,7 +3,7 @@
 Every constant of the formulation in ``shared/HFF.md`` is a field here, so a checkpoint's ``config.json`` is
 enough to rebuild the stages and heads exactly.
 """
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 AUX_KINDS = ('none', 'conv1x1', 'conv3x3')

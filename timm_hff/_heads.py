@@ -6,7 +6,6 @@
 
 The other classes' prototypes act as negatives, so no negative data is needed and one pass predicts.
 """
-from typing import Optional
 
 import torch
 import torch.nn as nn
