@@ -27,6 +27,7 @@ RESULTS_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results
 METHOD_LABELS = {
     'hff_simultaneous': 'HFF simultaneous',
     'hff_memory_efficient': 'HFF memory_efficient',
+    'hff_me_ckpt': 'HFF memory_efficient + checkpointing',
     'bp': 'BP',
     'bp_ckpt': 'BP + checkpointing',
     'bp_accum': 'BP + accumulation',
@@ -199,7 +200,10 @@ def build_ff(spec: ModelSpec, num_classes: int, ff_cfg: Optional[FFConfig] = Non
 
 def build_for_method(method: str, spec: ModelSpec, num_classes: int, **kwargs: Any) -> nn.Module:
     if method.startswith('hff'):
-        return build_hff(spec, num_classes, **kwargs)
+        model = build_hff(spec, num_classes, **kwargs)
+        if method == 'hff_me_ckpt':   # timm's checkpointing inside each stage; the stages still free one by one
+            model.set_grad_checkpointing(True)
+        return model
     if method.startswith('bp'):
         return build_bp(spec, num_classes, grad_checkpointing=method == 'bp_ckpt')
     if method == 'ff':
@@ -223,7 +227,7 @@ def make_train_step(method: str, model: nn.Module, optimizer: torch.optim.Optimi
         with runtime.autocast():
             if method == 'hff_simultaneous':
                 loss = model(x, y, mode='simultaneous').loss
-            elif method == 'hff_memory_efficient':
+            elif method in ('hff_memory_efficient', 'hff_me_ckpt'):
                 loss = model(x, y, mode='memory_efficient', backward_fn=backward).loss
             elif method in ('bp', 'bp_ckpt'):
                 loss = F.cross_entropy(model(x), y)

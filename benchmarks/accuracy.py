@@ -1,7 +1,7 @@
 """Accuracy on Fashion-MNIST: HFF vs backprop vs Forward-Forward, same backbone, same epochs, same data order.
 
     python -m benchmarks.accuracy --quick             # narrow ResNet-18, 6k/2k subset, 1 epoch (CPU minutes)
-    python -m benchmarks.accuracy                     # narrow ResNet-18, full 60k/10k, 3 epochs (~1.5 h, one CPU thread)
+    python -m benchmarks.accuracy                     # narrow ResNet-18, full 60k/10k, 2 epochs (~1 h, one CPU thread)
     python -m benchmarks.accuracy --device cuda       # ResNet-18 (28 px stem), full 60k/10k, 5 epochs on a GPU
 
 Reports final test accuracy, per-stage accuracy (HFF: each stage's prototype head; FF: each stage's goodness
@@ -25,7 +25,7 @@ from ._common import (FFConfig, add_common_args, build_bp, build_ff, build_hff, 
 
 SIZES = {
     'quick': dict(preset='tiny_resnet_28', train=6000, test=2000, epochs=1, batch=128, augment=False),
-    'full': dict(preset='tiny_resnet_28', train=None, test=None, epochs=3, batch=128, augment=True),
+    'full': dict(preset='tiny_resnet_28', train=None, test=None, epochs=2, batch=128, augment=True),
     'cuda': dict(preset='resnet18_28', train=None, test=None, epochs=5, batch=256, augment=True),
 }
 METHODS = ('hff', 'bp', 'ff')

@@ -235,8 +235,52 @@ def test_grad_checkpointing_keeps_gradients():
     model(x, y).loss.backward()
     for n, g in ref.items():
         torch.testing.assert_close(dict(model.named_parameters())[n].grad, g, rtol=1e-4, atol=1e-5, msg=n)
-    with pytest.raises(ValueError, match='does not combine with grad checkpointing'):
-        model(x, y, mode='memory_efficient')
+
+
+# (model, kwargs, a block in stage 1 that timm's checkpointing wraps)
+CKPT_MODELS = [('test_resnet', dict(check_img_size=32), 'layer1.0'),
+               ('test_convnext', dict(check_img_size=32), 'stages.0.blocks.0'),
+               ('test_efficientnet', dict(check_img_size=32), 'blocks.0.0'),
+               ('test_vit', dict(img_size=32), 'blocks.0'),
+               ('resnet18', dict(small_input=True, check_img_size=32, channels=(8, 16, 32, 64)), 'layer1.0')]
+
+
+@pytest.mark.parametrize('name,kwargs,block', CKPT_MODELS, ids=[m[0] for m in CKPT_MODELS])
+def test_memory_efficient_with_grad_checkpointing_recomputes_and_keeps_gradients(name, kwargs, block):
+    """Checkpointing inside the stages (each head's backward runs inside a checkpointed block) is what brings
+    memory_efficient below BP + checkpointing; it must give simultaneous mode's gradients and really recompute."""
+    model = _build(name, kwargs).train()
+    x, y = _batch(model)
+    torch.manual_seed(0)
+    model(x, y, mode='simultaneous').loss.backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    model.set_grad_checkpointing(True)
+    calls = []
+    handle = model.backbone.get_submodule(block).register_forward_pre_hook(lambda *a: calls.append(1))
+    torch.manual_seed(0)
+    out = model(x, y, mode='memory_efficient')
+    handle.remove()
+    assert out.backward_done and not out.loss.requires_grad
+    assert len(calls) == 2, 'the first block ran once: it was not checkpointed (or ran a third time)'
+    got = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert got == set(ref)
+    for n, g in ref.items():
+        torch.testing.assert_close(dict(model.named_parameters())[n].grad, g, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_memory_efficient_refuses_reentrant_checkpoints():
+    from timm.layers import set_reentrant_ckpt, use_reentrant_ckpt
+    model = _build('test_resnet', dict(check_img_size=32)).train()
+    model.set_grad_checkpointing(True)
+    x, y = _batch(model)
+    before = use_reentrant_ckpt()
+    set_reentrant_ckpt(True)
+    try:
+        with pytest.raises(ValueError, match='needs non-reentrant checkpoints'):
+            model(x, y, mode='memory_efficient')
+    finally:
+        set_reentrant_ckpt(before)
 
 
 def test_state_dict_keys_are_timms():
@@ -253,6 +297,10 @@ def test_small_input_keeps_resolution():
     assert [f['reduction'] for f in model.feature_info] == [1, 2, 4, 8]
     with torch.no_grad():
         assert model(torch.randn(2, 1, 28, 28)).shape == (2, NUM_CLASSES)
+    # cut after layer2: the stem and max-pool lose their strides, layer2 keeps its own (in its first block,
+    # which is not the block the tap hooks)
+    deep_cut = _build('resnet18', {}, small_input=True, in_chans=1, stage_indices=[2, 4])
+    assert deep_cut.split.reductions == [2, 8]
     with pytest.raises(ValueError, match='patch_size'):
         timm_hff.create_model('vit_tiny_patch16_224', num_classes=3, small_input=True)
 

@@ -25,6 +25,10 @@ from ._stages import StageSplit, run_stages, stage_modules
 MODES = ('simultaneous', 'memory_efficient')
 
 
+def _pass_through(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 @dataclass
 class HFFOutput:
     """What one training forward returns.
@@ -111,6 +115,8 @@ class HFFModel(nn.Module):
         if not hasattr(self.backbone, 'set_grad_checkpointing'):
             raise ValueError(f'{type(self.backbone).__name__} does not support gradient checkpointing')
         self.backbone.set_grad_checkpointing(enable)
+        for head in self.heads:
+            head.grad_checkpointing = enable
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict:
@@ -208,19 +214,28 @@ class HFFModel(nn.Module):
         backward_fn = backward_fn or (lambda loss: loss.backward())
 
         def on_stage(k: int, h: torch.Tensor) -> None:
-            logits = self.heads[k](h)
-            if k in active:
-                loss = self.heads[k].loss(logits, target)
-                if memory_efficient:
+            if not memory_efficient:
+                logits = self.heads[k](h)
+                if k in active:
+                    losses.append(self.heads[k].loss(logits, target))
+            elif k not in active:
+                with torch.no_grad():
+                    logits = self.heads[k](h)
+            else:
+                # With grad checkpointing this runs inside a checkpointed block's forward: the pass-through
+                # saved-tensor hooks keep the head's tensors out of the checkpoint, and the backward recomputes
+                # the stage's checkpointed blocks as any checkpoint backward would (the tap returns the same
+                # detached tensor in the recompute, so the graphs match). The backward consumes the head's
+                # graph at once, so the hooks' strong references to saved outputs cannot leak.
+                with torch.autograd.graph.saved_tensors_hooks(_pass_through, _pass_through):
+                    logits = self.heads[k](h)
+                    loss = self.heads[k].loss(logits, target)
                     backward_fn(loss)
-                    loss = loss.detach()
-                losses.append(loss)
+                losses.append(loss.detach())
             stage_logits.append(logits.detach())
 
         if memory_efficient:
-            if getattr(self.backbone, 'grad_checkpointing', False):
-                raise ValueError("memory_efficient mode already frees each stage's graph; it does not combine with "
-                                 "grad checkpointing (a head's backward inside a checkpointed block); use one")
+            self._check_checkpoint_mode()
             self._run(x, on_stage=on_stage, stop_after=active[-1])
         else:   # heads run after the forward, outside any checkpointed region of the backbone
             for k, h in enumerate(self._run(x, stop_after=active[-1])):
@@ -233,6 +248,16 @@ class HFFModel(nn.Module):
             loss=total,
             backward_done=memory_efficient,
         )
+
+    def _check_checkpoint_mode(self) -> None:
+        """memory_efficient mode runs each head's backward inside timm's checkpointed block; that needs the
+        non-reentrant checkpoint, whose recompute happens inside autograd (reentrant runs the forward without
+        grad, so the head would see a tensor with no graph)."""
+        if getattr(self.backbone, 'grad_checkpointing', False):
+            from timm.layers import use_reentrant_ckpt
+            if use_reentrant_ckpt():
+                raise ValueError('memory_efficient mode with grad checkpointing needs non-reentrant checkpoints; '
+                                 'unset TIMM_REENTRANT_CKPT or call timm.layers.set_reentrant_ckpt(False)')
 
     def _predict(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)

@@ -89,6 +89,19 @@ def build_split(backbone: nn.Module, cfg: HFFConfig) -> StageSplit:
                       full_tail=full_tail)
 
 
+def _resolve_name(backbone: nn.Module, name: str) -> str:
+    """``_hookable``'s lenient lookup of a ``feature_info`` module name, without descending into containers."""
+    for cand in (name, '.'.join([name.split('.')[0] + 's'] + name.split('.')[1:])):
+        try:
+            backbone.get_submodule(cand)
+            return cand
+        except AttributeError:
+            matches = [n for n, _ in backbone.named_modules() if n.endswith('.' + cand)]
+            if len(matches) == 1:
+                return matches[0]
+    return name
+
+
 def _hookable(backbone: nn.Module, name: str) -> str:
     """The module to hook for a tap: the tap itself, or, for a container, its last block.
 
@@ -408,13 +421,16 @@ def adapt_small_input(backbone: nn.Module, split: StageSplit, in_chans: int) -> 
     """Make a conv stem keep resolution for 28-32 px inputs; returns the names of what changed.
 
     Every conv before the first tap loses its stride and every pooling layer there becomes an identity, so
-    a 28 px image reaches stage 1 at 28 px instead of 7 px. Token models are sized by timm's own
-    ``img_size`` / ``patch_size`` kwargs instead.
+    a 28 px image reaches stage 1 at 28 px instead of 7 px. Strides inside the feature level that ends stage 1
+    are that level's own downsampling and are kept (with ``stage_indices=[2, 4]`` on a ResNet, layer2 still
+    halves the map). Token models are sized by timm's own ``img_size`` / ``patch_size`` kwargs instead.
     """
     if hasattr(backbone, 'patch_embed'):
         raise ValueError(f"small_input adapts conv stems; '{type(backbone).__name__}' embeds patches, so pass "
                          f"timm's img_size=32, patch_size=4 (or similar) instead")
     first = split.tap_names[0] if split.tap_names else None
+    first_level = backbone.feature_info[split.feature_indices[0]]['module'] if first else None
+    first_level = _resolve_name(backbone, first_level) if first_level else None
     order: List[str] = []
     module_names = {m: n for n, m in backbone.named_modules()}
 
@@ -438,7 +454,7 @@ def adapt_small_input(backbone: nn.Module, split: StageSplit, in_chans: int) -> 
         raise ValueError('small_input needs at least two stages (a first tap to stop at)')
     changed = []
     for name in order[:order.index(first)]:
-        if first.startswith(name + '.') or name == first:
+        if first.startswith(name + '.') or name == first or name.startswith(first_level + '.'):
             continue
         m = backbone.get_submodule(name)
         if isinstance(m, nn.Conv2d) and max(m.stride) > 1:
