@@ -58,6 +58,8 @@ class TrainConfig:
         freeze_stages: HFF stages to keep frozen (transfer).
         head_only: Train only the prototype heads; the whole backbone stays frozen (transfer).
         channels_last: Channels-last memory format.
+        grad_checkpointing: timm's gradient checkpointing (recompute each block in backward). With schedule
+            'memory_efficient' it also applies inside each stage, the lowest-memory way to train.
 
     Optimisation:
         schedule: 'simultaneous' (all stages each step), 'memory_efficient' (each stage's backward as soon as it
@@ -113,6 +115,7 @@ class TrainConfig:
     freeze_stages: List[int] = field(default_factory=list)
     head_only: bool = False
     channels_last: bool = False
+    grad_checkpointing: bool = False
     # optimisation
     schedule: str = 'simultaneous'
     opt: str = 'sgd'

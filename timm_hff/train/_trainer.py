@@ -180,6 +180,8 @@ class Trainer:
         self.num_stages = model.num_stages if cfg.method == 'hff' else 1
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
+        if cfg.grad_checkpointing:   # with schedule memory_efficient: checkpointing inside each stage as well
+            model.set_grad_checkpointing(True)
         self.data_cfg, self.train_loader, self.val_loader = build_loaders(cfg, model, self.train_data,
                                                                           self.val_data, acc)
         self.total_epochs = cfg.epochs * (self.num_stages if cfg.schedule == 'sequential' else 1)
