@@ -75,7 +75,7 @@ def test_train_steps_in_gpu_runtime_settings_on_cpu():
     spec = _common.get_spec('tiny_resnet_28')
     x = runtime.input(torch.randn(4, 1, 28, 28))
     y = torch.randint(0, 10, (4,))
-    for method in ('hff_simultaneous', 'hff_memory_efficient', 'bp', 'bp_ckpt', 'bp_accum', 'ff'):
+    for method in ('hff_simultaneous', 'hff_memory_efficient', 'hff_me_ckpt', 'bp', 'bp_ckpt', 'bp_accum', 'ff'):
         model = runtime.model(_common.build_for_method(method, spec, 10).train())
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         before = [p.detach().clone() for p in model.parameters()]
