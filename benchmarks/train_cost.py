@@ -372,12 +372,12 @@ def _why(missed):
         out.append('- Memory: memory_efficient alone cannot peak below its largest stage (that stage\'s saved '
                    'activations, the gradients of the stages already done, and gradient buffers at that stage\'s '
                    'resolution; see "stage 1 alone"). A ResNet cut at its reduction levels keeps most activations in '
-                   'the high-resolution stage 1 (stem + layer1), even more so with the small-input stem. With timm\'s '
-                   'checkpointing inside the stages (memory_efficient + checkpointing) stage 1 keeps only block '
-                   'inputs too, but timm does not checkpoint the stem, and stage 1\'s aux head (1x1 conv + norm + '
-                   'ReLU at full resolution) and the parameter gradients stay; at 32 px with the small-input stem '
-                   'those set the floor. What would close the rest: checkpointing the stem and the aux head, or '
-                   'aux_channels narrower than the stage.')
+                   'the high-resolution stage 1 (stem + layer1), even more so with the small-input stem. With '
+                   'checkpointing inside the stages (memory_efficient + checkpointing) stage 1 keeps only its block '
+                   'inputs and the stem, which timm does not checkpoint; its peak is then one block recomputed in '
+                   'backward at full resolution on top of those, the same floor BP + checkpointing has, without BP\'s '
+                   'other block inputs. Where that floor is above the target (a small-input stem at full resolution) '
+                   'what would lower it: checkpointing the stem too, or a narrower first stage.')
     return out
 
 
