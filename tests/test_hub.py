@@ -432,6 +432,23 @@ def test_refused_inputs(case, saved, tmp_path, monkeypatch):
     assert '\n' not in str(e.value) and str(e.value).startswith(f'local-dir:{d}')
 
 
+@pytest.mark.parametrize('legacy', [False, True], ids=['zip', 'legacy'])
+def test_pickle_told_from_safetensors_by_structure(tmp_path, legacy):
+    """A safetensors header length whose low byte is 0x80 must not be mistaken for a pickle's first byte."""
+    from safetensors.torch import save_file
+    path = tmp_path / 'model.safetensors'
+    tensors = {'w': torch.arange(6.0)}
+    for pad in range(300):   # grow the metadata until the 8-byte header length starts with 0x80
+        save_file(tensors, str(path), metadata={'pad': 'x' * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    torch.testing.assert_close(_hub.read_weights(path)['w'], tensors['w'])
+    torch.save(tensors, str(path), _use_new_zipfile_serialization=not legacy)
+    with pytest.raises(UnsafeCheckpointError, match='pickle'):
+        _hub.read_weights(path)
+
+
 def test_shape_mismatch(saved, tmp_path):
     d = tmp_path / 'model'
     shutil.copytree(saved, d)

@@ -192,6 +192,18 @@ def test_sequential_trains_one_stage_at_a_time(idx_root, tmp_path):
     assert 'train_loss_stage0' in trainer.history[0] and 'train_loss_stage1' not in trainer.history[0]
 
 
+def test_ema_model_is_saved_with_its_own_accuracy(idx_root, tmp_path):
+    trainer, final = run(tiny(idx_root, tmp_path, epochs=1, model_ema=True, model_ema_decay=0.5))
+    run_dir = tmp_path / 'run'
+    live = json.loads((run_dir / 'model' / 'config.json').read_text())['hff']['metrics']
+    ema = json.loads((run_dir / 'model_ema' / 'config.json').read_text())['hff']['metrics']
+    assert live['top1'] == final['top1'] and ema['top1'] == final['ema_top1']
+    assert ema['top1_stage0'] == final['ema_top1_stage0'] and ema['train_loss'] == final['train_loss']
+    assert not any(k.startswith('ema_') for k in ema)
+    ema_weights = weights(str(run_dir / 'model_ema'))
+    assert any(not torch.equal(v, weights(str(run_dir / 'model'))[k]) for k, v in ema_weights.items())
+
+
 # ----- resume -----
 def test_resume_continues_bitwise(idx_root, tmp_path, monkeypatch):
     kw = dict(epochs=3, model_ema=True, model_ema_decay=0.9, mixup=0.2, cutmix=0.5, reprob=0.3,

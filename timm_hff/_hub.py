@@ -563,8 +563,8 @@ def read_weights(path: Path, sha256: Optional[str] = None, where: str = '') -> D
     where = where or str(path)
     path = Path(path)
     with open(path, 'rb') as f:
-        head = f.read(8)
-    if head[:2] == b'PK' or head[:1] == b'\x80':
+        head = f.read(9)
+    if _looks_like_pickle(head, path.stat().st_size):
         raise UnsafeCheckpointError(f'{where}: {path.name} is a PyTorch pickle, not safetensors; it is refused '
                                     f'unopened. {_CONVERT_HINT}')
     try:
@@ -583,6 +583,14 @@ def read_weights(path: Path, sha256: Optional[str] = None, where: str = '') -> D
         return safetensors.torch.load_file(str(path), device='cpu')
     except Exception as e:
         raise CorruptCheckpointError(f'{where}: {path.name} cannot be read ({_one_line(e)})') from None
+
+
+def _looks_like_pickle(head: bytes, size: int) -> bool:
+    """A torch.save zip (``PK``) or a bare pickle (``\\x80`` + protocol 2-5), told apart from safetensors, whose
+    8-byte little-endian header length (its first byte can be 0x80) is followed by the JSON header's ``{``."""
+    if len(head) >= 9 and head[8:9] == b'{' and int.from_bytes(head[:8], 'little') <= size - 8:
+        return False
+    return head[:2] == b'PK' or (head[:1] == b'\x80' and head[1:2] in (b'\x02', b'\x03', b'\x04', b'\x05'))
 
 
 _CONVERT_HINT = ("Convert it once, in a trusted environment: python -c \"import torch, safetensors.torch as st; "

@@ -553,10 +553,19 @@ class Trainer:
         path = os.path.join(self.out_dir, 'model')
         saved = save_final_model(unwrapped, path, cfg, self.train_data, final, self.data_cfg)
         if saved and self.ema is not None:
-            save_final_model(self.ema.module, os.path.join(self.out_dir, 'model_ema'), cfg, self.train_data, final,
-                             self.data_cfg)
+            save_final_model(self.ema.module, os.path.join(self.out_dir, 'model_ema'), cfg, self.train_data,
+                             ema_metrics(final), self.data_cfg)
         acc.print(f'weights: {saved}' if saved else 'weights: not saved (see the warning above)')
         acc.wait_for_everyone()
+
+
+def ema_metrics(row: Dict[str, Any]) -> Dict[str, Any]:
+    """The EMA model's view of an epoch's row: its own evaluation (``ema_*``) under the plain names, training
+    figures (loss, lr, time) kept, the live model's evaluation dropped, so the EMA's card states the EMA's accuracy."""
+    evaluated = {k[len('ema_'):] for k in row if k.startswith('ema_')}
+    out = {k: v for k, v in row.items() if not k.startswith('ema_') and k not in evaluated}
+    out.update({k[len('ema_'):]: v for k, v in row.items() if k.startswith('ema_')})
+    return out
 
 
 def save_final_model(model: nn.Module, path: str, cfg: TrainConfig, data: ImageData, metrics: Dict[str, Any],
