@@ -6,11 +6,11 @@
 
 Methods, all on one backbone and one batch: HFF ``simultaneous`` (sum of stage losses, one backward), HFF
 ``memory_efficient`` (each stage's backward as soon as it has run), HFF ``memory_efficient`` with gradient
-checkpointing inside the stages (each head's backward recomputes its stage's checkpointed blocks and aux head),
-BP (timm classifier, cross-entropy), BP with timm's gradient checkpointing, BP with gradient accumulation (4 micro-batches, equal effective batch). One
-optimiser (SGD, momentum 0.9) for all. Two memory-only diagnostic rows: HFF's stage 1 trained alone (the floor
-of ``memory_efficient``'s peak, since that mode holds one stage's graph at a time), and ``memory_efficient`` with
-``aux='none'`` (heads pool first, so no full-resolution aux activations).
+checkpointing inside the stages (each head's backward recomputes its stage's checkpointed blocks), BP (timm
+classifier, cross-entropy), BP with timm's gradient checkpointing, BP with gradient accumulation (4 micro-batches,
+equal effective batch). One optimiser (SGD, momentum 0.9) for all. Two memory-only diagnostic rows: HFF's stage 1
+trained alone (the floor of ``memory_efficient``'s peak, since that mode holds one stage's graph at a time), and
+``memory_efficient`` with ``aux='none'`` (heads pool first, so no full-resolution aux activations).
 
 Step time: every method's model is built in one process and timed in interleaved rounds (so load from other
 processes hits all alike); the fastest step is reported (load only adds time), the median is in the JSON.

@@ -10,7 +10,6 @@ The other classes' prototypes act as negatives, so no negative data is needed an
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from ._config import HFFConfig
 
@@ -77,7 +76,6 @@ class PrototypeHead(nn.Module):
         self.proj = nn.Linear(width, self.embed_dim) if cfg.embed_dim else nn.Identity()
         self.prototypes = nn.Parameter(torch.empty(num_classes * self.num_prototypes, self.embed_dim))
         self.num_classes = num_classes
-        self.grad_checkpointing = False   # set with the backbone's by HFFModel.set_grad_checkpointing
         self.reset_prototypes(num_classes)
 
     def reset_prototypes(self, num_classes: int) -> None:
@@ -104,16 +102,8 @@ class PrototypeHead(nn.Module):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """The stage output as a point z on the unit sphere, shape (B, embed_dim)."""
-        if self.grad_checkpointing and torch.is_grad_enabled() and not isinstance(self.aux, nn.Identity):
-            # the aux block's activations are the size of the stage output (at full resolution in stage 1);
-            # recompute them in backward so a checkpointed stage does not hold them
-            pooled = checkpoint(self._aux_pool, x, use_reentrant=False)
-        else:
-            pooled = self._aux_pool(x)
-        return F.normalize(self.proj(pooled).float(), dim=-1)
-
-    def _aux_pool(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.aux(x))
+        z = self.proj(self.pool(self.aux(x)))
+        return F.normalize(z.float(), dim=-1)
 
     def unit_prototypes(self) -> torch.Tensor:
         return F.normalize(self.prototypes.float(), dim=-1)

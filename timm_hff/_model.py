@@ -115,8 +115,6 @@ class HFFModel(nn.Module):
         if not hasattr(self.backbone, 'set_grad_checkpointing'):
             raise ValueError(f'{type(self.backbone).__name__} does not support gradient checkpointing')
         self.backbone.set_grad_checkpointing(enable)
-        for head in self.heads:
-            head.grad_checkpointing = enable
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict:

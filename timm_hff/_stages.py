@@ -89,8 +89,12 @@ def build_split(backbone: nn.Module, cfg: HFFConfig) -> StageSplit:
                       full_tail=full_tail)
 
 
-def _resolve_name(backbone: nn.Module, name: str) -> str:
-    """``_hookable``'s lenient lookup of a ``feature_info`` module name, without descending into containers."""
+def _resolve_name(backbone: nn.Module, name: str) -> Optional[str]:
+    """A ``feature_info`` module name as the model spells it, looked up leniently (None if it is not there).
+
+    Names that timm's ``feature_info`` gets slightly wrong (relative to a wrapper, or 'block.0' for 'blocks.0') are
+    accepted: ``probe_split`` verifies whatever is found.
+    """
     for cand in (name, '.'.join([name.split('.')[0] + 's'] + name.split('.')[1:])):
         try:
             backbone.get_submodule(cand)
@@ -99,7 +103,7 @@ def _resolve_name(backbone: nn.Module, name: str) -> str:
             matches = [n for n, _ in backbone.named_modules() if n.endswith('.' + cand)]
             if len(matches) == 1:
                 return matches[0]
-    return name
+    return None
 
 
 def _hookable(backbone: nn.Module, name: str) -> str:
@@ -107,24 +111,13 @@ def _hookable(backbone: nn.Module, name: str) -> str:
 
     timm's gradient checkpointing (``checkpoint_seq(..., flatten=True)``) calls a Sequential's blocks directly and
     never the container, and a ModuleList is never called at all, so a hook there would not fire; the last block's
-    output is the same tensor. Names that timm's ``feature_info`` gets slightly wrong (relative to a wrapper, or
-    'block.0' for 'blocks.0') are looked up leniently: ``probe_split`` verifies whatever is found.
+    output is the same tensor.
     """
-    candidates = [name, '.'.join([name.split('.')[0] + 's'] + name.split('.')[1:])]
-    for cand in candidates:
-        try:
-            module = backbone.get_submodule(cand)
-            name = cand
-            break
-        except AttributeError:
-            matches = [n for n, _ in backbone.named_modules() if n.endswith('.' + cand)]
-            if len(matches) == 1:
-                name = matches[0]
-                module = backbone.get_submodule(name)
-                break
-    else:
+    resolved = _resolve_name(backbone, name)
+    if resolved is None:
         raise SplitError(f"timm family '{family_of(backbone)}': feature_info names module '{name}', which "
                          f"is not in the model, so the stage cannot be tapped")
+    name, module = resolved, backbone.get_submodule(resolved)
     while _plain_container(module) and len(module):
         child, module = list(module.named_children())[-1]
         name = f'{name}.{child}'
@@ -429,8 +422,7 @@ def adapt_small_input(backbone: nn.Module, split: StageSplit, in_chans: int) -> 
         raise ValueError(f"small_input adapts conv stems; '{type(backbone).__name__}' embeds patches, so pass "
                          f"timm's img_size=32, patch_size=4 (or similar) instead")
     first = split.tap_names[0] if split.tap_names else None
-    first_level = backbone.feature_info[split.feature_indices[0]]['module'] if first else None
-    first_level = _resolve_name(backbone, first_level) if first_level else None
+    first_level = _resolve_name(backbone, backbone.feature_info[split.feature_indices[0]]['module'])
     order: List[str] = []
     module_names = {m: n for n, m in backbone.named_modules()}
 

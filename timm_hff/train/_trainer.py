@@ -562,10 +562,8 @@ class Trainer:
 def ema_metrics(row: Dict[str, Any]) -> Dict[str, Any]:
     """The EMA model's view of an epoch's row: its own evaluation (``ema_*``) under the plain names, training
     figures (loss, lr, time) kept, the live model's evaluation dropped, so the EMA's card states the EMA's accuracy."""
-    evaluated = {k[len('ema_'):] for k in row if k.startswith('ema_')}
-    out = {k: v for k, v in row.items() if not k.startswith('ema_') and k not in evaluated}
-    out.update({k[len('ema_'):]: v for k, v in row.items() if k.startswith('ema_')})
-    return out
+    ema = {k[len('ema_'):]: v for k, v in row.items() if k.startswith('ema_')}
+    return {**{k: v for k, v in row.items() if not k.startswith('ema_') and k not in ema}, **ema}
 
 
 def save_final_model(model: nn.Module, path: str, cfg: TrainConfig, data: ImageData, metrics: Dict[str, Any],
