@@ -315,6 +315,20 @@ def test_labels_outside_num_classes(idx_root, tmp_path):
     assert not (tmp_path / 'run' / '.lock').exists()   # a failed start releases the folder
 
 
+def test_label_names_are_saved_with_the_model(idx_root, tmp_path):
+    names = [f'kind {i}' for i in range(10)]
+    run(tiny(idx_root, tmp_path, label_names=names))
+    saved = json.loads((tmp_path / 'run' / 'model' / 'config.json').read_text())
+    assert saved['label_names'] == names
+    assert 'kind 7' in (tmp_path / 'run' / 'model' / 'README.md').read_text()
+    run(tiny(idx_root, tmp_path / 'default'))   # without it the IDX column's own names (digits here)
+    assert json.loads((tmp_path / 'default' / 'run' / 'model' / 'config.json').read_text())['label_names'][7] == '7'
+    with pytest.raises(ValueError, match='label_names lists 3 names but .* has 10 classes'):
+        Trainer(tiny(idx_root, tmp_path / 'short', label_names=['a', 'b', 'c']))
+    with pytest.raises(ValueError, match='label_names has a duplicate'):
+        tiny(idx_root, tmp_path / 'dup', label_names=['a'] * 10)
+
+
 def test_run_folder_is_locked(idx_root, tmp_path):
     os.makedirs(tmp_path / 'run')
     other = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])

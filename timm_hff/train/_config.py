@@ -38,6 +38,9 @@ class TrainConfig:
         train_split / val_split: Split names.
         input_key / target_key: Image / label columns; inferred when None.
         num_classes: Classes to build prototypes for; None takes the label column's ClassLabel.
+        label_names: Class names saved with the model (config.json, card), one per class in label order; None takes
+            the label column's ClassLabel names (digits for an integer column, Fashion-MNIST's names for IDX files
+            under a folder named so). Like timm's class map, for data whose labels carry no names.
         train_num_samples / val_num_samples: Use the first N rows; for a stream, its length (required there).
         streaming: Stream the splits (implied by 'hfids/').
         data_in_memory: Hold each split as one uint8 tensor (decode once); None: only array columns (IDX).
@@ -96,6 +99,7 @@ class TrainConfig:
     input_key: Optional[str] = None
     target_key: Optional[str] = None
     num_classes: Optional[int] = None
+    label_names: Optional[List[str]] = None
     train_num_samples: Optional[int] = None
     val_num_samples: Optional[int] = None
     streaming: bool = False
@@ -196,6 +200,9 @@ class TrainConfig:
                      'threads'):
             if getattr(self, name) is not None:
                 _at_least(name, getattr(self, name), 1)
+        if self.label_names is not None and len(set(self.label_names)) != len(self.label_names):
+            dup = next(n for n in self.label_names if self.label_names.count(n) > 1)
+            raise ValueError(f'label_names has a duplicate ({dup!r}): give each class its own name')
         for name in ('hflip', 'vflip', 'reprob', 'mixup_prob', 'mixup_switch_prob', 'model_ema_decay'):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f'{name} must be in [0, 1], got {getattr(self, name)!r}')

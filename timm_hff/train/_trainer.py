@@ -100,6 +100,11 @@ def build_data(cfg: TrainConfig, accelerator) -> Tuple[ImageData, ImageData]:
                                    num_samples=cfg.train_num_samples, **kw)
         val = load_image_dataset(cfg.dataset, cfg.data_dir, cfg.val_split, num_classes=train.num_classes,
                                  num_samples=cfg.val_num_samples, **kw)
+    if cfg.label_names is not None:
+        if len(cfg.label_names) != train.num_classes:
+            raise ValueError(f'label_names lists {len(cfg.label_names)} names but {train.name} has '
+                             f'{train.num_classes} classes: give one name per class, in label order')
+        train.label_names = val.label_names = [str(n) for n in cfg.label_names]
     return train, val
 
 
