@@ -104,7 +104,7 @@ def build_data(cfg: TrainConfig, accelerator) -> Tuple[ImageData, ImageData]:
         if len(cfg.label_names) != train.num_classes:
             raise ValueError(f'label_names lists {len(cfg.label_names)} names but {train.name} has '
                              f'{train.num_classes} classes: give one name per class, in label order')
-        train.label_names = val.label_names = [str(n) for n in cfg.label_names]
+        train.label_names = val.label_names = list(cfg.label_names)
     return train, val
 
 
