@@ -325,7 +325,7 @@ def _(env):
         assert [os.path.basename(p) for p in list_checkpoints(str(env.tmp / 'run'))] == ['epoch_0000']
         assert os.listdir(env.tmp / 'run' / 'checkpoints') == ['epoch_0000']   # no temp folder either
         _assert_complete(ckpt(env.tmp, 0), 0)
-        assert len(json.loads((env.tmp / 'run' / 'metrics.json').read_text())) == 1
+        assert len(json.loads((env.tmp / 'run' / 'metrics.json').read_text())['epochs']) == 1
         assert not (env.tmp / 'run' / '.lock').exists()
 
 

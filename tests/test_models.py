@@ -407,3 +407,85 @@ def test_deepcopy_for_ema_rebinds_the_cut():
     out.loss.backward()
     ema.update(model)
     assert all(p.grad is None for p in ema.module.parameters())
+
+
+_SWIN = 'swin_tiny_patch4_window7_224'
+
+
+@pytest.mark.parametrize('name,kwargs', [('resnet18', dict(check_img_size=64)), (_SWIN, MODELS[IDS.index(_SWIN)][1])],
+                         ids=['resnet18', 'swin'])
+def test_aux_depth_size_and_grid_pooling(name, kwargs):
+    """Deeper aux blocks stack layers; aux_size pools before the aux block (cheaper, equal on small maps);
+    pool_size flattens a grid of positions; every variant still trains only its own stage."""
+    from torch.utils.flop_counter import FlopCounterMode
+    base = _build(name, kwargs, aux='conv1x1', aux_channels=16).eval()
+    deep = _build(name, kwargs, aux='conv1x1', aux_channels=16, aux_depth=3, aux_size=4, pool_size=2).eval()
+    layers = [m for m in deep.heads[0].aux.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    assert len(layers) == 3
+    assert deep.heads[0].proj.in_features == 16 * 4                     # a 2x2 grid of 16 channels
+    x, y = _batch(deep)
+    with torch.no_grad():
+        h = run_stages(deep.backbone, deep.split, x)
+    assert h[0].shape[-2] > 4 or h[0].shape[1] > 4                        # stage 1 is larger than the aux grid
+    flops = []
+    for model in (base, deep):
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model.heads[0](h[0])
+        flops.append(counter.get_total_flops())
+    assert flops[1] < flops[0]                                           # 3 layers at <= 4x4 cost less than 1 at full
+    assert torch.isfinite(deep(x)).all() and deep(x).shape == (3, NUM_CLASSES)
+    out = deep.train()(x, y)
+    out.loss.backward()
+    assert all(p.grad is not None for p in deep.heads[0].parameters())
+    # on a map no larger than aux_size, pooling first changes nothing
+    small = _build('test_resnet', dict(check_img_size=32), aux_size=64).eval()
+    ref = _build('test_resnet', dict(check_img_size=32)).eval()
+    ref.load_state_dict(small.state_dict())
+    xs, _ = _batch(ref)
+    with torch.no_grad():
+        torch.testing.assert_close(small.forward_stages(xs), ref.forward_stages(xs))
+
+
+def test_grid_pooling_needs_a_feature_map():
+    with pytest.raises(ValueError, match='pool_size=2 needs a feature map'):
+        _build('test_vit', dict(img_size=32), pool_size=2)
+
+
+@pytest.mark.parametrize('name,kwargs,cuts', [
+    ('resnet18', dict(check_img_size=64, layers=(2, 2, 2, 2)),
+     ['layer1.0', 1, 'layer2.0', 2, 'layer3.0', 3, 'layer4.0', 4]),
+    ('convnext_atto', dict(check_img_size=64), ['stages.1', 'stages.2.blocks.2', 'stages.2', 3]),
+    ('mobilenetv3_small_050', dict(check_img_size=64), ['blocks.1.0', 'blocks.2', 'blocks.3.1', -1]),
+], ids=['resnet18', 'convnext_atto', 'mobilenetv3'])
+def test_block_boundary_cuts(name, kwargs, cuts):
+    """Cuts finer than timm's feature_info levels: each named block ends a stage, the probe verifies ownership, and
+    the network computes exactly what the uncut backbone computes."""
+    model = _build(name, kwargs, stage_indices=cuts).eval()
+    assert model.num_stages == len(cuts)
+    named = [c for c in model.split.feature_indices if isinstance(c, str)]
+    assert named and all(model.feature_info[k]['module'] == f'backbone.{c}' if isinstance(c, str) else True
+                         for k, c in enumerate(model.split.feature_indices))
+    owned = [set(p) for p in model.split.stage_param_names]
+    assert all(not (a & b) for i, a in enumerate(owned) for b in owned[i + 1:])       # disjoint
+    x, y = _batch(model)
+    with torch.no_grad():
+        ref = model.backbone.forward_head(model.backbone.forward_features(x), pre_logits=True)
+        outs = run_stages(model.backbone, model.split, x)
+    torch.testing.assert_close(outs[-1], ref)
+    out = model.train()(x, y)
+    out.loss.backward()
+    for k in range(model.num_stages):   # each stage's loss reached its own parameters
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.stage_parameters(k, include_head=False))
+
+
+def test_block_boundary_cuts_are_checked():
+    with pytest.raises(SplitError, match=r"named cut must end a block.*layer1\.0\.conv2"):
+        _build('resnet18', dict(check_img_size=64), stage_indices=['layer1.0.conv2', 4])
+    with pytest.raises(ValueError, match=r"does not have \(close: \['layer1.1'"):
+        _build('resnet18', dict(check_img_size=64), stage_indices=['layer1.7', 4])
+    with pytest.raises(ValueError, match='name the same tap twice'):   # layer1 is tapped at its last block
+        _build('resnet18', dict(check_img_size=64), stage_indices=['layer1.1', 1, 4])
+    model = _build('resnet18', dict(check_img_size=64), stage_indices=['backbone.layer2', 'layer4'])
+    assert model.split.feature_indices == (2, 4)                      # timm's own levels stay indices
+    with pytest.raises(ValueError, match='integers.*or module names'):
+        HFFConfig(stage_indices=[1.5])

@@ -159,7 +159,8 @@ def test_sigkill_mid_epoch_and_mid_checkpoint_then_resume_is_bitwise(idx_root, t
     ref, got = weights(ckpt(tmp_path / 'ref', 2)), weights(ckpt(tmp_path / 'killed', 2))
     assert ref.keys() == got.keys()
     assert all(torch.equal(ref[k], got[k]) for k in ref), [k for k in ref if not torch.equal(ref[k], got[k])][:5]
-    rows = [json.loads((d / 'run' / 'metrics.json').read_text()) for d in (tmp_path / 'ref', tmp_path / 'killed')]
+    rows = [json.loads((d / 'run' / 'metrics.json').read_text())['epochs']
+            for d in (tmp_path / 'ref', tmp_path / 'killed')]
     assert [(r['train_loss'], r['top1']) for r in rows[0]] == [(r['train_loss'], r['top1']) for r in rows[1]]
 
 

@@ -68,6 +68,13 @@ def test_yaml_and_cli_overrides(tmp_path):
     assert (cfg.lr, cfg.epochs, cfg.experiment) == (0.5, 7, '2024')
     assert TrainConfig.from_yaml(str(recipe)).experiment == 'my_recipe'
     assert TrainConfig.from_yaml(str(recipe), dict(method='bp')).experiment == 'my_recipe_bp'
+    # mappings merge key by key: --hff '{margin: 0.3}' keeps the recipe's cut and stem
+    (tmp_path / 'cut.yaml').write_text('hff: {small_input: true, stage_indices: [0, 4]}\n'
+                                       'model_kwargs: {layers: [1, 1]}\n')
+    over = parse_overrides(build_parser().parse_args(['--hff', '{margin: 0.3}', '--model-kwargs', '{channels: [8]}']))
+    cfg = TrainConfig.from_yaml(str(tmp_path / 'cut.yaml'), over)
+    assert cfg.hff == dict(small_input=True, stage_indices=[0, 4], margin=0.3)
+    assert cfg.model_kwargs == dict(layers=[1, 1], channels=[8])
     (tmp_path / 'bad.yaml').write_text('lr: 0.1\nbatchsize: 4\n')
     with pytest.raises(ValueError, match="unknown setting 'batchsize'; did you mean 'batch_size'"):
         TrainConfig.from_yaml(str(tmp_path / 'bad.yaml'))
@@ -97,6 +104,9 @@ def _stand_in(recipe, idx_root, folder_root, out, tmp_path):
     else:
         over.update(dataset='imagefolder', data_dir=folder_root, streaming=bool(d.get('dataset', '').startswith(
             'hfids/')), num_classes=None)
+    if d.get('val_fraction'):   # the recipe's own protocol: a class-balanced hold-out, the test split at the end
+        over.update(val_split=None, val_fraction=0.25, train_num_samples=48, batch_size=18,
+                    test_split=d.get('test_split'))
     if (d.get('img_size') or 224) > 32:
         over['img_size'] = 32
     if d.get('log_with') == 'tensorboard' and not _has_tensorboard():
@@ -129,10 +139,10 @@ def test_recipe_runs_two_steps(recipe, idx_root, folder_root, tmp_path, capsys):
     over = _stand_in(recipe, idx_root, folder_root, tmp_path / 'out', tmp_path)
     assert main(['--config', recipe] + _cli_args(over)) == 0
     run_dir = tmp_path / 'out' / cfg.experiment
-    history = json.loads((run_dir / 'metrics.json').read_text())
+    history = json.loads((run_dir / 'metrics.json').read_text())['epochs']
     assert len(history) == 1
     row = history[0]
-    steps = over['train_num_samples'] // over['batch_size']
+    steps = -(-round(over['train_num_samples'] * (1 - over.get('val_fraction', 0))) // over['batch_size'])
     assert row['train_img_per_s'] > 0 and np.isfinite(row['train_loss'])
     assert row['val_images'] == 5 and 0 <= row['top1'] <= 100
     assert os.path.isfile(run_dir / 'model' / 'model.safetensors')
@@ -149,7 +159,9 @@ def test_recipe_runs_two_steps(recipe, idx_root, folder_root, tmp_path, capsys):
         trained = src.split.stage_param_names[-1][0]
         assert not torch.equal(new[f'backbone.{trained}'], src.backbone.get_parameter(trained))
     out = capsys.readouterr().out
-    assert 'weights: ' in out and 'test top-1' in out
+    assert 'weights: ' in out and 'val top-1' in out
+    if cfg.test_split:
+        assert json.loads((run_dir / 'metrics.json').read_text())['test']['test_images'] == 5
 
 
 # ----- schedules -----
@@ -235,8 +247,8 @@ def test_resume_continues_bitwise(idx_root, tmp_path, monkeypatch):
     ea = load_file(os.path.join(ckpt(tmp_path / 'a', 2), 'ema.safetensors'))
     eb = load_file(os.path.join(ckpt(tmp_path / 'b', 2), 'ema.safetensors'))
     assert all(torch.equal(ea[k], eb[k]) for k in ea)
-    ha = json.loads((tmp_path / 'a' / 'run' / 'metrics.json').read_text())
-    hb = json.loads((tmp_path / 'b' / 'run' / 'metrics.json').read_text())
+    ha = json.loads((tmp_path / 'a' / 'run' / 'metrics.json').read_text())['epochs']
+    hb = json.loads((tmp_path / 'b' / 'run' / 'metrics.json').read_text())['epochs']
     assert [r['top1'] for r in ha] == [r['top1'] for r in hb] and len(hb) == 3
     # a checkpoint of another model is refused
     AcceleratorReset()
@@ -275,7 +287,7 @@ def test_bp_baseline_same_backbone(idx_root, tmp_path):
 def test_outputs_and_saved_model(idx_root, tmp_path):
     trainer, final = run(tiny(idx_root, tmp_path, epochs=2, clip_grad=1.0))
     run_dir = tmp_path / 'run'
-    rows = json.loads((run_dir / 'metrics.json').read_text())
+    rows = json.loads((run_dir / 'metrics.json').read_text())['epochs']
     assert [r['epoch'] for r in rows] == [1, 2]
     header = (run_dir / 'metrics.csv').read_text().splitlines()[0].split(',')
     S = trainer.num_stages

@@ -19,7 +19,7 @@ DATASET_NAMES = {
     'uoft-cs/cifar100': 'CIFAR-100', 'ILSVRC/imagenet-1k': 'ImageNet-1k',
 }
 # metrics that describe the evaluation rather than a measurement
-_NOT_MEASURES = {'dataset', 'split', 'eval_split'}
+_NOT_MEASURES = {'dataset', 'split', 'eval_split', 'val_split'}
 # substrings of metric names that are a cost (time, throughput, memory, compute)
 _COST_WORDS = ('time', 'per_s', 'img_s', 'mem', 'flop', 'mac', 'throughput', 'latency', 'energy', 'params')
 
@@ -69,13 +69,16 @@ After `import timm_hff`, `timm.create_model('{{ model_id }}', pretrained=True)` 
 ## Accuracy{% if dataset_name %} ({{ dataset_name }}{% if split %}, {{ split }} split{% endif %}){% endif %}
 
 {% if has_accuracy -%}
-| Prediction | Tap (timm module) | Width | Stride | Parameters | Top-1 (%) |{% if has_top5 %} Top-5 (%) |{% endif %}
-|---|---|---|---|---|---|{% if has_top5 %}---|{% endif %}
-{%- for row in stage_rows %}
-| {{ row.name }} | `{{ row.module }}` | {{ row.channels }} | {{ row.reduction }} | {{ row.params }} | {{ row.top1 }} |
-{%- if has_top5 %} {{ row.top5 }} |{% endif %}
-{%- endfor %}
-| **Final** (`predict_from={{ predict_from }}`) | | | | | **{{ top1 }}** |{% if has_top5 %} **{{ top5 }}** |{% endif %}
+{{ accuracy_table }}
+
+Each stage trains only its own slice of the backbone (its share of the backbone's parameters and of one forward
+pass's FLOPs, and the conv/linear layers in it) and its prototype head; no gradient crosses a stage boundary.
+{%- if split %}
+Top-1 is measured on the {{ split }} split.
+{%- endif %}
+{%- if has_val %}
+Validation top-1 is measured on {{ val_split }}, the split the training settings were chosen on.
+{%- endif %}
 {%- else -%}
 No evaluation was recorded with this checkpoint.
 {%- endif %}
@@ -169,12 +172,30 @@ def build_model_card(config: Dict[str, Any], repo_id: Optional[str] = None,
         eval_results=eval_results or None,
     )
     input_size = (config.get('pretrained_cfg') or {}).get('input_size') or [hff.get('in_chans', 3), 224, 224]
+    val_top1 = stage_values(metrics, 'val_top1', len(stages))
+    has_val = metrics.get('val_top1') is not None
     stage_rows = [dict(name=f'Stage {k + 1}', module=s.get('module', s.get('feature_index')),
                        channels=s.get('channels'), reduction=s.get('reduction'), params=_count(s.get('params')),
-                       top1=_pct(stage_top1[k]), top5=_pct(stage_top5[k]))
+                       param_share=_share(s.get('param_share')), flops_share=_share(s.get('flops_share')),
+                       layers=s.get('layers', '–'), top1=_pct(stage_top1[k]), top5=_pct(stage_top5[k]),
+                       val_top1=_pct(val_top1[k]))
                   for k, s in enumerate(stages)]
+    headers = ['Prediction', 'Tap (timm module)', 'Width', 'Stride', 'Parameters', 'Backbone params',
+               'Backbone FLOPs', 'Conv/linear layers', 'Top-1 (%)']
+    if metrics.get('top5') is not None or any(v is not None for v in stage_top5):
+        headers.append('Top-5 (%)')
+    headers += ['Val top-1 (%)'] if has_val else []
+    table = [headers, ['---'] * len(headers)]
+    for r in stage_rows:
+        cells = [r['name'], f"`{r['module']}`", r['channels'], r['reduction'], r['params'], r['param_share'],
+                 r['flops_share'], r['layers'], r['top1']]
+        table.append(cells + ([r['top5']] if 'Top-5 (%)' in headers else []) + ([r['val_top1']] if has_val else []))
+    final = [f"**Final** (`predict_from={hff_cfg.get('predict_from', 'last')}`)"] + [''] * 7
+    final += [f"**{_pct(metrics.get('top1'))}**"] + ([f"**{_pct(metrics.get('top5'))}**"] if 'Top-5 (%)' in headers
+                                                     else [])
+    table.append(final + ([_pct(metrics.get('val_top1'))] if has_val else []))
     measures = [(k, v) for k, v in metrics.items() if k not in _NOT_MEASURES and v is not None
-                and not re.fullmatch(r'(stage_)?top[15](_stage\d+)?', k)]
+                and not re.fullmatch(r'(val_)?(stage_)?top[15](_stage\d+)?', k)]
     kwargs = dict(
         title=model_name.split('/')[-1],
         paper=PAPER,
@@ -188,6 +209,9 @@ def build_model_card(config: Dict[str, Any], repo_id: Optional[str] = None,
         base_model=base_model,
         dataset_name=dataset_name,
         split=split,
+        has_val=has_val,
+        accuracy_table='\n'.join('| ' + ' | '.join(str(c) for c in row) + ' |' for row in table),
+        val_split=metrics.get('val_split') or 'the validation split',
         settings=_settings(hff_cfg, len(stages)),
         has_accuracy=metrics.get('top1') is not None or any(v is not None for v in stage_top1),
         has_top5=metrics.get('top5') is not None or any(v is not None for v in stage_top5),
@@ -238,6 +262,10 @@ def _settings(cfg: Dict[str, Any], num_stages: int) -> List[tuple]:
 
 def _pct(v: Any) -> str:
     return '–' if v is None else (f'{v:.2f}' if isinstance(v, float) else str(v))
+
+
+def _share(v: Any) -> str:
+    return f'{v:.1%}' if isinstance(v, (int, float)) and not isinstance(v, bool) else '–'
 
 
 def _count(n: Any) -> str:

@@ -22,8 +22,9 @@ class HFFConfig:
         num_stages: Stages to cut when ``stage_indices`` is None. Hierarchical models get one stage per
             reduction level (the last ``num_stages`` levels; a stem tap joins stage 1); isotropic models (ViT)
             get ``num_stages`` evenly spaced blocks.
-        stage_indices: Indices into the backbone's ``feature_info`` that end a stage, ``out_indices``-style.
-            Negative indices count from the end. If the last index is not the backbone's last tap, the
+        stage_indices: Where stages end: indices into the backbone's ``feature_info`` (``out_indices``-style, negative
+            from the end) and/or module names of the backbone for cuts finer than timm's levels (block boundaries
+            such as ``'layer1.0'`` or ``'stages.2.blocks.3'``). If the last cut is not the backbone's last tap, the
             backbone is truncated there and the tail is left unused.
         prototypes_per_class: K learned unit-norm prototypes per class, merged by a LogSumExp (a smooth max).
         embed_dim: Dimension of the sphere the stage output is projected to; None keeps the stage width.
@@ -33,7 +34,14 @@ class HFFConfig:
             A 1x1 conv + norm + ReLU is cheap and non-linear; 'none' makes the head pool-then-project.
             The last stage reuses the backbone's own head path (its pooling and head norm), so it has no aux.
         aux_channels: Width of the aux block; None keeps the stage width.
+        aux_depth: Aux layers (conv + norm + activation) stacked in each intermediate head. Early stages learn
+            better features when their local classifier is deeper (InfoPro, AugLocal use 2-3 layers).
+        aux_size: Run the aux block on the stage output average-pooled to at most ``aux_size`` x ``aux_size``
+            (NCHW / NHWC); None keeps the full resolution. A full-resolution stage's head then costs a fraction.
         pool: Pooling of intermediate stages: 'avg', or 'token' (the first prefix token of token models).
+        pool_size: Intermediate heads pool to a ``pool_size`` x ``pool_size`` grid and flatten it before the
+            projection (NCHW / NHWC), so an early stage is not asked for features that are already position-free;
+            1 is global average pooling.
         prototype_init: 'normal' (random directions) or 'orthogonal' (orthonormal rows where possible).
         predict_from: 'last', 'ensemble' (mean of all stages' log-probabilities), a stage index, or a tuple of
             stage indices to ensemble. An early stage index stops the forward there (early exit).
@@ -46,14 +54,17 @@ class HFFConfig:
             at most one stage). Costs two forward passes on a batch of two.
     """
     num_stages: int = 4
-    stage_indices: Optional[Tuple[int, ...]] = None
+    stage_indices: Optional[Tuple[Union[int, str], ...]] = None
     prototypes_per_class: int = 1
     embed_dim: Optional[int] = 128
     scale: float = 16.0
     margin: float = 0.2
     aux: str = 'conv1x1'
     aux_channels: Optional[int] = None
+    aux_depth: int = 1
+    aux_size: Optional[int] = None
     pool: str = 'avg'
+    pool_size: int = 1
     prototype_init: str = 'normal'
     predict_from: PredictFrom = 'last'
     small_input: bool = False
@@ -61,8 +72,8 @@ class HFFConfig:
     check_split: bool = True
 
     def __post_init__(self):
-        if self.stage_indices is not None:
-            self.stage_indices = tuple(int(i) for i in self.stage_indices)
+        if isinstance(self.stage_indices, (list, tuple)):
+            self.stage_indices = tuple(i if isinstance(i, str) else _as_index(i) for i in self.stage_indices)
         if isinstance(self.predict_from, (list, tuple)):
             self.predict_from = tuple(int(i) for i in self.predict_from)
         self.validate()
@@ -75,10 +86,22 @@ class HFFConfig:
             _check_int('embed_dim', self.embed_dim, 1)
         if self.aux_channels is not None:
             _check_int('aux_channels', self.aux_channels, 1)
+        _check_int('aux_depth', self.aux_depth, 1)
+        if self.aux_size is not None:
+            _check_int('aux_size', self.aux_size, 1)
+        _check_int('pool_size', self.pool_size, 1)
         if self.check_img_size is not None:
             _check_int('check_img_size', self.check_img_size, 1)
-        if self.stage_indices is not None and len(self.stage_indices) == 0:
-            raise ValueError('stage_indices is empty; give at least one feature_info index or None for the default')
+        if self.stage_indices is not None:
+            if not isinstance(self.stage_indices, tuple) or len(self.stage_indices) == 0:
+                raise ValueError(f'stage_indices must be a non-empty list of feature_info indices or module names, '
+                                 f'got {self.stage_indices!r}; or None for the default cut')
+            for i in self.stage_indices:
+                if isinstance(i, bool) or not isinstance(i, (int, str)):
+                    raise ValueError(f'stage_indices entries are feature_info indices (integers) or module names '
+                                     f'(strings), got {i!r}')
+                if isinstance(i, str) and not i.strip():
+                    raise ValueError('stage_indices holds an empty module name; name a block such as \'layer1.0\'')
         if not isinstance(self.scale, (int, float)) or not self.scale > 0:
             raise ValueError(f'scale must be a positive number (1 / temperature), got {self.scale!r}')
         if not isinstance(self.margin, (int, float)) or not 0 <= self.margin < 2:
@@ -120,6 +143,15 @@ class HFFConfig:
         hff = {k: v for k, v in kwargs.items() if k in known}
         rest = {k: v for k, v in kwargs.items() if k not in known}
         return hff, rest
+
+
+def _as_index(i: Any) -> Any:
+    """An integer index as int (3.0 from JSON too); anything else is left for ``validate`` to refuse."""
+    if isinstance(i, bool):
+        return i
+    if isinstance(i, float) and i.is_integer():
+        return int(i)
+    return i
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:

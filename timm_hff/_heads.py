@@ -7,6 +7,8 @@
 The other classes' prototypes act as negatives, so no negative data is needed and one pass predicts.
 """
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -17,29 +19,51 @@ LAYOUTS = ('NCHW', 'NHWC', 'NLC', 'NC')
 
 
 class AuxBlock(nn.Module):
-    """Non-linear per-position block between a stage and its pooling (the paper's AuxConv).
+    """Non-linear per-position layers between a stage and its pooling (the paper's AuxConv).
 
-    For NHWC and token layouts a 1x1 conv is a Linear over the last dim, so it runs there without permutes.
+    ``depth`` layers of conv (1x1 or 3x3) + norm + activation; for NHWC and token layouts a 1x1 conv is a Linear over
+    the last dim, so it runs there without permutes. With ``size``, a feature map is first average-pooled to at most
+    ``size`` x ``size``, so the head of a full-resolution stage costs a fraction of the stage.
     """
 
-    def __init__(self, kind: str, layout: str, in_chs: int, out_chs: int):
+    def __init__(self, kind: str, layout: str, in_chs: int, out_chs: int, depth: int = 1,
+                 size: Optional[int] = None):
         super().__init__()
         self.layout = layout
-        if layout == 'NCHW':
-            k = 3 if kind == 'conv3x3' else 1
-            self.proj = nn.Conv2d(in_chs, out_chs, k, padding=k // 2, bias=False)
-            self.norm = nn.BatchNorm2d(out_chs)
-            self.act = nn.ReLU(inplace=True)
+        self.size = size if layout in ('NCHW', 'NHWC') else None
+        if layout != 'NCHW' and kind == 'conv3x3':
+            raise ValueError(f"aux='conv3x3' needs an NCHW stage output, this stage is {layout}; "
+                             f"use aux='conv1x1' or 'none'")
+        layers = []
+        for i in range(depth):
+            chs = in_chs if i == 0 else out_chs
+            if layout == 'NCHW':
+                k = 3 if kind == 'conv3x3' else 1
+                layers += [nn.Conv2d(chs, out_chs, k, padding=k // 2, bias=False), nn.BatchNorm2d(out_chs),
+                           nn.ReLU(inplace=True)]
+            else:
+                layers += [nn.Linear(chs, out_chs, bias=False), nn.LayerNorm(out_chs), nn.GELU()]
+        if depth == 1:   # the names of a one-layer block (proj, norm, act) are those of saved models
+            self.proj, self.norm, self.act = layers
         else:
-            if kind == 'conv3x3':
-                raise ValueError(f"aux='conv3x3' needs an NCHW stage output, this stage is {layout}; "
-                                 f"use aux='conv1x1' or 'none'")
-            self.proj = nn.Linear(in_chs, out_chs, bias=False)
-            self.norm = nn.LayerNorm(out_chs)
-            self.act = nn.GELU()
+            self.layers = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size is not None:
+            x = _pool_to(x, self.size, self.layout)
+        if hasattr(self, 'layers'):
+            return self.layers(x)
         return self.act(self.norm(self.proj(x)))
+
+
+def _pool_to(x: torch.Tensor, size: int, layout: str) -> torch.Tensor:
+    """Average-pool a feature map to at most ``size`` x ``size`` (a smaller map is returned as is)."""
+    h, w = (x.shape[2], x.shape[3]) if layout == 'NCHW' else (x.shape[1], x.shape[2])
+    if h <= size and w <= size:
+        return x
+    if layout == 'NHWC':
+        return F.adaptive_avg_pool2d(x.permute(0, 3, 1, 2), (min(h, size), min(w, size))).permute(0, 2, 3, 1)
+    return F.adaptive_avg_pool2d(x, (min(h, size), min(w, size)))
 
 
 class PrototypeHead(nn.Module):
@@ -71,7 +95,12 @@ class PrototypeHead(nn.Module):
             width = in_chs
         else:
             width = cfg.aux_channels or in_chs
-            self.aux = AuxBlock(cfg.aux, layout, in_chs, width)
+            self.aux = AuxBlock(cfg.aux, layout, in_chs, width, depth=cfg.aux_depth, size=cfg.aux_size)
+        self.grid = cfg.pool_size if layout in ('NCHW', 'NHWC') else 1
+        if cfg.pool_size > 1 and layout in ('NLC',):
+            raise ValueError(f'pool_size={cfg.pool_size} needs a feature map (NCHW / NHWC); token stages pool to one '
+                             f'vector (pool_size: 1)')
+        width *= self.grid ** 2
         self.embed_dim = cfg.embed_dim or width
         self.proj = nn.Linear(width, self.embed_dim) if cfg.embed_dim else nn.Identity()
         self.prototypes = nn.Parameter(torch.empty(num_classes * self.num_prototypes, self.embed_dim))
@@ -90,6 +119,10 @@ class PrototypeHead(nn.Module):
         self.prototypes = nn.Parameter(F.normalize(w, dim=1))
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
+        if self.grid > 1:   # a grid of positions, flattened channel-major (NCHW order)
+            if self.layout == 'NHWC':
+                x = x.permute(0, 3, 1, 2)
+            return F.adaptive_avg_pool2d(x, self.grid).flatten(1)
         if self.layout == 'NCHW':
             return x.mean((2, 3))
         if self.layout == 'NHWC':

@@ -41,6 +41,7 @@ from huggingface_hub.utils import validate_repo_id
 from ._config import HFFConfig
 from ._factory import create_from_timm
 from ._model import HFFModel
+from ._profile import stage_profile
 from ._registry import GENERIC_ARCH
 from .version import __version__
 
@@ -311,11 +312,17 @@ def build_config(model: HFFModel, label_names: Optional[Sequence[str]] = None,
     hff_cfg = model.hff_cfg.to_dict()
     split = model.split
     stages = []
+    profile = stage_profile(model)
     for k in range(model.num_stages):
         n_params = sum(p.numel() for p in model.stage_parameters(k))
-        stages.append(dict(feature_index=int(split.feature_indices[k]), module=model.feature_info[k]['module'],
+        p = profile[k]
+        cut = split.feature_indices[k]
+        stages.append(dict(feature_index=cut if isinstance(cut, str) else int(cut),
+                           module=model.feature_info[k]['module'],
                            channels=int(split.channels[k]), reduction=int(split.reductions[k]),
-                           layout=split.layouts[k], params=int(n_params)))
+                           layout=split.layouts[k], params=int(n_params), backbone_params=p['params'],
+                           param_share=round(p['param_share'], 6), flops=p['flops'],
+                           flops_share=round(p['flops_share'], 6), layers=p['layers'], head_flops=p['head_flops']))
     pretrained_cfg = _pretrained_cfg(model, train_args)
     model_args = {'arch': model.model_name, 'num_classes': model.num_classes, 'in_chans': model.in_chans,
                   **timm_kwargs, **{k: v for k, v in hff_cfg.items() if v is not None}}
@@ -523,7 +530,8 @@ def _check_stages(model: HFFModel, saved: SavedConfig, where: str) -> None:
     if not saved.stages:
         return
     want = [(s.get('feature_index'), s.get('channels')) for s in saved.stages]
-    got = [(int(i), int(c)) for i, c in zip(model.split.feature_indices, model.split.channels, strict=True)]
+    got = [(i if isinstance(i, str) else int(i), int(c))
+           for i, c in zip(model.split.feature_indices, model.split.channels, strict=True)]
     if want != got:
         raise ShapeMismatchError(f'{where}: the stages rebuilt with timm {timm.__version__} are (feature index, '
                                  f'channels) {got}, the saved ones {want}; load it with the timm version that '

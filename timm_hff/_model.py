@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from ._config import HFFConfig
 from ._heads import PrototypeHead, log_probs_mean
-from ._stages import StageSplit, run_stages, stage_modules
+from ._stages import StageSplit, cut_name, run_stages, stage_modules
 
 MODES = ('simultaneous', 'memory_efficient')
 
@@ -75,7 +75,7 @@ class HFFModel(nn.Module):
         self._frozen: Set[int] = set()
         self.feature_info = [
             dict(num_chs=split.channels[k], reduction=split.reductions[k],
-                 module=f'backbone.{backbone.feature_info[split.feature_indices[k]]["module"]}', stage=k)
+                 module=f'backbone.{cut_name(backbone, split.feature_indices[k])}', stage=k)
             for k in range(split.num_stages)
         ]
         self.pretrained_cfg = dict(getattr(backbone, 'pretrained_cfg', {}) or {})

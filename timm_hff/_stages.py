@@ -11,9 +11,10 @@ At build time ``probe_split`` checks the cut on a batch of two: every tap must e
 ``forward_intermediates`` (so the hooks sit on the right modules), and autograd's graph from each stage output
 must reach a disjoint set of parameters (so the detach really cuts).
 """
+import difflib
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -32,7 +33,7 @@ class _StopForward(Exception):
 @dataclass
 class StageSplit:
     """Where a backbone is cut, and what the build-time probe learned about each stage."""
-    feature_indices: Tuple[int, ...]          # feature_info index ending each stage
+    feature_indices: Tuple[Union[int, str], ...]   # feature_info index (or, for a finer cut, module name) per stage
     tap_names: Tuple[str, ...]                # modules whose output ends a stage (all but a full last stage)
     full_tail: bool                           # last stage runs through forward_head(pre_logits=True)
     layouts: List[str] = field(default_factory=list)      # 'NCHW' | 'NHWC' | 'NLC' | 'NC' per stage
@@ -54,23 +55,28 @@ def family_of(backbone: nn.Module) -> str:
     return type(backbone).__module__.rsplit('.', 1)[-1]
 
 
-def resolve_stage_indices(backbone: nn.Module, cfg: HFFConfig) -> Tuple[int, ...]:
-    """Turn ``cfg.stage_indices`` (or the default rule) into sorted, valid ``feature_info`` indices."""
+def resolve_stage_indices(backbone: nn.Module, cfg: HFFConfig) -> Tuple[Union[int, str], ...]:
+    """Turn ``cfg.stage_indices`` (or the default rule) into the cut points in forward order: ``feature_info``
+    indices (int) and, for finer cuts, module names (str) of the backbone."""
     info = getattr(backbone, 'feature_info', None)
     if not info:
         raise SplitError(f"timm family '{family_of(backbone)}' ({type(backbone).__name__}) has no feature_info, "
                          f"so it has no stage boundaries to cut at")
     n = len(info)
     if cfg.stage_indices is not None:
-        out = []
+        out: List[Union[int, str]] = []
         for i in cfg.stage_indices:
+            if isinstance(i, str):
+                out.append(_named_cut(backbone, i))
+                continue
             if not -n <= i < n:
                 raise ValueError(f'stage index {i} is out of range for {type(backbone).__name__}, which has {n} '
                                  f'feature_info taps (valid: 0..{n - 1} or -{n}..-1)')
             out.append(i % n)
-        if len(set(out)) != len(out):
+        keys = [_cut_module(backbone, c) for c in out]
+        if len(set(keys)) != len(keys):
             raise ValueError(f'stage_indices {tuple(cfg.stage_indices)} name the same tap twice')
-        return tuple(sorted(out))
+        return tuple(c for _, c in sorted(zip(keys, out), key=lambda kc: _finish_order(backbone, kc[0])))
     reductions = [f['reduction'] for f in info]
     if len(set(reductions)) == 1:   # isotropic (ViT-style): evenly spaced blocks
         k = min(cfg.num_stages, n)
@@ -79,11 +85,53 @@ def resolve_stage_indices(backbone: nn.Module, cfg: HFFConfig) -> Tuple[int, ...
     return tuple(last_per_level[-cfg.num_stages:])
 
 
+def _finish_order(backbone: nn.Module, name: str) -> int:
+    """Where a module's forward ends among the backbone's modules: after its last descendant (a parent is registered
+    before its children but returns after them). Registration order is timm's forward order; a cut set that runs
+    otherwise is caught by the probe ("never ran")."""
+    last = -1
+    for j, (n, _) in enumerate(backbone.named_modules()):
+        if n == name or n.startswith(name + '.'):
+            last = j
+    return last
+
+
+def _named_cut(backbone: nn.Module, name: str) -> Union[int, str]:
+    """A module name given as a cut: its feature_info index when it is one of timm's taps, else the name itself."""
+    name = name.strip()
+    if name.startswith('backbone.'):   # as HFFModel.feature_info spells it
+        name = name[len('backbone.'):]
+    modules = dict(backbone.named_modules())
+    if name not in modules or not name:
+        close = difflib.get_close_matches(name, [n for n in modules if n], n=3)
+        hint = f' (close: {close})' if close else ''
+        raise ValueError(f"stage_indices names module '{name}', which {type(backbone).__name__} does not have{hint}; "
+                         f"cut at block boundaries named as in model.backbone.named_modules(), e.g. 'layer1.0'")
+    hooked = _hookable(backbone, name)
+    for i, f in enumerate(backbone.feature_info):
+        resolved = _resolve_name(backbone, f['module'])
+        if resolved is not None and _hookable(backbone, resolved) == hooked:
+            return i
+    return name
+
+
+def _cut_module(backbone: nn.Module, cut: Union[int, str]) -> str:
+    """The module whose output a cut point is (what its tap hook sits on)."""
+    if isinstance(cut, int):
+        resolved = _resolve_name(backbone, backbone.feature_info[cut]['module'])
+        return _hookable(backbone, resolved) if resolved is not None else backbone.feature_info[cut]['module']
+    return _hookable(backbone, cut)
+
+
+def cut_name(backbone: nn.Module, cut: Union[int, str]) -> str:
+    """A cut point as a module name: timm's ``feature_info`` module for an index, the name itself otherwise."""
+    return backbone.feature_info[cut]['module'] if isinstance(cut, int) else cut
+
+
 def build_split(backbone: nn.Module, cfg: HFFConfig) -> StageSplit:
     indices = resolve_stage_indices(backbone, cfg)
-    info = backbone.feature_info
-    names = [info[i]['module'] for i in indices]
-    full_tail = indices[-1] == len(info) - 1
+    names = [cut_name(backbone, c) for c in indices]
+    full_tail = indices[-1] == len(backbone.feature_info) - 1
     taps = tuple(names[:-1]) if full_tail else tuple(names)
     return StageSplit(feature_indices=indices, tap_names=tuple(_hookable(backbone, n) for n in taps),
                       full_tail=full_tail)
@@ -325,6 +373,43 @@ def _layout_from_info(t: torch.Tensor, num_chs: int) -> Tuple[str, int]:
     raise SplitError(f'a stage output of shape {tuple(t.shape)} matches no known layout for {num_chs} channels')
 
 
+def _level_of(backbone: nn.Module, name: str) -> Optional[Dict]:
+    """The ``feature_info`` level a named module sits in (the level whose module is a prefix of its name)."""
+    best = None
+    for f in backbone.feature_info:
+        level = _resolve_name(backbone, f['module']) or f['module']
+        if (name == level or name.startswith(level + '.')) and (best is None or len(level) > len(best[0])):
+            best = (level, f)
+    return best[1] if best else None
+
+
+def _nominal_reduction(backbone: nn.Module, cut: Union[int, str]) -> Optional[int]:
+    if isinstance(cut, int):
+        return backbone.feature_info[cut]['reduction']
+    level = _level_of(backbone, cut)
+    return level['reduction'] if level else None
+
+
+def _cut_layout(backbone: nn.Module, cut: Union[int, str], t: torch.Tensor) -> Tuple[str, int]:
+    """Layout of a tap output without a timm intermediate to compare with (checks off, or a named cut)."""
+    if isinstance(cut, int):
+        return _layout_from_info(t, backbone.feature_info[cut]['num_chs'])
+    level = _level_of(backbone, cut)
+    if level is not None:
+        try:
+            return _layout_from_info(t, level['num_chs'])
+        except SplitError:
+            pass   # a block inside the level with another width: decide from the model's format
+    if t.ndim == 4:
+        return ('NHWC' if getattr(backbone, 'output_fmt', 'NCHW') == 'NHWC' else 'NCHW'), 0
+    if t.ndim == 3:
+        return 'NLC', int(getattr(backbone, 'num_prefix_tokens', 0) or 0)
+    if t.ndim == 2:
+        return 'NC', 0
+    raise SplitError(f"the output of '{cut}' has shape {tuple(t.shape)}, which is no feature map or token sequence; "
+                     f"cut at a block boundary instead")
+
+
 def probe_split(backbone: nn.Module, split: StageSplit, in_chans: int, img_size: int,
                 check: bool = True) -> None:
     """Run a batch of two through the cut; learn each stage's layout, width, reduction and parameters.
@@ -342,14 +427,18 @@ def probe_split(backbone: nn.Module, split: StageSplit, in_chans: int, img_size:
         outs = _probe_run(backbone, split, x, img_size, raw)
         tuple_taps = [k for k, r in enumerate(raw) if not isinstance(r, torch.Tensor)]
         refs: Optional[List[torch.Tensor]] = None
-        if (check or tuple_taps) and n_taps and hasattr(backbone, 'forward_intermediates'):
+        info_taps = [k for k in range(n_taps) if isinstance(split.feature_indices[k], int)]
+        if (check or tuple_taps) and info_taps and hasattr(backbone, 'forward_intermediates'):
             with torch.no_grad():
                 try:
-                    refs = backbone.forward_intermediates(
-                        x, indices=list(split.feature_indices[:n_taps]), intermediates_only=True)
+                    found = backbone.forward_intermediates(
+                        x, indices=[split.feature_indices[k] for k in info_taps], intermediates_only=True)
                 except Exception as e:  # a family whose forward_intermediates has other index semantics
                     raise SplitError(f"timm family '{family}': forward_intermediates failed on the stage taps "
                                      f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+            refs = [None] * n_taps   # named (finer) cuts have no timm intermediate to compare with
+            for k, ref in zip(info_taps, found):
+                refs[k] = ref
         if tuple_taps:   # pick the tensor of each tuple that is the stage output, then run again with it
             for k in tuple_taps:
                 split.state.elements[k] = _pick_element(raw[k], refs[k] if refs is not None else None)
@@ -366,10 +455,11 @@ def probe_split(backbone: nn.Module, split: StageSplit, in_chans: int, img_size:
             layouts.append('NC')
             channels.append(t.shape[-1])
             # scale timm's nominal reduction by what the probe measured (small_input changes the stem)
-            factor = reductions[-1] / info[split.feature_indices[k - 1]]['reduction'] if k else 1
+            prev = _nominal_reduction(backbone, split.feature_indices[k - 1]) if k else None
+            factor = reductions[-1] / prev if prev else 1
             reductions.append(max(1, round(info[split.feature_indices[k]]['reduction'] * factor)))
             continue
-        if refs is not None:
+        if refs is not None and refs[k] is not None:
             layout, as_nchw, prefix = _to_nchw(t, refs[k])
             if layout is None or not torch.allclose(as_nchw, refs[k], rtol=1e-4, atol=1e-4):
                 layout, prefix = _same_tokens_any_order(t, refs[k])
@@ -380,12 +470,12 @@ def probe_split(backbone: nn.Module, split: StageSplit, in_chans: int, img_size:
             spatial = refs[k].shape[-1]
             chs = refs[k].shape[1]
         else:
-            layout, prefix = _layout_from_info(t, info[split.feature_indices[k]]['num_chs'])
+            layout, prefix = _cut_layout(backbone, split.feature_indices[k], t)
             chs = t.shape[1] if layout == 'NCHW' else t.shape[-1]
             spatial = t.shape[-1] if layout == 'NCHW' else (t.shape[2] if layout == 'NHWC' else 0)
         layouts.append(layout)
         channels.append(int(chs))
-        nominal = info[split.feature_indices[k]]['reduction']
+        nominal = _nominal_reduction(backbone, split.feature_indices[k]) or 1
         reductions.append(_reduction(img_size, spatial, nominal) if spatial else nominal)
         prefix_tokens = max(prefix_tokens, prefix)
 
@@ -397,9 +487,12 @@ def probe_split(backbone: nn.Module, split: StageSplit, in_chans: int, img_size:
         if check:
             shared = [i for i in reached if i in owner]
             if shared:
+                named = [c for c in split.feature_indices[:k + 1] if isinstance(c, str)]
+                hint = (f" (a named cut must end a block, e.g. 'layer1.0', not sit inside one whose skip path "
+                        f"bypasses it: check {named})" if named else '')
                 raise SplitError(f"timm family '{family}': parameter '{names[shared[0]]}' gets gradient from "
                                  f"stages {owner[shared[0]]} and {k}; the detach at the stage boundary does not "
-                                 f"cut this model's graph")
+                                 f"cut this model's graph{hint}")
         for i in reached:
             owner.setdefault(i, k)
         stage_params.append(sorted(names[i] for i in reached))
@@ -422,7 +515,7 @@ def adapt_small_input(backbone: nn.Module, split: StageSplit, in_chans: int) -> 
         raise ValueError(f"small_input adapts conv stems; '{type(backbone).__name__}' embeds patches, so pass "
                          f"timm's img_size=32, patch_size=4 (or similar) instead")
     first = split.tap_names[0] if split.tap_names else None
-    first_level = _resolve_name(backbone, backbone.feature_info[split.feature_indices[0]]['module'])
+    first_level = _resolve_name(backbone, cut_name(backbone, split.feature_indices[0]))
     order: List[str] = []
     module_names = {m: n for n, m in backbone.named_modules()}
 

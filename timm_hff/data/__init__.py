@@ -8,7 +8,7 @@ from ._idx import (
     FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, find_idx_files, has_idx_files, idx_dataset, load_idx_arrays, read_idx,
 )
 from ._loader import EpochSampler, ImageLoader, TensorImages, create_image_loader, load_into_memory
-from ._sources import ImageData, load_image_dataset, parse_dataset_spec
+from ._sources import ImageData, carve_validation, load_image_dataset, parse_dataset_spec, parse_split, slice_rows
 from ._transforms import (
     AUG_KINDS, AugConfig, BatchTransform, SampleTransform, images_to_uint8, random_pad_crop, resolve_data_config,
 )

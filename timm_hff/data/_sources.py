@@ -13,6 +13,7 @@ the class names, checked once here so that training can trust them.
 """
 import difflib
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, Tuple
 
@@ -103,7 +104,8 @@ def load_image_dataset(
     Args:
         dataset: Source spec (see the module docstring).
         data_dir: Folder for 'imagefolder' / 'idx' (or for inferring the source).
-        split: Split name ('train', 'test', 'validation', ...).
+        split: Split name ('train', 'test', 'validation', ...), optionally sliced as ``datasets`` does
+            (``'train[:54000]'``, ``'train[90%:]'``).
         streaming: Stream the split (any source but 'idx'); 'hfids/' implies it.
         input_key: Image column; inferred ('image', 'img', ... or the only Image feature) when None.
         target_key: Label column; inferred ('label', 'fine_label', ... or the only ClassLabel) when None.
@@ -113,6 +115,10 @@ def load_image_dataset(
     """
     source, name, stream_spec = parse_dataset_spec(dataset, data_dir)
     streaming = streaming or stream_spec
+    split, row_slice = parse_split(split)
+    if row_slice is not None and streaming:
+        raise ValueError(f'split slices such as {split}[{row_slice[0]}:{row_slice[1]}] need a map-style data set; '
+                         f'a stream has no row numbers (set streaming: false)')
     if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
                                     or num_classes < 1):
         raise ValueError(f'num_classes must be an integer >= 1, got {num_classes!r}')
@@ -143,6 +149,10 @@ def load_image_dataset(
             ds = ds.take(num_samples)
         total = num_samples
     else:
+        if row_slice is not None:
+            lo, hi = slice_rows(row_slice, len(ds))
+            ds = ds.select(range(lo, hi))
+            split = f'{split}[{lo}:{hi}]'
         if num_samples is not None and num_samples < len(ds):
             ds = ds.select(range(num_samples))
         total = len(ds)
@@ -152,6 +162,40 @@ def load_image_dataset(
     return ImageData(dataset=ds, image_key=image_key, label_key=label_key, num_classes=n, label_names=names,
                      source=source, name=name, split=split, streaming=streaming, num_samples=total,
                      array_images=array_images)
+
+
+_SLICE = re.compile(r'^([\w.-]+)\[\s*(-?\d+%?)?\s*:\s*(-?\d+%?)?\s*\]$')
+
+
+def parse_split(split: str) -> Tuple[str, Optional[Tuple[Optional[str], Optional[str]]]]:
+    """``'train[:54000]'`` -> ``('train', (None, '54000'))``; a plain name -> ``(name, None)``.
+
+    The ``datasets`` slice syntax (rows or percentages, negative counts from the end), applied the same way to
+    every map-style source, IDX files included, so a recipe can name its validation rows as ``train[54000:]``.
+    """
+    if not isinstance(split, str) or not split:
+        raise ValueError(f'a split must be a non-empty name such as \'train\' or \'train[:90%]\', got {split!r}')
+    if '[' not in split:
+        return split, None
+    m = _SLICE.match(split.strip())
+    if m is None:
+        raise ValueError(f"split {split!r} is not a name or a slice such as 'train[:54000]', 'train[54000:]' or "
+                         f"'train[:90%]'")
+    return m.group(1), (m.group(2), m.group(3))
+
+
+def slice_rows(row_slice: Tuple[Optional[str], Optional[str]], n: int) -> Tuple[int, int]:
+    """Row bounds [lo, hi) of a parsed slice over ``n`` rows; an empty range is an error."""
+    def bound(v: Optional[str], default: int) -> int:
+        if v is None:
+            return default
+        i = round(int(v[:-1]) * n / 100) if v.endswith('%') else int(v)
+        return max(0, min(n, i + n if i < 0 else i))
+
+    lo, hi = bound(row_slice[0], 0), bound(row_slice[1], n)
+    if hi <= lo:
+        raise ValueError(f'the split slice [{row_slice[0] or ""}:{row_slice[1] or ""}] selects no rows of {n}')
+    return lo, hi
 
 
 def _load_hf(source: str, name: str, split: str, streaming: bool, config: Optional[str]):
@@ -222,6 +266,34 @@ def _pick_label(ds, features, target_key: Optional[str], num_classes: Optional[i
         return key, ds.cast_column(key, label), label
     raise ValueError(f"{name}:{split} column '{key}' is {feat!r}, not a class label; give target_key of a "
                      f"ClassLabel (or integer) column")
+
+
+def carve_validation(data: ImageData, fraction: float, seed: int = 0) -> Tuple[ImageData, ImageData]:
+    """(train, validation): a class-balanced hold-out of ``fraction`` of a training split.
+
+    ``datasets``' stratified ``train_test_split`` with a fixed seed: the same rows on every run, process and
+    machine whatever the training seed, every class in proportion, and no row in both parts.
+    """
+    if data.streaming:
+        raise ValueError(f'{data.name}:{data.split} is streamed, so a validation fraction cannot be carved from it; '
+                         f'name a validation split (val_split) instead')
+    if not 0 < fraction < 1:
+        raise ValueError(f'val_fraction must be in (0, 1), got {fraction!r}')
+    n_val = round(len(data) * fraction)
+    if n_val < data.num_classes or len(data) - n_val < data.num_classes:
+        raise ValueError(f'val_fraction={fraction:g} of {len(data)} images leaves fewer than one image per class '
+                         f'({data.num_classes} classes) on one side; use a larger data set or another fraction')
+    parts = data.dataset.train_test_split(test_size=n_val, stratify_by_column=data.label_key, seed=seed,
+                                          keep_in_memory=True)
+    pct = f'{fraction:.0%}' if round(fraction * 100, 6) == round(fraction * 100) else f'{fraction:g}'
+    common = dict(image_key=data.image_key, label_key=data.label_key, num_classes=data.num_classes,
+                  label_names=list(data.label_names), source=data.source, name=data.name, streaming=False,
+                  array_images=data.array_images)
+    train = ImageData(dataset=parts['train'], split=f'{data.split} minus a {pct} hold-out',
+                      num_samples=len(parts['train']), **common)
+    val = ImageData(dataset=parts['test'], split=f'{data.split}, {pct} stratified hold-out (split_seed {seed})',
+                    num_samples=len(parts['test']), **common)
+    return train, val
 
 
 def _check_label_range(ds, key: str, num_classes: int, name: str, split: str) -> None:

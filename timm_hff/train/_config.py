@@ -35,7 +35,13 @@ class TrainConfig:
         dataset: 'hfds/<hub id>', 'hfids/<hub id>' (streamed), 'imagefolder', 'idx', or '' (infer from data_dir).
         data_dir: Local folder ('imagefolder' / 'idx').
         dataset_config: Hub configuration name, for data sets that have several.
-        train_split / val_split: Split names.
+        train_split: The split trained on: a name, or a ``datasets``-style slice ('train[:54000]').
+        val_split: The split evaluated after every epoch (a name or a slice); null with ``val_fraction``.
+        val_fraction: Hold out this fraction of ``train_split`` as the validation split: class-balanced
+            (stratified) and the same rows on every run (``split_seed``), never trained on. Settings are chosen on it.
+        split_seed: Seed of the ``val_fraction`` hold-out; independent of ``seed``, so runs with other training seeds
+            validate on the same images.
+        test_split: Evaluated once, after the last epoch (the live model and the EMA); never read during training.
         input_key / target_key: Image / label columns; inferred when None.
         num_classes: Classes to build prototypes for; None takes the label column's ClassLabel.
         label_names: Class names saved with the model (config.json, card), one per class in label order; None takes
@@ -95,7 +101,10 @@ class TrainConfig:
     data_dir: Optional[str] = None
     dataset_config: Optional[str] = None
     train_split: str = 'train'
-    val_split: str = 'test'
+    val_split: Optional[str] = 'test'
+    val_fraction: float = 0.0
+    split_seed: int = 0
+    test_split: Optional[str] = None
     input_key: Optional[str] = None
     target_key: Optional[str] = None
     num_classes: Optional[int] = None
@@ -191,7 +200,7 @@ class TrainConfig:
         _choice('mixed_precision', self.mixed_precision, PRECISIONS)
         _choice('aug', self.aug, AUG_KINDS)
         _choice('mixup_mode', self.mixup_mode, ('batch', 'pair', 'elem'))
-        for name in ('workers', 'warmup_epochs', 'cooldown_epochs', 'crop_padding'):
+        for name in ('workers', 'warmup_epochs', 'cooldown_epochs', 'crop_padding', 'split_seed'):
             _at_least(name, getattr(self, name), 0)
         for name in ('epochs', 'batch_size', 'grad_accum_steps', 'checkpoint_hist', 'recount', 'shuffle_buffer',
                      'in_chans'):
@@ -200,6 +209,18 @@ class TrainConfig:
                      'threads'):
             if getattr(self, name) is not None:
                 _at_least(name, getattr(self, name), 1)
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f'val_fraction must be in [0, 1) (the share of train_split held out), got '
+                             f'{self.val_fraction!r}')
+        if self.val_fraction > 0 and self.val_split is not None:
+            raise ValueError(f'val_fraction={self.val_fraction:g} carves the validation split from train_split, but '
+                             f'val_split={self.val_split!r} names another; set val_split: null (and test_split: '
+                             f'{self.val_split} to evaluate it once at the end)')
+        if self.val_fraction == 0 and self.val_split is None:
+            raise ValueError('no validation split: set val_split (e.g. test) or val_fraction (e.g. 0.1)')
+        if self.test_split is not None and self.test_split == self.val_split:
+            raise ValueError(f'test_split and val_split are both {self.test_split!r}: the test split is evaluated once '
+                             f'at the end, so validate on another split (or val_fraction) or drop test_split')
         if self.label_names is not None and len(set(self.label_names)) != len(self.label_names):
             dup = next(n for n in self.label_names if self.label_names.count(n) > 1)
             raise ValueError(f'label_names has a duplicate ({dup!r}): give each class its own name')
@@ -292,11 +313,28 @@ class TrainConfig:
         d = {} if d is None else d
         if not isinstance(d, dict):
             raise ValueError(f'{path} must hold a mapping of settings, got {type(d).__name__}')
-        merged = {**d, **(overrides or {})}
+        merged = merge_settings(d, overrides or {})
         if not merged.get('experiment'):   # the recipe's name; a BP baseline of it gets its own folder
             stem = os.path.splitext(os.path.basename(path))[0]
             merged['experiment'] = stem + ('_bp' if merged.get('method') == 'bp' else '')
         return cls.from_dict(merged, where=path)
+
+
+# Settings that are mappings of their own: an override changes the keys it names and keeps the others.
+MAPPING_SETTINGS = ('hff', 'model_kwargs')
+
+
+def merge_settings(base: Dict[str, Any], overrides: Dict[str, Any]) -> Dict[str, Any]:
+    """Recipe settings with overrides on top; ``hff`` and ``model_kwargs`` merge key by key.
+
+    ``--hff '{margin: 0.3}'`` on a recipe with ``hff: {small_input: true, ...}`` changes the margin only; replacing
+    the whole mapping would silently build a different network.
+    """
+    merged = {**base, **overrides}
+    for key in MAPPING_SETTINGS:
+        if isinstance(base.get(key), dict) and isinstance(overrides.get(key), dict):
+            merged[key] = {**base[key], **overrides[key]}
+    return merged
 
 
 def _type_name(tp) -> str:

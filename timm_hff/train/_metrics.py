@@ -18,21 +18,29 @@ def atomic_write_text(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_metrics(out_dir: str, history: List[Dict[str, Any]], plot: bool = True) -> None:
-    """(Re)write metrics.json, metrics.csv and accuracy.png from the whole history."""
-    atomic_write_text(os.path.join(out_dir, 'metrics.json'), json.dumps(history, indent=2) + '\n')
+def write_metrics(out_dir: str, history: List[Dict[str, Any]], plot: bool = True, run: Optional[Dict[str, Any]] = None,
+                  test: Optional[Dict[str, Any]] = None) -> None:
+    """(Re)write metrics.json, metrics.csv and accuracy.png from the whole history.
+
+    ``metrics.json`` is ``{"run": <what was trained, on which splits, each stage's share>, "epochs": [<one row per
+    epoch, evaluated on the validation split>], "test": <the test split, evaluated once at the end, or null>}``;
+    ``metrics.csv`` has the epoch rows and, once the test split was evaluated, a last row whose epoch is ``test``.
+    """
+    doc = dict(run=run or {}, epochs=history, test=test)
+    atomic_write_text(os.path.join(out_dir, 'metrics.json'), json.dumps(doc, indent=2) + '\n')
+    rows = list(history) + ([dict(epoch='test', **test)] if test else [])
     keys: List[str] = []
-    for row in history:
+    for row in rows:
         keys += [k for k in row if k not in keys]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=keys)
     writer.writeheader()
-    for row in history:
+    for row in rows:
         writer.writerow({k: _fmt(row.get(k)) for k in keys})
     atomic_write_text(os.path.join(out_dir, 'metrics.csv'), buf.getvalue())
     if plot and history:
         name = os.path.basename(os.path.normpath(out_dir))
-        plot_accuracy(history, os.path.join(out_dir, 'accuracy.png'), title=f'{name}: test top-1 per stage')
+        plot_accuracy(history, os.path.join(out_dir, 'accuracy.png'), title=f'{name}: validation top-1 per stage')
 
 
 def _fmt(v: Any) -> Any:
@@ -46,7 +54,7 @@ def stage_keys(row: Dict[str, Any], prefix: str = 'top1') -> List[str]:
 
 
 def plot_accuracy(history: List[Dict[str, Any]], path: str, title: Optional[str] = None) -> None:
-    """Test top-1 per stage and of the model's prediction, against the epoch."""
+    """Validation top-1 per stage and of the model's prediction, against the epoch."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -62,10 +70,10 @@ def plot_accuracy(history: List[Dict[str, Any]], path: str, title: Optional[str]
         ax.plot(epochs, [row.get('ema_top1') for row in history], color='black', ls='--', label='EMA prediction')
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel('epoch')
-    ax.set_ylabel('test top-1 (%)')
+    ax.set_ylabel('validation top-1 (%)')
     ax.grid(alpha=0.3)
     ax.legend(loc='lower right', fontsize=8)
-    ax.set_title(title or 'per-stage test accuracy')
+    ax.set_title(title or 'per-stage validation accuracy')
     fig.tight_layout()
     tmp = f'{path}.tmp-{os.getpid()}.png'
     fig.savefig(tmp)

@@ -19,7 +19,10 @@ import torch
 import torch.nn as nn
 
 from .._heads import log_probs_mean
-from ..data import ImageData, ImageLoader, create_image_loader, load_image_dataset, resolve_data_config
+from .._profile import format_profile, stage_profile
+from ..data import (
+    ImageData, ImageLoader, carve_validation, create_image_loader, load_image_dataset, parse_split, resolve_data_config,
+)
 from ._checkpoint import (
     CKPT_DIR, EMA_FILE, STATE_FILE, RunLock, check_compatible, checkpoint_name, list_checkpoints, prune, read_state,
     resolve_resume,
@@ -92,23 +95,56 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 # ------------------------------------------------------------------------------------------------------ data
-def build_data(cfg: TrainConfig, accelerator) -> Tuple[ImageData, ImageData]:
+def build_data(cfg: TrainConfig, accelerator) -> Tuple[ImageData, ImageData, Optional[ImageData]]:
+    """(train, validation, test or None). The test split is loaded here, so a wrong name fails before training, but
+    it is read only once, after the last epoch."""
     kw = dict(streaming=cfg.streaming, input_key=cfg.input_key, target_key=cfg.target_key,
               dataset_config=cfg.dataset_config)
     with accelerator.main_process_first():   # one process fills the datasets cache, the others read it
         train = load_image_dataset(cfg.dataset, cfg.data_dir, cfg.train_split, num_classes=cfg.num_classes,
                                    num_samples=cfg.train_num_samples, **kw)
-        val = load_image_dataset(cfg.dataset, cfg.data_dir, cfg.val_split, num_classes=train.num_classes,
-                                 num_samples=cfg.val_num_samples, **kw)
+        if cfg.val_fraction > 0:
+            train, val = carve_validation(train, cfg.val_fraction, cfg.split_seed)
+            if cfg.val_num_samples is not None and cfg.val_num_samples < len(val):
+                val.dataset = val.dataset.select(range(cfg.val_num_samples))
+                val.num_samples = cfg.val_num_samples
+        else:
+            val = load_image_dataset(cfg.dataset, cfg.data_dir, cfg.val_split, num_classes=train.num_classes,
+                                     num_samples=cfg.val_num_samples, **kw)
+        test = None
+        if cfg.test_split is not None:
+            test = load_image_dataset(cfg.dataset, cfg.data_dir, cfg.test_split, num_classes=train.num_classes,
+                                      num_samples=cfg.val_num_samples, **kw)
+    for other in (val, test):
+        if other is not None and cfg.val_fraction == 0:
+            _check_disjoint(train, other)
     if cfg.label_names is not None:
         if len(cfg.label_names) != train.num_classes:
             raise ValueError(f'label_names lists {len(cfg.label_names)} names but {train.name} has '
                              f'{train.num_classes} classes: give one name per class, in label order')
-        train.label_names = val.label_names = list(cfg.label_names)
-    return train, val
+        for d in (train, val, test):
+            if d is not None:
+                d.label_names = list(cfg.label_names)
+    return train, val, test
 
 
-def build_loaders(cfg: TrainConfig, model: nn.Module, train: ImageData, val: ImageData, accelerator):
+def _check_disjoint(train: ImageData, other: ImageData) -> None:
+    """Refuse evaluating on rows that are trained on (``train[:54000]`` with ``train[50000:]``, or ``train``)."""
+    base_t, rows_t = parse_split(train.split)
+    base_o, rows_o = parse_split(other.split)
+    if base_t != base_o or train.source != other.source or train.name != other.name:
+        return
+    n = len(train.dataset) if rows_t is None else None
+    lo_t, hi_t = (0, n) if rows_t is None else (int(rows_t[0]), int(rows_t[1]))
+    lo_o, hi_o = (0, len(other.dataset)) if rows_o is None else (int(rows_o[0]), int(rows_o[1]))
+    if lo_o < hi_t and lo_t < hi_o:
+        raise ValueError(f'{other.split} overlaps the training rows {train.split} of {train.name}: evaluate on '
+                         f'rows that are not trained on (e.g. train_split: {base_t}[:90%] with {base_t}[90%:]), or use '
+                         f'val_fraction')
+
+
+def build_loaders(cfg: TrainConfig, model: nn.Module, train: ImageData, val: ImageData, accelerator,
+                  test: Optional[ImageData] = None):
     data_cfg = resolve_data_config(model, cfg.in_chans, cfg.img_size, cfg.mean, cfg.std, cfg.crop_pct,
                                    cfg.interpolation)
     common = dict(workers=cfg.workers, seed=cfg.seed, in_memory=cfg.data_in_memory, channels_last=cfg.channels_last,
@@ -116,8 +152,10 @@ def build_loaders(cfg: TrainConfig, model: nn.Module, train: ImageData, val: Ima
     mixing = cfg.mixup > 0 or cfg.cutmix > 0
     train_loader = create_image_loader(train, data_cfg, True, cfg.batch_size, aug=cfg.aug_config(),
                                        drop_last=mixing, shuffle_buffer=cfg.shuffle_buffer, **common)
-    val_loader = create_image_loader(val, data_cfg, False, cfg.validation_batch_size or cfg.batch_size, **common)
-    return data_cfg, train_loader, val_loader
+    eval_bs = cfg.validation_batch_size or cfg.batch_size
+    val_loader = create_image_loader(val, data_cfg, False, eval_bs, **common)
+    test_loader = create_image_loader(test, data_cfg, False, eval_bs, **common) if test is not None else None
+    return data_cfg, train_loader, val_loader, test_loader
 
 
 def _steps_per_epoch(loader: ImageLoader, iterable, cfg: TrainConfig, num_processes: int) -> int:
@@ -133,7 +171,8 @@ def _steps_per_epoch(loader: ImageLoader, iterable, cfg: TrainConfig, num_proces
 
 # ------------------------------------------------------------------------------------------------------ loop
 class Trainer:
-    """Owns one run: call ``fit()``; the result is the final metrics dict."""
+    """Owns one run: call ``fit()``; the result is the last epoch's metrics (validation) plus, with a test split,
+    the test evaluation under ``test_*`` keys."""
 
     def __init__(self, cfg: TrainConfig):
         from accelerate import Accelerator, DistributedDataParallelKwargs
@@ -175,7 +214,7 @@ class Trainer:
         self.resume_from = self._find_resume()
 
         set_seed(cfg.seed)   # the same initial weights on every process (DDP also broadcasts rank 0's)
-        self.train_data, self.val_data = build_data(cfg, acc)
+        self.train_data, self.val_data, self.test_data = build_data(cfg, acc)
         self.num_classes = self.train_data.num_classes
         if self.resume_from:   # refuse another run's checkpoint before building anything
             check_compatible(read_state(self.resume_from), self.identity, self.resume_from)
@@ -187,8 +226,9 @@ class Trainer:
             model = model.to(memory_format=torch.channels_last)
         if cfg.grad_checkpointing:   # with schedule memory_efficient: checkpointing inside each stage as well
             model.set_grad_checkpointing(True)
-        self.data_cfg, self.train_loader, self.val_loader = build_loaders(cfg, model, self.train_data,
-                                                                          self.val_data, acc)
+        self.profile = stage_profile(model, cfg.img_size) if cfg.method == 'hff' else None
+        self.data_cfg, self.train_loader, self.val_loader, self.test_loader = build_loaders(
+            cfg, model, self.train_data, self.val_data, acc, self.test_data)
         self.total_epochs = cfg.epochs * (self.num_stages if cfg.schedule == 'sequential' else 1)
 
         from timm.optim import create_optimizer_v2
@@ -200,16 +240,14 @@ class Trainer:
             opt_kwargs['betas'] = tuple(cfg.opt_betas)
         optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                         momentum=cfg.momentum, **opt_kwargs)
-        to_prepare = [model, optimizer]
-        if not self.train_loader.sharded:
-            to_prepare.append(self.train_loader.loader)
-        if not self.val_loader.sharded:
-            to_prepare.append(self.val_loader.loader)
+        loaders = [self.train_loader, self.val_loader] + ([self.test_loader] if self.test_loader else [])
+        to_prepare = [model, optimizer] + [ld.loader for ld in loaders if not ld.sharded]
         prepared = acc.prepare(*to_prepare)
         self.model, self.optimizer = prepared[0], prepared[1]
         rest = list(prepared[2:])
-        self.train_iterable = rest.pop(0) if not self.train_loader.sharded else self.train_loader.loader
-        self.val_iterable = rest.pop(0) if not self.val_loader.sharded else self.val_loader.loader
+        iterables = [ld.loader if ld.sharded else rest.pop(0) for ld in loaders]
+        self.train_iterable, self.val_iterable = iterables[0], iterables[1]
+        self.test_iterable = iterables[2] if self.test_loader else None
         # batches per process: known only once Accelerate has sharded the loader
         self.steps_per_epoch = _steps_per_epoch(self.train_loader, self.train_iterable, cfg, acc.num_processes)
         self.updates_per_epoch = math.ceil(self.steps_per_epoch / cfg.grad_accum_steps)
@@ -241,7 +279,8 @@ class Trainer:
         return dict(model=c.model, method=c.method, schedule=c.schedule, num_classes=self.num_classes,
                     hff=c.hff, model_kwargs=c.model_kwargs, in_chans=c.in_chans,
                     num_processes=self.accelerator.num_processes, batch_size=c.batch_size,
-                    grad_accum_steps=c.grad_accum_steps)
+                    grad_accum_steps=c.grad_accum_steps, train_split=c.train_split, val_fraction=c.val_fraction,
+                    split_seed=c.split_seed)
 
     def _find_resume(self) -> Optional[str]:
         cfg = self.cfg
@@ -460,19 +499,22 @@ class Trainer:
             f'clip_grad or check the data, then {self._go_on()}')
 
     @torch.no_grad()
-    def evaluate(self, module: nn.Module, prefix: str = '') -> Dict[str, Any]:
-        """Top-1 / top-5 of every stage and of the model's prediction over the whole split, each image once."""
+    def evaluate(self, module: nn.Module, prefix: str = '', split: str = 'val') -> Dict[str, Any]:
+        """Top-1 / top-5 of every stage and of the model's prediction over the whole split ('val' or 'test'), each
+        image once."""
         acc, cfg = self.accelerator, self.cfg
+        loader, iterable = ((self.val_loader, self.val_iterable) if split == 'val'
+                            else (self.test_loader, self.test_iterable))
         self._sync_buffers(module)
         module.eval()
-        transform = self.val_loader.transform
+        transform = loader.transform
         k = min(5, self.num_classes)
         n_heads = self.num_stages + 2 if cfg.method == 'hff' else 1
         correct1 = torch.zeros(n_heads, dtype=torch.long, device=acc.device)
         correct5 = torch.zeros(n_heads, dtype=torch.long, device=acc.device)
         total = torch.zeros((), dtype=torch.long, device=acc.device)
-        gather = not self.val_loader.sharded   # map-style: gather_for_metrics drops the padding of the last batch
-        for x, y in self.val_iterable:
+        gather = not loader.sharded   # map-style: gather_for_metrics drops the padding of the last batch
+        for x, y in iterable:
             x, y = transform(x.to(acc.device)), y.to(acc.device)
             with acc.autocast():
                 if cfg.method == 'hff':
@@ -493,7 +535,7 @@ class Trainer:
         n = max(int(total), 1)
         top1 = (correct1.double() * 100 / n).tolist()
         top5 = (correct5.double() * 100 / n).tolist()
-        row = {f'{prefix}top1': top1[-1], f'{prefix}val_images': int(total)}
+        row = {f'{prefix}top1': top1[-1], f'{prefix}{split}_images': int(total)}
         if self.num_classes > 5:
             row[f'{prefix}top5'] = top5[-1]
         if cfg.method == 'hff':
@@ -524,31 +566,66 @@ class Trainer:
                 self.lr_at(epoch + 1, self.updates)
                 self.history.append(row)
                 if acc.is_main_process:
-                    write_metrics(self.out_dir, self.history)
-                    acc.print(_summary(row, self.num_stages, cfg.method))
+                    write_metrics(self.out_dir, self.history, run=self.run_info())
+                    acc.print(_summary(row, self.num_stages, cfg.method, self.val_data.split))
                 if cfg.log_with:
                     acc.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=epoch + 1)
                 self._save(epoch)
-            final = dict(self.history[-1]) if self.history else {}
-            self._finish(final)
-            return final
+            last = dict(self.history[-1]) if self.history else {}
+            test = self.evaluate_test()
+            self._finish(last, test)
+            return {**last, **{k if k.startswith('test_') else f'test_{k}': v for k, v in (test or {}).items()}}
         finally:
             if cfg.log_with:
                 acc.end_training()
             if acc.is_main_process:
                 self.lock.release()
 
+    def evaluate_test(self) -> Optional[Dict[str, Any]]:
+        """The test split, once, after the last epoch: the live model and the EMA (None without test_split)."""
+        if self.test_loader is None:
+            return None
+        acc = self.accelerator
+        t = time.time()
+        test = self.evaluate(acc.unwrap_model(self.model), split='test')
+        if self.ema is not None:
+            test.update(self.evaluate(self.ema.module, prefix='ema_', split='test'))
+        test['eval_time_s'] = time.time() - t
+        if acc.is_main_process:
+            write_metrics(self.out_dir, self.history, run=self.run_info(), test=test)
+            acc.print(_summary(dict(test, epoch='test'), self.num_stages, self.cfg.method, self.test_data.split))
+        return test
+
+    def run_info(self) -> Dict[str, Any]:
+        """What the run is (metrics.json's header): model, method, splits, and how local each stage is."""
+        cfg = self.cfg
+        info = dict(model=cfg.model, method=cfg.method, schedule=cfg.schedule, num_stages=self.num_stages,
+                    dataset=self.train_data.name, train_split=self.train_data.split,
+                    train_images=self.train_loader.num_samples, val_split=self.val_data.split,
+                    val_images=self.val_loader.num_samples,
+                    test_split=self.test_data.split if self.test_data is not None else None,
+                    test_images=self.test_loader.num_samples if self.test_loader is not None else None)
+        if self.profile is not None:
+            info['stages'] = self.profile
+        return info
+
     def _print_plan(self) -> None:
         cfg = self.cfg
-        tl, vl = self.train_loader, self.val_loader
+        tl, vl, test = self.train_loader, self.val_loader, self.test_data
+        at_end = (f'; test {test.split} ({self.test_loader.num_samples} images) once at the end' if test is not None
+                  else '; no test split')
         self.accelerator.print(
             f'{cfg.method.upper()} {cfg.model} ({self.num_stages} stage(s), schedule {cfg.schedule}) on '
-            f'{self.train_data.name}: {tl.num_samples} train / {vl.num_samples} test images ({tl.kind} loader), '
+            f'{self.train_data.name}: train {self.train_data.split} ({tl.num_samples} images, {tl.kind} loader), '
+            f'validation {self.val_data.split} ({vl.num_samples} images) every epoch{at_end}; '
             f'{self.num_classes} classes, input {self.data_cfg["input_size"]}; {self.total_epochs} epochs x '
             f'{self.steps_per_epoch} steps on {self.accelerator.num_processes} process(es), '
             f'mixed precision {cfg.mixed_precision}; output {self.out_dir}')
+        if self.profile is not None:
+            self.accelerator.print('how local each stage is (backbone shares; FLOPs of one forward):\n'
+                                   + format_profile(self.profile))
 
-    def _finish(self, final: Dict[str, Any]) -> None:
+    def _finish(self, last: Dict[str, Any], test: Optional[Dict[str, Any]]) -> None:
         acc, cfg = self.accelerator, self.cfg
         unwrapped = acc.unwrap_model(self.model)
         self._sync_buffers(unwrapped)
@@ -556,12 +633,30 @@ class Trainer:
             acc.wait_for_everyone()
             return
         path = os.path.join(self.out_dir, 'model')
-        saved = save_final_model(unwrapped, path, cfg, self.train_data, final, self.data_cfg)
+        splits = dict(split=self.test_data.split if test is not None else self.val_data.split,
+                      val_split=self.val_data.split)
+        saved = save_final_model(unwrapped, path, cfg, self.train_data, {**final_metrics(last, test), **splits},
+                                 self.data_cfg)
         if saved and self.ema is not None:
             save_final_model(self.ema.module, os.path.join(self.out_dir, 'model_ema'), cfg, self.train_data,
-                             ema_metrics(final), self.data_cfg)
+                             {**final_metrics(last, test, ema=True), **splits}, self.data_cfg)
         acc.print(f'weights: {saved}' if saved else 'weights: not saved (see the warning above)')
         acc.wait_for_everyone()
+
+
+def final_metrics(last: Dict[str, Any], test: Optional[Dict[str, Any]], ema: bool = False) -> Dict[str, Any]:
+    """A model's figures at the end of a run: training figures of the last epoch, its validation accuracy under
+    ``val_*`` and, with a test split, the test accuracy under the plain names (``top1``, ``top1_stage0``, ...); without
+    one, the validation accuracy keeps the plain names. ``ema`` takes the EMA model's evaluations instead."""
+    own = ema_metrics if ema else (lambda row: {k: v for k, v in row.items() if not k.startswith('ema_')})
+    src = own(last)
+    if test is None:
+        return src
+    tested = {k: v for k, v in own(test).items() if k != 'eval_time_s'}
+    out = {k: v for k, v in src.items() if k not in tested}
+    out.update({f'val_{k}': src[k] for k in tested if k in src})
+    out.update(tested)
+    return out
 
 
 def ema_metrics(row: Dict[str, Any]) -> Dict[str, Any]:
@@ -574,8 +669,10 @@ def ema_metrics(row: Dict[str, Any]) -> Dict[str, Any]:
 def save_final_model(model: nn.Module, path: str, cfg: TrainConfig, data: ImageData, metrics: Dict[str, Any],
                      data_cfg: Optional[Dict[str, Any]] = None) -> Optional[str]:
     """HFF: ``timm_hff.save_pretrained`` (config.json + model.safetensors + card); BP: timm's ``save_for_hf``."""
-    metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-    metrics.update(dataset=dataset_id(data), split=cfg.val_split)
+    keep = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    keep.update({k: metrics[k] for k in ('split', 'val_split') if metrics.get(k) is not None})
+    metrics = dict(keep, dataset=dataset_id(data))
+    metrics.setdefault('split', cfg.val_split)
     train_args = dict(cfg.to_dict(), dataset_name=data.name)
     if cfg.method == 'bp':
         import tempfile
@@ -638,9 +735,12 @@ def _take(iterable, n: int, restart: bool = False):
             return
 
 
-def _summary(row: Dict[str, Any], num_stages: int, method: str) -> str:
-    parts = [f"epoch {row['epoch']}: loss {row['train_loss']:.4f}, {row['train_img_per_s']:.0f} img/s, "
-             f"test top-1 {row['top1']:.2f}%"]
+def _summary(row: Dict[str, Any], num_stages: int, method: str, split: str = 'val') -> str:
+    if row['epoch'] == 'test':
+        parts = [f"test ({split}): top-1 {row['top1']:.2f}%"]
+    else:
+        parts = [f"epoch {row['epoch']}: loss {row['train_loss']:.4f}, {row['train_img_per_s']:.0f} img/s, "
+                 f"val top-1 {row['top1']:.2f}%"]
     if 'top5' in row:
         parts.append(f"top-5 {row['top5']:.2f}%")
     if method == 'hff':
