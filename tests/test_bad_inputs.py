@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 import timm_hff
-from timm_hff._hub import CorruptCheckpointError, FormatVersionError, ShapeMismatchError, UnsafeCheckpointError
+from timm_hff.hub import CorruptCheckpointError, FormatVersionError, ShapeMismatchError, UnsafeCheckpointError
 from timm_hff._stages import SplitError
 from timm_hff.data import load_image_dataset
 from timm_hff.train import Trainer

@@ -26,10 +26,8 @@ from huggingface_hub import ModelCard, hf_hub_download
 from huggingface_hub import constants as hf_constants
 
 import timm_hff
-from timm_hff import _hub
-from timm_hff._card import CARD_TEMPLATE
-from timm_hff._export import ExportError, export_timm
-from timm_hff._hub import (
+from timm_hff.hub import CARD_TEMPLATE, FORMAT_VERSION, ExportError, _atomic, _load, _weights, export_timm, read_weights
+from timm_hff.hub import (
     CheckpointFileNotFoundError, ConfigError, CorruptCheckpointError, FormatVersionError, ShapeMismatchError,
     UnknownArchitectureError, UnsafeCheckpointError, push_to_hub, save_pretrained)
 from timm_hff.hub_cli import main as hff_push
@@ -232,7 +230,7 @@ def test_save_layout(trained, saved):
     assert cfg['num_classes'] == 4 and cfg['label_names'] == LABELS
     assert cfg['model_args']['arch'] == 'test_resnet' and cfg['model_args']['in_chans'] == 1
     hff = cfg['hff']
-    assert hff['format_version'] == _hub.FORMAT_VERSION and hff['arch'] == 'test_resnet' and hff['in_chans'] == 1
+    assert hff['format_version'] == FORMAT_VERSION and hff['arch'] == 'test_resnet' and hff['in_chans'] == 1
     assert timm_hff.HFFConfig.from_dict(hff['config']) == trained.hff_cfg
     assert hff['metrics'] == METRICS and hff['train_args'] == TRAIN_ARGS
     assert hff['weights_sha256'] == hashlib.sha256((saved / 'model.safetensors').read_bytes()).hexdigest()
@@ -321,7 +319,7 @@ def test_new_num_classes_keeps_backbone_and_resets_prototypes(trained, saved):
 @pytest.mark.parametrize('exchange', [True, False], ids=['renameat2', 'two-renames'])
 def test_save_is_atomic_and_keeps_other_files(exchange, trained, tmp_path, monkeypatch):
     if not exchange:
-        monkeypatch.setattr(_hub, '_rename_exchange', lambda a, b: False)
+        monkeypatch.setattr(_atomic, '_rename_exchange', lambda a, b: False)
     target = tmp_path / 'model'
     save_pretrained(trained, target, card=False)
     (target / 'notes.txt').write_text('kept')
@@ -332,10 +330,10 @@ def test_save_is_atomic_and_keeps_other_files(exchange, trained, tmp_path, monke
     def failing_save(tensors, path, metadata=None):
         Path(path).write_bytes(b'half a file')
         raise OSError('disk full')
-    monkeypatch.setattr(_hub.safetensors.torch, 'save_file', failing_save)
+    monkeypatch.setattr(_weights.safetensors.torch, 'save_file', failing_save)
     with pytest.raises(OSError, match='disk full'):
         save_pretrained(_fmnist_like(seed=3), target)
-    monkeypatch.setattr(_hub.safetensors.torch, 'save_file', real_save)
+    monkeypatch.setattr(_weights.safetensors.torch, 'save_file', real_save)
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ['model']
 
@@ -424,7 +422,7 @@ def test_refused_inputs(case, saved, tmp_path, monkeypatch):
 
     def no_unpickle(*args, **kwargs):
         raise AssertionError('a pickle was opened')
-    monkeypatch.setattr(_hub, 'create_from_timm', no_build)
+    monkeypatch.setattr(_load, 'create_from_timm', no_build)
     monkeypatch.setattr(torch, 'load', no_unpickle)
     monkeypatch.setattr(pickle, 'load', no_unpickle)
     with pytest.raises(error, match=pattern) as e:
@@ -443,10 +441,10 @@ def test_pickle_told_from_safetensors_by_structure(tmp_path, legacy):
         if path.read_bytes()[0] == 0x80:
             break
     assert path.read_bytes()[0] == 0x80
-    torch.testing.assert_close(_hub.read_weights(path)['w'], tensors['w'])
+    torch.testing.assert_close(read_weights(path)['w'], tensors['w'])
     torch.save(tensors, str(path), _use_new_zipfile_serialization=not legacy)
     with pytest.raises(UnsafeCheckpointError, match='pickle'):
-        _hub.read_weights(path)
+        read_weights(path)
 
 
 def test_shape_mismatch(saved, tmp_path):

@@ -126,7 +126,7 @@ def _has_tensorboard():
 
 def _saved_hff_model(tmp_path):
     import timm_hff
-    from timm_hff import _hub
+    from timm_hff import hub as _hub
     model = timm_hff.create_model('resnet18', num_classes=10, in_chans=1, small_input=True, check_img_size=28,
                                   channels=(8, 16, 32, 64), stem_width=8, layers=(1, 1, 1, 1))
     return _hub.save_pretrained(model, str(tmp_path / 'source_model'), card=False)

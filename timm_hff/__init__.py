@@ -10,5 +10,7 @@ from ._model import HFFModel, HFFOutput
 from ._builder import build_hff_model
 from ._factory import create_model
 from ._registry import list_models
-from ._hub import load_pretrained_hff, push_to_hub, save_pretrained
-from ._export import export_timm
+from .hub import (
+    CheckpointError, CheckpointFileNotFoundError, ConfigError, CorruptCheckpointError, ExportError, FormatVersionError,
+    ShapeMismatchError, UnknownArchitectureError, UnsafeCheckpointError, export_timm, load_pretrained_hff, push_to_hub,
+    save_pretrained)

@@ -1,4 +1,10 @@
-"""Wrap an already built timm backbone into an HFFModel: cut, adapt, probe, add heads."""
+"""Build a timm backbone and wrap it into an HFFModel: cut, adapt, probe, add heads.
+
+Everything that makes a model (``create_model``, the Hub loader) ends here, so this sits below both of them.
+"""
+from typing import Any, Dict, Optional
+
+import timm
 import torch.nn as nn
 
 from ._config import HFFConfig
@@ -29,3 +35,24 @@ def _as_int_size(size):
     if size is None:
         return None
     return int(size[-1]) if isinstance(size, (tuple, list)) else int(size)
+
+
+def create_from_timm(arch: str, cfg: HFFConfig, pretrained: bool = False, num_classes: Optional[int] = None,
+                     in_chans: Optional[int] = None, pretrained_cfg_overlay: Optional[Dict[str, Any]] = None,
+                     display_name: str = '', **timm_kwargs: Any) -> HFFModel:
+    """Build the timm backbone (headless) and wrap it."""
+    if not timm.is_model(arch):
+        raise ValueError(f"unknown model '{display_name or arch}': not a timm architecture nor an hff_* name; "
+                         f"see timm_hff.list_models('*{arch.split('_')[0]}*')")
+    if 'num_classes' in timm_kwargs or 'features_only' in timm_kwargs:
+        raise ValueError('features_only is not supported: HFF cuts the full model itself')
+    num_classes = 1000 if num_classes is None else num_classes
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f'num_classes must be an integer >= 1 (HFF needs class prototypes), got {num_classes!r}')
+    in_chans = 3 if in_chans is None else in_chans
+    if isinstance(in_chans, bool) or not isinstance(in_chans, int) or in_chans < 1:
+        raise ValueError(f'in_chans must be an integer >= 1, got {in_chans!r}')
+    backbone = timm.create_model(arch, pretrained=pretrained, num_classes=0, in_chans=in_chans,
+                                 pretrained_cfg_overlay=pretrained_cfg_overlay, **timm_kwargs)
+    return build_hff_model(backbone, num_classes, cfg, in_chans, model_name=arch,
+                           timm_img_size=timm_kwargs.get('img_size'))

@@ -1,13 +1,37 @@
 """``create_model``: the one entry point, in the spirit of ``timm.create_model``."""
 from typing import Any, Dict, Optional, Tuple
 
-import timm
-
-from ._builder import build_hff_model
+from ._builder import create_from_timm
 from ._config import HFFConfig
 from ._model import HFFModel
+from .hub import load_pretrained_hff
 
 HFF_PREFIX = 'hff_'
+
+# Registered ``hff_*`` names and the HFF defaults they carry on top of HFFConfig's (``_registry`` registers them
+# into timm's registry; ``create_model`` resolves them).
+_DEFAULTS: Dict[str, Dict[str, Any]] = {
+    'hff_resnet18': dict(),
+    'hff_resnet34': dict(),
+    'hff_resnet50': dict(),
+    'hff_resnet18_small': dict(arch='resnet18', small_input=True),
+    'hff_convnext_atto': dict(),
+    'hff_convnext_tiny': dict(),
+    'hff_efficientnet_b0': dict(),
+    'hff_mobilenetv3_small_050': dict(),
+    'hff_regnetx_002': dict(),
+    'hff_vit_tiny_patch16_224': dict(),
+    'hff_vit_small_patch16_224': dict(),
+    'hff_deit_tiny_patch16_224': dict(),
+    'hff_swin_tiny_patch4_window7_224': dict(),
+}
+
+
+def registered_defaults(name: str) -> Tuple[str, Dict[str, Any]]:
+    """(timm architecture, HFF defaults) for an ``hff_*`` name; unregistered ``hff_<arch>`` gets no defaults."""
+    defaults = dict(_DEFAULTS.get(name, {}))
+    arch = defaults.pop('arch', name[len(HFF_PREFIX):])
+    return arch, defaults
 
 
 def parse_model_name(model_name: str) -> Tuple[str, str]:
@@ -49,11 +73,9 @@ def create_model(
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     source, name = parse_model_name(model_name)
     if source in ('hf-hub', 'local-dir'):
-        from ._hub import load_pretrained_hff
         return load_pretrained_hff(model_name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans,
                                    hff_cfg=hff_cfg, **kwargs)
     if source == 'hff':
-        from ._registry import registered_defaults
         arch, defaults = registered_defaults(name)
         kwargs = {**defaults, **kwargs}
     else:
@@ -68,24 +90,3 @@ def create_model(
         cfg = HFFConfig(**hff_kwargs)
     return create_from_timm(arch, cfg, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans,
                             pretrained_cfg_overlay=pretrained_cfg_overlay, display_name=name, **timm_kwargs)
-
-
-def create_from_timm(arch: str, cfg: HFFConfig, pretrained: bool = False, num_classes: Optional[int] = None,
-                     in_chans: Optional[int] = None, pretrained_cfg_overlay: Optional[Dict[str, Any]] = None,
-                     display_name: str = '', **timm_kwargs: Any) -> HFFModel:
-    """Build the timm backbone (headless) and wrap it."""
-    if not timm.is_model(arch):
-        raise ValueError(f"unknown model '{display_name or arch}': not a timm architecture nor an hff_* name; "
-                         f"see timm_hff.list_models('*{arch.split('_')[0]}*')")
-    if 'num_classes' in timm_kwargs or 'features_only' in timm_kwargs:
-        raise ValueError('features_only is not supported: HFF cuts the full model itself')
-    num_classes = 1000 if num_classes is None else num_classes
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f'num_classes must be an integer >= 1 (HFF needs class prototypes), got {num_classes!r}')
-    in_chans = 3 if in_chans is None else in_chans
-    if isinstance(in_chans, bool) or not isinstance(in_chans, int) or in_chans < 1:
-        raise ValueError(f'in_chans must be an integer >= 1, got {in_chans!r}')
-    backbone = timm.create_model(arch, pretrained=pretrained, num_classes=0, in_chans=in_chans,
-                                 pretrained_cfg_overlay=pretrained_cfg_overlay, **timm_kwargs)
-    return build_hff_model(backbone, num_classes, cfg, in_chans, model_name=arch,
-                           timm_img_size=timm_kwargs.get('img_size'))

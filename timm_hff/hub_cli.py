@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import List, Optional
 
-from ._hub import CONFIG_NAME, CheckpointError, push_to_hub, read_config
+from .hub import CONFIG_NAME, CheckpointError, build_model_card, push_to_hub, read_config
 
 
 def find_model_dir(run_dir: Path) -> Path:
@@ -72,7 +72,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         model_dir = find_model_dir(args.run_dir)
         if args.card_out is not None or args.dry_run:
-            from ._card import build_model_card
             saved = read_config(model_dir / CONFIG_NAME)
             card = str(build_model_card(saved.raw, repo_id=args.repo_id))
             if args.card_out is not None:

@@ -356,7 +356,7 @@ class Trainer:
         try:
             self.accelerator.load_state(ckpt)
         except Exception as e:   # truncated or foreign files; the identity was already checked
-            from .._hub import CorruptCheckpointError
+            from ..hub import CorruptCheckpointError
             raise CorruptCheckpointError(f'--resume {ckpt}: the checkpoint cannot be loaded ({type(e).__name__}: '
                                          f'{_first_line(e)}); resume from an earlier checkpoint or start a new '
                                          f'experiment') from None
@@ -686,7 +686,7 @@ def save_final_model(model: nn.Module, path: str, cfg: TrainConfig, data: ImageD
             shutil.rmtree(path)
         os.replace(tmp, path)
         return path
-    from .. import _hub
+    from .. import hub as _hub
     try:
         return _hub.save_pretrained(model, path, label_names=data.label_names, metrics=metrics,
                                     train_args=train_args) or path

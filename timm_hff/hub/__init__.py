@@ -1,0 +1,33 @@
+"""Saved HFF models in timm's Hub layout (``config.json`` + ``model.safetensors`` + ``README.md``).
+
+The modules, in the order the data flows (each imports only those above it):
+
+    _errors         one error class per cause (CheckpointError and its subclasses)
+    _format         config.json: file names, format version, schema; read and validate it
+    _build_config   a model -> its config.json content (settings, timm kwargs, stages, metrics, recipe)
+    _weights        model.safetensors: write it, read it (never a pickle), verify its sha256
+    _atomic         folders replaced whole, so a crash never leaves half a model
+    _card           the model card (README.md), from config.json alone
+    _save           save_pretrained: config, weights and card into one folder
+    _resolve        'local-dir:' / 'hf-hub:' names -> files (the Hub cache, offline mode, revisions)
+    _load           load_pretrained_hff: validate, build, load, check
+    _push           push_to_hub: verify, card, upload
+    _export         export_timm: a stock timm classifier that loads without timm_hff
+
+Nothing here imports ``timm_hff._factory`` or ``timm_hff._registry``: they sit above the hub and call into it.
+"""
+from ._errors import (
+    CheckpointError, CheckpointFileNotFoundError, ConfigError, CorruptCheckpointError, FormatVersionError,
+    ShapeMismatchError, UnknownArchitectureError, UnsafeCheckpointError)
+from ._format import (
+    CARD_NAME, CONFIG_NAME, FORMAT_VERSION, GENERIC_ARCH, HUB_FILES, RUNTIME_SETTINGS, WEIGHTS_NAME, SavedConfig,
+    parse_config, read_config)
+from ._build_config import build_config, saved_timm_kwargs, unwrap_model
+from ._weights import PICKLE_SUFFIXES, file_sha256, read_weights
+from ._atomic import atomic_dir
+from ._card import CARD_TEMPLATE, build_model_card, hub_dataset_id
+from ._save import save_pretrained
+from ._resolve import HUB_KWARGS
+from ._load import load_from_timm_source, load_pretrained_hff, load_state_checked
+from ._push import push_to_hub
+from ._export import ExportError, export_timm, fold_last_head
