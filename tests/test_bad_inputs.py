@@ -3,8 +3,9 @@ wrong and what to do, raised by timm_hff at its boundary (config, CLI, data and 
 traceback from deep inside torch or timm; faults during training (a NaN loss, a full disk) must keep the last good
 checkpoint.
 
-Every case is one entry of ``CASES``; ``HFF_ERRORS_TABLE=<file> pytest tests/test_bad_inputs.py`` writes the
-README's table of inputs and the exact messages they produce.
+Every case is one entry of ``CASES``. ``docs/errors.md`` shows them all with the exact messages they produce:
+``HFF_ERRORS_TABLE=docs/errors.md python -m pytest -q tests/test_bad_inputs.py`` rewrites its table, and every run
+checks that the table still lists every case, in order, with its error type and a message the case's check accepts.
 """
 import errno
 import json
@@ -29,8 +30,11 @@ from conftest import ckpt, cli_args, reset_accelerate, tiny, tiny_settings, weig
 from test_data import make_idx, make_imagefolder
 
 PACKAGE = os.path.dirname(os.path.abspath(timm_hff.__file__))
+ERRORS_PAGE = os.path.join(os.path.dirname(PACKAGE), 'docs', 'errors.md')
+TABLE_BEGIN = '<!-- errors table: written by tests/test_bad_inputs.py, checked by test_errors_page_lists_every_case -->'
+TABLE_END = '<!-- end of errors table -->'
 CASES = {}          # name -> (function(env), exception type, pattern)
-MESSAGES = {}       # name -> (exception type name, message) as produced, for the README table
+MESSAGES = {}       # name -> (exception type name, message) as produced, for the table in docs/errors.md
 
 
 def case(name, error, pattern):
@@ -417,10 +421,47 @@ def errors_table():
     yield
     path = os.environ.get('HFF_ERRORS_TABLE')
     if path and MESSAGES:
+        if len(MESSAGES) != len(CASES):
+            raise RuntimeError(f'HFF_ERRORS_TABLE: {len(MESSAGES)} of {len(CASES)} cases passed; {path} not written')
         rows = ['| Bad input | Error | Message |', '|---|---|---|']
         rows += [f'| {name} | `{kind}` | {msg} |' for name, (kind, msg) in MESSAGES.items()]
-        with open(path, 'w') as f:
-            f.write(f'{len(MESSAGES)} distinct bad inputs.\n\n' + '\n'.join(rows) + '\n')
+        table = (f'{TABLE_BEGIN}\n**{len(MESSAGES)} distinct bad inputs**, each raised by timm_hff (`<tmp>`, `<run>`, '
+                 f'`<data>` are test folders):\n\n' + '\n'.join(rows) + f'\n{TABLE_END}')
+        text = open(path, encoding='utf-8').read() if os.path.exists(path) else ''
+        if TABLE_BEGIN in text and TABLE_END in text:   # replace the table, keep the page around it
+            text = text[:text.index(TABLE_BEGIN)] + table + text[text.index(TABLE_END) + len(TABLE_END):]
+        else:
+            text = table + '\n'
+        with open(path, 'w', encoding='utf-8') as f:
+            f.write(text)
+
+
+def _errors_page_rows():
+    """(bad input, error, message) of each row of the table in docs/errors.md; the count line's number."""
+    with open(ERRORS_PAGE, encoding='utf-8') as f:
+        text = f.read()
+    assert TABLE_BEGIN in text and TABLE_END in text, f'{ERRORS_PAGE} lost its table markers'
+    block = text[text.index(TABLE_BEGIN):text.index(TABLE_END)]
+    count = re.search(r'\*\*(\d+) distinct bad inputs\*\*', block)
+    rows = [[c.strip() for c in re.split(r'(?<!\\)\|', line)[1:-1]] for line in block.splitlines()
+            if line.startswith('| ') and not line.startswith('| Bad input |')]
+    return rows, int(count.group(1)) if count else None
+
+
+def test_errors_page_lists_every_case():
+    """docs/errors.md shows every case, in order, with its error type and a message that its check accepts."""
+    rows, count = _errors_page_rows()
+    assert [r[0] for r in rows] == list(CASES), (
+        'docs/errors.md is out of date; regenerate it: HFF_ERRORS_TABLE=docs/errors.md python -m pytest -q '
+        'tests/test_bad_inputs.py')
+    assert count == len(CASES), f'docs/errors.md says {count} distinct bad inputs, there are {len(CASES)}'
+    folders = {'<tmp>': '/tmp/case', '<run>': '/tmp/finished/run', '<data>': '/tmp/data/idx'}   # as in test_bad_input
+    for name, kind, message in rows:
+        _, error, pattern = CASES[name]
+        message = re.sub('|'.join(folders), lambda m: folders[m.group(0)], message)
+        want = r'`hff-train \(exit \d+\)`' if error is CliError else f'`{error.__name__}`'
+        assert re.fullmatch(want, kind), f'{name}: docs/errors.md says {kind}, the case raises {want}'
+        assert re.search(pattern, message.replace('\\|', '|')), f'{name}: docs/errors.md shows {message!r}'
 
 
 def _raised_by_timm_hff(exc: BaseException) -> bool:

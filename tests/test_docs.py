@@ -1,0 +1,112 @@
+"""The README is a front page and the pages under docs/ hold the rest; check what can be checked without running them.
+
+The README stays short with its install and test commands on its first screen, CI runs the README's test command
+verbatim, every link resolves (files and #anchors), every page is reachable from the README, and the pages agree with
+their sources: the settings table with ``HFFConfig``, the coverage figures with the coverage run, the benchmark tables
+with ``benchmarks/results``, and the README's headline numbers with docs/results.md. (docs/errors.md is checked
+against its cases in tests/test_bad_inputs.py.)
+"""
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from timm_hff import HFFConfig
+
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / 'README.md'
+DOCS = sorted((REPO / 'docs').glob('*.md'))
+MAX_README_LINES = 150
+FIRST_SCREEN = 40       # lines
+INSTALL_COMMAND = "pip install -e '.[dev]'"
+TEST_COMMAND = "pip install -e '.[dev]' && python -m pytest -q"
+
+
+def _text(path: Path) -> str:
+    return path.read_text(encoding='utf-8')
+
+
+def _commands(text: str):
+    """Shell lines of the fenced ```bash blocks, without trailing comments."""
+    out = []
+    for block in re.findall(r'```bash\n(.*?)```', text, flags=re.S):
+        out += [line.split('  #')[0].strip() for line in block.splitlines() if line.strip()]
+    return out
+
+
+def test_readme_is_a_front_page():
+    lines = _text(README).splitlines()
+    assert len(lines) <= MAX_README_LINES, f'README.md has {len(lines)} lines; move detail into docs/'
+    first = _commands('\n'.join(lines[:FIRST_SCREEN]))
+    assert INSTALL_COMMAND in first and TEST_COMMAND in first, f'the first {FIRST_SCREEN} lines must hold {first}'
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    assert TEST_COMMAND in _commands(_text(README))
+    ci = [line.strip() for line in _text(REPO / '.ci' / 'run').splitlines()]
+    assert TEST_COMMAND in ci, f'.ci/run must run the README test command as it is written: {TEST_COMMAND}'
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped (but - and _), spaces to hyphens."""
+    text = re.sub(r'[`*]', '', heading.strip().lower())
+    return re.sub(r'[^\w\- ]', '', text).replace(' ', '-')
+
+
+def _anchors(path: Path):
+    return {_slug(m) for m in re.findall(r'^#+ (.+)$', _text(path), flags=re.M)}
+
+
+def _links(path: Path):
+    text = re.sub(r'```.*?```', '', _text(path), flags=re.S)
+    return [m for m in re.findall(r'\]\(([^)\s]+)\)', text) if not re.match(r'[a-z]+:', m)]
+
+
+@pytest.mark.parametrize('page', [README, *DOCS], ids=lambda p: p.name)
+def test_links_resolve(page):
+    for link in _links(page):
+        target, _, anchor = link.partition('#')
+        path = (page.parent / target).resolve() if target else page
+        assert path.exists(), f'{page.name}: link {link!r} points at nothing'
+        if anchor:
+            assert anchor in _anchors(path), f'{page.name}: link {link!r}: no such heading in {path.name}'
+
+
+def test_every_page_is_linked_from_the_readme():
+    linked = {(README.parent / link.partition('#')[0]).resolve() for link in _links(README)}
+    assert DOCS and not [p.name for p in DOCS if p.resolve() not in linked]
+
+
+def test_settings_table_names_every_hffconfig_field():
+    table = _text(REPO / 'docs' / 'method.md')
+    missing = [f.name for f in dataclasses.fields(HFFConfig) if f'| `{f.name}`' not in table]
+    assert not missing, f'docs/method.md: the settings table lacks {missing}'
+
+
+def test_coverage_figures_match_the_coverage_run():
+    run = json.loads(_text(REPO / 'benchmarks' / 'results' / 'coverage' / 'coverage.json'))
+    page = _text(REPO / 'docs' / 'models.md')
+    assert f"**{run['wrapped']} of {run['modules']} timm model modules wrap and train ({run['percent']:.1f}%)**" in page
+    assert f"timm {run['timm_version']}" in page
+    refused = {r['module'] for r in run['rows'] if not r['ok']}
+    table = page[page.index('| family |'):]
+    listed = set(re.findall(r'^\| ([^|]+) \|', table, flags=re.M)) - {'family', '---'}
+    assert {m.strip() for row in listed for m in row.split(',')} == refused
+
+
+def test_benchmark_tables_are_the_printed_ones():
+    printed = '\n'.join(_text(p) for p in sorted((REPO / 'benchmarks' / 'results').rglob('results.md')))
+    page = _text(REPO / 'docs' / 'results.md')
+    rows = [line for line in page[page.index('## Benchmarks'):].splitlines() if line.startswith('|')]
+    assert rows and not [r for r in rows if r not in printed], 'docs/results.md differs from benchmarks/results'
+
+
+def test_readme_headline_numbers_come_from_the_results_page():
+    readme = _text(README)
+    section = readme[readme.index('## Headline results'):readme.index('## Documentation')]
+    results = _text(REPO / 'docs' / 'results.md')
+    numbers = {n for line in section.splitlines() if line.startswith('|')
+               for n in re.findall(r'\d[\d,]*\.\d+|\d{3,}[\d,]*', line)}
+    assert numbers and not sorted(n for n in numbers if n not in results)
