@@ -145,3 +145,21 @@ def test_stage_shares_add_up(kw):
         model.eval().backbone.forward_head(model.backbone.forward_features(torch.zeros(1, model.in_chans, size, size)),
                                            pre_logits=True)
     assert sum(r['flops'] for r in rows) == counter.get_total_flops()
+
+
+def test_hff_validate_reproduces_the_trainers_test_figures(idx_120, tmp_path, capsys):
+    from timm_hff.validate import main as validate_main
+    cfg = tiny(idx_120, tmp_path, epochs=1, val_split=None, val_fraction=0.2, test_split='test',
+               train_num_samples=None, batch_size=32)
+    Trainer(cfg).fit()
+    doc = json.loads((tmp_path / 'run' / 'metrics.json').read_text())
+    out = tmp_path / 'val.json'
+    assert validate_main([f'local-dir:{tmp_path / "run" / "model"}', '--dataset', 'idx', '--data-dir', idx_120,
+                          '--split', 'test', '--results-file', str(out), '--batch-size', '7']) == 0
+    got = json.loads(out.read_text())
+    assert got['images'] == 20 and got['split'] == 'test'
+    for key in ['top1', 'top1_ensemble'] + [f'top1_stage{k}' for k in range(4)]:
+        assert got[key] == pytest.approx(doc['test'][key]), key
+    assert 'top-1' in capsys.readouterr().out
+    assert validate_main(['resnet18', '--dataset', 'idx', '--data-dir', idx_120]) == 2
+    assert "is not a saved model; pass 'local-dir:" in capsys.readouterr().err

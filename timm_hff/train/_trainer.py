@@ -18,7 +18,6 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .._heads import log_probs_mean
 from .._profile import format_profile, stage_profile
 from ..data import (
     ImageData, ImageLoader, carve_validation, create_image_loader, load_image_dataset, parse_split, resolve_data_config,
@@ -28,6 +27,7 @@ from ._checkpoint import (
     resolve_resume,
 )
 from ._config import TrainConfig
+from ._evaluate import accuracy_row, prediction_heads, topk_hits
 from ._metrics import atomic_write_text, write_metrics
 
 _logger = logging.getLogger(__name__)
@@ -517,14 +517,8 @@ class Trainer:
         for x, y in iterable:
             x, y = transform(x.to(acc.device)), y.to(acc.device)
             with acc.autocast():
-                if cfg.method == 'hff':
-                    stage_logits = module.forward_stages(x)   # + the mean of all stages' log-probabilities
-                    heads = stage_logits + [log_probs_mean(stage_logits), module._combine(stage_logits)]
-                else:
-                    heads = [module(x)]
-            top = torch.stack([h.float().topk(k, dim=-1).indices for h in heads], 1)   # (B, heads, k)
-            hit = top == y.view(-1, 1, 1)
-            c1, c5 = hit[..., 0], hit.any(-1)
+                heads = prediction_heads(module, x, hff=cfg.method == 'hff')
+            c1, c5 = topk_hits(heads, y, k)
             if gather:
                 c1, c5 = acc.gather_for_metrics((c1, c5))
             correct1 += c1.sum(0)
@@ -532,19 +526,8 @@ class Trainer:
             total += c1.shape[0]
         if not gather:
             correct1, correct5, total = (acc.reduce(t, reduction='sum') for t in (correct1, correct5, total))
-        n = max(int(total), 1)
-        top1 = (correct1.double() * 100 / n).tolist()
-        top5 = (correct5.double() * 100 / n).tolist()
-        row = {f'{prefix}top1': top1[-1], f'{prefix}{split}_images': int(total)}
-        if self.num_classes > 5:
-            row[f'{prefix}top5'] = top5[-1]
-        if cfg.method == 'hff':
-            for s in range(self.num_stages):
-                row[f'{prefix}top1_stage{s}'] = top1[s]
-                if self.num_classes > 5:
-                    row[f'{prefix}top5_stage{s}'] = top5[s]
-            row[f'{prefix}top1_ensemble'] = top1[self.num_stages]
-        return row
+        return accuracy_row(correct1, correct5, int(total), self.num_stages, self.num_classes,
+                            hff=cfg.method == 'hff', prefix=prefix, images_key=f'{split}_images')
 
     # ----- the run -----
     def fit(self) -> Dict[str, Any]:
