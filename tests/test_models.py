@@ -489,3 +489,14 @@ def test_block_boundary_cuts_are_checked():
     assert model.split.feature_indices == (2, 4)                      # timm's own levels stay indices
     with pytest.raises(ValueError, match='integers.*or module names'):
         HFFConfig(stage_indices=[1.5])
+
+
+def test_layer_decay_sees_the_backbone_layers():
+    """timm's layer decay groups HFF's parameters by the backbone's layers (regexes re-rooted under backbone.)."""
+    model = _build('resnet18', dict(check_img_size=64))
+    opt = create_optimizer_v2(model, 'adamw', lr=1e-3, layer_decay=0.5)
+    scale = {id(p): g['lr_scale'] for g in opt.param_groups for p in g['params']}
+    b = model.backbone
+    stem, first, last = b.conv1.weight, b.layer1[0].conv1.weight, b.layer4[1].conv2.weight
+    assert scale[id(stem)] < scale[id(first)] < scale[id(last)] < 1.0
+    assert scale[id(model.heads[0].prototypes)] == 1.0   # heads are new: the head group's full rate

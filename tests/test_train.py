@@ -420,3 +420,20 @@ def test_threads_setting(idx_root, tmp_path):
         torch.set_num_threads(before)
     with pytest.raises(ValueError, match='threads must be >= 1'):
         tiny(idx_root, tmp_path, threads=0)
+
+
+def test_stage_lr_scales_each_stage(idx_root, tmp_path):
+    trainer = Trainer(tiny(idx_root, tmp_path, stage_lr=[1.0, 0.5, 0.25, 2.0], weight_decay=0.1, save_model=False))
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    scale_of = {id(p): g['lr_scale'] for g in trainer.optimizer.param_groups for p in g['params']}
+    for k, factor in enumerate([1.0, 0.5, 0.25, 2.0]):
+        assert {scale_of[id(p)] for p in model.stage_parameters(k)} == {factor}
+    for g in trainer.optimizer.param_groups:   # timm's scheduler applies the factor to the scheduled rate
+        assert g['lr'] == pytest.approx(trainer.optimizer.param_groups[0]['lr'] / trainer.optimizer.param_groups[0][
+            'lr_scale'] * g['lr_scale'])
+    decay = {id(p): g['weight_decay'] for g in trainer.optimizer.param_groups for p in g['params']}
+    assert all(decay[id(h.prototypes)] == 0 for h in model.heads)
+    assert decay[id(model.backbone.conv1[0].weight)] == 0.1 and decay[id(model.backbone.bn1.bias)] == 0
+    trainer.lock.release()
+    with pytest.raises(ValueError, match='stage_lr lists 2 factors but the model has 4 stages'):
+        Trainer(tiny(idx_root, tmp_path / 'b', stage_lr=[1.0, 2.0]))

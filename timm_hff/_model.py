@@ -29,6 +29,17 @@ def _pass_through(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _prefix_regex(regex: str) -> str:
+    """``'^conv1|bn1'`` -> ``'^backbone\\.(?:conv1|bn1)'``: every alternative re-rooted, group numbers unchanged."""
+    return r'^backbone\.(?:' + (regex[1:] if regex.startswith('^') else regex) + ')'
+
+
+def _prefix_spec(spec):
+    if isinstance(spec, str):
+        return _prefix_regex(spec)
+    return [(_prefix_regex(r), suffix) for r, suffix in spec]
+
+
 @dataclass
 class HFFOutput:
     """What one training forward returns.
@@ -118,7 +129,11 @@ class HFFModel(nn.Module):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict:
-        return self.backbone.group_matcher(coarse) if hasattr(self.backbone, 'group_matcher') else {}
+        """The backbone's layer groups, with its regexes re-rooted under ``backbone.`` (so timm's layer decay sees
+        this model's parameter names). The prototype heads match no group, so timm puts them last, with the head."""
+        if not hasattr(self.backbone, 'group_matcher'):
+            return {}
+        return {name: _prefix_spec(spec) for name, spec in self.backbone.group_matcher(coarse).items()}
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The backbone's own unpooled features (the whole backbone, as in timm)."""

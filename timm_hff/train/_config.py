@@ -75,6 +75,8 @@ class TrainConfig:
             has run; single process only), 'sequential' (greedy: stage k trains alone for ``epochs`` epochs).
         opt, lr, weight_decay, momentum, opt_eps, opt_betas: timm ``create_optimizer_v2``.
         clip_grad: Gradient-norm clip, applied per stage (each stage has its own loss).
+        stage_lr: One learning-rate factor per HFF stage (its backbone slice and its head), applied through timm's
+            ``lr_scale`` so every scheduler honours it; null: the same rate everywhere.
         sched, warmup_epochs, warmup_lr, min_lr, cooldown_epochs, decay_epochs, decay_rate, sched_on_updates: timm
             ``create_scheduler_v2`` (with 'sequential', one cosine cycle per stage).
         epochs: Epochs (per stage with 'sequential').
@@ -138,6 +140,7 @@ class TrainConfig:
     opt_eps: Optional[float] = None
     opt_betas: Optional[List[float]] = None
     clip_grad: Optional[float] = None
+    stage_lr: Optional[List[float]] = None
     sched: str = 'cosine'
     epochs: int = 10
     warmup_epochs: int = 0
@@ -232,6 +235,11 @@ class TrainConfig:
                 raise ValueError(f'{name} must be >= 0, got {getattr(self, name)!r}')
         if not 0.0 <= self.smoothing < 1.0:
             raise ValueError(f'smoothing must be in [0, 1), got {self.smoothing!r}')
+        if self.stage_lr is not None:
+            if not self.stage_lr or any(f <= 0 for f in self.stage_lr):
+                raise ValueError(f'stage_lr must list one positive factor per stage, got {self.stage_lr!r}')
+            if self.method == 'bp':
+                raise ValueError("stage_lr scales HFF stages; method 'bp' has one end-to-end loss (drop stage_lr)")
         if self.clip_grad is not None and self.clip_grad <= 0:
             raise ValueError(f'clip_grad must be > 0 (or null to disable), got {self.clip_grad!r}')
         if self.in_chans not in (1, 3):

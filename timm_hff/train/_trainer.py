@@ -83,6 +83,25 @@ def build_bp_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     return model
 
 
+def stage_param_groups(model: nn.Module, weight_decay: float, stage_lr) -> list:
+    """Optimizer groups per (stage, decay): each stage's backbone slice and head at ``lr * stage_lr[k]`` (timm's
+    ``lr_scale``), without weight decay where timm leaves it out (biases, norms, ``no_weight_decay()``)."""
+    if len(stage_lr) != model.num_stages:
+        raise ValueError(f'stage_lr lists {len(stage_lr)} factors but the model has {model.num_stages} stages')
+    owner = {f'backbone.{n}': k for k, names in enumerate(model.split.stage_param_names) for n in names}
+    skip = model.no_weight_decay()
+    groups: Dict[Tuple[Optional[int], bool], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        k = int(name.split('.')[1]) if name.startswith('heads.') else owner.get(name)
+        decay = not (p.ndim <= 1 or name.endswith('.bias') or name in skip)
+        groups.setdefault((k, decay), []).append(p)
+    return [dict(params=ps, weight_decay=weight_decay if decay else 0.0,
+                 lr_scale=float(stage_lr[k]) if k is not None else 1.0)
+            for (k, decay), ps in groups.items()]
+
+
 def set_train_mode(model: nn.Module, cfg: TrainConfig) -> None:
     """``model.train()``, keeping a frozen backbone's norm layers in eval mode (head-only transfer)."""
     model.train()
@@ -238,7 +257,8 @@ class Trainer:
             opt_kwargs['eps'] = cfg.opt_eps
         if cfg.opt_betas is not None:
             opt_kwargs['betas'] = tuple(cfg.opt_betas)
-        optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay,
+        params = stage_param_groups(model, cfg.weight_decay, cfg.stage_lr) if cfg.stage_lr else model
+        optimizer = create_optimizer_v2(params, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                         momentum=cfg.momentum, **opt_kwargs)
         loaders = [self.train_loader, self.val_loader] + ([self.test_loader] if self.test_loader else [])
         to_prepare = [model, optimizer] + [ld.loader for ld in loaders if not ld.sharded]
