@@ -44,7 +44,8 @@ FORBIDDEN_TIMM_KWARGS = {'pretrained', 'pretrained_cfg', 'pretrained_cfg_overlay
                           'checkpoint_path', 'cache_dir', 'num_classes', 'in_chans', 'features_only', 'out_indices',
                           'feature_cls', 'scriptable', 'exportable', 'no_jit', 'device', 'dtype', 'arch'}
 # HFF settings that do not change any parameter's shape, so they may differ from the saved ones on load.
-RUNTIME_SETTINGS = ('predict_from', 'check_split', 'check_img_size', 'scale', 'margin')
+RUNTIME_SETTINGS = ('predict_from', 'check_split', 'check_img_size', 'scale', 'margin', 'exit_rule', 'exit_thresholds',
+                    'exit_patience')
 # The ``architecture`` that saved HFF configs name: one entrypoint for every wrapped timm architecture (the timm
 # arch is in ``model_args['arch']``), so ``timm.create_model('hf-hub:...')`` resolves any HFF checkpoint. The
 # registry (``timm_hff._registry``) registers an entrypoint under this name.
