@@ -437,3 +437,32 @@ def test_stage_lr_scales_each_stage(idx_root, tmp_path):
     trainer.lock.release()
     with pytest.raises(ValueError, match='stage_lr lists 2 factors but the model has 4 stages'):
         Trainer(tiny(idx_root, tmp_path / 'b', stage_lr=[1.0, 2.0]))
+
+
+def test_cli_help_lists_every_setting_and_suggests_flags(capsys):
+    from dataclasses import fields as dc_fields
+    from timm_hff.train._help import HELP
+    assert {f.name for f in dc_fields(TrainConfig)} == set(HELP)        # no setting without its help line
+    with pytest.raises(SystemExit):
+        main(['--help'])
+    text = capsys.readouterr().out
+    for f in dc_fields(TrainConfig):
+        if f.name != 'resume':
+            assert f'--{f.name.replace("_", "-")}' in text, f.name
+    assert 'Optimizer parameters' in text and '[float, default: 0.1]' in text      # type and default of --lr
+    with pytest.raises(SystemExit):
+        main(['--config', 'x.yaml', '--learning-rate', '0.1'])
+    assert "did you mean '--lr'?" in capsys.readouterr().err
+    assert main([]) == 2
+    assert 'pass --config recipes/<name>.yaml' in capsys.readouterr().err
+
+
+def test_resuming_a_finished_run_says_so(idx_root, tmp_path, capsys):
+    run(tiny(idx_root, tmp_path, epochs=1))
+    AcceleratorReset()
+    before = (tmp_path / 'run' / 'model' / 'model.safetensors').stat().st_mtime_ns
+    trainer = Trainer(tiny(idx_root, tmp_path, epochs=1, resume='auto'))
+    trainer.fit()
+    out = capsys.readouterr().out
+    assert 'nothing left to train' in out and 'resume with --epochs N (N > 1)' in out
+    assert (tmp_path / 'run' / 'model' / 'model.safetensors').stat().st_mtime_ns == before   # nothing rewritten

@@ -558,6 +558,12 @@ class Trainer:
             if acc.is_main_process:
                 atomic_write_text(os.path.join(self.out_dir, 'config.yaml'), _yaml(cfg))
                 self._print_plan()
+            if self.resume_from and self.start_epoch >= self.total_epochs:
+                acc.print(f'nothing left to train: {self.resume_from} completed all {self.total_epochs} epochs; to '
+                          f'train longer, resume with --epochs N (N > {cfg.epochs})'
+                          + ('' if self._finished() else '; finishing the run (test split, saved model)'))
+                if self._finished():
+                    return dict(self.history[-1]) if self.history else {}
             for epoch in range(self.start_epoch, self.total_epochs):
                 row = dict(epoch=epoch + 1)
                 row.update(self.train_epoch(epoch))
@@ -583,6 +589,18 @@ class Trainer:
                 acc.end_training()
             if acc.is_main_process:
                 self.lock.release()
+
+    def _finished(self) -> bool:
+        """The run's end already happened: the final model was saved (and the test split evaluated, if any)."""
+        if self.cfg.save_model and not os.path.isfile(os.path.join(self.out_dir, 'model', 'config.json')):
+            return False
+        if self.test_loader is None:
+            return True
+        try:
+            with open(os.path.join(self.out_dir, 'metrics.json')) as f:
+                return bool(json.load(f).get('test'))
+        except (OSError, ValueError, AttributeError):
+            return False
 
     def evaluate_test(self) -> Optional[Dict[str, Any]]:
         """The test split, once, after the last epoch: the live model and the EMA (None without test_split)."""

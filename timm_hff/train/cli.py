@@ -9,33 +9,77 @@ Every ``TrainConfig`` field is a flag (``--batch-size 64`` or ``--batch_size 64`
 ``--model-kwargs '{channels: [16, 32, 64, 128]}'`` and ``--freeze-stages '[0, 1]'`` work.
 """
 import argparse
+import dataclasses
+import difflib
 import logging
 import sys
+import typing
 from dataclasses import fields
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 import yaml
 
 from ._checkpoint import RunInUseError
-from ._config import METHODS, TrainConfig
+from ._config import _ALIASES, METHODS, TrainConfig
+from ._help import GROUPS, HELP
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, plus "did you mean" for a mistyped flag (timm users type --learning-rate, --num-epochs...)."""
+
+    def error(self, message: str):
+        if 'unrecognized arguments' in message:
+            flags = [s for a in self._actions for s in a.option_strings if s.startswith('--')]
+            for word in message.split(':', 1)[1].split():
+                if word.startswith('--'):
+                    key = word[2:].split('=')[0].replace('-', '_')
+                    close = ([f'--{_ALIASES[key]}'] if key in _ALIASES
+                             else difflib.get_close_matches(word.split('=')[0], flags, n=1))
+                    if close:
+                        message += f"; did you mean '{close[0]}'?"
+                        break
+        super().error(message)
+
+
+def _type_label(tp) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Union:
+        inner = [a for a in args if a is not type(None)]
+        return f'{_type_label(inner[0])} or null'
+    if origin in (list, List):
+        return f'list of {_type_label(args[0])}'
+    if origin in (dict, Dict):
+        return 'mapping'
+    return getattr(tp, '__name__', str(tp))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog='hff-train', description='Train an HFF (or a BP baseline) model from a YAML recipe.',
-        epilog='Any TrainConfig field can be given as --<field> VALUE (YAML syntax); see recipes/*.yaml.')
+        usage='hff-train --config recipes/<name>.yaml [--<setting> VALUE ...] [--baseline bp] [--resume [PATH]]',
+        epilog='Every setting can be given in the recipe or as --<setting> VALUE (--batch-size 64 or --batch_size 64); '
+               'values are YAML: --hff \'{margin: 0.3}\', --freeze-stages \'[0, 1]\', --crop-pct null. Recipes: '
+               'recipes/*.yaml.', formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--config', '-c', default=None, help='YAML recipe (e.g. recipes/fashion_mnist_quick.yaml)')
     parser.add_argument('--baseline', choices=[m for m in METHODS if m != 'hff'], default=None,
                         help="train the same backbone with its timm head end to end instead ('bp')")
     parser.add_argument('--resume', nargs='?', const='auto', default=argparse.SUPPRESS, metavar='PATH',
                         help='continue from a checkpoint or run folder; bare --resume: this run\'s latest')
+    hints = typing.get_type_hints(TrainConfig)
+    groups = {g: parser.add_argument_group(f'{g} parameters') for g in GROUPS}
     for f in fields(TrainConfig):
         if f.name == 'resume':
             continue
+        group, text = HELP[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         flags = [f'--{f.name.replace("_", "-")}'] + ([f'--{f.name}'] if '_' in f.name else [])
-        parser.add_argument(*flags, dest=f.name, default=argparse.SUPPRESS, metavar='VALUE',
-                            help=argparse.SUPPRESS)
+        groups[group].add_argument(*flags, dest=f.name, default=argparse.SUPPRESS, metavar='VALUE',
+                                   help=f'{text} [{_type_label(hints[f.name])}, default: {_yaml_value(default)}]')
     return parser
+
+
+def _yaml_value(v: Any) -> str:
+    return yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip() or "''"
 
 
 def parse_overrides(ns: argparse.Namespace) -> Dict[str, Any]:
@@ -65,6 +109,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                         format='%(levelname)s %(name)s: %(message)s')
     for noisy in ('httpx', 'urllib3', 'datasets', 'accelerate.checkpointing', 'accelerate.accelerator'):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not ns.config and len(argv if argv is not None else sys.argv[1:]) == 0:
+        print('hff-train: error: no recipe given; pass --config recipes/<name>.yaml (see recipes/, e.g. '
+              'recipes/fashion_mnist_quick.yaml), or --help for every setting', file=sys.stderr)
+        return 2
     try:
         overrides = parse_overrides(ns)
         if ns.baseline:
