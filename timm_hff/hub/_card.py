@@ -263,7 +263,12 @@ def _eval_results(metrics: Dict[str, Any], stage_top1: List[Any], stage_top5: Li
 
 def _settings(cfg: Dict[str, Any], num_stages: int) -> List[tuple]:
     keys = ('prototypes_per_class', 'embed_dim', 'scale', 'margin', 'aux', 'pool', 'small_input')
-    return [('HFF stages', num_stages)] + [(k, cfg[k]) for k in keys if k in cfg]
+    exits = ()   # adaptive exit, when fitted: the rule and its setting (the operating point is in the metrics)
+    if cfg.get('exit_thresholds') is not None:
+        exits = ('exit_rule', 'exit_thresholds')
+    elif cfg.get('exit_rule') == 'patience':
+        exits = ('exit_rule', 'exit_patience')
+    return [('HFF stages', num_stages)] + [(k, cfg[k]) for k in keys + exits if k in cfg]
 
 
 def _pct(v: Any) -> str:
