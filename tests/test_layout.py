@@ -19,7 +19,7 @@ MAX_LINES = 400
 LAYERS = [
     ('version', '_config', 'data'),
     ('_heads', '_stages', '_exit_rule'),
-    ('_profile', '_model'),
+    ('_profile', '_adaptive', '_model'),
     ('_builder', '_exit'),
     ('hub',),
     ('_factory', '_registry'),
