@@ -8,6 +8,7 @@ from ._heads import PrototypeHead
 from ._stages import SplitError, StageSplit
 from ._model import HFFModel, HFFOutput
 from ._builder import build_hff_model
+from ._exit import ExitCalibration, calibrate_exits
 from ._factory import create_model
 from ._registry import list_models
 from .hub import (

@@ -9,7 +9,8 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 AUX_KINDS = ('none', 'conv1x1', 'conv3x3')
 POOL_KINDS = ('avg', 'token')
 PROTOTYPE_INITS = ('normal', 'orthogonal')
-PREDICT_KINDS = ('last', 'ensemble')
+PREDICT_KINDS = ('last', 'ensemble', 'adaptive')
+EXIT_RULES = ('max_prob', 'entropy', 'patience')
 
 PredictFrom = Union[str, int, Tuple[int, ...]]
 
@@ -43,8 +44,16 @@ class HFFConfig:
             projection (NCHW / NHWC), so an early stage is not asked for features that are already position-free;
             1 is global average pooling.
         prototype_init: 'normal' (random directions) or 'orthogonal' (orthonormal rows where possible).
-        predict_from: 'last', 'ensemble' (mean of all stages' log-probabilities), a stage index, or a tuple of
-            stage indices to ensemble. An early stage index stops the forward there (early exit).
+        predict_from: 'last', 'ensemble' (mean of all stages' log-probabilities), a stage index, a tuple of
+            stage indices to ensemble, or 'adaptive'. An early stage index stops the forward there (early exit);
+            'adaptive' lets each image leave at the first stage that is confident enough (``exit_rule``).
+        exit_rule: How confident an image is after a stage, for ``predict_from='adaptive'``: 'max_prob' (the
+            largest softmax probability), 'entropy' (``1 - H(p) / log C``), both in [0, 1] and compared with
+            ``exit_thresholds``; or 'patience' (PABEE: the last ``exit_patience`` stages predict the same class).
+        exit_thresholds: One confidence per stage except the last, in (0, 1]: an image leaves after stage k when
+            its confidence is >= ``exit_thresholds[k]``; 1 never leaves there. Fitted on validation data by
+            ``timm_hff.calibrate_exits``.
+        exit_patience: Stages that must agree for the 'patience' rule (1 leaves after the first stage).
         small_input: Adapt a conv stem to 28-32 px inputs: strides before the first tap become 1 and
             pooling layers there become identities. Token models instead take timm's ``img_size`` and
             ``patch_size`` kwargs.
@@ -67,6 +76,9 @@ class HFFConfig:
     pool_size: int = 1
     prototype_init: str = 'normal'
     predict_from: PredictFrom = 'last'
+    exit_rule: str = 'max_prob'
+    exit_thresholds: Optional[Tuple[float, ...]] = None
+    exit_patience: int = 2
     small_input: bool = False
     check_img_size: Optional[int] = None
     check_split: bool = True
@@ -76,6 +88,9 @@ class HFFConfig:
             self.stage_indices = tuple(i if isinstance(i, str) else _as_index(i) for i in self.stage_indices)
         if isinstance(self.predict_from, (list, tuple)):
             self.predict_from = tuple(int(i) for i in self.predict_from)
+        if isinstance(self.exit_thresholds, (list, tuple)):
+            self.exit_thresholds = tuple(float(t) if isinstance(t, int) and not isinstance(t, bool) else t
+                                         for t in self.exit_thresholds)
         self.validate()
 
     def validate(self) -> None:
@@ -115,8 +130,17 @@ class HFFConfig:
             if not self.predict_from:
                 raise ValueError('predict_from is an empty tuple; give stage indices, "last" or "ensemble"')
         elif not isinstance(self.predict_from, int) or isinstance(self.predict_from, bool):
-            raise ValueError(f"predict_from must be 'last', 'ensemble', a stage index or a tuple of them, "
-                             f"got {self.predict_from!r}")
+            raise ValueError(f"predict_from must be 'last', 'ensemble', 'adaptive', a stage index or a tuple of "
+                             f"them, got {self.predict_from!r}")
+        _check_choice('exit_rule', self.exit_rule, EXIT_RULES)
+        _check_int('exit_patience', self.exit_patience, 1)
+        if self.exit_thresholds is not None:
+            ok = isinstance(self.exit_thresholds, tuple) and all(
+                isinstance(t, float) and 0 < t <= 1 for t in self.exit_thresholds)
+            if not ok:
+                raise ValueError(f'exit_thresholds must be confidences in (0, 1], one per stage except the last '
+                                 f'(1: never exit there), got {self.exit_thresholds!r}; fit them with '
+                                 f'timm_hff.calibrate_exits')
 
     def to_dict(self) -> Dict[str, Any]:
         d = asdict(self)

@@ -4,7 +4,8 @@
            (detach) -> stage 2 -> h2 -> head 2 -> logits 2, loss 2
                           ...            (the last stage runs through the backbone's own pooling/head norm)
 
-``model(x)`` predicts in one pass. ``model(x, target)`` returns every stage's local loss:
+``model(x)`` predicts in one pass (``predict_from='adaptive'``: each image leaves at the first stage that is sure
+enough, see ``forward_adaptive``). ``model(x, target)`` returns every stage's local loss:
 
 - ``mode='simultaneous'``: the summed loss, for one ``backward()`` by the caller. Each stage's graph stays alive
   until then, so this costs as much activation memory as backprop.
@@ -19,6 +20,8 @@ import torch
 import torch.nn as nn
 
 from ._config import HFFConfig
+from ._adaptive import AdaptiveExit
+from ._exit_rule import replay_exits
 from ._heads import PrototypeHead, log_probs_mean
 from ._stages import StageSplit, cut_name, run_stages, stage_modules
 
@@ -59,7 +62,7 @@ class HFFOutput:
     backward_done: bool
 
 
-class HFFModel(nn.Module):
+class HFFModel(AdaptiveExit, nn.Module):
     """A timm backbone trained greedily, stage by stage, against unit-norm class prototypes.
 
     The backbone is a plain timm model (built with ``num_classes=0``) registered as ``self.backbone``, so its
@@ -83,7 +86,9 @@ class HFFModel(nn.Module):
             for k in range(split.num_stages)
         ])
         self.predict_from = cfg.predict_from
+        self._check_exit_settings(cfg)
         self._frozen: Set[int] = set()
+        self._exit_flops: Dict[tuple, torch.Tensor] = {}   # (H, W) -> FLOPs per image of leaving after stage k
         self.feature_info = [
             dict(num_chs=split.channels[k], reduction=split.reductions[k],
                  module=f'backbone.{cut_name(backbone, split.feature_indices[k])}', stage=k)
@@ -109,6 +114,7 @@ class HFFModel(nn.Module):
         self.pretrained_cfg['num_classes'] = num_classes
         for head in self.heads:
             head.reset_prototypes(num_classes)
+        self._exit_flops.clear()   # the heads' cost depends on the class count
 
     def get_classifier(self) -> nn.Module:
         return self.heads[self.num_stages - 1]
@@ -273,8 +279,10 @@ class HFFModel(nn.Module):
                                  'unset TIMM_REENTRANT_CKPT or call timm.layers.set_reentrant_ckpt(False)')
 
     def _predict(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
         pf = self.predict_from
+        if pf == 'adaptive':
+            return self.forward_adaptive(x)[0]
+        self._check_input(x)
         if pf == 'last':
             stop = None
         elif isinstance(pf, int):
@@ -290,6 +298,8 @@ class HFFModel(nn.Module):
 
     def _combine(self, stage_logits: List[torch.Tensor]) -> torch.Tensor:
         pf = self.predict_from
+        if pf == 'adaptive':   # the exits replayed on a full forward: the same prediction as forward_adaptive
+            return replay_exits(self._exit_rule(), stage_logits)[0]
         if pf == 'ensemble':
             return log_probs_mean(stage_logits)
         if isinstance(pf, tuple):
@@ -301,6 +311,8 @@ class HFFModel(nn.Module):
 
     def set_predict_from(self, predict_from) -> None:
         cfg = HFFConfig(**{**self.hff_cfg.to_dict(), 'predict_from': predict_from, 'check_split': False})
+        if cfg.predict_from == 'adaptive':
+            self._exit_rule()   # refuse now, not at the first forward, if there is nothing to exit on
         self.predict_from = cfg.predict_from
         if not isinstance(self.predict_from, str):
             for k in (self.predict_from if isinstance(self.predict_from, tuple) else (self.predict_from,)):
@@ -314,7 +326,8 @@ class HFFModel(nn.Module):
         return k % n
 
     def _run(self, x: torch.Tensor, on_stage: Optional[Callable[[int, torch.Tensor], None]] = None,
-             stop_after: Optional[int] = None) -> List[torch.Tensor]:
+             stop_after: Optional[int] = None,
+             route: Optional[Callable[[int, torch.Tensor], Optional[torch.Tensor]]] = None) -> List[torch.Tensor]:
         """``run_stages``, with a one-line ValueError when the backbone cannot take this input size.
 
         Which sizes a backbone accepts (a fixed-size patch embedding, a stem larger than a tiny image) is only
@@ -324,16 +337,18 @@ class HFFModel(nn.Module):
         """
         failed_in_callback = []
 
-        def guarded(k: int, h: torch.Tensor) -> None:
-            try:
-                on_stage(k, h)
-            except BaseException:
-                failed_in_callback.append(k)
-                raise
+        def guard(fn):
+            def guarded(k: int, h: torch.Tensor):
+                try:
+                    return fn(k, h)
+                except BaseException:
+                    failed_in_callback.append(k)
+                    raise
+            return guarded if fn is not None else None
 
         try:
-            return run_stages(self.backbone, self.split, x, on_stage=guarded if on_stage else None,
-                              stop_after=stop_after)
+            return run_stages(self.backbone, self.split, x, on_stage=guard(on_stage), stop_after=stop_after,
+                              route=guard(route))
         except (RuntimeError, AssertionError) as e:
             checked = self.split.probe_img_size
             if failed_in_callback or isinstance(e, torch.OutOfMemoryError) or tuple(x.shape[-2:]) == (checked,) * 2:

@@ -3,7 +3,7 @@
 A cut that leaves most of the network inside one stage is close to backprop by construction, so every accuracy
 this library reports sits beside these shares (run header, ``metrics.json``, model card).
 """
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -13,19 +13,20 @@ from ._stages import run_stages
 _LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
-def stage_profile(model: nn.Module, img_size: Optional[int] = None) -> List[Dict[str, Any]]:
+def stage_profile(model: nn.Module, img_size: Union[int, Tuple[int, int], None] = None) -> List[Dict[str, Any]]:
     """One row per stage: backbone parameters and their share, forward FLOPs (one image) and their share,
     conv/linear layers trained, and the prototype head's own parameters and FLOPs.
 
     FLOPs are ``torch.utils.flop_counter`` counts (2 per multiply-add of convolutions and matmuls) at
-    ``img_size`` (default: the size the build-time probe checked). Shares are of the backbone alone (the part
-    BP would train too); parameters the cut leaves unused count in neither.
+    ``img_size`` (an int or (H, W); default: the size the build-time probe checked). Shares are of the backbone
+    alone (the part BP would train too); parameters the cut leaves unused count in neither.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
     split = model.split
     size = img_size or split.probe_img_size
-    x = torch.zeros(1, model.in_chans, size, size, device=next(model.parameters()).device)
+    h, w = (size, size) if isinstance(size, int) else size
+    x = torch.zeros(1, model.in_chans, h, w, device=next(model.parameters()).device)
     marks: List[int] = []
     outs: List[torch.Tensor] = []
     was_training = model.training
@@ -71,3 +72,20 @@ def format_profile(rows: List[Dict[str, Any]]) -> str:
                      f"{r['flops'] / 1e6:7.1f}  {r['flops_share']:6.1%}  {r['layers']:>11}  "
                      f"{r['head_params'] / 1e3:9.1f}K  {r['head_flops'] / 1e6:11.1f}  {r['module']}")
     return '\n'.join(lines)
+
+
+def exit_flops(model: nn.Module, img_size: Union[int, Tuple[int, int], None] = None) -> List[int]:
+    """FLOPs per image of leaving after stage k (adaptive exit): the backbone stages up to k and their heads, as
+    the early-exit forward spends them (every stage it passes is scored by its head)."""
+    total, out = 0, []
+    for row in stage_profile(model, img_size):
+        total += row['flops'] + row['head_flops']
+        out.append(total)
+    return out
+
+
+def full_flops(model: nn.Module, img_size: Union[int, Tuple[int, int], None] = None) -> int:
+    """FLOPs per image of the full-depth prediction (``predict_from='last'``): the whole cut backbone and the last
+    head only (the reference that adaptive exit saves against)."""
+    rows = stage_profile(model, img_size)
+    return sum(r['flops'] for r in rows) + rows[-1]['head_flops']

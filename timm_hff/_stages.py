@@ -44,6 +44,7 @@ class StageSplit:
     unused_param_names: List[str] = field(default_factory=list)
     probe_img_size: int = 0                   # resolution the build-time probe ran at (known to work)
     state: Optional['_CutState'] = field(default=None, repr=False, compare=False)
+    shrink_problem: Optional[str] = None      # why rows cannot leave mid-forward ('' once checked and fine)
 
     @property
     def num_stages(self) -> int:
@@ -190,6 +191,8 @@ class _CutState:
         self.outputs: Optional[List[torch.Tensor]] = None
         self.raw: Optional[List[object]] = None   # the probe's view of what each tap returned
         self.on_stage: Optional[Callable[[int, torch.Tensor], None]] = None
+        self.route: Optional[Callable[[int, torch.Tensor], Optional[torch.Tensor]]] = None
+        self.drained = False   # every row left the batch (adaptive exit): the forward ended early on purpose
         self.last = -1
         self.elements: List[int] = [0] * num_taps
 
@@ -221,9 +224,31 @@ class _TapHook:
             st.outputs.append(main)
             if st.on_stage is not None:
                 st.on_stage(self.k, main)
+            if st.route is not None and self.k < st.last:
+                rows = st.route(self.k, main)
+                if rows is not None:
+                    if rows.numel() == 0:
+                        st.drained = True
+                        raise _StopForward
+                    cut = take_rows(cut, rows, main.shape[0])
             if self.k >= st.last:
                 raise _StopForward
         return cut
+
+
+def take_rows(output, rows: torch.Tensor, batch: int):
+    """The rows of a tap output that go on: every tensor whose first dim is the batch (all of a tuple's, as they
+    all flow downstream), in the tensor's own memory format (a channels_last model stays channels_last)."""
+    if isinstance(output, torch.Tensor):
+        if output.ndim == 0 or output.shape[0] != batch:
+            return output
+        out = output.index_select(0, rows)
+        if output.ndim == 4 and not output.is_contiguous() and output.is_contiguous(memory_format=torch.channels_last):
+            out = out.contiguous(memory_format=torch.channels_last)
+        return out
+    if isinstance(output, (tuple, list)):
+        return type(output)(take_rows(o, rows, batch) for o in output)
+    return output
 
 
 def install_cuts(backbone: nn.Module, split: StageSplit) -> None:
@@ -243,6 +268,7 @@ def run_stages(
         on_stage: Optional[Callable[[int, torch.Tensor], None]] = None,
         stop_after: Optional[int] = None,
         raw: Optional[List[object]] = None,
+        route: Optional[Callable[[int, torch.Tensor], Optional[torch.Tensor]]] = None,
 ) -> List[torch.Tensor]:
     """One forward pass of the backbone, cut into stages.
 
@@ -251,9 +277,14 @@ def run_stages(
             (``memory_efficient`` training runs stage k's backward there, freeing its graph).
         stop_after: Stop the forward after this stage (early exit, or a greedy schedule's active stage).
         raw: If given, collects what each tap returned (a tensor or a tuple), for the build-time probe.
+        route: Adaptive exit. Called as ``route(k, h_k)`` after ``on_stage`` at every stage but the last; returns
+            the rows of the current batch that go on (a 1-D index tensor) or None for all. Only those rows run
+            the later stages, so the batch shrinks and the forward ends once no row is left. Later outputs hold
+            only the surviving rows.
 
     Returns:
-        The stage outputs h_k, each still attached to its own stage's graph (the next stage saw a detached copy).
+        The stage outputs h_k, each still attached to its own stage's graph (the next stage saw a detached copy);
+        fewer than asked for when ``route`` let every row leave.
     """
     install_cuts(backbone, split)
     st = split.state
@@ -261,7 +292,7 @@ def run_stages(
         raise RuntimeError('run_stages is not re-entrant: a forward of this model is already running')
     last = split.num_stages - 1 if stop_after is None else stop_after
     outputs: List[torch.Tensor] = []
-    st.outputs, st.on_stage, st.last, st.raw = outputs, on_stage, last, raw
+    st.outputs, st.on_stage, st.last, st.raw, st.route, st.drained = outputs, on_stage, last, raw, route, False
     try:
         feats = backbone.forward_features(x)
         if split.full_tail:
@@ -272,8 +303,9 @@ def run_stages(
     except _StopForward:
         pass
     finally:
-        st.outputs, st.on_stage, st.last, st.raw = None, None, -1, None
-    if len(outputs) != last + 1:
+        drained = st.drained
+        st.outputs, st.on_stage, st.last, st.raw, st.route, st.drained = None, None, -1, None, None, False
+    if len(outputs) != last + 1 and not drained:
         missing = split.tap_names[len(outputs)] if len(outputs) < len(split.tap_names) else 'forward_head'
         raise SplitError(f"timm family '{family_of(backbone)}': stage {len(outputs)} (tap '{missing}') never ran "
                          f"in forward_features, so the model cannot be cut there")
@@ -501,6 +533,39 @@ def probe_split(backbone: nn.Module, split: StageSplit, in_chans: int, img_size:
     split.probe_img_size = img_size
     split.stage_param_names = stage_params
     split.unused_param_names = sorted(n for i, n in names.items() if i not in owner)
+
+
+def check_shrink(backbone: nn.Module, split: StageSplit, in_chans: int) -> str:
+    """Whether rows can leave the batch between stages (adaptive exit); '' if so, else why not (cached on the split).
+
+    A backbone that keeps something batch-sized across a stage boundary (twins reshapes with the ``B`` it read at
+    the start) fails or mixes images when the batch shrinks mid-forward. Checked once by running two images, one
+    of which leaves after stage 1, against the full forward: the other's later stage outputs must be unchanged.
+    """
+    if split.shrink_problem is not None:
+        return split.shrink_problem
+    p = next(backbone.parameters(), None)
+    size = split.probe_img_size or 32
+    x = torch.randn(2, in_chans, size, size, device=p.device if p is not None else None,
+                    dtype=p.dtype if p is not None and p.is_floating_point() else None)
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        with torch.no_grad():
+            full = run_stages(backbone, split, x)
+            part = run_stages(backbone, split, x, route=lambda k, h: (
+                torch.ones(1, dtype=torch.long, device=h.device) if h.shape[0] == 2 else None))
+        problem = ''
+        for k in range(1, split.num_stages):
+            if part[k].shape != full[k][1:].shape or not torch.allclose(part[k], full[k][1:], rtol=1e-3, atol=1e-4):
+                problem = f'stage {k + 1} output changes when another image leaves the batch'
+                break
+    except Exception as e:   # the backbone's own error: it cannot run on a shrunken batch
+        problem = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    finally:
+        backbone.train(was_training)
+    split.shrink_problem = problem
+    return problem
 
 
 def adapt_small_input(backbone: nn.Module, split: StageSplit, in_chans: int) -> List[str]:

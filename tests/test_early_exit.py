@@ -1,0 +1,315 @@
+"""Adaptive (anytime) inference: each image leaves at the first stage that is sure, and only then.
+
+The shrinking forward must agree with a full forward image by image (same exit, same logits as that stage), spend
+no later stage's compute on an image that left, keep its settings through save/load and the Hub, and the
+calibration must fit thresholds that hold the operating point it reports.
+"""
+import json
+
+import pytest
+import torch
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import hf_hub_download
+
+import timm_hff
+from timm_hff._exit import exit_stats
+from timm_hff._exit_rule import confidence
+from timm_hff._profile import exit_flops, full_flops
+from timm_hff.hub import push_to_hub, save_pretrained
+
+from test_hub import FakeHub
+
+MODELS = {   # tiny timm test models: a CNN at 28 px (small-input stem), an NHWC-free ConvNeXt, a token model
+    'test_resnet': dict(in_chans=1, small_input=True, check_img_size=28),
+    'test_convnext': dict(in_chans=3, check_img_size=32),
+    'test_vit': dict(in_chans=3),
+}
+
+
+def _model(name='test_resnet', num_classes=5, seed=0, **kw):
+    torch.manual_seed(seed)
+    return timm_hff.create_model(name, num_classes=num_classes, **{**MODELS[name], **kw}).eval()
+
+
+def _images(model, n=24, seed=1):
+    s = model.split.probe_img_size
+    return torch.randn(n, model.in_chans, s, s, generator=torch.Generator().manual_seed(seed))
+
+
+def _middle_thresholds(stage_logits, rule='max_prob'):
+    """Per stage, a threshold half-way between two neighbouring confidences near the median: about half the images
+    pass it, and none sits on it (so float noise between batch sizes cannot flip an exit)."""
+    out = []
+    for lg in stage_logits[:-1]:
+        c = confidence(lg, rule).sort().values
+        i = len(c) // 2
+        out.append(float((c[i - 1] + c[i]) / 2))
+    return out
+
+
+@pytest.fixture(scope='module', params=sorted(MODELS))
+def model_and_x(request):
+    m = _model(request.param)
+    return m, _images(m)
+
+
+@pytest.mark.parametrize('rule', ['max_prob', 'entropy', 'patience'])
+def test_exit_gets_that_stages_prediction_from_a_full_forward(model_and_x, rule):
+    model, x = model_and_x
+    with torch.no_grad():
+        full = model.forward_stages(x)
+        model.set_exits(rule=rule, thresholds=_middle_thresholds(full, rule) if rule != 'patience' else None,
+                        patience=2)
+        logits, exit_stage, flops = model.forward_adaptive(x, return_flops=True)
+    assert logits.shape == full[0].shape and exit_stage.shape == (x.shape[0],)
+    assert rule == 'patience' or len(set(exit_stage.tolist())) > 1, 'the thresholds should spread the exits'
+    for i, k in enumerate(exit_stage.tolist()):
+        torch.testing.assert_close(logits[i], full[k][i], rtol=1e-4, atol=1e-4)
+    costs = exit_flops(model, x.shape[-1])
+    assert flops.tolist() == [costs[k] for k in exit_stage.tolist()]
+    preds = torch.stack([lg.argmax(-1) for lg in full], 1)
+    for i, k in enumerate(exit_stage.tolist()):   # the first stage the rule lets the image leave at
+        if rule == 'patience':
+            agree = [j for j in range(1, model.num_stages) if preds[i, j] == preds[i, j - 1]]
+            assert k == model.num_stages - 1 or k in agree
+            assert not [j for j in agree if j < k]
+        else:
+            conf = [confidence(full[j][i:i + 1], rule).item() for j in range(model.num_stages - 1)]
+            thr = model.hff_cfg.exit_thresholds
+            assert all(conf[j] < thr[j] for j in range(k)) and (k == model.num_stages - 1 or conf[k] >= thr[k])
+    # the same exits replayed on a full forward (evaluation, predict_from='adaptive' in a training forward)
+    model.set_predict_from('adaptive')
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), logits, rtol=1e-4, atol=1e-4)
+            replayed = model._combine(full)
+        assert torch.equal(replayed.argmax(-1), logits.argmax(-1))
+    finally:
+        model.set_predict_from('last')
+
+
+def _rows_per_stage(model, fn):
+    """Rows that each stage's backbone modules and each head saw while ``fn`` ran: {stage: set of batch sizes}."""
+    seen = {k: set() for k in range(model.num_stages)}
+    handles = []
+    for k, names in enumerate(model.split.stage_param_names):
+        for name in {n.rpartition('.')[0] for n in names}:
+            module = model.backbone.get_submodule(name)
+            handles.append(module.register_forward_pre_hook(
+                lambda m, args, k=k: seen[k].add(args[0].shape[0]) if args and torch.is_tensor(args[0]) else None))
+        handles.append(model.heads[k].register_forward_pre_hook(lambda m, args, k=k: seen[k].add(args[0].shape[0])))
+    try:
+        with torch.no_grad():
+            fn()
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def test_images_that_left_cost_no_later_stage(model_and_x):
+    model, x = model_and_x
+    with torch.no_grad():
+        model.set_exits(thresholds=_middle_thresholds(model.forward_stages(x)), rule='max_prob')
+        _, exit_stage = model.forward_adaptive(x)
+    seen = _rows_per_stage(model, lambda: model.forward_adaptive(x))
+    for k in range(model.num_stages):
+        running = int((exit_stage >= k).sum())
+        assert seen[k] == ({running} if running else set()), (k, seen[k], running)
+    # one image that leaves at stage 1 runs nothing after it
+    model.set_exits(thresholds=[1e-6] * (model.num_stages - 1))
+    seen = _rows_per_stage(model, lambda: model.forward_adaptive(x[:1]))
+    assert seen[0] == {1} and all(not seen[k] for k in range(1, model.num_stages))
+
+
+def test_threshold_one_is_the_last_stage_and_tiny_is_the_first(model_and_x):
+    model, x = model_and_x
+    n = model.num_stages
+    with torch.no_grad():
+        full = model.forward_stages(x)
+        model.set_exits(thresholds=[1.0] * (n - 1), rule='max_prob')
+        logits, exit_stage = model.forward_adaptive(x)
+        assert exit_stage.tolist() == [n - 1] * len(x)
+        torch.testing.assert_close(logits, full[-1], rtol=1e-5, atol=1e-5)
+        model.set_exits(thresholds=[1e-6] * (n - 1))
+        logits, exit_stage = model.forward_adaptive(x)
+        assert exit_stage.tolist() == [0] * len(x)
+        torch.testing.assert_close(logits, full[0], rtol=1e-5, atol=1e-5)
+
+
+def test_truncated_backbone_and_channels_last():
+    """A last stage that is a tap (not the timm head path), in channels_last: exits still match a full forward."""
+    model = _model('test_resnet', stage_indices=(1, 2, 3)).to(memory_format=torch.channels_last)
+    x = _images(model).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        full = model.forward_stages(x)
+        model.set_exits(thresholds=_middle_thresholds(full))
+        logits, exit_stage = model.forward_adaptive(x)
+    assert not model.split.full_tail and len(set(exit_stage.tolist())) > 1
+    for i, k in enumerate(exit_stage.tolist()):
+        torch.testing.assert_close(logits[i], full[k][i], rtol=1e-4, atol=1e-4)
+
+
+def test_backbone_that_cannot_shrink_falls_back_to_a_full_forward():
+    model = _model()
+    x = _images(model, n=8)
+    model.split.shrink_problem = 'reshapes with the batch size it read first'   # as twins would
+    with torch.no_grad():
+        full = model.forward_stages(x)
+        model.set_exits(thresholds=_middle_thresholds(full))
+        with pytest.warns(UserWarning, match='cannot drop images mid-forward'):
+            logits, exit_stage, flops = model.forward_adaptive(x, return_flops=True)
+    for i, k in enumerate(exit_stage.tolist()):
+        torch.testing.assert_close(logits[i], full[k][i])
+    assert flops.tolist() == [exit_flops(model)[-1]] * len(x)   # what was really spent: every stage
+
+
+def test_shrink_check_passes_on_the_test_models(model_and_x):
+    model, x = model_and_x
+    with torch.no_grad():
+        model.set_exits(thresholds=[0.5] * (model.num_stages - 1))
+        model.forward_adaptive(x[:2])
+    assert model.split.shrink_problem == ''
+
+
+def test_thresholds_round_trip_through_save_load_and_the_hub(tmp_path, monkeypatch):
+    model = _model()
+    x = _images(model)
+    with torch.no_grad():
+        model.set_exits(thresholds=_middle_thresholds(model.forward_stages(x)), rule='entropy')
+    model.set_predict_from('adaptive')
+    with torch.no_grad():
+        want = model(x)
+    d = tmp_path / 'model'
+    save_pretrained(model, d)
+    saved = json.loads((d / 'config.json').read_text())['hff']['config']
+    assert saved['predict_from'] == 'adaptive' and saved['exit_rule'] == 'entropy'
+    assert tuple(saved['exit_thresholds']) == model.hff_cfg.exit_thresholds
+    assert 'exit_thresholds' in (d / 'README.md').read_text()
+    loaded = timm_hff.create_model(f'local-dir:{d}', pretrained=True).eval()
+    assert loaded.hff_cfg == model.hff_cfg and loaded.predict_from == 'adaptive'
+    with torch.no_grad():
+        assert torch.equal(loaded(x), want)
+    # runtime settings: other thresholds (or none) may be given on load, like predict_from
+    other = timm_hff.create_model(f'local-dir:{d}', pretrained=True, exit_thresholds=[1.0] * 3, exit_rule='max_prob')
+    assert other.hff_cfg.exit_thresholds == (1.0, 1.0, 1.0)
+    cache = tmp_path / 'hub-cache'
+    with FakeHub() as server:   # pushed to the Hub, downloaded by huggingface_hub, loaded offline from its cache
+        with monkeypatch.context() as m:
+            m.setattr(hf_constants, 'ENDPOINT', server.url)   # HfApi() reads it when created
+            push_to_hub(model, 'org/hff-exit', token='hf_test')
+        for name in ('config.json', 'model.safetensors'):
+            hf_hub_download('org/hff-exit', name, endpoint=server.url, cache_dir=cache)
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    monkeypatch.setattr(hf_constants, 'HF_HUB_OFFLINE', True)
+    hub_model = timm_hff.create_model('hf-hub:org/hff-exit', pretrained=True, cache_dir=str(cache))
+    assert hub_model.hff_cfg.exit_thresholds == model.hff_cfg.exit_thresholds
+    with torch.no_grad():
+        assert torch.equal(hub_model.eval()(x), want)
+
+
+def test_thresholds_for_another_stage_count_are_refused(tmp_path):
+    model = _model()
+    model.set_exits(thresholds=[0.9, 0.9, 0.9])
+    d = tmp_path / 'model'
+    save_pretrained(model, d)
+    cfg = json.loads((d / 'config.json').read_text())
+    cfg['hff']['config']['exit_thresholds'] = [0.9, 0.9]
+    (d / 'config.json').write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r'exit_thresholds lists 2 threshold\(s\) but this model has 4 stages') as e:
+        timm_hff.create_model(f'local-dir:{d}', pretrained=True)
+    assert '\n' not in str(e.value)
+    with pytest.raises(ValueError, match='needs 3'):
+        model.set_exits(thresholds=[0.5])
+
+
+def test_adaptive_needs_thresholds():
+    model = _model()
+    with pytest.raises(ValueError, match='needs exit_thresholds'):
+        model.set_predict_from('adaptive')
+    model.set_exits(rule='patience', patience=3)
+    model.set_predict_from('adaptive')   # patience needs no thresholds
+    with torch.no_grad():
+        assert model(_images(model, n=3)).shape == (3, 5)
+
+
+# ----- calibration -----
+class _Batches:
+    def __init__(self, x, y, batch=16):
+        self.x, self.y, self.batch = x, y, batch
+
+    def __iter__(self):
+        for i in range(0, len(self.y), self.batch):
+            yield self.x[i:i + self.batch], self.y[i:i + self.batch]
+
+
+@pytest.fixture(scope='module')
+def calibration_data():
+    """A model whose stages are more or less right: labels are stage 3's predictions with some noise."""
+    model = _model(num_classes=4, seed=2)
+    x = _images(model, n=96, seed=3)
+    with torch.no_grad():
+        y = model.forward_stages(x)[2].argmax(-1)
+    flip = torch.rand(96, generator=torch.Generator().manual_seed(4)) < 0.2
+    y[flip] = (y[flip] + 1) % 4
+    return model, x, y
+
+
+@pytest.mark.parametrize('rule', ['max_prob', 'entropy'])
+def test_calibrate_within_accuracy_drop(calibration_data, rule):
+    model, x, y = calibration_data
+    cal = timm_hff.calibrate_exits(model, _Batches(x, y), max_accuracy_drop=2.0, rule=rule)
+    assert model.hff_cfg.exit_thresholds == cal.thresholds and model.hff_cfg.exit_rule == rule
+    assert all(0 < t <= 1 for t in cal.thresholds)
+    assert cal.top1 >= cal.full_top1 - 2.0 - 1e-9 and cal.images == 96
+    assert cal.flops_ratio < 1 and cal.mean_flops == pytest.approx(cal.flops_ratio * cal.full_flops)
+    assert cal.full_flops == full_flops(model, 28) and abs(sum(cal.exit_shares) - 1) < 1e-9
+    # the operating point is what the adaptive forward really does on the same images
+    with torch.no_grad():
+        logits, exit_stage, flops = model.forward_adaptive(x, return_flops=True)
+    assert 100 * (logits.argmax(-1) == y).float().mean().item() == pytest.approx(cal.top1)
+    assert flops.double().mean().item() == pytest.approx(cal.mean_flops)
+    # a looser drop never costs more
+    looser = timm_hff.calibrate_exits(model, _Batches(x, y), max_accuracy_drop=20.0, rule=rule)
+    assert looser.mean_flops <= cal.mean_flops
+    assert 'adaptive exit' in cal.describe()
+
+
+def test_calibrate_to_a_flops_budget(calibration_data):
+    model, x, y = calibration_data
+    costs = exit_flops(model, 28)
+    budget = (costs[0] + costs[-1]) / 2
+    cal = timm_hff.calibrate_exits(model, _Batches(x, y), flops_budget=budget)
+    assert cal.mean_flops <= budget and cal.target == dict(flops_budget=budget)
+    exact = timm_hff.calibrate_exits(model, _Batches(x, y), flops_budget=costs[0])
+    assert exact.exit_shares[0] == 1.0
+    cal = timm_hff.calibrate_exits(model, _Batches(x, y), flops_budget=budget, rule='patience')
+    assert cal.mean_flops <= budget and model.hff_cfg.exit_rule == 'patience' and cal.thresholds is None
+
+
+def test_exit_stats_score_matches_the_forward(calibration_data):
+    model, x, y = calibration_data
+    stats = exit_stats(model, _Batches(x, y, batch=32))
+    thresholds = _middle_thresholds(stats.stage_logits)
+    model.set_exits(thresholds=thresholds, rule='max_prob')
+    with torch.no_grad():
+        _, exit_stage = model.forward_adaptive(x)
+    assert torch.equal(stats.exits('max_prob', thresholds), exit_stage)
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(max_accuracy_drop=-1), r'max_accuracy_drop is in top-1 points and must be >= 0'),
+    (dict(flops_budget=0), r'flops_budget is mean FLOPs per image and must be > 0'),
+    (dict(flops_budget=10.0), r'flops_budget=10 is below the cost of stage 1 alone'),
+    (dict(max_accuracy_drop=0.2, flops_budget=1e9), r'give max_accuracy_drop or flops_budget, not both'),
+    (dict(rule='softmax'), r"rule must be one of \['max_prob', 'entropy', 'patience'\]"),
+])
+def test_calibrate_refuses_bad_settings(calibration_data, kwargs, match):
+    model, x, y = calibration_data
+    with pytest.raises(ValueError, match=match):
+        timm_hff.calibrate_exits(model, _Batches(x, y), **kwargs)
+
+
+def test_calibrate_on_an_empty_loader():
+    with pytest.raises(ValueError, match='the calibration loader yielded no images'):
+        timm_hff.calibrate_exits(_model(), [])
