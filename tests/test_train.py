@@ -260,12 +260,17 @@ def test_resume_continues_bitwise(idx_root, tmp_path, monkeypatch):
 # ----- precision, baseline, outputs, safety -----
 def test_bf16_on_cpu(idx_root, tmp_path):
     trainer = Trainer(tiny(idx_root, tmp_path, mixed_precision='bf16', save_model=False))
-    seen = []
-    conv = trainer.accelerator.unwrap_model(trainer.model).backbone.conv1[0]
+    seen, head_out = [], []
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    conv = model.backbone.conv1[0]
     handle = conv.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    hooks = [h.register_forward_hook(lambda m, i, o: head_out.append(o.dtype)) for h in model.heads]
     final = trainer.fit()
     handle.remove()
+    for h in hooks:
+        h.remove()
     assert torch.bfloat16 in seen                      # the forward really ran in bf16
+    assert head_out and set(head_out) == {torch.float32}   # while the heads scored in fp32 (autocast off there)
     assert np.isfinite(final['train_loss']) and final['val_images'] == 13
     assert all(v.dtype == torch.float32 for v in weights(ckpt(tmp_path, 0)).values() if v.is_floating_point())
 

@@ -134,32 +134,49 @@ class PrototypeHead(nn.Module):
         return x
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """The stage output as a point z on the unit sphere, shape (B, embed_dim)."""
+        """The stage output as a point z on the unit sphere, shape (B, embed_dim), in fp32.
+
+        The aux block and projection follow autocast (bf16 / fp16 convs are where mixed precision pays); the
+        normalisation runs in fp32 with autocast off, since autocast would otherwise re-cast it."""
         z = self.proj(self.pool(self.aux(x)))
-        return F.normalize(z.float(), dim=-1)
+        with _fp32(z):
+            return F.normalize(z.float(), dim=-1)
 
     def unit_prototypes(self) -> torch.Tensor:
         return F.normalize(self.prototypes.float(), dim=-1)
 
     def class_scores(self, z: torch.Tensor) -> torch.Tensor:
-        """Smooth-max cosine s_c in [-1, 1] per class, shape (B, C)."""
-        cos = z @ self.unit_prototypes().t()
-        if self.num_prototypes == 1:
-            return cos
-        cos = cos.view(z.shape[0], self.num_classes, self.num_prototypes)
-        return torch.logsumexp(self.scale * cos, dim=-1) / self.scale
+        """Smooth-max cosine s_c in [-1, 1] per class, shape (B, C), in fp32 (autocast off: a bf16 cosine has two
+        significant digits, too coarse for a margin of 0.2 at scale 16)."""
+        with _fp32(z):
+            cos = z.float() @ self.unit_prototypes().t()
+            if self.num_prototypes == 1:
+                return cos
+            cos = cos.view(z.shape[0], self.num_classes, self.num_prototypes)
+            return torch.logsumexp(self.scale * cos, dim=-1) / self.scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits ``scale * s_c``: a softmax over them is the head's class posterior."""
         return self.scale * self.class_scores(self.embed(x))
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Margin softmax loss; ``target`` is class indices (B,) or soft targets (B, C) from mixup."""
-        if target.ndim == 1:
-            soft = F.one_hot(target, self.num_classes).to(logits.dtype)
-        else:
-            soft = target.to(logits.dtype)
-        return torch.sum(-soft * F.log_softmax(logits - self.scale * self.margin * soft, dim=-1), dim=-1).mean()
+        """Margin softmax loss in fp32; ``target`` is class indices (B,) or soft targets (B, C) from mixup / label
+        smoothing.
+
+        With soft targets the margin is spread like the target: class c's logit is lowered by ``scale * margin *
+        target_c`` (one-hot targets give CosFace's margin on the true class; a 0.9 / 0.1 smoothed target lowers the
+        true class by 0.9 m and each other class by its small share). The loss stays linear in the target, so a
+        mixup of two images is trained as the same mixture of their two margin losses' targets.
+        """
+        with _fp32(logits):
+            logits = logits.float()
+            soft = F.one_hot(target, self.num_classes).float() if target.ndim == 1 else target.float()
+            return torch.sum(-soft * F.log_softmax(logits - self.scale * self.margin * soft, dim=-1), dim=-1).mean()
+
+
+def _fp32(t: torch.Tensor):
+    """A context with autocast off on ``t``'s device (the head's scoring and loss run in fp32)."""
+    return torch.autocast(t.device.type, enabled=False)
 
 
 def log_probs_mean(stage_logits) -> torch.Tensor:
