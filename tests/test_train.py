@@ -471,3 +471,17 @@ def test_resuming_a_finished_run_says_so(idx_root, tmp_path, capsys):
     out = capsys.readouterr().out
     assert 'nothing left to train' in out and 'resume with --epochs N (N > 1)' in out
     assert (tmp_path / 'run' / 'model' / 'model.safetensors').stat().st_mtime_ns == before   # nothing rewritten
+
+
+def test_channel_mismatch_is_said_at_set_up(idx_root, tmp_path, caplog):
+    import logging
+    with caplog.at_level(logging.WARNING):
+        trainer = Trainer(tiny(idx_root, tmp_path, in_chans=3, save_model=False))
+    trainer.lock.release()
+    lines = [r.getMessage() for r in caplog.records if 'in_chans=3' in r.getMessage()]
+    assert len(lines) == 1 and 'grayscale images' in lines[0] and "the model's default mean / std" in lines[0]
+    assert 'set in_chans: 1' in lines[0] and '\n' not in lines[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        Trainer(tiny(idx_root, tmp_path / 'b', save_model=False)).lock.release()
+    assert not [r for r in caplog.records if 'in_chans' in r.getMessage()]

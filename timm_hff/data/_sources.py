@@ -53,6 +53,24 @@ class ImageData:
     num_samples: Optional[int] = None
     array_images: bool = field(default=False)
 
+    def native_channels(self) -> Optional[int]:
+        """Channels the images come with (1 grayscale, 3 RGB, ...), from the features or the first image; None when
+        unknown (a stream is not read ahead)."""
+        features = getattr(self.dataset, 'features', None)
+        feat = features.get(self.image_key) if features is not None else None
+        if feat is not None and type(feat).__name__ == 'Array2D':
+            return 1
+        if feat is not None and type(feat).__name__ == 'Array3D':
+            shape = tuple(feat.shape)
+            return shape[-1] if shape[-1] in (1, 3, 4) else shape[0]
+        if self.streaming or not self.num_samples:
+            return None
+        image = self.dataset[0][self.image_key]
+        if hasattr(image, 'getbands'):    # PIL
+            return len(image.getbands())
+        shape = getattr(image, 'shape', None)
+        return None if shape is None else (1 if len(shape) == 2 else int(shape[-1]))
+
     def __len__(self) -> int:
         if self.num_samples is None:
             raise TypeError(f'the streamed split {self.name}:{self.split} has unknown length; set num_samples')

@@ -28,6 +28,7 @@ from ._checkpoint import (
 )
 from ._config import TrainConfig
 from ._evaluate import accuracy_row, prediction_heads, topk_hits
+from ._exits import adaptive_point, calibrate, describe_point
 from ._metrics import atomic_write_text, write_metrics
 
 _logger = logging.getLogger(__name__)
@@ -246,9 +247,15 @@ class Trainer:
         if cfg.grad_checkpointing:   # with schedule memory_efficient: checkpointing inside each stage as well
             model.set_grad_checkpointing(True)
         self.profile = stage_profile(model, cfg.img_size) if cfg.method == 'hff' else None
+        self._check_channels()
         self.data_cfg, self.train_loader, self.val_loader, self.test_loader = build_loaders(
             cfg, model, self.train_data, self.val_data, acc, self.test_data)
         self.total_epochs = cfg.epochs * (self.num_stages if cfg.schedule == 'sequential' else 1)
+        if cfg.calibrate_exits is not None and self.val_loader.sharded and acc.num_processes > 1:
+            raise ValueError('calibrate_exits fits thresholds on the whole validation split, which a streamed split '
+                             'spreads over the processes; run on one process, or calibrate the saved model afterwards '
+                             'with timm_hff.calibrate_exits')
+        self.exits: Dict[str, Any] = {}   # '' / 'ema_' -> the fitted ExitCalibration (calibrate_exits)
 
         from timm.optim import create_optimizer_v2
         from timm.scheduler import create_scheduler_v2
@@ -292,6 +299,19 @@ class Trainer:
         self.lr_at(self.start_epoch, self.updates)
 
     # ----- setup helpers -----
+    def _check_channels(self) -> None:
+        """Images of another channel count than ``in_chans`` are converted (as PIL's ``convert`` does): say so in one
+        line, with the normalisation they get, rather than train on a silent conversion."""
+        cfg = self.cfg
+        native = self.train_data.native_channels()
+        if native is None or native == cfg.in_chans:
+            return
+        kind = {1: 'grayscale', 3: 'RGB', 4: 'RGBA'}.get(native, f'{native}-channel')
+        norm = ('the mean / std you gave' if cfg.mean is not None else "the model's default mean / std, not the "
+                "data's: set mean and std")
+        _logger.warning(f'{self.train_data.name} has {kind} images but in_chans={cfg.in_chans}: they are converted to '
+                        f'{cfg.in_chans} channel(s) and normalised with {norm}; set in_chans: {native} to train on '
+                        f'them as they are')
     @property
     def identity(self) -> Dict[str, Any]:
         """What a checkpoint must match to be resumed by this run."""
@@ -581,6 +601,7 @@ class Trainer:
                     acc.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=epoch + 1)
                 self._save(epoch)
             last = dict(self.history[-1]) if self.history else {}
+            self.calibrate_exits()
             test = self.evaluate_test()
             self._finish(last, test)
             return {**last, **{k if k.startswith('test_') else f'test_{k}': v for k, v in (test or {}).items()}}
@@ -603,7 +624,8 @@ class Trainer:
             return False
 
     def evaluate_test(self) -> Optional[Dict[str, Any]]:
-        """The test split, once, after the last epoch: the live model and the EMA (None without test_split)."""
+        """The test split, once, after the last epoch: the live model and the EMA (None without test_split); with
+        fitted exits, also their adaptive operating point."""
         if self.test_loader is None:
             return None
         acc = self.accelerator
@@ -611,11 +633,49 @@ class Trainer:
         test = self.evaluate(acc.unwrap_model(self.model), split='test')
         if self.ema is not None:
             test.update(self.evaluate(self.ema.module, prefix='ema_', split='test'))
+        for prefix, module in self._exit_models():
+            with acc.autocast():
+                test.update(adaptive_point(module, self._batches('test'), self._gather('test'), prefix=prefix))
         test['eval_time_s'] = time.time() - t
         if acc.is_main_process:
             write_metrics(self.out_dir, self.history, run=self.run_info(), test=test)
             acc.print(_summary(dict(test, epoch='test'), self.num_stages, self.cfg.method, self.test_data.split))
+            for prefix, _ in self._exit_models():
+                acc.print(f'test ({self.test_data.split}){" EMA" if prefix else ""}: {describe_point(test, prefix)}')
         return test
+
+    def calibrate_exits(self) -> None:
+        """``calibrate_exits``: fit the exit thresholds of the live model (and the EMA) on the validation split;
+        they are saved with the model, and the operating point goes to metrics.json's ``run``."""
+        cfg, acc = self.cfg, self.accelerator
+        if cfg.calibrate_exits is None or cfg.method != 'hff':
+            return
+        models = [('', acc.unwrap_model(self.model))] + ([('ema_', self.ema.module)] if self.ema is not None else [])
+        for prefix, module in models:
+            self._sync_buffers(module)
+            with acc.autocast():
+                self.exits[prefix] = calibrate(module, self._batches('val'), cfg.calibrate_exits, self._gather('val'))
+            acc.print(f'validation ({self.val_data.split}){" EMA" if prefix else ""}: '
+                      f'{self.exits[prefix].describe()}')
+        if acc.is_main_process:
+            write_metrics(self.out_dir, self.history, run=self.run_info())
+
+    def _exit_models(self):
+        """(prefix, module) of the models whose exits were fitted."""
+        acc = self.accelerator
+        return [(p, acc.unwrap_model(self.model) if p == '' else self.ema.module) for p in self.exits]
+
+    def _batches(self, split: str):
+        """The split's batches, transformed for the model, on the device."""
+        loader, iterable = ((self.val_loader, self.val_iterable) if split == 'val'
+                            else (self.test_loader, self.test_iterable))
+        device = self.accelerator.device
+        for x, y in iterable:
+            yield loader.transform(x.to(device)), y.to(device)
+
+    def _gather(self, split: str):
+        loader = self.val_loader if split == 'val' else self.test_loader
+        return None if loader.sharded else self.accelerator.gather_for_metrics
 
     def run_info(self) -> Dict[str, Any]:
         """What the run is (metrics.json's header): model, method, splits, and how local each stage is."""
@@ -628,6 +688,8 @@ class Trainer:
                     test_images=self.test_loader.num_samples if self.test_loader is not None else None)
         if self.profile is not None:
             info['stages'] = self.profile
+        for prefix, cal in self.exits.items():   # fitted on validation: the setting and its operating point
+            info[f'{prefix}adaptive_exit'] = cal.to_dict()
         return info
 
     def _print_plan(self) -> None:
@@ -656,13 +718,20 @@ class Trainer:
         path = os.path.join(self.out_dir, 'model')
         splits = dict(split=self.test_data.split if test is not None else self.val_data.split,
                       val_split=self.val_data.split)
-        saved = save_final_model(unwrapped, path, cfg, self.train_data, {**final_metrics(last, test), **splits},
-                                 self.data_cfg)
+        saved = save_final_model(unwrapped, path, cfg, self.train_data,
+                                 {**final_metrics(last, test), **self._exit_metrics('', test), **splits}, self.data_cfg)
         if saved and self.ema is not None:
             save_final_model(self.ema.module, os.path.join(self.out_dir, 'model_ema'), cfg, self.train_data,
-                             {**final_metrics(last, test, ema=True), **splits}, self.data_cfg)
+                             {**final_metrics(last, test, ema=True), **self._exit_metrics('ema_', test), **splits},
+                             self.data_cfg)
         acc.print(f'weights: {saved}' if saved else 'weights: not saved (see the warning above)')
         acc.wait_for_everyone()
+
+    def _exit_metrics(self, prefix: str, test: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+        """The validation operating point of a model's fitted exits, named as ``final_metrics`` names validation
+        figures (``val_*`` beside a test split, plain without one); the test point is in ``test`` already."""
+        cal = self.exits.get(prefix)
+        return cal.metrics('val_adaptive_' if test is not None else 'adaptive_') if cal is not None else {}
 
 
 def final_metrics(last: Dict[str, Any], test: Optional[Dict[str, Any]], ema: bool = False) -> Dict[str, Any]:
