@@ -313,3 +313,34 @@ def test_calibrate_refuses_bad_settings(calibration_data, kwargs, match):
 def test_calibrate_on_an_empty_loader():
     with pytest.raises(ValueError, match='the calibration loader yielded no images'):
         timm_hff.calibrate_exits(_model(), [])
+
+
+# ----- hff-train -----
+def test_train_calibrates_on_validation_and_reports_test(idx_root, tmp_path, capsys, fresh_accelerate_state):
+    from timm_hff.train import Trainer
+
+    from conftest import tiny
+
+    cfg = tiny(idx_root, tmp_path, train_num_samples=None, val_split=None, val_fraction=0.25, test_split='test',
+               calibrate_exits=5.0, model_ema=True)
+    result = Trainer(cfg).fit()
+    out = capsys.readouterr().out
+    assert 'validation (train, 25% stratified hold-out (split_seed 0)): adaptive exit (max_prob' in out
+    assert 'test (test): adaptive exit top-1' in out and 'test (test) EMA: adaptive exit top-1' in out
+    run_dir = tmp_path / 'run'
+    metrics = json.loads((run_dir / 'metrics.json').read_text())
+    fitted = metrics['run']['adaptive_exit']
+    assert fitted['images'] == 12 and fitted['target'] == dict(max_accuracy_drop=5.0)
+    assert fitted['top1'] >= fitted['full_top1'] - 5.0 - 1e-9 and 'ema_adaptive_exit' in metrics['run']
+    test = metrics['test']
+    assert test['adaptive_full_top1'] == pytest.approx(test['top1_stage3'])   # full depth = the last stage
+    assert 0 < test['adaptive_flops_ratio'] and result['test_adaptive_top1'] == test['adaptive_top1']
+    for name, prefix in (('model', ''), ('model_ema', 'ema_')):
+        saved = json.loads((run_dir / name / 'config.json').read_text())['hff']
+        assert saved['config']['exit_thresholds'] == metrics['run'][f'{prefix}adaptive_exit']['thresholds']
+        assert saved['metrics']['adaptive_top1'] == test[f'{prefix}adaptive_top1']
+        assert saved['metrics']['val_adaptive_top1'] == metrics['run'][f'{prefix}adaptive_exit']['top1']
+        card = (run_dir / name / 'README.md').read_text()
+        assert '| exit_thresholds |' in card and 'adaptive_flops_ratio' in card
+        loaded = timm_hff.create_model(f'local-dir:{run_dir / name}', pretrained=True)
+        assert list(loaded.hff_cfg.exit_thresholds) == saved['config']['exit_thresholds']

@@ -11,7 +11,7 @@ validation split under a budget).
 """
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -102,8 +102,10 @@ class ExitCalibration:
 
 
 @torch.no_grad()
-def exit_stats(model: HFFModel, loader: Iterable) -> ExitStats:
-    """Every stage's logits over ``loader`` (batches of ``(images, labels)`` ready for the model), one forward each."""
+def exit_stats(model: HFFModel, loader: Iterable, gather: Optional[Callable] = None) -> ExitStats:
+    """Every stage's logits over ``loader`` (batches of ``(images, labels)`` ready for the model), one forward each.
+    ``gather`` maps each batch's ``(logits (B, S, C), labels)`` to all processes' (``accelerator.gather_for_metrics``),
+    so every process fits the same thresholds on the whole split."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -122,9 +124,12 @@ def exit_stats(model: HFFModel, loader: Iterable) -> ExitStats:
             if x.shape[0] == 0:
                 continue
             size = size or tuple(x.shape[-2:])
-            for k, lg in enumerate(model.forward_stages(x.to(device))):
-                logits[k].append(lg.float().cpu())
-            labels.append(y.view(-1).cpu().long())
+            stacked, y = torch.stack(model.forward_stages(x.to(device)), 1).float(), y.view(-1).to(device).long()
+            if gather is not None:
+                stacked, y = gather((stacked, y))
+            for k in range(model.num_stages):
+                logits[k].append(stacked[:, k].cpu())
+            labels.append(y.cpu())
     finally:
         model.train(was_training)
     if not labels:
@@ -151,26 +156,14 @@ def calibrate_exits(model: HFFModel, loader: Iterable, max_accuracy_drop: Option
     Returns:
         The fitted setting and its operating point on ``loader`` (``.describe()`` for one line).
     """
-    if max_accuracy_drop is not None and flops_budget is not None:
-        raise ValueError('give max_accuracy_drop or flops_budget, not both: the search keeps accuracy within the '
-                         'drop at the fewest FLOPs, or fits the budget at the least accuracy lost')
-    if max_accuracy_drop is None and flops_budget is None:
-        max_accuracy_drop = 0.2
-    if max_accuracy_drop is not None and (not _is_number(max_accuracy_drop) or not max_accuracy_drop >= 0):
-        raise ValueError(f'max_accuracy_drop is in top-1 points and must be >= 0 (e.g. 0.2), got '
-                         f'{max_accuracy_drop!r}')
-    if flops_budget is not None and (not _is_number(flops_budget) or not flops_budget > 0):
-        raise ValueError(f'flops_budget is mean FLOPs per image and must be > 0, got {flops_budget!r}')
-    rule = rule or model.hff_cfg.exit_rule
-    if rule not in EXIT_RULES:
-        raise ValueError(f'rule must be one of {list(EXIT_RULES)}, got {rule!r}')
-    if flops_budget is not None:   # refuse before the (long) pass over the data
-        cost1 = exit_flops(model)[0]
-        if flops_budget < cost1:
-            raise ValueError(f'flops_budget={flops_budget:.4g} is below the cost of stage 1 alone ({cost1:.4g} FLOPs '
-                             f'per image at {model.split.probe_img_size} px), which every image pays; raise the '
-                             f'budget')
-    stats = exit_stats(model, loader)
+    _check_target(model, max_accuracy_drop, flops_budget, rule)   # before the (long) pass over the data
+    return fit_exits(model, exit_stats(model, loader), max_accuracy_drop, flops_budget, rule)
+
+
+def fit_exits(model: HFFModel, stats: ExitStats, max_accuracy_drop: Optional[float] = None,
+              flops_budget: Optional[float] = None, rule: Optional[str] = None) -> ExitCalibration:
+    """``calibrate_exits`` on logits already collected (``exit_stats``; the trainer gathers them over processes)."""
+    max_accuracy_drop, rule = _check_target(model, max_accuracy_drop, flops_budget, rule)
     if flops_budget is not None and flops_budget < stats.exit_flops[0]:   # the data's size may differ
         raise ValueError(f'flops_budget={flops_budget:.4g} is below the cost of stage 1 alone '
                          f'({stats.exit_flops[0]:.4g} FLOPs per image at {stats.img_size[0]}x{stats.img_size[1]}), '
@@ -188,6 +181,31 @@ def calibrate_exits(model: HFFModel, loader: Iterable, max_accuracy_drop: Option
                            full_top1=stats.full_top1(), mean_flops=point['mean_flops'], full_flops=stats.full_flops,
                            flops_ratio=point['flops_ratio'], exit_shares=point['exit_shares'],
                            images=stats.num_images, target=target)
+
+
+def _check_target(model: HFFModel, max_accuracy_drop: Optional[float], flops_budget: Optional[float],
+                  rule: Optional[str]) -> Tuple[Optional[float], str]:
+    """(max_accuracy_drop with its default, rule), or a one-line error for a setting that cannot be met."""
+    if max_accuracy_drop is not None and flops_budget is not None:
+        raise ValueError('give max_accuracy_drop or flops_budget, not both: the search keeps accuracy within the '
+                         'drop at the fewest FLOPs, or fits the budget at the least accuracy lost')
+    if max_accuracy_drop is None and flops_budget is None:
+        max_accuracy_drop = 0.2
+    if max_accuracy_drop is not None and (not _is_number(max_accuracy_drop) or not max_accuracy_drop >= 0):
+        raise ValueError(f'max_accuracy_drop is in top-1 points and must be >= 0 (e.g. 0.2), got '
+                         f'{max_accuracy_drop!r}')
+    if flops_budget is not None and (not _is_number(flops_budget) or not flops_budget > 0):
+        raise ValueError(f'flops_budget is mean FLOPs per image and must be > 0, got {flops_budget!r}')
+    rule = rule or model.hff_cfg.exit_rule
+    if rule not in EXIT_RULES:
+        raise ValueError(f'rule must be one of {list(EXIT_RULES)}, got {rule!r}')
+    if flops_budget is not None:
+        cost1 = exit_flops(model)[0]
+        if flops_budget < cost1:
+            raise ValueError(f'flops_budget={flops_budget:.4g} is below the cost of stage 1 alone ({cost1:.4g} FLOPs '
+                             f'per image at {model.split.probe_img_size} px), which every image pays; raise the '
+                             f'budget')
+    return max_accuracy_drop, rule
 
 
 def _fit_thresholds(stats: ExitStats, rule: str, max_drop: Optional[float],

@@ -96,6 +96,9 @@ class TrainConfig:
         checkpoint_hist: Epoch checkpoints to keep.
         resume: A checkpoint folder or a run folder to continue from ('auto': this run's latest, if any).
         save_model: Save the final model (``save_pretrained``) at the end.
+        calibrate_exits: After the last epoch, fit adaptive-exit thresholds (``timm_hff.calibrate_exits``) on the
+            validation split, within this many top-1 points of the full-depth prediction (e.g. 0.2); they are saved
+            with the model(s), and the operating point (accuracy, mean FLOPs) is reported on validation and test.
         progress: Show a tqdm bar.
     """
     # data
@@ -188,6 +191,7 @@ class TrainConfig:
     resume: Optional[str] = None
     save_model: bool = True
     progress: bool = True
+    calibrate_exits: Optional[float] = None
 
     def __post_init__(self):
         self.validate()
@@ -240,6 +244,12 @@ class TrainConfig:
                 raise ValueError(f'stage_lr must list one positive factor per stage, got {self.stage_lr!r}')
             if self.method == 'bp':
                 raise ValueError("stage_lr scales HFF stages; method 'bp' has one end-to-end loss (drop stage_lr)")
+        if self.calibrate_exits is not None:
+            if self.calibrate_exits < 0:
+                raise ValueError(f'calibrate_exits is the top-1 points adaptive exit may lose (e.g. 0.2), so it must '
+                                 f'be >= 0, got {self.calibrate_exits!r}; null turns calibration off')
+            if self.method == 'bp':
+                raise ValueError("calibrate_exits fits the exits of HFF stages; method 'bp' has one exit (drop it)")
         if self.clip_grad is not None and self.clip_grad <= 0:
             raise ValueError(f'clip_grad must be > 0 (or null to disable), got {self.clip_grad!r}')
         if self.in_chans not in (1, 3):
