@@ -269,7 +269,8 @@ def test_memory_efficient_with_grad_checkpointing_recomputes_and_keeps_gradients
         torch.testing.assert_close(dict(model.named_parameters())[n].grad, g, rtol=1e-4, atol=1e-5, msg=n)
 
 
-def test_memory_efficient_refuses_reentrant_checkpoints():
+@pytest.mark.parametrize('mode', ['memory_efficient', 'simultaneous'])
+def test_training_refuses_reentrant_checkpoints(mode):
     from timm.layers import set_reentrant_ckpt, use_reentrant_ckpt
     model = _build('test_resnet', dict(check_img_size=32)).train()
     model.set_grad_checkpointing(True)
@@ -277,10 +278,30 @@ def test_memory_efficient_refuses_reentrant_checkpoints():
     before = use_reentrant_ckpt()
     set_reentrant_ckpt(True)
     try:
-        with pytest.raises(ValueError, match='needs non-reentrant checkpoints'):
-            model(x, y, mode='memory_efficient')
+        with pytest.raises(ValueError, match=f'^{mode} training with grad checkpointing needs non-reentrant'):
+            model(x, y, mode=mode)
+        with torch.no_grad():
+            model.eval()(x)   # inference does not checkpoint: fine
     finally:
         set_reentrant_ckpt(before)
+
+
+@pytest.mark.parametrize('checkpointing', [False, True])
+def test_backbone_handed_back_to_timm_trains_end_to_end(checkpointing):
+    """Outside HFF's own forward the taps pass outputs through: backprop through model.backbone reaches every
+    stage, and HFF's next forward cuts again."""
+    model = _build('resnet18', SMALL).train()
+    backbone = model.backbone
+    backbone.reset_classifier(NUM_CLASSES)
+    backbone.set_grad_checkpointing(checkpointing)
+    x, y = _batch(model, b=4)
+    F.cross_entropy(backbone(x), y).backward()
+    for k in range(model.num_stages):   # (resnets zero-init each block's last norm: some branch grads are 0)
+        params = model.stage_parameters(k, include_head=False)
+        assert all(p.grad is not None for p in params) and any(p.grad.abs().sum() > 0 for p in params), k
+    model.zero_grad(set_to_none=True)
+    model.heads[0](run_stages(model.backbone, model.split, x)[0]).sum().backward()   # HFF forward: cut again
+    assert all(p.grad is None for p in model.stage_parameters(1, include_head=False))
 
 
 def test_state_dict_keys_are_timms():

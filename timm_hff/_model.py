@@ -253,8 +253,8 @@ class HFFModel(AdaptiveExit, nn.Module):
                 losses.append(loss.detach())
             stage_logits.append(logits.detach())
 
+        self._check_checkpoint_mode(mode)
         if memory_efficient:
-            self._check_checkpoint_mode()
             self._run(x, on_stage=on_stage, stop_after=active[-1])
         else:   # heads run after the forward, outside any checkpointed region of the backbone
             for k, h in enumerate(self._run(x, stop_after=active[-1])):
@@ -268,15 +268,17 @@ class HFFModel(AdaptiveExit, nn.Module):
             backward_done=memory_efficient,
         )
 
-    def _check_checkpoint_mode(self) -> None:
-        """memory_efficient mode runs each head's backward inside timm's checkpointed block; that needs the
-        non-reentrant checkpoint, whose recompute happens inside autograd (reentrant runs the forward without
-        grad, so the head would see a tensor with no graph)."""
-        if getattr(self.backbone, 'grad_checkpointing', False):
+    def _check_checkpoint_mode(self, mode: str) -> None:
+        """Training with grad checkpointing needs timm's non-reentrant checkpoint: a reentrant one runs its block
+        without grad and gives no gradient when the block's input requires none, which a stage's detached input never
+        does (and memory_efficient mode runs each head's backward inside the checkpointed block, where reentrant
+        checkpointing would show the head a tensor with no graph)."""
+        if getattr(self.backbone, 'grad_checkpointing', False) and torch.is_grad_enabled():
             from timm.layers import use_reentrant_ckpt
             if use_reentrant_ckpt():
-                raise ValueError('memory_efficient mode with grad checkpointing needs non-reentrant checkpoints; '
-                                 'unset TIMM_REENTRANT_CKPT or call timm.layers.set_reentrant_ckpt(False)')
+                raise ValueError(f'{mode} training with grad checkpointing needs non-reentrant checkpoints (a stage '
+                                 f'starts from a detached input); unset TIMM_REENTRANT_CKPT or call '
+                                 f'timm.layers.set_reentrant_ckpt(False)')
 
     def _predict(self, x: torch.Tensor) -> torch.Tensor:
         pf = self.predict_from

@@ -193,22 +193,33 @@ class _CutState:
         self.on_stage: Optional[Callable[[int, torch.Tensor], None]] = None
         self.route: Optional[Callable[[int, torch.Tensor], Optional[torch.Tensor]]] = None
         self.drained = False   # every row left the batch (adaptive exit): the forward ended early on purpose
+        self.hff_forward = True   # the last forward was HFF's own (run_stages), not a plain timm forward
         self.last = -1
         self.elements: List[int] = [0] * num_taps
 
 
 class _TapHook:
-    """Forward hook ending stage k: the downstream model always sees a detached copy of the stage output.
+    """Forward hook ending stage k: inside HFF's forward the downstream model sees a detached copy of the stage output.
 
-    It stays installed for the model's life, so gradient checkpointing's recompute (which runs after the
-    forward, during backward) sees the same cut graph as the forward did. A callable object rather than a
-    closure, so ``copy.deepcopy`` of the model (EMA) rebinds it to the copy's state.
+    It stays installed for the model's life, so gradient checkpointing's recompute (which runs after the forward,
+    during backward) sees the same cut graph as the forward did. Outside HFF's forward it passes the output through
+    untouched: ``model.backbone`` handed back to timm trains end to end (a recompute during backward repeats what the
+    last forward did). A callable object rather than a closure, so ``copy.deepcopy`` of the model (EMA) rebinds it
+    to the copy's state.
     """
 
     def __init__(self, state: _CutState, k: int, name: str, family: str):
         self.state, self.k, self.name, self.family = state, k, name, family
 
     def __call__(self, module, args, output):
+        st = self.state
+        if st.outputs is None:
+            if torch._C._current_graph_task_id() == -1:   # a plain forward of the backbone, not during a backward
+                st.hff_forward = False
+            if not st.hff_forward:
+                return output
+        else:
+            st.hff_forward = True
         if isinstance(output, torch.Tensor):
             main, cut = output, output.detach()
         elif isinstance(output, (tuple, list)) and any(isinstance(o, torch.Tensor) for o in output):
@@ -217,7 +228,6 @@ class _TapHook:
         else:
             raise SplitError(f"timm family '{self.family}': tap '{self.name}' returns {type(output).__name__}, "
                              f"not a tensor, so it cannot end a stage")
-        st = self.state
         if st.outputs is not None and len(st.outputs) == self.k:   # first run in a capture (not a recompute)
             if st.raw is not None:
                 st.raw.append(output)
