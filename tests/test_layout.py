@@ -5,6 +5,7 @@ count, since a function-level import is a dependency deferred, not removed), so 
 effects and names the offending import.
 """
 import ast
+import re
 from pathlib import Path
 from typing import Dict, List, Set
 
@@ -27,10 +28,14 @@ LAYERS = [
     ('hub_cli', 'validate', ''),    # CLIs; '' is the package's own __init__: the public face imports everything
 ]
 
-# Modules allowed over MAX_LINES, and why. Keep this short: a long module is one concept that needs the length.
+# Modules allowed over MAX_LINES, and why. Keep this short: a long module is one concept that needs the length. A module
+# may instead say so in its own docstring ("... over 400 lines because ...").
 LONG_MODULES = {
     '_stages': 'the cut of a timm model: tap lookup, detach hooks, small-input stem, build-time probe and ownership '
                'check share private helpers over the same feature_info walk; splitting it would spread one mechanism',
+    '_model': 'HFFModel: one class carrying the forward modes, stage freezing, input checks and timm\'s model surface '
+              '(reset_classifier, group_matcher, forward_features/head/intermediates); the adaptive exit is already '
+              'the _adaptive mixin (just over the limit)',
     'train._config': 'TrainConfig: every training setting, its documentation and its validation in one dataclass, '
                      'as HFFConfig is for the model (just over the limit)',
     'train._trainer': 'the Accelerate training loop with its schedules, evaluation, EMA and fault handling; it is '
@@ -149,8 +154,10 @@ def test_layers_import_downward_only():
 
 @pytest.mark.parametrize('name', sorted(_modules()))
 def test_module_size(name):
-    lines = _modules()[name].read_text(encoding='utf-8').count('\n')
-    if name in LONG_MODULES:
+    text = _modules()[name].read_text(encoding='utf-8')
+    lines = text.count('\n')
+    why = ast.get_docstring(ast.parse(text)) or ''
+    if name in LONG_MODULES or re.search(r'\bover \d+ lines because\b', why, re.I):
         return
-    assert lines <= MAX_LINES, (f'{_modules()[name]} has {lines} lines (> {MAX_LINES}); split it by concept, or add it '
-                                f'to LONG_MODULES in tests/test_layout.py with why')
+    assert lines <= MAX_LINES, (f'{_modules()[name]} has {lines} lines (> {MAX_LINES}); split it by concept, or say '
+                                f'why in its docstring ("over {MAX_LINES} lines because ...") or in LONG_MODULES')
