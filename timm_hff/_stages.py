@@ -252,10 +252,7 @@ def take_rows(output, rows: torch.Tensor, batch: int):
     if isinstance(output, torch.Tensor):
         if output.ndim == 0 or output.shape[0] != batch:
             return output
-        out = output.index_select(0, rows)
-        if output.ndim == 4 and not output.is_contiguous() and output.is_contiguous(memory_format=torch.channels_last):
-            out = out.contiguous(memory_format=torch.channels_last)
-        return out
+        return output[rows]   # advanced indexing keeps channels_last (index_select would return NCHW)
     if isinstance(output, (tuple, list)):
         return type(output)(take_rows(o, rows, batch) for o in output)
     return output
