@@ -124,11 +124,13 @@ def _has_tensorboard():
         return False
 
 
-def _saved_hff_model(tmp_path):
+def _saved_hff_model(tmp_path, source_recipe=os.path.join(REPO, 'recipes', 'fashion_mnist.yaml')):
+    """A model of the source recipe that transfer_hff.yaml names (the same cut and stage count), untrained."""
     import timm_hff
     from timm_hff import hub as _hub
-    model = timm_hff.create_model('resnet18', num_classes=10, in_chans=1, small_input=True, check_img_size=28,
-                                  channels=(8, 16, 32, 64), stem_width=8, layers=(1, 1, 1, 1))
+    src = TrainConfig.from_yaml(source_recipe)
+    model = timm_hff.create_model(src.model, num_classes=10, in_chans=src.in_chans, check_img_size=src.img_size,
+                                  **src.model_kwargs, **src.hff)
     return _hub.save_pretrained(model, str(tmp_path / 'source_model'), card=False)
 
 
@@ -150,14 +152,18 @@ def test_recipe_runs_two_steps(recipe, idx_root, folder_root, tmp_path, capsys):
     assert state['updates'] == steps // cfg.grad_accum_steps
     if over.get('log_with') == 'tensorboard':
         assert glob.glob(str(run_dir / '**' / 'events.out.tfevents.*'), recursive=True)
-    if cfg.freeze_stages:   # transfer: frozen stages keep the source weights exactly
+    if cfg.freeze_stages:   # transfer: frozen stages keep the source backbone exactly; their heads are re-fitted
         import timm_hff
         src = timm_hff.create_model(over['model'], pretrained=True)
+        assert max(cfg.freeze_stages) < src.num_stages - 1, 'the recipe freezes every stage of its documented source'
         new = weights(str(run_dir / 'model'))
         frozen = [n for k in cfg.freeze_stages for n in src.split.stage_param_names[k]]
         assert frozen and all(torch.equal(new[f'backbone.{n}'], src.backbone.get_parameter(n)) for n in frozen)
         trained = src.split.stage_param_names[-1][0]
         assert not torch.equal(new[f'backbone.{trained}'], src.backbone.get_parameter(trained))
+        if cfg.reset_prototypes:
+            k = cfg.freeze_stages[0]
+            assert not torch.equal(new[f'heads.{k}.prototypes'], src.heads[k].prototypes)   # re-fitted
     out = capsys.readouterr().out
     assert 'weights: ' in out and 'val top-1' in out
     if cfg.test_split:
@@ -485,3 +491,27 @@ def test_channel_mismatch_is_said_at_set_up(idx_root, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         Trainer(tiny(idx_root, tmp_path / 'b', save_model=False)).lock.release()
     assert not [r for r in caplog.records if 'in_chans' in r.getMessage()]
+
+
+def test_frozen_stages_refit_their_heads_on_a_new_label_set(idx_root, tmp_path):
+    """Transfer to new classes with frozen early stages: the frozen backbone slices stay as they are, but their heads
+    learn the new prototypes (otherwise they sit at chance and pull the stage ensemble down)."""
+    import timm_hff
+    from timm_hff import hub as _hub
+    torch.manual_seed(0)
+    src = timm_hff.create_model('test_resnet', num_classes=10, in_chans=1, small_input=True, check_img_size=28)
+    path = _hub.save_pretrained(src, str(tmp_path / 'src'), card=False)
+    trainer, _ = run(tiny(idx_root, tmp_path, model=f'local-dir:{path}', pretrained=True, hff={}, epochs=2,
+                          reset_prototypes=True, freeze_stages=[0, 1], save_model=False))
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    assert model.frozen_stages == [] and model.frozen_backbone_stages == [0, 1]
+    start = timm_hff.create_model(f'local-dir:{path}', pretrained=True)
+    for n in model.split.stage_param_names[0] + model.split.stage_param_names[1]:
+        assert torch.equal(model.backbone.get_parameter(n), start.backbone.get_parameter(n)), n
+    assert {'train_loss_stage0', 'train_loss_stage1'} <= set(trainer.history[-1])   # their heads trained
+    assert all(p.requires_grad for p in model.heads[0].parameters())
+    # the same freeze without a new label set keeps the whole stage (head too) as it was
+    AcceleratorReset()
+    trainer, _ = run(tiny(idx_root, tmp_path / 'same', model=f'local-dir:{path}', pretrained=True, hff={},
+                          freeze_stages=[0, 1], save_model=False))
+    assert trainer.accelerator.unwrap_model(trainer.model).frozen_stages == [0, 1]

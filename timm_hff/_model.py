@@ -88,6 +88,7 @@ class HFFModel(AdaptiveExit, nn.Module):
         self.predict_from = cfg.predict_from
         self._check_exit_settings(cfg)
         self._frozen: Set[int] = set()
+        self._frozen_backbone: Set[int] = set()
         self._exit_flops: Dict[tuple, torch.Tensor] = {}   # (H, W) -> FLOPs per image of leaving after stage k
         self.feature_info = [
             dict(num_chs=split.channels[k], reduction=split.reductions[k],
@@ -165,16 +166,21 @@ class HFFModel(AdaptiveExit, nn.Module):
             out += list(self.heads[k].parameters())
         return out
 
-    def freeze_stages(self, stages: Sequence[int], freeze: bool = True) -> None:
+    def freeze_stages(self, stages: Sequence[int], freeze: bool = True, heads: bool = True) -> None:
         """Freeze (or unfreeze) stages: no gradient, and their norm layers keep their running statistics.
 
-        Used by greedy sequential schedules and by head-only transfer.
+        With ``heads=False`` only the stages' backbone slices freeze and their prototype heads keep training on their
+        frozen features: what transfer to a new label set needs, since a frozen stage's fresh prototypes would
+        otherwise stay random (at chance) and drag its exit and the stage ensemble down. Used by greedy sequential
+        schedules (whole stages) and by transfer.
         """
         for k in stages:
             k = self._stage_index(k)
-            for p in self.stage_parameters(k):
+            for p in self.stage_parameters(k, include_head=heads or not freeze):
                 p.requires_grad_(not freeze)
-            (self._frozen.add if freeze else self._frozen.discard)(k)
+            whole = freeze and heads
+            (self._frozen.add if whole else self._frozen.discard)(k)
+            (self._frozen_backbone.add if freeze and not heads else self._frozen_backbone.discard)(k)
         self.train(self.training)
 
     def unfreeze_stages(self, stages: Sequence[int]) -> None:
@@ -182,14 +188,21 @@ class HFFModel(AdaptiveExit, nn.Module):
 
     @property
     def frozen_stages(self) -> List[int]:
+        """Stages frozen whole (backbone slice and head): they compute no loss."""
         return sorted(self._frozen)
+
+    @property
+    def frozen_backbone_stages(self) -> List[int]:
+        """Stages whose backbone slice is frozen while their head trains."""
+        return sorted(self._frozen_backbone)
 
     def train(self, mode: bool = True):
         super().train(mode)
         if mode:
-            for k in self._frozen:
+            for k in self._frozen | self._frozen_backbone:
                 for m in stage_modules(self.backbone, self.split.stage_param_names[k]):
                     m.eval()
+            for k in self._frozen:
                 self.heads[k].eval()
         return self
 

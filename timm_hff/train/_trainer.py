@@ -50,10 +50,11 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
         hff['check_img_size'] = cfg.img_size
     model = create_model(cfg.model, pretrained=cfg.pretrained, num_classes=num_classes, in_chans=cfg.in_chans,
                          **cfg.model_kwargs, **hff)
-    if model.num_classes != num_classes or cfg.reset_prototypes:   # a new label set: fresh prototypes
+    new_labels = model.num_classes != num_classes or cfg.reset_prototypes
+    if new_labels:   # a new label set: fresh prototypes
         model.reset_classifier(num_classes)
-    if cfg.freeze_stages:
-        model.freeze_stages(cfg.freeze_stages)
+    if cfg.freeze_stages:   # a frozen stage's head is re-fitted to a new label set, or stays as it is
+        model.freeze_stages(cfg.freeze_stages, heads=not new_labels)
     if cfg.head_only:
         for p in model.backbone.parameters():
             p.requires_grad_(False)
