@@ -344,3 +344,28 @@ def test_train_calibrates_on_validation_and_reports_test(idx_root, tmp_path, cap
         assert '| exit_thresholds |' in card and 'adaptive_flops_ratio' in card
         loaded = timm_hff.create_model(f'local-dir:{run_dir / name}', pretrained=True)
         assert list(loaded.hff_cfg.exit_thresholds) == saved['config']['exit_thresholds']
+
+
+# ----- benchmark -----
+def test_benchmark_at_toy_size(idx_root, tmp_path):
+    """benchmarks/early_exit.py end to end on a tiny saved model and tiny IDX data: consistent outputs."""
+    import os
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from benchmarks import early_exit
+
+    model = _model(num_classes=10)
+    save_pretrained(model, tmp_path / 'model')
+    out = tmp_path / 'out'
+    res = early_exit.main(['--model', f'local-dir:{tmp_path / "model"}', '--data-dir', idx_root, '--val-fraction',
+                           '0.25', '--quick', '--batch-sizes', '1', '4', '--timed-images', '2', '8', '--rounds', '1',
+                           '--out', str(out)])
+    saved = json.loads((out / 'results.json').read_text())
+    assert (out / 'plot.png').stat().st_size > 1000 and '### Anytime inference' in (out / 'results.md').read_text()
+    assert saved['check']['matches_replay'] and saved['test_images'] == 13 and saved['val_images'] == 12
+    assert set(saved['timing']) == {'nchw b1', 'nchw b4', 'channels_last b1', 'channels_last b4'}
+    names = [p['name'] for p in saved['points']]
+    assert names[:4] == ['full', 'stage 1', 'stage 2', 'stage 3'] and 'adaptive (val drop 0.2)' in names
+    full = saved['points'][0]
+    assert full['mean_flops'] == res['full_flops'] and full['flops_ratio'] == 1.0
+    assert 'cpu_speedup_b256' not in saved['targets']   # judged at batch 256 only
