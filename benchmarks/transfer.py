@@ -1,0 +1,163 @@
+"""Transfer on a class split of Fashion-MNIST: does ``recipes/transfer_hff.yaml`` beat training from scratch?
+
+    python -m benchmarks.transfer                         # source 10 epochs, targets of 100 and 500 images per class
+    python -m benchmarks.transfer --candidates            # also the transfer settings tried on validation
+
+Source: the greedy recipe (``recipes/fashion_mnist.yaml``) trained on classes 0-4 (their 30,000 training images, its
+own class-balanced hold-out for validation). Target: classes 5-9 (Sandal, Shirt, Sneaker, Bag, Ankle boot) relabelled
+0-4, with N training images per class, a validation set of 200 other training images per class (never trained on),
+and the 5,000 test images of those classes. For each N, three runs of the same epochs (the transfer recipe's): the
+transfer recipe from the source model, HFF from scratch (the greedy recipe) and BP from scratch (its backbone). Each
+run validates every epoch and evaluates the test split once, at the end; ``--candidates`` adds the transfer settings
+that were compared on validation to choose the recipe's defaults (their test figures are never used to choose).
+Writes ``transfer.md`` / ``transfer.json`` under ``--out`` (default ``benchmarks/results/transfer``), and keeps each
+run's metrics there too.
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from typing import Any, Dict, List
+
+import numpy as np
+
+from timm_hff.data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, load_idx_arrays
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SOURCE_CLASSES = (0, 1, 2, 3, 4)
+TARGET_CLASSES = (5, 6, 7, 8, 9)
+VAL_PER_CLASS = 200
+# transfer settings compared on the target's validation split (the shipped recipe is one of them)
+CANDIDATES = {
+    'freeze_0_1': dict(freeze_stages=[0, 1]),
+    'finetune_all': dict(freeze_stages=[]),
+    'finetune_all_lr3e-3': dict(freeze_stages=[], lr=0.003),
+}
+
+
+def write_idx(path: str, array: np.ndarray) -> None:
+    """An uncompressed IDX file (uint8 images or labels)."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b''.join(int(d).to_bytes(4, 'big') for d in array.shape)
+    with open(path, 'wb') as f:
+        f.write(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+
+
+def make_split(root: str, out: str, classes, per_class=None, val_per_class: int = 0, seed: int = 0) -> int:
+    """IDX files of ``classes`` (relabelled 0..k-1): train = ``per_class`` images of each class (all when None)
+    followed by ``val_per_class`` other ones; test = every test image of the classes. Returns the train rows."""
+    os.makedirs(out, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    x, y = load_idx_arrays(root, 'train')
+    train_idx, val_idx = [], []
+    for c in classes:
+        idx = rng.permutation(np.flatnonzero(y == c))
+        n = len(idx) - val_per_class if per_class is None else per_class
+        train_idx.append(idx[:n])
+        val_idx.append(idx[n:n + val_per_class])
+    order = np.concatenate([rng.permutation(np.concatenate(train_idx)), np.concatenate(val_idx)]).astype(int)
+    relabel = np.zeros(256, dtype=np.uint8)
+    relabel[list(classes)] = np.arange(len(classes))
+    write_idx(os.path.join(out, 'train-images-idx3-ubyte'), x[order])
+    write_idx(os.path.join(out, 'train-labels-idx1-ubyte'), relabel[y[order]])
+    xt, yt = load_idx_arrays(root, 'test')
+    keep = np.isin(yt, classes)
+    write_idx(os.path.join(out, 't10k-images-idx3-ubyte'), xt[keep])
+    write_idx(os.path.join(out, 't10k-labels-idx1-ubyte'), relabel[yt[keep]])
+    return int(sum(len(i) for i in train_idx))
+
+
+def hff_train(args: List[str], log: str) -> None:
+    cmd = [sys.executable, '-m', 'timm_hff.train'] + args
+    with open(log, 'w') as f:
+        f.write(' '.join(cmd) + '\n')
+        f.flush()
+        subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=True, cwd=REPO)
+
+
+def names(classes) -> str:
+    return json.dumps([FASHION_MNIST_CLASSES[c] for c in classes])
+
+
+def read(run_dir: str) -> Dict[str, Any]:
+    with open(os.path.join(run_dir, 'metrics.json')) as f:
+        doc = json.load(f)
+    last, test = doc['epochs'][-1], doc.get('test') or {}
+    return dict(val_top1=last['top1'], val_ema_top1=last.get('ema_top1'), test_top1=test.get('top1'),
+                test_ema_top1=test.get('ema_top1'), epochs=len(doc['epochs']), train_images=doc['run']['train_images'])
+
+
+def main(argv=None) -> Dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--data-dir', default=FASHION_MNIST_DIR)
+    p.add_argument('--sizes', type=int, nargs='+', default=[100, 500], help='target training images per class')
+    p.add_argument('--source-epochs', type=int, default=10)
+    p.add_argument('--candidates', action='store_true', help='also run the transfer settings compared on validation')
+    p.add_argument('--out', default=os.path.join(REPO, 'benchmarks', 'results', 'transfer'))
+    p.add_argument('--work', default=os.path.join(REPO, 'output', 'transfer_benchmark'))
+    p.add_argument('--threads', type=int, default=1)
+    args = p.parse_args(argv)
+    common = ['--threads', str(args.threads), '--progress', 'false', '--output', os.path.join(args.work, 'runs')]
+    data = os.path.join(args.work, 'data')
+    started = time.time()
+
+    source_dir = os.path.join(data, 'source')
+    make_split(args.data_dir, source_dir, SOURCE_CLASSES)
+    source_run = os.path.join(args.work, 'runs', 'source')
+    if not os.path.isfile(os.path.join(source_run, 'model', 'config.json')):
+        shutil.rmtree(source_run, ignore_errors=True)
+        hff_train(['--config', 'recipes/fashion_mnist.yaml', '--data_dir', source_dir, '--label_names',
+                   names(SOURCE_CLASSES), '--epochs', str(args.source_epochs), '--experiment', 'source'] + common,
+                  os.path.join(args.work, 'source.log'))
+    rows = [dict(target='source (classes 0-4)', method='HFF, greedy recipe', **read(source_run))]
+
+    import yaml
+    with open(os.path.join(REPO, 'recipes', 'transfer_hff.yaml')) as f:
+        recipe = yaml.safe_load(f)
+    epochs = recipe['epochs']
+    for n in args.sizes:
+        target = os.path.join(data, f'target_{n}')
+        rows_n = make_split(args.data_dir, target, TARGET_CLASSES, per_class=n, val_per_class=VAL_PER_CLASS)
+        split = ['--dataset', 'idx', '--data_dir', target, '--train_split', f'train[:{rows_n}]', '--val_split',
+                 f'train[{rows_n}:]', '--val_fraction', '0', '--test_split', 'test', '--label_names',
+                 names(TARGET_CLASSES), '--val_num_samples', 'null'] + common
+        runs = {'transfer recipe': ['--config', 'recipes/transfer_hff.yaml', '--model',
+                                    f'local-dir:{source_run}/model']}
+        if args.candidates:
+            for name, over in CANDIDATES.items():
+                runs[f'candidate {name}'] = runs['transfer recipe'] + [a for k, v in over.items()
+                                                                       for a in (f'--{k}', json.dumps(v))]
+        runs['HFF from scratch'] = ['--config', 'recipes/fashion_mnist.yaml', '--epochs', str(epochs)]
+        runs['BP from scratch'] = runs['HFF from scratch'] + ['--baseline', 'bp']
+        for method, run_args in runs.items():
+            exp = f"n{n}_{method.replace(' ', '_')}"
+            run_dir = os.path.join(args.work, 'runs', exp)
+            shutil.rmtree(run_dir, ignore_errors=True)
+            hff_train(run_args + split + ['--experiment', exp], os.path.join(args.work, f'{exp}.log'))
+            rows.append(dict(target=f'classes 5-9, {n} images per class', method=method, **read(run_dir)))
+            keep = os.path.join(args.out, 'runs', exp)
+            os.makedirs(keep, exist_ok=True)
+            for name in ('metrics.json', 'metrics.csv', 'config.yaml'):
+                shutil.copy(os.path.join(run_dir, name), keep)
+            print(rows[-1], flush=True)
+    result = dict(benchmark='transfer', command='python -m benchmarks.transfer ' + ' '.join(argv or sys.argv[1:]),
+                  seconds=round(time.time() - started), transfer_recipe=recipe, rows=rows)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, 'transfer.json'), 'w') as f:
+        json.dump(result, f, indent=1)
+    md = ['| target | method | train images | epochs | val top-1 | test top-1 | test top-1 (EMA) |',
+          '|---|---|---|---|---|---|---|']
+    fmt = (lambda v: '–' if v is None else f'{v:.2f}')
+    for r in rows:
+        md.append(f"| {r['target']} | {r['method']} | {r['train_images']} | {r['epochs']} | {fmt(r['val_top1'])} | "
+                  f"{fmt(r['test_top1'])} | {fmt(r['test_ema_top1'])} |")
+    with open(os.path.join(args.out, 'transfer.md'), 'w') as f:
+        f.write(f"### Transfer on a class split of Fashion-MNIST (`{result['command']}`)\n\n" + '\n'.join(md) + '\n')
+    print('\n'.join(md))
+    return result
+
+
+if __name__ == '__main__':
+    main()
