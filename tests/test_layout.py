@@ -20,7 +20,7 @@ MAX_LINES = 400
 LAYERS = [
     ('version', '_config', 'data'),
     ('_heads', '_stages', '_exit_rule'),
-    ('_profile', '_adaptive', '_model'),
+    ('_profile', '_adaptive', '_model', '_balance'),
     ('_builder', '_exit'),
     ('hub',),
     ('_factory', '_registry'),

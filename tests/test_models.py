@@ -521,3 +521,69 @@ def test_layer_decay_sees_the_backbone_layers():
     stem, first, last = b.conv1.weight, b.layer1[0].conv1.weight, b.layer4[1].conv2.weight
     assert scale[id(stem)] < scale[id(first)] < scale[id(last)] < 1.0
     assert scale[id(model.heads[0].prototypes)] == 1.0   # heads are new: the head group's full rate
+
+
+def test_memory_efficient_releases_each_stage_output():
+    """memory_efficient mode: once stage k's backward ran, nothing keeps its output alive while later stages run
+    (today's peak would otherwise carry every earlier boundary tensor to the end of the forward)."""
+    import gc
+    import weakref
+    model = _build('resnet18', SMALL).train()
+    x, y = _batch(model, b=4)
+    refs, alive_later = [], []
+    head0 = model.heads[0]
+    hook = head0.register_forward_hook(lambda m, i, o: refs.append(weakref.ref(i[0])))
+
+    def watch(m, i, o):
+        gc.collect()
+        alive_later.append(refs[0]() is not None)
+    late = model.heads[model.num_stages - 1].register_forward_hook(watch)
+    try:
+        model(x, y, mode='memory_efficient')
+    finally:
+        hook.remove()
+        late.remove()
+    assert refs and alive_later == [False]    # stage 1's output was gone when the last stage ran
+    # scoring (forward_stages) likewise drops each output once its head has scored it
+    refs.clear()
+    alive_later.clear()
+    hook = head0.register_forward_hook(lambda m, i, o: refs.append(weakref.ref(i[0])))
+    late = model.heads[model.num_stages - 1].register_forward_hook(watch)
+    with torch.no_grad():
+        model.eval().forward_stages(x)
+    hook.remove()
+    late.remove()
+    assert alive_later == [False]
+
+
+@pytest.mark.parametrize('kind', ['memory', 'time'])
+def test_balanced_cut(kind, tmp_path):
+    """balance= picks num_stages block-boundary cuts; the chosen cut is kept in stage_indices (a saved model rebuilds
+    it without measuring), and the network is the default one (the small-input stem is that of the default cut)."""
+    from timm_hff._balance import stage_costs
+    kw = dict(small_input=True, check_img_size=32, num_stages=4)
+    balanced = _build('resnet18', kw, balance=kind)
+    default = _build('resnet18', kw)
+    assert balanced.num_stages == 4 and balanced.hff_cfg.stage_indices is not None
+    assert balanced.split.feature_indices[-1] == 4                         # the whole network
+    assert {k: v.shape for k, v in balanced.backbone.state_dict().items()} == \
+        {k: v.shape for k, v in default.backbone.state_dict().items()}
+    assert [m.stride for m in balanced.backbone.modules() if isinstance(m, torch.nn.Conv2d)] == \
+        [m.stride for m in default.backbone.modules() if isinstance(m, torch.nn.Conv2d)]
+    if kind == 'memory':
+        cost = stage_costs(balanced.backbone, balanced.split.feature_indices, 3, 32)
+        cost_default = stage_costs(default.backbone, default.split.feature_indices, 3, 32)
+        assert max(cost) < 0.75 * max(cost_default)                        # the largest stage shrinks
+    from timm_hff import hub
+    path = hub.save_pretrained(balanced, str(tmp_path / kind), card=False)
+    import timm_hff._builder as builder
+    calls = []
+    original = builder.balance_cuts
+    builder.balance_cuts = lambda *a, **k: calls.append(1) or original(*a, **k)
+    try:
+        loaded = timm_hff.create_model(f'local-dir:{path}', pretrained=True)
+    finally:
+        builder.balance_cuts = original
+    assert loaded.split.feature_indices == balanced.split.feature_indices and not calls
+    with pytest.raises(ValueError, match="balance must be one of"):
+        HFFConfig(balance='speed')

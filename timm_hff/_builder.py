@@ -9,7 +9,8 @@ import torch.nn as nn
 
 from ._config import HFFConfig
 from ._model import HFFModel
-from ._stages import adapt_small_input, build_split, probe_split
+from ._balance import balance_cuts
+from ._stages import adapt_small_input, build_split, probe_split, stem_split
 
 
 def build_hff_model(backbone: nn.Module, num_classes: int, cfg: HFFConfig, in_chans: int,
@@ -17,11 +18,13 @@ def build_hff_model(backbone: nn.Module, num_classes: int, cfg: HFFConfig, in_ch
     """Cut ``backbone`` (a timm model built with ``num_classes=0``) into HFF stages with prototype heads."""
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f'num_classes must be an integer >= 1 (HFF needs class prototypes), got {num_classes!r}')
-    split = build_split(backbone, cfg)
     if cfg.small_input:
-        adapt_small_input(backbone, split, in_chans)
+        adapt_small_input(backbone, stem_split(backbone, cfg), in_chans)
     img_size = cfg.check_img_size or _as_int_size(timm_img_size) or (32 if cfg.small_input else
                                                                     _default_img_size(backbone))
+    if cfg.balance is not None and cfg.stage_indices is None:   # measured once; the cut is kept in the config
+        cfg.stage_indices = tuple(balance_cuts(backbone, cfg, in_chans, img_size))
+    split = build_split(backbone, cfg)
     probe_split(backbone, split, in_chans, img_size, check=cfg.check_split)
     return HFFModel(backbone, split, num_classes, cfg, in_chans, model_name=model_name)
 

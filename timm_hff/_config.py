@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 AUX_KINDS = ('none', 'conv1x1', 'conv3x3')
+BALANCE_KINDS = ('memory', 'time')
 POOL_KINDS = ('avg', 'token')
 PROTOTYPE_INITS = ('normal', 'orthogonal')
 PREDICT_KINDS = ('last', 'ensemble', 'adaptive')
@@ -23,6 +24,11 @@ class HFFConfig:
         num_stages: Stages to cut when ``stage_indices`` is None. Hierarchical models get one stage per
             reduction level (the last ``num_stages`` levels; a stem tap joins stage 1); isotropic models (ViT)
             get ``num_stages`` evenly spaced blocks.
+        balance: With ``stage_indices`` None, cut ``num_stages`` stages at block boundaries so that their saved
+            activations ('memory': what bounds memory_efficient training) or step times ('time': what paces a stage
+            pipeline) are as equal as possible, instead of timm's one stage per level. Measured once at build time;
+            the chosen cut is stored in ``stage_indices``. ``small_input`` adapts the stem of the default cut, so
+            the network is the same as without ``balance``.
         stage_indices: Where stages end: indices into the backbone's ``feature_info`` (``out_indices``-style, negative
             from the end) and/or module names of the backbone for cuts finer than timm's levels (block boundaries
             such as ``'layer1.0'`` or ``'stages.2.blocks.3'``). If the last cut is not the backbone's last tap, the
@@ -63,6 +69,7 @@ class HFFConfig:
             at most one stage). Costs two forward passes on a batch of two.
     """
     num_stages: int = 4
+    balance: Optional[str] = None
     stage_indices: Optional[Tuple[Union[int, str], ...]] = None
     prototypes_per_class: int = 1
     embed_dim: Optional[int] = 128
@@ -121,6 +128,8 @@ class HFFConfig:
             raise ValueError(f'scale must be a positive number (1 / temperature), got {self.scale!r}')
         if not isinstance(self.margin, (int, float)) or not 0 <= self.margin < 2:
             raise ValueError(f'margin must be a cosine margin in [0, 2), got {self.margin!r}')
+        if self.balance is not None:
+            _check_choice('balance', self.balance, BALANCE_KINDS)
         _check_choice('aux', self.aux, AUX_KINDS)
         _check_choice('pool', self.pool, POOL_KINDS)
         _check_choice('prototype_init', self.prototype_init, PROTOTYPE_INITS)

@@ -210,8 +210,9 @@ class HFFModel(AdaptiveExit, nn.Module):
     def forward_stages(self, x: torch.Tensor, stop_after: Optional[int] = None) -> List[torch.Tensor]:
         """Every stage's class logits (up to ``stop_after``) from one pass."""
         self._check_input(x)
-        outs = self._run(x, stop_after=stop_after)
-        return [self.heads[k](h) for k, h in enumerate(outs)]
+        logits: List[torch.Tensor] = []
+        self._run(x, on_stage=lambda k, h: logits.append(self.heads[k](h)), stop_after=stop_after, keep=False)
+        return logits
 
     def forward(
             self,
@@ -268,7 +269,7 @@ class HFFModel(AdaptiveExit, nn.Module):
 
         self._check_checkpoint_mode(mode)
         if memory_efficient:
-            self._run(x, on_stage=on_stage, stop_after=active[-1])
+            self._run(x, on_stage=on_stage, stop_after=active[-1], keep=False)
         else:   # heads run after the forward, outside any checkpointed region of the backbone
             for k, h in enumerate(self._run(x, stop_after=active[-1])):
                 on_stage(k, h)
@@ -342,7 +343,8 @@ class HFFModel(AdaptiveExit, nn.Module):
 
     def _run(self, x: torch.Tensor, on_stage: Optional[Callable[[int, torch.Tensor], None]] = None,
              stop_after: Optional[int] = None,
-             route: Optional[Callable[[int, torch.Tensor], Optional[torch.Tensor]]] = None) -> List[torch.Tensor]:
+             route: Optional[Callable[[int, torch.Tensor], Optional[torch.Tensor]]] = None,
+             keep: bool = True) -> List[torch.Tensor]:
         """``run_stages``, with a one-line ValueError when the backbone cannot take this input size.
 
         Which sizes a backbone accepts (a fixed-size patch embedding, a stem larger than a tiny image) is only
@@ -363,7 +365,7 @@ class HFFModel(AdaptiveExit, nn.Module):
 
         try:
             return run_stages(self.backbone, self.split, x, on_stage=guard(on_stage), stop_after=stop_after,
-                              route=guard(route))
+                              route=guard(route), keep=keep)
         except (RuntimeError, AssertionError) as e:
             checked = self.split.probe_img_size
             if failed_in_callback or isinstance(e, torch.OutOfMemoryError) or tuple(x.shape[-2:]) == (checked,) * 2:

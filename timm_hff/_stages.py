@@ -138,6 +138,15 @@ def build_split(backbone: nn.Module, cfg: HFFConfig) -> StageSplit:
                       full_tail=full_tail)
 
 
+def stem_split(backbone: nn.Module, cfg: HFFConfig) -> StageSplit:
+    """The split whose first tap bounds ``small_input``'s stem adaptation: the cut itself, or with ``balance`` the
+    default cut (a balanced cut re-cuts the default network; it must not change it, at build or at load)."""
+    if cfg.balance is not None:
+        from dataclasses import replace
+        return build_split(backbone, replace(cfg, stage_indices=None, balance=None, check_split=False))
+    return build_split(backbone, cfg)
+
+
 def _resolve_name(backbone: nn.Module, name: str) -> Optional[str]:
     """A ``feature_info`` module name as the model spells it, looked up leniently (None if it is not there).
 
@@ -194,6 +203,7 @@ class _CutState:
         self.route: Optional[Callable[[int, torch.Tensor], Optional[torch.Tensor]]] = None
         self.drained = False   # every row left the batch (adaptive exit): the forward ended early on purpose
         self.hff_forward = True   # the last forward was HFF's own (run_stages), not a plain timm forward
+        self.keep = True          # run_stages returns the stage outputs (else each is dropped once handled)
         self.last = -1
         self.elements: List[int] = [0] * num_taps
 
@@ -241,6 +251,8 @@ class _TapHook:
                         st.drained = True
                         raise _StopForward
                     cut = take_rows(cut, rows, main.shape[0])
+            if not st.keep:
+                st.outputs[self.k] = None   # handled: the next stages must not carry it
             if self.k >= st.last:
                 raise _StopForward
         return cut
@@ -276,7 +288,8 @@ def run_stages(
         stop_after: Optional[int] = None,
         raw: Optional[List[object]] = None,
         route: Optional[Callable[[int, torch.Tensor], Optional[torch.Tensor]]] = None,
-) -> List[torch.Tensor]:
+        keep: bool = True,
+) -> List[Optional[torch.Tensor]]:
     """One forward pass of the backbone, cut into stages.
 
     Args:
@@ -288,6 +301,8 @@ def run_stages(
             the rows of the current batch that go on (a 1-D index tensor) or None for all. Only those rows run
             the later stages, so the batch shrinks and the forward ends once no row is left. Later outputs hold
             only the surviving rows.
+        keep: Return the stage outputs. False drops each one as soon as ``on_stage`` (and ``route``) are done with
+            it, so a later stage never carries an earlier stage's output (memory_efficient training, scoring).
 
     Returns:
         The stage outputs h_k, each still attached to its own stage's graph (the next stage saw a detached copy);
@@ -300,6 +315,7 @@ def run_stages(
     last = split.num_stages - 1 if stop_after is None else stop_after
     outputs: List[torch.Tensor] = []
     st.outputs, st.on_stage, st.last, st.raw, st.route, st.drained = outputs, on_stage, last, raw, route, False
+    st.keep = keep
     try:
         feats = backbone.forward_features(x)
         if split.full_tail:
@@ -307,6 +323,8 @@ def run_stages(
             outputs.append(pooled)
             if on_stage is not None:
                 on_stage(split.num_stages - 1, pooled)
+            if not keep:
+                outputs[-1] = None
     except _StopForward:
         pass
     finally:

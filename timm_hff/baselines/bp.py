@@ -17,12 +17,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .._config import HFFConfig
-from .._stages import StageSplit, adapt_small_input, build_split
+from .._stages import StageSplit, adapt_small_input, stem_split
 
 
 def create_bp_model(model_name: str, num_classes: int = 1000, in_chans: int = 3, small_input: bool = False,
                     grad_checkpointing: bool = False, split: Optional[StageSplit] = None,
-                    num_stages: int = 4, stage_indices=None, **timm_kwargs: Any) -> nn.Module:
+                    num_stages: int = 4, stage_indices=None, balance: Optional[str] = None,
+                    **timm_kwargs: Any) -> nn.Module:
     """A plain timm classifier with HFF's backbone.
 
     Args:
@@ -31,8 +32,8 @@ def create_bp_model(model_name: str, num_classes: int = 1000, in_chans: int = 3,
         in_chans: Input channels.
         small_input: Apply HFF's 28-32 px stem adaptation (strides and pooling before the first stage removed).
         grad_checkpointing: Turn on timm's gradient checkpointing (the BP+checkpointing memory baseline).
-        split: An HFF model's ``split``; its first tap bounds the stem adaptation. Default: the split
-            ``num_stages`` / ``stage_indices`` give, computed by HFF's own ``build_split``.
+        split: An HFF model's split whose first tap bounds the stem adaptation (for a balanced HFF model, its
+            ``stem_split``). Default: the one ``num_stages`` / ``stage_indices`` / ``balance`` give (``stem_split``).
         **timm_kwargs: Passed to ``timm.create_model`` (``drop_path_rate``, ``img_size``, ``channels``, ...).
     """
     if not isinstance(model_name, str) or model_name.startswith('hff_') or not timm.is_model(model_name):
@@ -41,8 +42,8 @@ def create_bp_model(model_name: str, num_classes: int = 1000, in_chans: int = 3,
     model = timm.create_model(model_name, num_classes=num_classes, in_chans=in_chans, **timm_kwargs)
     if small_input:
         if split is None:
-            split = build_split(model, HFFConfig(num_stages=num_stages, stage_indices=stage_indices,
-                                                 check_split=False))
+            split = stem_split(model, HFFConfig(num_stages=num_stages, stage_indices=stage_indices,
+                                                balance=balance, check_split=False))
         adapt_small_input(model, split, in_chans)
     if grad_checkpointing:
         if not hasattr(model, 'set_grad_checkpointing'):

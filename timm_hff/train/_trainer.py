@@ -67,7 +67,7 @@ def build_bp_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     import timm
     from .._config import HFFConfig
     from .._factory import parse_model_name
-    from .._stages import adapt_small_input, build_split
+    from .._stages import adapt_small_input, stem_split
 
     source, name = parse_model_name(cfg.model)
     hff = dict(cfg.hff)
@@ -81,7 +81,7 @@ def build_bp_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
                               **cfg.model_kwargs)
     hff_cfg = HFFConfig.from_dict(dict(hff, check_split=False))
     if hff_cfg.small_input:
-        adapt_small_input(model, build_split(model, hff_cfg), cfg.in_chans)
+        adapt_small_input(model, stem_split(model, hff_cfg), cfg.in_chans)
     return model
 
 
