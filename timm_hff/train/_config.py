@@ -16,7 +16,7 @@ import yaml
 
 from ..data import AUG_KINDS, AugConfig
 
-SCHEDULES = ('simultaneous', 'memory_efficient', 'sequential')
+SCHEDULES = ('simultaneous', 'memory_efficient', 'sequential', 'stage_parallel')
 # Names other trainers use for a setting, so the hint for an unknown key names the right one (difflib alone
 # suggests 'decay_rate' for 'learning_rate').
 _ALIASES = {'learning_rate': 'lr', 'optimizer': 'opt', 'scheduler': 'sched', 'lr_scheduler': 'sched',
@@ -72,7 +72,12 @@ class TrainConfig:
 
     Optimisation:
         schedule: 'simultaneous' (all stages each step), 'memory_efficient' (each stage's backward as soon as it
-            has run; single process only), 'sequential' (greedy: stage k trains alone for ``epochs`` epochs).
+            has run; single process only), 'sequential' (greedy: stage k trains alone for ``epochs`` epochs),
+            'stage_parallel' (one process per stage, all training at once; see ``_stage_parallel``).
+        stage_parallel_queue: Stage outputs in flight between two stage processes (each way bounded), so hand-offs
+            overlap compute; 1 still overlaps one receive.
+        stage_parallel_timeout: Seconds a stage process waits for another (set-up, a hand-off, a checkpoint) before
+            it stops with an error naming that rank.
         opt, lr, weight_decay, momentum, opt_eps, opt_betas: timm ``create_optimizer_v2``.
         clip_grad: Gradient-norm clip, applied per stage (each stage has its own loss).
         stage_lr: One learning-rate factor per HFF stage (its backbone slice and its head), applied through timm's
@@ -136,6 +141,8 @@ class TrainConfig:
     grad_checkpointing: bool = False
     # optimisation
     schedule: str = 'simultaneous'
+    stage_parallel_queue: int = 2
+    stage_parallel_timeout: float = 600.0
     opt: str = 'sgd'
     lr: float = 0.1
     weight_decay: float = 5e-4
@@ -210,7 +217,7 @@ class TrainConfig:
         for name in ('workers', 'warmup_epochs', 'cooldown_epochs', 'crop_padding', 'split_seed'):
             _at_least(name, getattr(self, name), 0)
         for name in ('epochs', 'batch_size', 'grad_accum_steps', 'checkpoint_hist', 'recount', 'shuffle_buffer',
-                     'in_chans'):
+                     'in_chans', 'stage_parallel_queue'):
             _at_least(name, getattr(self, name), 1)
         for name in ('num_classes', 'train_num_samples', 'val_num_samples', 'img_size', 'validation_batch_size',
                      'threads'):
@@ -250,6 +257,8 @@ class TrainConfig:
                                  f'be >= 0, got {self.calibrate_exits!r}; null turns calibration off')
             if self.method == 'bp':
                 raise ValueError("calibrate_exits fits the exits of HFF stages; method 'bp' has one exit (drop it)")
+        if not self.stage_parallel_timeout > 0:
+            raise ValueError(f'stage_parallel_timeout must be > 0 seconds, got {self.stage_parallel_timeout!r}')
         if self.clip_grad is not None and self.clip_grad <= 0:
             raise ValueError(f'clip_grad must be > 0 (or null to disable), got {self.clip_grad!r}')
         if self.in_chans not in (1, 3):

@@ -45,8 +45,11 @@ HELP: Dict[str, Tuple[str, str]] = {
     'channels_last': ('Model', 'channels-last memory format'),
     'grad_checkpointing': ('Model', "timm's gradient checkpointing (with memory_efficient: inside each stage too)"),
     # Optimizer
-    'schedule': ('Optimizer', "'simultaneous', 'memory_efficient' (each stage's backward at once) or 'sequential' "
-                              "(greedy, stage by stage)"),
+    'schedule': ('Optimizer', "'simultaneous', 'memory_efficient' (each stage's backward at once), 'sequential' "
+                              "(greedy, stage by stage) or 'stage_parallel' (one process per stage)"),
+    'stage_parallel_queue': ('Optimizer', 'stage_parallel: stage outputs in flight between two stage processes'),
+    'stage_parallel_timeout': ('Optimizer', 'stage_parallel: seconds to wait for another stage process before stopping '
+                                            'with an error naming it'),
     'opt': ('Optimizer', "timm optimizer name ('sgd', 'adamw', 'lamb', ...)"),
     'lr': ('Optimizer', 'learning rate'),
     'weight_decay': ('Optimizer', 'weight decay (not on biases, norms and prototypes)'),

@@ -198,6 +198,9 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         from accelerate import Accelerator, DistributedDataParallelKwargs
 
+        if cfg.schedule == 'stage_parallel':
+            raise ValueError("schedule 'stage_parallel' runs one process per stage, which this Accelerate trainer does "
+                             "not: use hff-train or timm_hff.train.create_trainer(cfg)")
         self.cfg = cfg
         self.out_dir = cfg.output_dir
         if cfg.threads:

@@ -4,6 +4,7 @@
     hff-train --config recipes/fashion_mnist.yaml --epochs 30 --lr 0.05 --baseline bp
     hff-train --config recipes/cifar10.yaml --resume                 # continue output/cifar10 from its last epoch
     accelerate launch --num_processes 2 -m timm_hff.train --config recipes/cifar10.yaml
+    hff-train --config recipes/fashion_mnist_stage_parallel.yaml     # one process per stage (starts them itself)
 
 Every ``TrainConfig`` field is a flag (``--batch-size 64`` or ``--batch_size 64``); values are read as YAML, so
 ``--model-kwargs '{channels: [16, 32, 64, 128]}'`` and ``--freeze-stages '[0, 1]'`` work.
@@ -118,8 +119,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if ns.baseline:
             overrides['method'] = ns.baseline
         cfg = TrainConfig.from_yaml(ns.config, overrides) if ns.config else TrainConfig.from_dict(overrides)
-        from ._trainer import Trainer
-        trainer = Trainer(cfg)
+        from ._stage_parallel import create_trainer
+        trainer = create_trainer(cfg)
     except (ValueError, OSError, RunInUseError) as e:   # bad settings, data, checkpoint or output folder
         print(f'hff-train: error: {e}', file=sys.stderr)
         return 2

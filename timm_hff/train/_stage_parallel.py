@@ -1,0 +1,375 @@
+"""``schedule: stage_parallel``: one process per stage, all stages training at once, nothing sent backward.
+
+Local learning's promise for systems: stage k never waits for stage k+1's backward. Rank 0 reads the data (the same
+loaders, ``BatchTransform`` and mixup as the Accelerate trainer, from the same seeds) and runs stage 1; every rank k
+runs stage k+1 on what rank k-1 handed on, its local loss, its backward and its own optimizer step, then hands its
+detached output on. Each rank owns its stage's slice of the timm backbone, its prototype head, optimizer, scheduler,
+grad scaler / autocast and EMA. A rank works on batch b with the weights it had after batch b-1, and stage k+1
+receives stage k's output of batch b computed before stage k's step on b, exactly as ``simultaneous`` (forward all
+stages, then step) does: the pipeline changes timing, not values, so on CPU the final weights equal
+``simultaneous``'s bit for bit when no stage draws random numbers (dropout, drop-path).
+
+Evaluation runs the same pipeline: each rank scores its own head on the same validation / test batches, the stage
+logits travel with the stage output to the last rank, which scores the ensemble and the prediction. Checkpoints hold
+one folder per stage (``stage_K``), all written into a temporary folder that rank 0 renames once every rank has
+finished, so a dead rank never leaves a half checkpoint. The final model is assembled on rank 0 and saved as any run's.
+
+Composition with data parallelism (several processes per stage) is not supported yet.
+"""
+import logging
+import math
+import os
+import time
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+
+from ._checkpoint import RunLock, check_compatible, list_checkpoints, read_state, resolve_resume
+from ._config import TrainConfig
+from ._handoff import Control, Inbox, Outbox
+from ._metrics import atomic_write_text, write_metrics
+from ._stage_launch import Group, check_devices, from_environment, join, leave, spawn
+from ._stage_part import StagePart, TensorSpec
+from ._stage_state import StageEma, StageState, _Quiet, owned_keys
+from ._stage_steps import StageSteps
+from ._trainer import _os_error, _reason, _summary, _yaml, build_data, build_loaders, build_model, stage_param_groups
+
+_logger = logging.getLogger(__name__)
+
+
+def create_trainer(cfg: TrainConfig):
+    """The trainer of a recipe: ``StageParallelTrainer`` for ``schedule: stage_parallel``, else the Accelerate one."""
+    if cfg.schedule == 'stage_parallel':
+        return StageParallelTrainer(cfg)
+    from ._trainer import Trainer
+    return Trainer(cfg)
+
+
+class _Solo:
+    """What ``build_data`` / ``build_loaders`` read of an Accelerator: rank 0 alone reads the data."""
+    process_index, num_processes, is_main_process = 0, 1, True
+
+    def main_process_first(self):
+        import contextlib
+        return contextlib.nullcontext()
+
+
+def check_settings(cfg: TrainConfig) -> None:
+    """Settings the stage-parallel schedule does not (yet) combine with: one line each, before any work."""
+    unsupported = dict(freeze_stages=bool(cfg.freeze_stages), head_only=cfg.head_only, streaming=cfg.streamed,
+                       grad_checkpointing=cfg.grad_checkpointing, log_with=cfg.log_with is not None,
+                       calibrate_exits=cfg.calibrate_exits is not None)
+    bad = [k for k, v in unsupported.items() if v]
+    if bad:
+        raise ValueError(f"schedule 'stage_parallel' does not support {', '.join(bad)} yet; drop it or use schedule "
+                         f"simultaneous (calibrate_exits: run timm_hff.calibrate_exits on the saved model)")
+
+
+class StageParallelTrainer(StageSteps, StageState):
+    """One stage of a stage-parallel run (this process's rank); ``fit()`` on every rank trains the whole model."""
+
+    def __init__(self, cfg: TrainConfig):
+        check_settings(cfg)
+        self.cfg, self.out_dir = cfg, cfg.output_dir
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.timeout = cfg.stage_parallel_timeout
+        self.group: Optional[Group] = from_environment()
+        self.lock: Optional[RunLock] = None
+        self.children_failed = False
+        try:
+            if self.group is not None:
+                check_devices(self.group.world, self.group.device)
+                join(self.group, self.timeout)
+            self.ctl = None
+            if self.group is None or self.group.rank == 0:
+                self._setup_rank0()
+            else:
+                self._setup_rank()
+        except BaseException as e:
+            if self.lock is not None:
+                self.lock.release()
+            leave(self.group, failed=True)
+            if isinstance(e, _Quiet):
+                raise SystemExit(2) from None
+            raise
+
+    # ----- set-up -----
+    def _setup_rank0(self) -> None:
+        cfg = self.cfg
+        self.lock = RunLock(self.out_dir)
+        try:
+            os.makedirs(self.out_dir, exist_ok=True)
+            self.lock.acquire()
+        except OSError as e:
+            raise _os_error(e, f'cannot write to the output folder {self.out_dir} ({_reason(e)}); choose a writable '
+                               f'--output') from None
+        try:
+            plan, model = self._build()
+        except BaseException as e:
+            if self.group is not None:   # the other ranks wait for the plan: tell them to stop quietly
+                self._control().broadcast(dict(error=str(e)), 'sending the run plan')
+            raise
+        if self.group is None:
+            self.group = spawn(cfg, plan['num_stages'], self.timeout)
+        self._control().broadcast((plan, model), 'sending the run plan and the model')
+        self._setup_stage(plan, model)
+
+    def _setup_rank(self) -> None:
+        got = self._control().broadcast(None, 'waiting for the run plan and the model')
+        if isinstance(got, dict) and 'error' in got:
+            raise _Quiet(got['error'])
+        self._setup_stage(*got)
+
+    def _control(self) -> Control:
+        if self.ctl is None:
+            self.ctl = Control(self.group.rank, self.group.world, self.timeout, self.group.ctrl)
+        return self.ctl
+
+    def _build(self):
+        """Rank 0: data, model and loaders exactly as the Accelerate trainer builds them (same seeds, same order)."""
+        from accelerate.utils import set_seed
+        from .._profile import stage_profile
+        cfg, solo = self.cfg, _Solo()
+        self.resume_from = resolve_resume(cfg.resume, self.out_dir) if cfg.resume else None
+        if not cfg.resume and list_checkpoints(self.out_dir):
+            raise ValueError(f'{self.out_dir} already holds checkpoints of a run; pass --resume to continue it, or '
+                             f'choose another --experiment / --output')
+        set_seed(cfg.seed)
+        self.train_data, self.val_data, self.test_data = build_data(cfg, solo)
+        self.num_classes = self.train_data.num_classes
+        model = build_model(cfg, self.num_classes)
+        k = model.num_stages
+        if self.resume_from:
+            check_compatible(read_state(self.resume_from), self.identity(k), self.resume_from)
+        world = self.group.world if self.group is not None else k
+        if world != k or k < 2:
+            raise ValueError(_count_error(k, world, self.group is not None))
+        empty = [s + 1 for s in range(k) if not model.split.stage_param_names[s]]
+        if empty:
+            raise ValueError(f'stage {empty[0]} of {cfg.model} holds no backbone parameters (the cut '
+                             f'{list(model.split.feature_indices)} leaves it empty), so its process would train only a '
+                             f'head; move hff.stage_indices so that every stage holds at least one block')
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.profile = stage_profile(model, cfg.img_size)
+        self.data_cfg, self.train_loader, self.val_loader, self.test_loader = build_loaders(
+            cfg, model, self.train_data, self.val_data, solo, self.test_data)
+        self.train_iterable, self.val_iterable = self.train_loader.loader, self.val_loader.loader
+        self.test_iterable = self.test_loader.loader if self.test_loader else None
+        evs = cfg.validation_batch_size or cfg.batch_size
+        plan = dict(num_stages=k, num_classes=self.num_classes, img_size=tuple(self.data_cfg['input_size'][1:]),
+                    train=_sizes(self.train_loader.num_samples, cfg.batch_size, cfg.mixup > 0 or cfg.cutmix > 0),
+                    val=_sizes(self.val_loader.num_samples, evs, False),
+                    test=_sizes(self.test_loader.num_samples, evs, False) if self.test_loader else None,
+                    resume=self.resume_from)
+        return plan, model
+
+    def _setup_stage(self, plan: Dict[str, Any], model: nn.Module) -> None:
+        """Every rank: own stage ``rank``'s parameters, optimizer, scheduler, EMA; stub the earlier stages."""
+        from accelerate.utils import set_seed
+        from timm.optim import create_optimizer_v2
+        from timm.scheduler import create_scheduler_v2
+        cfg, g = self.cfg, self.group
+        self.plan, self.k, self.num_stages = plan, g.rank, plan['num_stages']
+        self.num_classes, self.device = plan['num_classes'], g.device
+        self.last = self.k == self.num_stages - 1
+        model = model.to(g.device)
+        owned = {id(p) for p in model.stage_parameters(self.k)}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in owned)
+        self.model = model
+        self.autocast = _autocast(cfg.mixed_precision, g.device)
+        self.ema = None
+        if cfg.model_ema:   # before the stubs: the EMA copy gets its own
+            self.ema = StageEma(model, decay=cfg.model_ema_decay, use_warmup=cfg.model_ema_warmup)
+        self.part = StagePart(model, self.k, plan['img_size'], g.device, self.autocast, cfg.channels_last)
+        self.part_mode = self.part.install()
+        self.keys = owned_keys(model, self.part, self.k)
+        if self.ema is not None:
+            self.ema.keys = self.keys
+            self.ema_part = StagePart(self.ema.module, self.k, plan['img_size'], g.device, self.autocast,
+                                      cfg.channels_last)
+            self.ema_part.install()
+        opt_kwargs = {}
+        if cfg.opt_eps is not None:
+            opt_kwargs['eps'] = cfg.opt_eps
+        if cfg.opt_betas is not None:
+            opt_kwargs['betas'] = tuple(cfg.opt_betas)
+        params = stage_param_groups(model, cfg.weight_decay, cfg.stage_lr) if cfg.stage_lr else model
+        self.optimizer = create_optimizer_v2(params, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                             momentum=cfg.momentum, **opt_kwargs)
+        self.steps_per_epoch = len(plan['train'])
+        self.updates_per_epoch = math.ceil(self.steps_per_epoch / cfg.grad_accum_steps)
+        self.total_epochs = cfg.epochs
+        self.scheduler, _ = create_scheduler_v2(
+            self.optimizer, sched=cfg.sched, num_epochs=cfg.epochs, decay_epochs=cfg.decay_epochs,
+            cooldown_epochs=cfg.cooldown_epochs, decay_rate=cfg.decay_rate, min_lr=cfg.min_lr,
+            warmup_lr=cfg.warmup_lr, warmup_epochs=cfg.warmup_epochs, cycle_limit=1, cycle_decay=1.0,
+            step_on_epochs=not cfg.sched_on_updates, updates_per_epoch=self.updates_per_epoch)
+        self.scaler = torch.amp.GradScaler(g.device.type) if cfg.mixed_precision == 'fp16' else None
+        self.mixup = _mixup(cfg, self.num_classes) if self.k == 0 else None
+        soft = cfg.mixup > 0 or cfg.cutmix > 0 or cfg.smoothing > 0
+        label = TensorSpec((self.num_classes,), torch.float32) if soft else TensorSpec((), torch.int64)
+        self.specs_in = self._specs(self.k - 1, label) if self.k else None
+        self.specs_out = self._specs(self.k, label) if not self.last else None
+        kw = dict(depth=cfg.stage_parallel_queue, timeout=self.timeout, device=g.device)
+        self.inbox = Inbox(self.k - 1, **kw) if self.k else None
+        self.outbox = Outbox(self.k + 1, **kw) if not self.last else None
+        set_seed(cfg.seed + self.k)   # as Accelerate's device_specific seed: rank 0 draws the augmentation
+        self.start_epoch, self.updates, self.history = 0, 0, []
+        if plan['resume']:
+            self._load(plan['resume'])
+        self.lr_at(self.start_epoch, self.updates)
+
+    def _specs(self, stage: int, label: TensorSpec) -> Dict[str, List[TensorSpec]]:
+        """What stage ``stage`` hands on: its tap's tensors and the labels (training), plus every stage's logits so
+        far (evaluation)."""
+        tap = self.part.layouts[stage].specs
+        return dict(train=tap + [label], eval=tap + [TensorSpec((), torch.int64)] + self.part.logit_spec[:stage + 1])
+
+    @property
+    def is_main(self) -> bool:
+        return self.k == 0
+
+    def identity(self, num_stages: Optional[int] = None) -> Dict[str, Any]:
+        c = self.cfg
+        return dict(model=c.model, method=c.method, schedule=c.schedule, num_classes=self.num_classes, hff=c.hff,
+                    model_kwargs=c.model_kwargs, in_chans=c.in_chans,
+                    num_processes=num_stages or self.num_stages, batch_size=c.batch_size,
+                    grad_accum_steps=c.grad_accum_steps, train_split=c.train_split, val_fraction=c.val_fraction,
+                    split_seed=c.split_seed)
+
+    def lr_at(self, epoch: int, updates: int) -> None:
+        if self.cfg.sched_on_updates:
+            self.scheduler.step_update(updates)
+        else:
+            self.scheduler.step(epoch)
+
+    # ----- the run -----
+    def fit(self) -> Dict[str, Any]:
+        cfg, failed = self.cfg, True
+        try:
+            if self.is_main:
+                atomic_write_text(os.path.join(self.out_dir, 'config.yaml'), _yaml(cfg))
+                self._print_plan()
+            if self.plan['resume'] and self.start_epoch >= self.total_epochs:
+                self._print(f"nothing left to train: {self.plan['resume']} completed all {self.total_epochs} epochs; "
+                            f"to train longer, resume with --epochs N (N > {cfg.epochs}); finishing the run")
+            for epoch in range(self.start_epoch, self.total_epochs):
+                stats = self.train_epoch(epoch)
+                t = time.time()
+                row = dict(epoch=epoch + 1)
+                row.update(self.evaluate())
+                if self.ema is not None:
+                    row.update(self.evaluate(ema=True))
+                row['eval_time_s'] = time.time() - t
+                self.lr_at(epoch + 1, self.updates)
+                row = {**self._train_row(self.ctl.all_gather(stats, 'sharing the epoch\'s training figures')), **row}
+                row = {'epoch': row.pop('epoch'), **row}
+                self.history.append(row)
+                if self.is_main:
+                    write_metrics(self.out_dir, self.history, run=self.run_info())
+                    print(_summary(row, self.num_stages, 'hff', self.val_data.split), flush=True)
+                self._save(epoch)
+            last = dict(self.history[-1]) if self.history else {}
+            test = self.evaluate_test()
+            self._finish(last, test)
+            failed = False
+            return {**last, **{k if k.startswith('test_') else f'test_{k}': v for k, v in (test or {}).items()}}
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+            leave(self.group, failed)
+
+    def _train_row(self, stats: List[Dict[str, Any]]) -> Dict[str, Any]:
+        """The epoch's training figures of all stages: summed loss, per-stage losses, rank 0's lr, and the pipeline's
+        throughput (first batch in on rank 0 to last step done on any rank)."""
+        elapsed = max(s['end'] for s in stats) - min(s['start'] for s in stats)
+        row = dict(train_loss=sum(s['loss'] for s in stats), lr=stats[0]['lr'], train_time_s=elapsed,
+                   train_img_per_s=stats[0]['images'] / max(elapsed, 1e-9))
+        for s in stats:
+            row[f"train_loss_stage{s['stage']}"] = s['loss']
+        return row
+
+    def evaluate_test(self) -> Optional[Dict[str, Any]]:
+        if self.plan['test'] is None:
+            return None
+        t = time.time()
+        test = self.evaluate(split='test')
+        if self.ema is not None:
+            test.update(self.evaluate(ema=True, split='test'))
+        test['eval_time_s'] = time.time() - t
+        if self.is_main:
+            write_metrics(self.out_dir, self.history, run=self.run_info(), test=test)
+            print(_summary(dict(test, epoch='test'), self.num_stages, 'hff', self.test_data.split), flush=True)
+        return test
+
+    # ----- reporting -----
+    def _print(self, text: str) -> None:
+        if self.is_main:
+            print(text, flush=True)
+
+    def run_info(self) -> Dict[str, Any]:
+        info = dict(model=self.cfg.model, method='hff', schedule='stage_parallel', num_stages=self.num_stages,
+                    dataset=self.train_data.name, train_split=self.train_data.split,
+                    train_images=self.train_loader.num_samples, val_split=self.val_data.split,
+                    val_images=self.val_loader.num_samples,
+                    test_split=self.test_data.split if self.test_data is not None else None,
+                    test_images=self.test_loader.num_samples if self.test_loader is not None else None,
+                    stage_parallel=dict(processes=self.num_stages, queue=self.cfg.stage_parallel_queue,
+                                        device=str(self.device)))
+        if self.profile is not None:
+            info['stages'] = self.profile
+        return info
+
+    def _print_plan(self) -> None:
+        from .._profile import format_profile
+        cfg, tl, vl = self.cfg, self.train_loader, self.val_loader
+        test = (f'; test {self.test_data.split} ({self.test_loader.num_samples} images) once at the end'
+                if self.test_data is not None else '; no test split')
+        print(f'HFF {cfg.model} ({self.num_stages} stages, schedule stage_parallel: one process per stage on '
+              f'{self.device.type}, hand-off queue {cfg.stage_parallel_queue}) on {self.train_data.name}: train '
+              f'{self.train_data.split} ({tl.num_samples} images, {tl.kind} loader), validation {self.val_data.split} '
+              f'({vl.num_samples} images) every epoch{test}; {self.num_classes} classes, input '
+              f'{self.data_cfg["input_size"]}; {self.total_epochs} epochs x {self.steps_per_epoch} steps, mixed '
+              f'precision {cfg.mixed_precision}; output {self.out_dir}', flush=True)
+        print('how local each stage is (backbone shares; FLOPs of one forward):\n' + format_profile(self.profile),
+              flush=True)
+
+
+def _sizes(n: int, batch: int, drop_last: bool) -> List[int]:
+    """The batch sizes a map-style loader yields over ``n`` images (every rank plans its receives from them)."""
+    sizes = [batch] * (n // batch)
+    if n % batch and not drop_last:
+        sizes.append(n % batch)
+    return sizes
+
+
+def _count_error(stages: int, processes: int, launched: bool) -> str:
+    if stages < 2:
+        return ("schedule 'stage_parallel' runs one process per stage, and this model has 1 stage; cut it into 2 or "
+                "more (hff.num_stages / hff.stage_indices), or use schedule simultaneous")
+    return (f"schedule 'stage_parallel' runs one process per stage: this model has {stages} stages but "
+            f"{processes} processes were launched ({'more' if processes > stages else 'fewer'} than stages); launch "
+            f"{stages} (accelerate launch --multi_gpu --num_processes {stages} / torchrun --nproc_per_node "
+            f"{stages}), start hff-train alone (it starts one process per stage), or cut the model into {processes} "
+            f"stages")
+
+
+def _autocast(precision: str, device: torch.device):
+    import contextlib
+    if precision == 'no':
+        return contextlib.nullcontext
+    dtype = torch.bfloat16 if precision == 'bf16' else torch.float16
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def _mixup(cfg: TrainConfig, num_classes: int):
+    if cfg.mixup > 0 or cfg.cutmix > 0:
+        from timm.data import Mixup
+        return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
+                     switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode, label_smoothing=cfg.smoothing,
+                     num_classes=num_classes)
+    return None

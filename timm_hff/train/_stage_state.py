@@ -1,0 +1,231 @@
+"""What one stage process owns: its tensors, its EMA, its part of a checkpoint, its share of the final model.
+
+A stage owns its slice of the backbone's parameters (the build-time probe's ``stage_param_names``), the buffers of the
+modules that run inside the stage (norm statistics; from the probe's record of which module runs when) and its
+prototype head. Only the owner's copy of a tensor is current, so checkpoints, the EMA and the final model take each
+tensor from its owner.
+
+A stage's part of a checkpoint is ``stage_K/`` in Accelerate's file names: ``model.safetensors`` (its tensors),
+``optimizer.bin``, ``scheduler.bin``, ``random_states.pkl``, and ``scaler.pt`` / ``ema.safetensors`` when used.
+Every rank writes its part into the checkpoint's temporary folder; rank 0 adds ``trainer_state.json`` and renames the
+folder only once every rank has reported success, so a rank killed at any moment leaves the last checkpoint whole.
+"""
+import json
+import os
+import random
+import shutil
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+from timm.utils import ModelEmaV3
+
+from ._checkpoint import CKPT_DIR, STATE_FILE, checkpoint_name, list_checkpoints, prune, read_state
+from ._metrics import atomic_write_text
+from ._trainer import _first_line, _reason, final_metrics, save_final_model
+
+MODEL_FILE, OPTIMIZER_FILE, SCHEDULER_FILE = 'model.safetensors', 'optimizer.bin', 'scheduler.bin'
+RNG_FILE, SCALER_FILE, EMA_FILE = 'random_states.pkl', 'scaler.pt', 'ema.safetensors'
+
+
+def stage_dir(ckpt: str, k: int) -> str:
+    return os.path.join(ckpt, f'stage_{k}')
+
+
+def owned_keys(model: nn.Module, part, k: int) -> List[str]:
+    """The ``state_dict`` keys stage ``k`` owns: its backbone parameters, the buffers of the modules that run in it,
+    and its head."""
+    calls = part.calls
+    tap_ends = [calls[t][0][1] for t in model.split.tap_names]
+    keys = {f'backbone.{n}' for n in model.split.stage_param_names[k]}
+    for name, module in model.backbone.named_modules():
+        if not name or name not in calls:
+            continue
+        end = calls[name][0][1]
+        stage = next((j for j, e in enumerate(tap_ends) if end <= e), len(tap_ends))
+        if stage == k:
+            keys |= {f'backbone.{name}.{b}' for b, _ in module.named_buffers(recurse=False)}
+    state = model.state_dict()
+    keys |= {n for n in state if n.startswith(f'heads.{k}.')}
+    return sorted(n for n in keys if n in state)
+
+
+def owned_state(module: nn.Module, keys: List[str]) -> Dict[str, torch.Tensor]:
+    state = module.state_dict()
+    return {n: state[n].detach().to('cpu', copy=True).contiguous() for n in keys}
+
+
+def rng_state() -> Dict:
+    out = dict(random=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
+    if torch.cuda.is_available():
+        out['cuda'] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def set_rng_state(state: Dict) -> None:
+    random.setstate(state['random'])
+    np.random.set_state(state['numpy'])
+    torch.set_rng_state(state['torch'])
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def save_stage(path: str, trainer) -> None:
+    """Stage ``trainer.k``'s part of a checkpoint into ``path`` (a folder of the temporary checkpoint)."""
+    from safetensors.torch import save_file
+    os.makedirs(path, exist_ok=True)
+    save_file(owned_state(trainer.model, trainer.keys), os.path.join(path, MODEL_FILE))
+    torch.save(trainer.optimizer.state_dict(), os.path.join(path, OPTIMIZER_FILE))
+    torch.save(trainer.scheduler.state_dict(), os.path.join(path, SCHEDULER_FILE))
+    torch.save(rng_state(), os.path.join(path, RNG_FILE))
+    if trainer.scaler is not None:
+        torch.save(trainer.scaler.state_dict(), os.path.join(path, SCALER_FILE))
+    if trainer.ema is not None:
+        save_file(owned_state(trainer.ema.module, trainer.keys), os.path.join(path, EMA_FILE))
+    for name in os.listdir(path):   # on disk before rank 0 declares the checkpoint complete
+        with open(os.path.join(path, name), 'rb') as f:
+            os.fsync(f.fileno())
+
+
+def load_stage(path: str, trainer) -> None:
+    """Restore stage ``trainer.k`` from its part of a checkpoint; a missing or damaged file raises."""
+    from safetensors.torch import load_file
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f'{path} is missing')
+    trainer.model.load_state_dict(_checked(load_file(os.path.join(path, MODEL_FILE)), trainer.keys, path), strict=False)
+    trainer.optimizer.load_state_dict(torch.load(os.path.join(path, OPTIMIZER_FILE), weights_only=False))
+    trainer.scheduler.load_state_dict(torch.load(os.path.join(path, SCHEDULER_FILE), weights_only=False))
+    if trainer.scaler is not None:
+        trainer.scaler.load_state_dict(torch.load(os.path.join(path, SCALER_FILE), weights_only=False))
+    if trainer.ema is not None:
+        ema = os.path.join(path, EMA_FILE)
+        if not os.path.isfile(ema):
+            raise FileNotFoundError(f'model_ema is on but {ema} is missing')
+        trainer.ema.module.load_state_dict(_checked(load_file(ema), trainer.keys, path), strict=False)
+    set_rng_state(torch.load(os.path.join(path, RNG_FILE), weights_only=False))
+
+
+def _checked(tensors: Dict[str, torch.Tensor], keys: List[str], path: str) -> Dict[str, torch.Tensor]:
+    if sorted(tensors) != sorted(keys):
+        missing = sorted(set(keys) - set(tensors))
+        raise ValueError(f'{path} holds other tensors than this stage owns (missing {missing[:3]}); it is another '
+                         f"model's checkpoint")
+    return tensors
+
+
+class _Quiet(Exception):
+    """An error rank 0 reports; the other ranks stop without repeating it."""
+
+
+class StageState:
+    """Mixin of ``StageParallelTrainer``: epoch checkpoints, resume, and the final model."""
+
+    def _save(self, epoch: int) -> str:
+        """Every rank writes ``stage_K/`` into the temporary folder; rank 0 renames it once all have succeeded."""
+        root = os.path.join(self.out_dir, CKPT_DIR)
+        final = os.path.join(root, checkpoint_name(epoch))
+        tmp = os.path.join(root, '.tmp-' + checkpoint_name(epoch))
+        if self.is_main:
+            os.makedirs(root, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.ctl.barrier('preparing a checkpoint')
+        try:
+            save_stage(stage_dir(tmp, self.k), self)
+            error = None
+        except (OSError, RuntimeError) as e:   # disk full, read-only, quota: torch reports these as RuntimeError
+            error = f'stage {self.k + 1}: {_reason(e)}'
+        errors = [e for e in self.ctl.all_gather(error, 'writing the checkpoint') if e]
+        if not errors and self.is_main:
+            try:
+                state = dict(epoch=epoch, updates=self.updates, history=self.history, identity=self.identity())
+                atomic_write_text(os.path.join(tmp, STATE_FILE), json.dumps(state, indent=1) + '\n')
+                if os.path.exists(final):
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                prune(self.out_dir, self.cfg.checkpoint_hist)
+            except OSError as e:
+                errors = [_reason(e)]
+        errors = self.ctl.broadcast(errors, 'finishing the checkpoint')
+        if errors:
+            if self.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise OSError(f'cannot write checkpoint {final} ({errors[0]}); {self._kept()}: free disk space or fix '
+                          f'permissions, then {self._go_on()}')
+        return final
+
+    def _kept(self) -> str:
+        found = list_checkpoints(self.out_dir)
+        return f'the last good checkpoint {found[-1]} is kept' if found else 'no checkpoint had been written yet'
+
+    def _go_on(self) -> str:
+        return 'continue with --resume' if list_checkpoints(self.out_dir) else 'start the run again'
+
+    def _load(self, ckpt: str) -> None:
+        try:
+            load_stage(stage_dir(ckpt, self.k), self)
+            error = None
+        except Exception as e:   # truncated or foreign files; the identity was already checked
+            error = f'{type(e).__name__}: {_first_line(e)}'
+        errors = [e for e in self.ctl.all_gather(error, 'loading the checkpoint') if e]
+        if errors:
+            if not self.is_main:
+                raise _Quiet(errors[0])
+            from ..hub import CorruptCheckpointError
+            raise CorruptCheckpointError(f'--resume {ckpt}: the checkpoint cannot be loaded ({errors[0]}); resume '
+                                         f'from an earlier checkpoint or start a new experiment')
+        state = read_state(ckpt)
+        self.start_epoch, self.updates = int(state['epoch']) + 1, int(state['updates'])
+        self.history = list(state['history'])
+        self._print(f'resumed from {ckpt} (epoch {state["epoch"] + 1} done)')
+
+    def _finish(self, last: Dict[str, Any], test: Optional[Dict[str, Any]]) -> None:
+        """Assemble the model on rank 0 (each tensor from its owner) and save it as a single-process run would."""
+        if not self.cfg.save_model:
+            self.ctl.barrier('finishing')
+            return
+        parts = self.ctl.gather(self._owned_parts(), 'collecting the trained stages')
+        if not self.is_main:
+            self.ctl.barrier('saving the model')
+            return
+        try:
+            model = assemble(self.model, [p[0] for p in parts])
+            splits = dict(split=self.test_data.split if test is not None else self.val_data.split,
+                          val_split=self.val_data.split)
+            path = os.path.join(self.out_dir, 'model')
+            saved = save_final_model(model, path, self.cfg, self.train_data, {**final_metrics(last, test), **splits},
+                                     self.data_cfg)
+            if saved and self.ema is not None:
+                ema = assemble(self.ema.module, [p[1] for p in parts])
+                save_final_model(ema, os.path.join(self.out_dir, 'model_ema'), self.cfg, self.train_data,
+                                 {**final_metrics(last, test, ema=True), **splits}, self.data_cfg)
+            print(f'weights: {saved}' if saved else 'weights: not saved (see the warning above)', flush=True)
+        finally:
+            self.ctl.barrier('saving the model')
+
+    def _owned_parts(self):
+        ema = owned_state(self.ema.module, self.keys) if self.ema is not None else None
+        return owned_state(self.model, self.keys), ema
+
+
+class StageEma(ModelEmaV3):
+    """timm's ``ModelEmaV3`` over the tensors this stage owns (``keys``; set once the stage is known): the rest of
+    the copy is never current here, and averaging it would cost as much as the stage's own."""
+    keys: List[str] = []
+
+    def apply_update_(self, model: nn.Module, decay: float) -> None:
+        ema, live = self.module.state_dict(), model.state_dict()
+        for n in self.keys:
+            if not ema[n].is_floating_point():
+                ema[n].copy_(live[n])
+        floats = [n for n in self.keys if ema[n].is_floating_point()]
+        self._foreach_lerp_([ema[n] for n in floats], [live[n] for n in floats], weight=1. - decay)
+
+
+def assemble(module: nn.Module, parts: List[Dict[str, torch.Tensor]]) -> nn.Module:
+    """``module`` with every stage's tensors taken from the stage that owns them; all parameters trainable again."""
+    for part in parts:
+        module.load_state_dict(part, strict=False)
+    for p in module.parameters():
+        p.requires_grad_(True)
+    return module
