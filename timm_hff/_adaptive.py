@@ -44,31 +44,40 @@ class AdaptiveExit:
             return (logits, exit_stage, self._flops_of(x, torch.full_like(exit_stage, n - 1))) if return_flops \
                 else (logits, exit_stage)
         out: List[Optional[torch.Tensor]] = [None]
-        alive = torch.arange(batch, device=x.device)
+        alive: List[Optional[torch.Tensor]] = [None]   # original rows still running (None: all of them, in order)
         exit_stage = torch.full((batch,), n - 1, dtype=torch.long, device=x.device)
 
-        def settle(k: int, logits: torch.Tensor, leave: torch.Tensor) -> None:
+        def settle(k: int, logits: torch.Tensor, rows: Optional[torch.Tensor] = None) -> None:
+            """Record the rows of the current batch (None: all) that leave after stage k; index ops, as boolean
+            masks cost a nonzero each and batch 1 is all overhead."""
+            if rows is None and alive[0] is None:   # the whole batch leaves at once
+                out[0] = logits
+                exit_stage.fill_(k)
+                return
+            idx = alive[0] if rows is None else (rows if alive[0] is None else alive[0][rows])
             if out[0] is None:
                 out[0] = logits.new_empty(batch, logits.shape[-1])
-            out[0][alive[leave]] = logits[leave]
-            exit_stage[alive[leave]] = k
+            out[0].index_copy_(0, idx, (logits if rows is None else logits[rows]).to(out[0].dtype))
+            exit_stage.index_fill_(0, idx, k)
 
         def route(k: int, h: torch.Tensor) -> Optional[torch.Tensor]:
-            nonlocal alive
             logits = self.heads[k](h)
             leave = rule.leave(k, logits)
-            settle(k, logits, leave)
-            if not bool(leave.any()):
+            leaving = int(leave.sum())
+            if leaving == 0:
                 return None
+            if leaving == leave.shape[0]:
+                settle(k, logits)
+                return leave.new_empty(0, dtype=torch.long)   # no row left: the forward ends here
             rows = (~leave).nonzero().squeeze(1)
-            alive = alive[rows]
+            settle(k, logits, leave.nonzero().squeeze(1))
+            alive[0] = rows if alive[0] is None else alive[0][rows]
             rule.keep(rows)
             return rows
 
         outs = self._run(x, route=route)
         if len(outs) == n:   # some images ran the whole backbone
-            logits = self.heads[n - 1](outs[-1])
-            settle(n - 1, logits, torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device))
+            settle(n - 1, self.heads[n - 1](outs[-1]))
         logits = out[0] if out[0] is not None else x.new_empty(0, self.num_classes)
         return (logits, exit_stage, self._flops_of(x, exit_stage)) if return_flops else (logits, exit_stage)
 
