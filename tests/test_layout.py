@@ -21,7 +21,7 @@ LAYERS = [
     ('version', '_config', 'data'),
     ('_heads', '_stages', '_exit_rule'),
     ('_profile', '_adaptive', '_model', '_balance'),
-    ('_builder', '_exit'),
+    ('_builder', '_exit', '_compile'),
     ('hub',),
     ('_factory', '_registry'),
     ('train', 'baselines'),
