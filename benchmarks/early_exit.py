@@ -42,7 +42,8 @@ PROTOCOL = (
     'last head. Wall time: eval mode, torch.inference_mode, the first {timed} test images per batch size, one '
     'warm-up pass per setting, then {rounds} rounds in which every setting runs once over them, in an order rotated '
     'each round (load from other processes hits all alike); seconds per image = median over rounds. Speed-up = '
-    'median over rounds of (full time / adaptive time) within the same round.')
+    'median over rounds of (full time / adaptive time) within the same round; the same for the process CPU time '
+    '(time.process_time), which other processes do not inflate.')
 
 
 def load_split_tensors(model, data_dir: str, val_fraction: float, split_seed: int, batch: int = 1000):
@@ -82,31 +83,35 @@ def settings_to_time(model, fitted: Dict[float, tuple], main_drop: float) -> Dic
     return out
 
 
-def time_settings(model, settings, xb: List[torch.Tensor], rounds: int, runtime) -> Dict[str, List[float]]:
-    """Seconds per pass over ``xb`` of every setting, ``rounds`` interleaved rounds (order rotated each round)."""
+def time_settings(model, settings, xb: List[torch.Tensor], rounds: int, runtime):
+    """Seconds per pass over ``xb`` of every setting, ``rounds`` interleaved rounds (order rotated each round): wall
+    time, and the process's CPU time (what the pass itself computed; other processes on a shared CPU do not add to
+    it, so it is the steadier figure of the two when torch runs one thread)."""
     names = list(settings)
 
-    def one_pass(name: str) -> float:
+    def one_pass(name: str):
         pf, thresholds = settings[name]
         if thresholds is not None:
             model.set_exits(thresholds=thresholds)
         model.set_predict_from(pf)
         runtime.sync()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         with torch.inference_mode(), runtime.autocast():
             for x in xb:
                 model(x)
         runtime.sync()
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - c0
 
     for name in names:   # warm-up (allocator, cuDNN, the one-time shrink check)
         one_pass(name)
-    times = {name: [] for name in names}
+    wall, cpu = {name: [] for name in names}, {name: [] for name in names}
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
-            times[name].append(one_pass(name))
+            w, c = one_pass(name)
+            wall[name].append(w)
+            cpu[name].append(c)
     model.set_predict_from('last')
-    return times
+    return wall, cpu
 
 
 def run(args, runtime) -> Dict[str, Any]:
@@ -167,12 +172,15 @@ def run(args, runtime) -> Dict[str, Any]:
             xb = [x.contiguous(memory_format=fmt) for x, _ in batches(xt[:count], yt[:count], bs, runtime)]
             print(f'  timing {layout}, batch {bs} on {count} images, {args.rounds} rounds x {len(settings)} settings',
                   file=sys.stderr, flush=True)
-            times = time_settings(model, settings, xb, args.rounds, runtime)
+            times, cpu = time_settings(model, settings, xb, args.rounds, runtime)
             speedups = [f / a for f, a in zip(times['full'], times[main_name])]
-            per_image = {k: median(v) / count for k, v in times.items()}
-            timing[f'{layout} b{bs}'] = dict(layout=layout, batch=bs, images=count, seconds_per_image=per_image,
-                                             seconds_per_pass=times, speedup_vs_full=median(speedups),
-                                             speedups_per_round=speedups)
+            cpu_speedups = [f / a for f, a in zip(cpu['full'], cpu[main_name])]
+            timing[f'{layout} b{bs}'] = dict(
+                layout=layout, batch=bs, images=count, seconds_per_image={k: median(v) / count for k, v in
+                                                                          times.items()},
+                seconds_per_pass=times, speedup_vs_full=median(speedups), speedups_per_round=speedups,
+                cpu_seconds_per_image={k: median(v) / count for k, v in cpu.items()}, cpu_seconds_per_pass=cpu,
+                cpu_speedup_vs_full=median(cpu_speedups))
     for p in points:
         for key, t in timing.items():
             if p['name'] in t['seconds_per_image']:
@@ -218,8 +226,13 @@ def render(res: Dict[str, Any], info: Dict[str, Any], command: str) -> str:
                       f"{t['cpu_speedup_b256']:.2f}x, {verdict(t['cpu_speedup_b256_met'])}")
     lines[-1] += '.'
     for key, tm in res['timing'].items():
+        cpu = tm['cpu_seconds_per_image']
         lines.append(f"- {key}: adaptive / full wall-time saving {tm['speedup_vs_full']:.2f}x in the same layout "
-                     f"(per round: {', '.join(f'{s:.2f}' for s in tm['speedups_per_round'])}).")
+                     f"(per round: {', '.join(f'{s:.2f}' for s in tm['speedups_per_round'])}); process CPU time "
+                     f"{1e3 * cpu['full']:.3f} vs {1e3 * cpu[main]:.3f} ms/img, saving "
+                     f"{tm['cpu_speedup_vs_full']:.2f}x; stage 1 with its head, which every image pays, takes "
+                     f"{cpu['stage 1'] / cpu['full']:.0%} of the full model's CPU time for "
+                     f"{res['fixed_exit_flops'][0] / res['full_flops']:.0%} of its FLOPs.")
     c = res['check']
     lines += ['', f"Check: the shrinking forward on the whole test split gives top-1 {c['top1']:.2f}% at "
               f"{c['mean_flops'] / 1e6:.3f} MFLOPs per image ({'equal to' if c['matches_replay'] else 'DIFFERS from'} "
