@@ -109,14 +109,14 @@ class Inbox(_Link):
             try:
                 works = dist.batch_isend_irecv([dist.P2POp(dist.irecv, buf, self.peer, self.group) for buf in bufs])
             except RuntimeError as e:
-                raise PeerLost(lost_message(self.peer, e, f'{what}, message {i + 1}', self.timeout)) from None
+                raise PeerLost(lost_message(self.peer, e, f'sending {what}, message {i + 1}', self.timeout)) from None
             pending.append((works, bufs, i, b))
 
         for _ in range(self.depth):
             post()
         while pending:
             works, bufs, i, b = pending.popleft()
-            self.wait(works, f'receiving its output ({what}, message {i + 1} of {len(batches)})')
+            self.wait(works, f'sending {what}, message {i + 1} of {len(batches)}')
             post()
             header, out, at = bufs[0].tolist(), [], 0
             for s, flat in zip(specs, bufs[1:]):

@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from ._checkpoint import RunLock, check_compatible, list_checkpoints, read_state, resolve_resume
 from ._config import TrainConfig
-from ._handoff import Control, Inbox, Outbox
+from ._handoff import Control, Inbox, Outbox, PeerLost
 from ._metrics import atomic_write_text, write_metrics
 from ._stage_launch import Group, check_devices, from_environment, join, leave, spawn
 from ._stage_part import StagePart, TensorSpec
@@ -145,7 +145,7 @@ class StageParallelTrainer(StageSteps, StageState):
             check_compatible(read_state(self.resume_from), self.identity(k), self.resume_from)
         world = self.group.world if self.group is not None else k
         if world != k or k < 2:
-            raise ValueError(_count_error(k, world, self.group is not None))
+            raise ValueError(_count_error(k, world))
         empty = [s + 1 for s in range(k) if not model.split.stage_param_names[s]]
         if empty:
             raise ValueError(f'stage {empty[0]} of {cfg.model} holds no backbone parameters (the cut '
@@ -278,6 +278,8 @@ class StageParallelTrainer(StageSteps, StageState):
             self._finish(last, test)
             failed = False
             return {**last, **{k if k.startswith('test_') else f'test_{k}': v for k, v in (test or {}).items()}}
+        except PeerLost as e:
+            raise PeerLost(f'{e}; {self._kept()}: {self._go_on()} (every stage process)') from None
         finally:
             if self.lock is not None:
                 self.lock.release()
@@ -347,15 +349,15 @@ def _sizes(n: int, batch: int, drop_last: bool) -> List[int]:
     return sizes
 
 
-def _count_error(stages: int, processes: int, launched: bool) -> str:
+def _count_error(stages: int, processes: int) -> str:
     if stages < 2:
         return ("schedule 'stage_parallel' runs one process per stage, and this model has 1 stage; cut it into 2 or "
                 "more (hff.num_stages / hff.stage_indices), or use schedule simultaneous")
-    return (f"schedule 'stage_parallel' runs one process per stage: this model has {stages} stages but "
-            f"{processes} processes were launched ({'more' if processes > stages else 'fewer'} than stages); launch "
-            f"{stages} (accelerate launch --multi_gpu --num_processes {stages} / torchrun --nproc_per_node "
-            f"{stages}), start hff-train alone (it starts one process per stage), or cut the model into {processes} "
-            f"stages")
+    cut = f', or cut the model into {processes} stages' if processes >= 2 else ''
+    were = 'processes were' if processes != 1 else 'process was'
+    return (f"schedule 'stage_parallel' runs one process per stage: this model has {stages} stages but {processes} "
+            f"{were} launched; launch {stages} (accelerate launch --multi_gpu --num_processes {stages} / torchrun "
+            f"--nproc_per_node {stages}), or start hff-train alone (it starts one process per stage){cut}")
 
 
 def _autocast(precision: str, device: torch.device):

@@ -51,7 +51,7 @@ class StageSteps:
             h, handed = self.part.run(inp, batch)
             if self.outbox is not None:
                 self.outbox.send(self.specs_out['train'], flatten(handed) + [target], batch,
-                                 f'sending to {who(self.k + 1)} ({what}, step {step + 1})')
+                                 f'receiving {what}, step {step + 1}')
             with self.autocast():
                 loss = head.loss(head(h), target)
             self._backward(loss / cfg.grad_accum_steps)
@@ -145,7 +145,7 @@ class StageSteps:
                 logits.append(module.heads[self.k](h))
             if self.outbox is not None:
                 self.outbox.send(self.specs_out['eval'], flatten(handed) + [y] + logits, sizes[i],
-                                 f'sending to {who(self.k + 1)} ({what}, batch {i + 1})')
+                                 f'receiving {what}, batch {i + 1}')
                 continue
             heads = logits + [log_probs_mean(logits), module._combine(logits)]
             c1, c5 = topk_hits(heads, y, topk)
