@@ -263,8 +263,9 @@ def plot(res: Dict[str, Any]):
         ax.set_ylabel('test top-1 (%)')
         ax.grid(alpha=0.3)
     top = res['points'][0]['top1']
-    for ax in axes:
-        ax.set_ylim(max(ax.get_ylim()[0], top - 6), top + 1)
+    low = min(p['top1'] for p in res['points'] if p['kind'] in ('full', 'fixed'))
+    for ax in axes:   # the reference points in view; the sweep's far end may fall below
+        ax.set_ylim(min(low, top - 2) - 0.5, top + 0.7)
     axes[0].legend(fontsize=7, loc='lower right')
     fig.suptitle('Anytime inference: adaptive exit vs fixed exits vs the full model', fontsize=10)
     return fig
