@@ -587,3 +587,31 @@ def test_balanced_cut(kind, tmp_path):
     assert loaded.split.feature_indices == balanced.split.feature_indices and not calls
     with pytest.raises(ValueError, match="balance must be one of"):
         HFFConfig(balance='speed')
+
+
+@pytest.mark.parametrize('backend', ['eager', pytest.param('inductor', marks=pytest.mark.slow)])
+def test_compiled_model_gives_eager_losses_and_gradients(backend):
+    """torch.compile block by block: the cuts stay eager hooks, so both training modes and the adaptive path run,
+    with the eager model's losses and gradients."""
+    import copy
+    from timm_hff._compile import compile_model, compile_units, uncompile_model
+    model = _build('test_resnet', dict(check_img_size=32)).train()
+    eager = copy.deepcopy(model)
+    units = compile_units(model)
+    assert 'heads.0' in units and not any(u == 'backbone' or u == 'backbone.layer1' for u in units)
+    assert all(t.startswith(tuple(u[len('backbone.'):] for u in units)) for t in model.split.tap_names)
+    compile_model(model, backend=backend)
+    x, y = _batch(model, b=6)
+    for mode in ('simultaneous', 'memory_efficient'):
+        for m in (model, eager):
+            m.zero_grad(set_to_none=True)
+            out = m(x, y, mode=mode)
+            if not out.backward_done:
+                out.loss.backward()
+            m._last = ([l.item() for l in out.stage_losses], [p.grad.clone() for p in m.parameters()])
+        torch.testing.assert_close(model._last[0], eager._last[0], rtol=1e-4, atol=1e-5)
+        for a, b in zip(model._last[1], eager._last[1]):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+    assert set(model.state_dict()) == set(eager.state_dict())
+    uncompile_model(model)
+    assert not any('forward' in m.__dict__ for m in model.modules())

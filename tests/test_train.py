@@ -515,3 +515,15 @@ def test_frozen_stages_refit_their_heads_on_a_new_label_set(idx_root, tmp_path):
     trainer, _ = run(tiny(idx_root, tmp_path / 'same', model=f'local-dir:{path}', pretrained=True, hff={},
                           freeze_stages=[0, 1], save_model=False))
     assert trainer.accelerator.unwrap_model(trainer.model).frozen_stages == [0, 1]
+
+
+@pytest.mark.slow
+def test_torchcompile_trains_like_eager(idx_root, tmp_path):
+    _, eager = run(tiny(idx_root, tmp_path / 'eager', save_model=False, model_ema=True))
+    AcceleratorReset()
+    trainer, compiled = run(tiny(idx_root, tmp_path / 'compiled', save_model=False, model_ema=True,
+                                 torchcompile='inductor'))
+    assert compiled['train_loss'] == pytest.approx(eager['train_loss'], rel=1e-4)
+    assert compiled['top1'] == eager['top1']
+    ema = trainer.ema.module   # the EMA copy stays eager and has its own weights (not the compiled live model's)
+    assert not any('forward' in m.__dict__ for m in ema.modules())

@@ -67,6 +67,8 @@ class TrainConfig:
         freeze_stages: HFF stages to keep frozen (transfer).
         head_only: Train only the prototype heads; the whole backbone stays frozen (transfer).
         channels_last: Channels-last memory format.
+        torchcompile / torchcompile_mode: timm train.py's flags: ``torch.compile`` backend (e.g. 'inductor'; bare
+            ``--torchcompile`` means 'inductor') and mode. HFF compiles each block and head, keeping the cuts eager.
         grad_checkpointing: timm's gradient checkpointing (recompute each block in backward). With schedule
             'memory_efficient' it also applies inside each stage, the lowest-memory way to train.
 
@@ -139,6 +141,8 @@ class TrainConfig:
     head_only: bool = False
     channels_last: bool = False
     grad_checkpointing: bool = False
+    torchcompile: Optional[str] = None
+    torchcompile_mode: Optional[str] = None
     # optimisation
     schedule: str = 'simultaneous'
     stage_parallel_queue: int = 2

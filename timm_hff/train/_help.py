@@ -44,6 +44,9 @@ HELP: Dict[str, Tuple[str, str]] = {
     'head_only': ('Model', 'train only the prototype heads; the whole backbone stays frozen'),
     'channels_last': ('Model', 'channels-last memory format'),
     'grad_checkpointing': ('Model', "timm's gradient checkpointing (with memory_efficient: inside each stage too)"),
+    'torchcompile': ('Model', "torch.compile backend, e.g. 'inductor' (bare --torchcompile: inductor); HFF compiles "
+                              "block by block, the cuts stay eager"),
+    'torchcompile_mode': ('Model', "torch.compile mode, e.g. 'max-autotune' (null: the default)"),
     # Optimizer
     'schedule': ('Optimizer', "'simultaneous', 'memory_efficient' (each stage's backward at once), 'sequential' "
                               "(greedy, stage by stage) or 'stage_parallel' (one process per stage)"),

@@ -295,6 +295,8 @@ class Trainer:
             from timm.utils import ModelEmaV3
             self.ema = ModelEmaV3(acc.unwrap_model(self.model), decay=cfg.model_ema_decay,
                                   use_warmup=cfg.model_ema_warmup)
+        if cfg.torchcompile:   # after the EMA copy (which stays eager: it only evaluates), in place under DDP
+            self._compile(acc.unwrap_model(self.model))
         self.mixup = self._build_mixup()
         set_seed(cfg.seed, device_specific=True)   # from here on, each process draws its own augmentation
         self.start_epoch, self.updates, self.history = 0, 0, []
@@ -303,6 +305,17 @@ class Trainer:
         self.lr_at(self.start_epoch, self.updates)
 
     # ----- setup helpers -----
+    def _compile(self, model: nn.Module) -> None:
+        """timm train.py's --torchcompile: BP compiles the whole model; HFF compiles block by block, keeping the
+        stage cuts eager (timm_hff._compile)."""
+        cfg = self.cfg
+        if cfg.method == 'bp':
+            model.forward = torch.compile(model.forward, backend=cfg.torchcompile, mode=cfg.torchcompile_mode)
+        else:
+            from .._compile import compile_model
+            compile_model(model, backend=cfg.torchcompile, mode=cfg.torchcompile_mode)
+
+
     def _check_channels(self) -> None:
         """Images of another channel count than ``in_chans`` are converted (as PIL's ``convert`` does): say so in one
         line, with the normalisation they get, rather than train on a silent conversion."""

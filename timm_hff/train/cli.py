@@ -66,10 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="train the same backbone with its timm head end to end instead ('bp')")
     parser.add_argument('--resume', nargs='?', const='auto', default=argparse.SUPPRESS, metavar='PATH',
                         help='continue from a checkpoint or run folder; bare --resume: this run\'s latest')
+    parser.add_argument('--torchcompile', nargs='?', const='inductor', default=argparse.SUPPRESS, metavar='BACKEND',
+                        help="torch.compile the model (backend, default 'inductor'; HFF: block by block, the cuts stay "
+                             "eager)")
     hints = typing.get_type_hints(TrainConfig)
     groups = {g: parser.add_argument_group(f'{g} parameters') for g in GROUPS}
     for f in fields(TrainConfig):
-        if f.name == 'resume':
+        if f.name in ('resume', 'torchcompile'):
             continue
         group, text = HELP[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
