@@ -20,7 +20,7 @@ MAX_LINES = 400
 LAYERS = [
     ('version', '_config', 'data'),
     ('_heads', '_stages', '_exit_rule'),
-    ('_profile', '_adaptive', '_model', '_balance'),
+    ('_profile', '_adaptive', '_model', '_balance', '_compile'),
     ('_builder', '_exit', '_compile'),
     ('hub',),
     ('_factory', '_registry'),
