@@ -75,9 +75,11 @@ class AdaptiveExit:
             rule.keep(rows)
             return rows
 
-        outs = self._run(x, route=route)
-        if len(outs) == n:   # some images ran the whole backbone
-            settle(n - 1, self.heads[n - 1](outs[-1]))
+        def last_stage(k: int, h: torch.Tensor) -> None:   # the images that ran the whole backbone
+            if k == n - 1:
+                settle(k, self.heads[k](h))
+
+        self._run(x, on_stage=last_stage, route=route, keep=False)   # keep=False: no stage output outlives its use
         logits = out[0] if out[0] is not None else x.new_empty(0, self.num_classes)
         return (logits, exit_stage, self._flops_of(x, exit_stage)) if return_flops else (logits, exit_stage)
 
