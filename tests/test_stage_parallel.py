@@ -278,3 +278,25 @@ def test_more_or_fewer_processes_than_stages_are_refused(idx_root, tmp_path):
                                    f"alone (it starts one process per stage)"
                                    + (', or cut the model into 3 stages' if world == 3 else '')]
         assert all(not errors(log) for log in logs[1:])   # the others stop without repeating it
+
+
+@pytest.mark.slow
+def test_benchmark_runs_and_judges_its_target(tmp_path):
+    """benchmarks/stage_parallel.py in smoke mode on generated data: three real runs, consistent outputs."""
+    if REPO not in sys.path:
+        sys.path.insert(0, REPO)
+    from benchmarks import stage_parallel
+    from test_data import make_idx
+    root = str(tmp_path / 'idx')
+    make_idx(root, n_train=520, n_test=200)
+    result = stage_parallel.main(['--smoke', '--data-dir', root, '--out', str(tmp_path / 'out')])
+    saved = json.loads((tmp_path / 'out' / 'results.json').read_text())
+    md = (tmp_path / 'out' / 'results.md').read_text()
+    rows = saved['throughput']
+    assert set(rows) == {'simultaneous_1t', 'simultaneous_2t', 'stage_parallel_2x1t'}
+    assert all(r['images_per_s'] > 0 for r in rows.values())
+    ratio = rows['stage_parallel_2x1t']['images_per_s'] / rows['simultaneous_2t']['images_per_s']
+    assert saved['speedup']['vs_2_threads'] == pytest.approx(ratio) and result['targets'][0]['met'] == (ratio >= 1.3)
+    assert [s['cut'] for s in saved['stage_steps']][0] == ['layer1.0', 4]
+    assert all(len(s['median_ms']) == 2 for s in saved['stage_steps'])
+    assert ('MISSED' in md) == (not result['targets'][0]['met'])

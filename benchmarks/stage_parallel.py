@@ -1,0 +1,215 @@
+"""Stage-parallel training throughput: one process per stage against the best single process on the same cores.
+
+    python -m benchmarks.stage_parallel            # the measurement: run it on an otherwise idle machine
+    python -m benchmarks.stage_parallel --smoke    # a few steps of everything, to check that it runs
+
+Three ways to train ``recipes/fashion_mnist_stage_parallel.yaml`` (2 stages, cut balanced by time), each a real
+``hff-train`` run in its own processes, interleaved round by round so that load from elsewhere hits all alike:
+``simultaneous`` with 1 thread, ``simultaneous`` with 2 threads (the best a single process does on 2 cores), and
+``stage_parallel`` with 2 processes of 1 thread each. Throughput is the run's own ``train_img_per_s`` of its last epoch
+(images trained / wall time of the epoch's training loop; for ``stage_parallel`` from the first batch on stage 1 to
+the last step on stage 2, so the pipeline's fill and drain count), the best of the rounds (load only slows a run).
+Targets: stage_parallel >= 1.3x the 2-thread process; against the 1-thread process the ideal is 2x.
+
+Also measured, in this process with 1 thread: one training step of each stage alone (its slice of the backbone, its
+head, backward, AdamW step; stage 1 also the batch transform) for the recipe's cut and for the cut ``balance='time'``
+chooses, since the slowest stage caps a pipeline: balanced stages are the precondition of the speed-up.
+
+The load average is recorded before and after; a figure taken with load > 0.5 is marked as such. On a GPU
+machine stage_parallel needs one GPU per stage (K processes sharing one GPU would measure contention, not the
+schedule), so this benchmark runs on CPU only.
+"""
+import argparse
+import contextlib
+import copy
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Dict, List
+
+import torch
+
+from ._common import RESULTS_ROOT, Runtime, machine_info, markdown_table, new_figure, verdict, write_outputs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPE = os.path.join(ROOT, 'recipes', 'fashion_mnist_stage_parallel.yaml')
+CONFIGS = [   # (name, schedule, threads per process, processes)
+    ('simultaneous_1t', 'simultaneous', 1, 1),
+    ('simultaneous_2t', 'simultaneous', 2, 1),
+    ('stage_parallel_2x1t', 'stage_parallel', 1, 2),
+]
+TARGET = 1.3   # stage_parallel images/s over the best single process on the same cores
+PROTOCOL = ('each configuration is a real hff-train run of the recipe (its own processes), rounds interleaved; '
+            'throughput = the run\'s train_img_per_s of its last epoch (stage_parallel: first batch on stage 1 to last '
+            'step on stage 2, fill and drain included), best of the rounds. Stage step = one training step of a stage '
+            'alone, 1 thread, median of interleaved rounds after one warm-up round.')
+MODES = {   # train images per epoch, epochs (the last is measured), validation images, rounds
+    'full': dict(train=12800, epochs=2, val=1000, rounds=3, step_rounds=12),
+    'smoke': dict(train=512, epochs=1, val=200, rounds=1, step_rounds=2),
+}
+
+
+def run_once(name: str, schedule: str, threads: int, mode: Dict[str, int], out: str, extra: List[str]) -> float:
+    """One ``hff-train`` run; its last epoch's training images per second."""
+    args = [sys.executable, '-m', 'timm_hff.train', '--config', RECIPE, '--schedule', schedule, '--threads',
+            str(threads), '--epochs', str(mode['epochs']), '--train-num-samples', str(mode['train']),
+            '--val-num-samples', str(mode['val']), '--save-model', 'false', '--progress', 'false',
+            '--output', out, '--experiment', name] + extra
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = (done.stderr.strip() or done.stdout.strip()).splitlines()[-1:] or ['(no output)']
+        raise RuntimeError(f'{name} failed: {tail[0]}')
+    with open(os.path.join(out, name, 'metrics.json')) as f:
+        return float(json.load(f)['epochs'][-1]['train_img_per_s'])
+
+
+def throughput(mode: Dict[str, int], extra: List[str]) -> Dict[str, Dict[str, Any]]:
+    """Images/s of every configuration, rounds interleaved."""
+    runs: Dict[str, List[float]] = {name: [] for name, *_ in CONFIGS}
+    tmp = tempfile.mkdtemp(prefix='hff-stage-parallel-bench-')
+    try:
+        for r in range(mode['rounds']):
+            for name, schedule, threads, _ in CONFIGS:
+                print(f'  round {r + 1}/{mode["rounds"]}: {name} ...', file=sys.stderr, flush=True)
+                runs[name].append(run_once(f'{name}_{r}', schedule, threads, mode, tmp, extra))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {name: dict(images_per_s=max(v), median_images_per_s=statistics.median(v), rounds=v)
+            for name, v in runs.items()}
+
+
+def stage_step_times(rounds: int, extra_hff: Dict[str, Any]) -> Dict[str, Any]:
+    """Milliseconds of one training step of each stage alone (1 thread, interleaved rounds) for the recipe's network
+    cut as ``extra_hff`` says."""
+    from timm.optim import create_optimizer_v2
+    from timm_hff._stages import run_stages
+    from timm_hff.data import BatchTransform
+    from timm_hff.train import TrainConfig, build_model
+    from timm_hff.train._stage_part import StagePart
+
+    cfg = TrainConfig.from_yaml(RECIPE)
+    hff = {**cfg.hff, **extra_hff}
+    cfg = TrainConfig.from_dict({**cfg.to_dict(), 'hff': hff})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        model = build_model(cfg, 10).to(memory_format=torch.channels_last)
+        size, b = cfg.img_size, cfg.batch_size
+        data_cfg = dict(mean=tuple(cfg.mean), std=tuple(cfg.std), input_size=(cfg.in_chans, size, size))
+        transform = BatchTransform(data_cfg, True, cfg.aug_config(), channels_last=True)
+        images = torch.randint(0, 256, (b, cfg.in_chans, size, size), dtype=torch.uint8)
+        labels = torch.randint(0, 10, (b,))
+        raw: List[Any] = []
+        with torch.no_grad():
+            run_stages(model.backbone, model.split, transform(images), raw=raw)
+        steps = [_stage_step(copy.deepcopy(model), k, raw, transform, images, labels, size, create_optimizer_v2,
+                             StagePart) for k in range(model.num_stages)]
+        times: List[List[float]] = [[] for _ in steps]
+        for _ in range(rounds + 1):   # the first round warms up
+            for k, step in enumerate(steps):
+                t = time.perf_counter()
+                step()
+                times[k].append(time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(threads)
+    med = [statistics.median(t[1:]) * 1000 for t in times]
+    return dict(cut=[c for c in model.split.feature_indices], median_ms=med, min_ms=[min(t[1:]) * 1000 for t in times],
+                imbalance=max(med) / min(med))
+
+
+def _stage_step(model, k, raw, transform, images, labels, size, create_optimizer_v2, StagePart):
+    owned = {id(p) for p in model.stage_parameters(k)}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in owned)
+    model.train()
+    part = StagePart(model, k, (size, size), 'cpu', contextlib.nullcontext, channels_last=True)
+    part.install()
+    opt = create_optimizer_v2(model, opt='adamw', lr=1e-3, weight_decay=0.05)
+    handed = raw[k - 1].detach() if k else None
+
+    def step():
+        h, _ = part.run(transform(images) if k == 0 else handed, images.shape[0])
+        loss = model.heads[k].loss(model.heads[k](h), labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def render(result: Dict[str, Any], command: str) -> str:
+    rows = result['throughput']
+    table = markdown_table(['configuration', 'processes x threads', 'img/s (best)', 'img/s (median)', 'rounds'], [
+        [name, f'{procs} x {threads}', f"{rows[name]['images_per_s']:.0f}", f"{rows[name]['median_images_per_s']:.0f}",
+         ', '.join(f'{v:.0f}' for v in rows[name]['rounds'])] for name, _, threads, procs in CONFIGS])
+    t = result['targets']
+    ttable = markdown_table(['target', 'measured', 'verdict'], [[x['target'], x['value'], x['verdict']] for x in t])
+    cuts = markdown_table(['cut', 'how', 'stage step ms (median)', 'slowest / fastest'], [
+        [str(c['cut']), c['how'], ' / '.join(f'{v:.0f}' for v in c['median_ms']), f"{c['imbalance']:.2f}"]
+        for c in result['stage_steps']])
+    load = result['load']
+    quiet = max(load['before'], load['after']) < 0.5
+    lines = [f'### Stage-parallel training throughput (`{command}`)', '',
+             f"Machine: {result['machine']['cpu']} ({result['machine']['cpu_count']} cores); load average "
+             f"{load['before']:.2f} before, {load['after']:.2f} after" + ('' if quiet else
+                                                                          ' (NOT idle: figures are indicative only)'),
+             '', table, '', ttable, '', 'One training step of each stage alone (1 thread):', '', cuts, '',
+             f'Protocol: {PROTOCOL}']
+    return '\n'.join(lines)
+
+
+def main(argv=None) -> Dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--smoke', action='store_true', help='a few steps of everything (checks that it runs)')
+    parser.add_argument('--out', default=os.path.join(RESULTS_ROOT, 'stage_parallel'), help='output folder')
+    parser.add_argument('--data-dir', default=None, help="Fashion-MNIST IDX folder (default: the recipe's)")
+    args = parser.parse_args(argv)
+    mode = MODES['smoke' if args.smoke else 'full']
+    extra = ['--data-dir', args.data_dir] if args.data_dir else []
+    before = os.getloadavg()[0]
+    print('measuring each stage\'s step time ...', file=sys.stderr, flush=True)
+    steps = [dict(stage_step_times(mode['step_rounds'], {}), how='the recipe (measured per stage)'),
+             dict(stage_step_times(mode['step_rounds'], dict(stage_indices=None, balance='time', num_stages=2)),
+                  how="balance='time', num_stages=2")]
+    print('training runs ...', file=sys.stderr, flush=True)
+    rows = throughput(mode, extra)
+    after = os.getloadavg()[0]
+    sp, one, two = (rows[n]['images_per_s'] for n in ('stage_parallel_2x1t', 'simultaneous_1t', 'simultaneous_2t'))
+    targets = [dict(target=f'stage_parallel 2 x 1 thread >= {TARGET}x simultaneous 1 x 2 threads',
+                    value=f'{sp / two:.2f}x', met=sp / two >= TARGET),
+               dict(target='stage_parallel 2 x 1 thread vs simultaneous 1 x 1 thread (ideal 2x)',
+                    value=f'{sp / one:.2f}x', met=None)]
+    for t in targets:
+        t['verdict'] = verdict(t['met']) if t['met'] is not None else '-'
+    command = ('python -m benchmarks.stage_parallel ' + ' '.join(argv if argv is not None else sys.argv[1:])).strip()
+    info = machine_info(Runtime(torch.device('cpu'), amp=False, channels_last=True))
+    result = dict(benchmark='stage_parallel', mode='smoke' if args.smoke else 'full', command=command, machine=info,
+                  load=dict(before=before, after=after), recipe=os.path.relpath(RECIPE, ROOT), settings=mode,
+                  throughput=rows, targets=targets, stage_steps=steps,
+                  speedup=dict(vs_2_threads=sp / two, vs_1_thread=sp / one))
+    md = render(result, command)
+    paths = write_outputs(args.out, md, result, _plot(rows))
+    print(md)
+    print(f"\n(wrote {', '.join(paths.values())})")
+    return result
+
+
+def _plot(rows):
+    fig, (ax,) = new_figure(width=6.0)
+    names = [n for n, *_ in CONFIGS]
+    ax.bar(range(len(names)), [rows[n]['images_per_s'] for n in names], color=['#999', '#666', '#2a7'])
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(['1 process\n1 thread', '1 process\n2 threads', '2 stage processes\n1 thread each'])
+    ax.set_ylabel('training images / s (best round)')
+    ax.set_title('stage_parallel on 2 cores')
+    return fig
+
+
+if __name__ == '__main__':
+    main()
