@@ -157,6 +157,21 @@ def finish(procs, tmp_path, tag, timeout=600):
     return codes, [(tmp_path / f'{tag}-rank{r}.log').read_text() for r in range(len(procs))]
 
 
+def paused(settings, tmp_path, tag, epoch):
+    """Two processes, rank 1 paused (asleep) at step 2 of ``epoch``: (the worker script, the processes)."""
+    script = tmp_path / 'worker.py'
+    script.write_text(WORKER)
+    marker = tmp_path / f'{tag}-paused'
+    procs = launch(script, settings, 2, tmp_path, tag, pause=dict(rank=1, epoch=epoch, step=1, marker=str(marker),
+                                                                 sleep=600))
+    deadline = time.time() + 300
+    while not marker.exists():
+        assert all(p.poll() is None for p in procs) and time.time() < deadline, \
+            [(tmp_path / f'{tag}-rank{r}.log').read_text()[-2000:] for r in range(2)]
+        time.sleep(0.05)
+    return script, procs
+
+
 def errors(log: str):
     return [line for line in log.splitlines() if line.startswith('hff-train: error:')]
 
@@ -213,16 +228,7 @@ def test_weights_equal_simultaneous_bit_for_bit_at_queue_depth_1_and_2(idx_root,
 def test_sigkill_of_rank_1_stops_rank_0_and_resume_is_bitwise(idx_root, tmp_path):
     settings = sp_settings(idx_root, tmp_path / 'killed', epochs=3, stage_parallel_timeout=60, save_model=True)
     run = tmp_path / 'killed' / 'run'
-    script = tmp_path / 'worker.py'
-    script.write_text(WORKER)
-    marker = tmp_path / 'paused'
-    procs = launch(script, settings, 2, tmp_path, 'kill', pause=dict(rank=1, epoch=1, step=1, marker=str(marker),
-                                                                     sleep=600))
-    deadline = time.time() + 300
-    while not marker.exists():
-        assert all(p.poll() is None for p in procs) and time.time() < deadline, \
-            [(tmp_path / f'kill-rank{r}.log').read_text()[-2000:] for r in range(2)]
-        time.sleep(0.05)
+    script, procs = paused(settings, tmp_path, 'kill', epoch=1)
     procs[1].send_signal(signal.SIGKILL)
     t = time.time()
     codes, logs = finish(procs, tmp_path, 'kill', timeout=120)
@@ -243,15 +249,7 @@ def test_sigkill_of_rank_1_stops_rank_0_and_resume_is_bitwise(idx_root, tmp_path
 @pytest.mark.slow
 def test_a_hung_rank_is_named_after_the_timeout(idx_root, tmp_path):
     settings = sp_settings(idx_root, tmp_path, stage_parallel_timeout=8, save_model=False)
-    script = tmp_path / 'worker.py'
-    script.write_text(WORKER)
-    marker = tmp_path / 'paused'
-    procs = launch(script, settings, 2, tmp_path, 'hang', pause=dict(rank=1, epoch=0, step=1, marker=str(marker),
-                                                                     sleep=600))
-    deadline = time.time() + 300
-    while not marker.exists():
-        assert all(p.poll() is None for p in procs) and time.time() < deadline
-        time.sleep(0.05)
+    _, procs = paused(settings, tmp_path, 'hang', epoch=0)
     t = time.time()
     try:
         assert procs[0].wait(timeout=120) == 1

@@ -33,7 +33,7 @@ from ._stage_launch import Group, check_devices, from_environment, join, leave, 
 from ._stage_part import StagePart, TensorSpec
 from ._stage_state import StageEma, StageState, _Quiet, owned_keys
 from ._stage_steps import StageSteps
-from ._trainer import _os_error, _reason, _summary, _yaml, build_data, build_loaders, build_model, stage_param_groups
+from ._trainer import _os_error, _reason, _summary, _yaml, build_data, build_loaders, build_model, build_optimizer
 
 _logger = logging.getLogger(__name__)
 
@@ -169,7 +169,6 @@ class StageParallelTrainer(StageSteps, StageState):
     def _setup_stage(self, plan: Dict[str, Any], model: nn.Module) -> None:
         """Every rank: own stage ``rank``'s parameters, optimizer, scheduler, EMA; stub the earlier stages."""
         from accelerate.utils import set_seed
-        from timm.optim import create_optimizer_v2
         from timm.scheduler import create_scheduler_v2
         cfg, g = self.cfg, self.group
         self.plan, self.k, self.num_stages = plan, g.rank, plan['num_stages']
@@ -192,14 +191,7 @@ class StageParallelTrainer(StageSteps, StageState):
             self.ema_part = StagePart(self.ema.module, self.k, plan['img_size'], g.device, self.autocast,
                                       cfg.channels_last)
             self.ema_part.install()
-        opt_kwargs = {}
-        if cfg.opt_eps is not None:
-            opt_kwargs['eps'] = cfg.opt_eps
-        if cfg.opt_betas is not None:
-            opt_kwargs['betas'] = tuple(cfg.opt_betas)
-        params = stage_param_groups(model, cfg.weight_decay, cfg.stage_lr) if cfg.stage_lr else model
-        self.optimizer = create_optimizer_v2(params, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                             momentum=cfg.momentum, **opt_kwargs)
+        self.optimizer = build_optimizer(cfg, model)   # over this stage's parameters: the others need no grad
         self.steps_per_epoch = len(plan['train'])
         self.updates_per_epoch = math.ceil(self.steps_per_epoch / cfg.grad_accum_steps)
         self.total_epochs = cfg.epochs

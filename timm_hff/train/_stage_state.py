@@ -21,9 +21,9 @@ import torch
 import torch.nn as nn
 from timm.utils import ModelEmaV3
 
-from ._checkpoint import CKPT_DIR, STATE_FILE, checkpoint_name, list_checkpoints, prune, read_state
+from ._checkpoint import CKPT_DIR, STATE_FILE, checkpoint_name, prune, read_state
 from ._metrics import atomic_write_text
-from ._trainer import _first_line, _reason, final_metrics, save_final_model
+from ._trainer import Trainer, _first_line, _reason, final_metrics, save_final_model
 
 MODEL_FILE, OPTIMIZER_FILE, SCHEDULER_FILE = 'model.safetensors', 'optimizer.bin', 'scheduler.bin'
 RNG_FILE, SCALER_FILE, EMA_FILE = 'random_states.pkl', 'scaler.pt', 'ema.safetensors'
@@ -154,12 +154,8 @@ class StageState:
                           f'permissions, then {self._go_on()}')
         return final
 
-    def _kept(self) -> str:
-        found = list_checkpoints(self.out_dir)
-        return f'the last good checkpoint {found[-1]} is kept' if found else 'no checkpoint had been written yet'
-
-    def _go_on(self) -> str:
-        return 'continue with --resume' if list_checkpoints(self.out_dir) else 'start the run again'
+    _kept = Trainer._kept     # the Accelerate trainer's wording: which checkpoint is kept, and how to go on
+    _go_on = Trainer._go_on
 
     def _load(self, ckpt: str) -> None:
         try:

@@ -104,6 +104,19 @@ def stage_param_groups(model: nn.Module, weight_decay: float, stage_lr) -> list:
             for (k, decay), ps in groups.items()]
 
 
+def build_optimizer(cfg: TrainConfig, model: nn.Module):
+    """timm's ``create_optimizer_v2`` over the parameters that require grad, per-stage lr factors applied."""
+    from timm.optim import create_optimizer_v2
+    opt_kwargs = {}
+    if cfg.opt_eps is not None:
+        opt_kwargs['eps'] = cfg.opt_eps
+    if cfg.opt_betas is not None:
+        opt_kwargs['betas'] = tuple(cfg.opt_betas)
+    params = stage_param_groups(model, cfg.weight_decay, cfg.stage_lr) if cfg.stage_lr else model
+    return create_optimizer_v2(params, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
+                               **opt_kwargs)
+
+
 def set_train_mode(model: nn.Module, cfg: TrainConfig) -> None:
     """``model.train()``, keeping a frozen backbone's norm layers in eval mode (head-only transfer)."""
     model.train()
@@ -261,16 +274,8 @@ class Trainer:
                              'with timm_hff.calibrate_exits')
         self.exits: Dict[str, Any] = {}   # '' / 'ema_' -> the fitted ExitCalibration (calibrate_exits)
 
-        from timm.optim import create_optimizer_v2
         from timm.scheduler import create_scheduler_v2
-        opt_kwargs = {}
-        if cfg.opt_eps is not None:
-            opt_kwargs['eps'] = cfg.opt_eps
-        if cfg.opt_betas is not None:
-            opt_kwargs['betas'] = tuple(cfg.opt_betas)
-        params = stage_param_groups(model, cfg.weight_decay, cfg.stage_lr) if cfg.stage_lr else model
-        optimizer = create_optimizer_v2(params, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                        momentum=cfg.momentum, **opt_kwargs)
+        optimizer = build_optimizer(cfg, model)
         loaders = [self.train_loader, self.val_loader] + ([self.test_loader] if self.test_loader else [])
         to_prepare = [model, optimizer] + [ld.loader for ld in loaders if not ld.sharded]
         prepared = acc.prepare(*to_prepare)
