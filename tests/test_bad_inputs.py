@@ -157,6 +157,38 @@ def _(env):
     small_model().train()(torch.randn(2, 1, 28, 28), torch.tensor([0, 1, 2]))
 
 
+# ----- adaptive exit -----
+@case('exit threshold outside (0, 1]', ValueError,
+      r'exit_thresholds must be confidences in \(0, 1\], one per stage except the last .*got \(0.5, 1.5, 0.9\)')
+def _(env):
+    timm_hff.create_model('test_resnet', num_classes=3, exit_thresholds=(0.5, 1.5, 0.9))
+
+
+@case('adaptive prediction without exit thresholds', ValueError,
+      r"adaptive exit with exit_rule='max_prob' needs exit_thresholds .*timm_hff.calibrate_exits")
+def _(env):
+    small_model().set_predict_from('adaptive')
+
+
+@case('exit FLOPs budget below the cost of stage 1', ValueError,
+      r'flops_budget=1000 is below the cost of stage 1 alone \(.* FLOPs per image at 28 px\)')
+def _(env):
+    timm_hff.calibrate_exits(small_model(), [(torch.randn(2, 1, 28, 28), torch.tensor([0, 1]))], flops_budget=1000)
+
+
+@case('calibrating exits on an empty loader', ValueError, r'the calibration loader yielded no images')
+def _(env):
+    timm_hff.calibrate_exits(small_model(), [])
+
+
+@case('saved exit thresholds for another number of stages', ValueError,
+      r'exit_thresholds lists 1 threshold\(s\) but this model has 4 stages, so it needs 3 .*calibrate_exits')
+def _(env):
+    d = env.copy_model()
+    env.edit_config(d, lambda cfg: cfg['hff']['config'].update(exit_thresholds=[0.9]))
+    timm_hff.create_model(f'local-dir:{d}', pretrained=True)
+
+
 # ----- data -----
 @case('missing data dir', FileNotFoundError, r"data_dir '.*nowhere' does not exist or is not a folder")
 def _(env):
