@@ -2,6 +2,7 @@
 
     python -m benchmarks.stage_parallel            # the measurement: run it on an otherwise idle machine
     python -m benchmarks.stage_parallel --smoke    # a few steps of everything, to check that it runs
+    python -m benchmarks.stage_parallel --equivalence --runs-dir output/stage_parallel_eq   # same values? (any load)
 
 Three ways to train ``recipes/fashion_mnist_stage_parallel.yaml`` (2 stages, cut balanced by time), each a real
 ``hff-train`` run in its own processes, interleaved round by round so that load from elsewhere hits all alike:
@@ -14,6 +15,11 @@ Targets: stage_parallel >= 1.3x the 2-thread process; against the 1-thread proce
 Also measured, in this process with 1 thread: one training step of each stage alone (its slice of the backbone, its
 head, backward, AdamW step; stage 1 also the batch transform) for the recipe's cut and for the cut ``balance='time'``
 chooses, since the slowest stage caps a pipeline: balanced stages are the precondition of the speed-up.
+
+``--equivalence`` trains ``recipes/fashion_mnist_quick.yaml`` (4 stages, full Fashion-MNIST) with ``simultaneous``
+and with ``stage_parallel`` (4 processes), without and with per-stage randomness (``drop_path_rate`` 0.1), reusing
+finished runs in ``--runs-dir``: without randomness the final weights must be equal bit for bit, with it the
+validation top-1 at equal epochs within 0.3 points. Timing does not matter there, so any machine will do.
 
 The load average is recorded before and after; a figure taken with load > 0.5 is marked as such. On a GPU
 machine stage_parallel needs one GPU per stage (K processes sharing one GPU would measure contention, not the
@@ -43,6 +49,7 @@ CONFIGS = [   # (name, schedule, threads per process, processes)
     ('simultaneous_2t', 'simultaneous', 2, 1),
     ('stage_parallel_2x1t', 'stage_parallel', 1, 2),
 ]
+_DEFAULT_OUT = os.path.join(RESULTS_ROOT, 'stage_parallel')
 TARGET = 1.3   # stage_parallel images/s over the best single process on the same cores
 PROTOCOL = ('each configuration is a real hff-train run of the recipe (its own processes), rounds interleaved; '
             'throughput = the run\'s train_img_per_s of its last epoch (stage_parallel: first batch on stage 1 to last '
@@ -164,12 +171,84 @@ def render(result: Dict[str, Any], command: str) -> str:
     return '\n'.join(lines)
 
 
+QUICK = os.path.join(ROOT, 'recipes', 'fashion_mnist_quick.yaml')
+EQUIVALENCE = [   # (run name, schedule, drop_path_rate)
+    ('simultaneous', 'simultaneous', None), ('stage_parallel', 'stage_parallel', None),
+    ('simultaneous_droppath', 'simultaneous', 0.1), ('stage_parallel_droppath', 'stage_parallel', 0.1),
+]
+ACCURACY_TOLERANCE = 0.3   # top-1 points at equal epochs, with per-stage randomness
+
+
+def equivalence(runs_dir: str, out: str) -> Dict[str, Any]:
+    """The quick recipe both ways (runs reused when finished): bitwise weights, top-1 per epoch."""
+    from safetensors.torch import load_file
+    histories, weights = {}, {}
+    for name, schedule, drop_path in EQUIVALENCE:
+        run = os.path.join(runs_dir, name)
+        if not os.path.isfile(os.path.join(run, 'model', 'model.safetensors')):
+            print(f'  training {name} ...', file=sys.stderr, flush=True)
+            shutil.rmtree(run, ignore_errors=True)
+            extra = ['--model-kwargs', f'{{drop_path_rate: {drop_path}}}'] if drop_path else []
+            done = subprocess.run([sys.executable, '-m', 'timm_hff.train', '--config', QUICK, '--schedule', schedule,
+                                   '--output', runs_dir, '--experiment', name, '--progress', 'false'] + extra,
+                                  cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS='1'), capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f'{name} failed: {(done.stderr.strip() or done.stdout.strip()).splitlines()[-1]}')
+        with open(os.path.join(run, 'metrics.json')) as f:
+            histories[name] = json.load(f)['epochs']
+        weights[name] = load_file(os.path.join(run, 'model', 'model.safetensors'))
+        os.makedirs(os.path.join(out, 'runs'), exist_ok=True)
+        shutil.copyfile(os.path.join(run, 'metrics.json'), os.path.join(out, 'runs', f'{name}.json'))
+    a, b = weights['simultaneous'], weights['stage_parallel']
+    differ = sorted(k for k in a if k not in b or not torch.equal(a[k], b[k])) + sorted(set(b) - set(a))
+    gaps = [abs(x['top1'] - y['top1']) for x, y in zip(histories['simultaneous_droppath'],
+                                                        histories['stage_parallel_droppath'])]
+    targets = [dict(target='no per-stage randomness: final weights equal simultaneous\'s bit for bit',
+                    value=f'{len(a) - len(differ)} of {len(a)} tensors equal', met=not differ),
+               dict(target=f'drop_path_rate 0.1: |top-1 difference| <= {ACCURACY_TOLERANCE} at every epoch',
+                    value=f'largest {max(gaps):.2f} points', met=max(gaps) <= ACCURACY_TOLERANCE)]
+    for t in targets:
+        t['verdict'] = verdict(t['met'])
+    return dict(runs={n: [dict(epoch=r['epoch'], top1=r['top1'], train_loss=r['train_loss'],
+                               train_img_per_s=r['train_img_per_s']) for r in h] for n, h in histories.items()},
+                differing_tensors=differ, top1_gaps=gaps, targets=targets)
+
+
+def render_equivalence(result: Dict[str, Any], command: str) -> str:
+    runs = result['runs']
+    epochs = len(next(iter(runs.values())))
+    table = markdown_table(['run', 'schedule', 'drop_path_rate'] + [f'top-1 epoch {e + 1}' for e in range(epochs)], [
+        [name, schedule, drop_path or 0] + [f"{r['top1']:.2f}" for r in runs[name]]
+        for name, schedule, drop_path in EQUIVALENCE])
+    ttable = markdown_table(['target', 'measured', 'verdict'],
+                            [[t['target'], t['value'], t['verdict']] for t in result['targets']])
+    return '\n'.join([f'### Stage-parallel vs simultaneous: the same training (`{command}`)', '',
+                      f'Recipe: recipes/fashion_mnist_quick.yaml (4 stages; stage_parallel: 4 processes of 1 thread; '
+                      f'validation = the 10k test split). Machine: {result["machine"]["cpu"]}.', '', table, '',
+                      ttable])
+
+
 def main(argv=None) -> Dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--smoke', action='store_true', help='a few steps of everything (checks that it runs)')
-    parser.add_argument('--out', default=os.path.join(RESULTS_ROOT, 'stage_parallel'), help='output folder')
+    parser.add_argument('--out', default=_DEFAULT_OUT, help='output folder')
     parser.add_argument('--data-dir', default=None, help="Fashion-MNIST IDX folder (default: the recipe's)")
+    parser.add_argument('--equivalence', action='store_true',
+                        help='instead: the quick recipe with simultaneous and stage_parallel, same values?')
+    parser.add_argument('--runs-dir', default=os.path.join(ROOT, 'output', 'stage_parallel_equivalence'),
+                        help='--equivalence: where the four runs are (finished ones are reused)')
     args = parser.parse_args(argv)
+    command = ('python -m benchmarks.stage_parallel ' + ' '.join(argv if argv is not None else sys.argv[1:])).strip()
+    info = machine_info(Runtime(torch.device('cpu'), amp=False, channels_last=True))
+    if args.equivalence:
+        out = args.out if args.out != _DEFAULT_OUT else os.path.join(RESULTS_ROOT, 'stage_parallel_equivalence')
+        result = dict(equivalence(args.runs_dir, out), benchmark='stage_parallel_equivalence', command=command,
+                      machine=info)
+        md = render_equivalence(result, command)
+        paths = write_outputs(out, md, result)
+        print(md)
+        print(f"\n(wrote {', '.join(paths.values())})")
+        return result
     mode = MODES['smoke' if args.smoke else 'full']
     extra = ['--data-dir', args.data_dir] if args.data_dir else []
     before = os.getloadavg()[0]
@@ -187,8 +266,6 @@ def main(argv=None) -> Dict[str, Any]:
                     value=f'{sp / one:.2f}x', met=None)]
     for t in targets:
         t['verdict'] = verdict(t['met']) if t['met'] is not None else '-'
-    command = ('python -m benchmarks.stage_parallel ' + ' '.join(argv if argv is not None else sys.argv[1:])).strip()
-    info = machine_info(Runtime(torch.device('cpu'), amp=False, channels_last=True))
     result = dict(benchmark='stage_parallel', mode='smoke' if args.smoke else 'full', command=command, machine=info,
                   load=dict(before=before, after=after), recipe=os.path.relpath(RECIPE, ROOT), settings=mode,
                   throughput=rows, targets=targets, stage_steps=steps,

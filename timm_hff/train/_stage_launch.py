@@ -97,6 +97,8 @@ def spawn(cfg: TrainConfig, world: int, timeout: float) -> Group:
             env=dict(env, RANK=str(r), LOCAL_RANK=str(r))))
     try:
         _wait_ready(store, group, timeout)
+        os.remove(path)   # every child has read its recipe by now
+        group.config_file = None
         if device.type == 'cuda':
             torch.cuda.set_device(device)
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo', store=store, rank=0, world_size=world,

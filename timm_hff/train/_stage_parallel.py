@@ -16,7 +16,6 @@ finished, so a dead rank never leaves a half checkpoint. The final model is asse
 
 Composition with data parallelism (several processes per stage) is not supported yet.
 """
-import logging
 import math
 import os
 import time
@@ -34,8 +33,6 @@ from ._stage_part import StagePart, TensorSpec
 from ._stage_state import StageEma, StageState, _Quiet, owned_keys
 from ._stage_steps import StageSteps
 from ._trainer import _os_error, _reason, _summary, _yaml, build_data, build_loaders, build_model, build_optimizer
-
-_logger = logging.getLogger(__name__)
 
 
 def create_trainer(cfg: TrainConfig):
@@ -77,7 +74,6 @@ class StageParallelTrainer(StageSteps, StageState):
         self.timeout = cfg.stage_parallel_timeout
         self.group: Optional[Group] = from_environment()
         self.lock: Optional[RunLock] = None
-        self.children_failed = False
         try:
             if self.group is not None:
                 check_devices(self.group.world, self.group.device)
@@ -184,7 +180,7 @@ class StageParallelTrainer(StageSteps, StageState):
         if cfg.model_ema:   # before the stubs: the EMA copy gets its own
             self.ema = StageEma(model, decay=cfg.model_ema_decay, use_warmup=cfg.model_ema_warmup)
         self.part = StagePart(model, self.k, plan['img_size'], g.device, self.autocast, cfg.channels_last)
-        self.part_mode = self.part.install()
+        self.part.install()
         self.keys = owned_keys(model, self.part, self.k)
         if self.ema is not None:
             self.ema.keys = self.keys
