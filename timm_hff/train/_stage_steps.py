@@ -12,7 +12,6 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from ._evaluate import accuracy_row, topk_hits
-from ._handoff import who
 from ._stage_part import flatten
 from ._trainer import FINITE_CHECK_EVERY, _take, set_train_mode
 from .._heads import log_probs_mean
@@ -117,7 +116,7 @@ class StageSteps:
         step = int(flags.nonzero()[0])
         raise FloatingPointError(
             f'stage {self.k} loss is {losses[step].item()} at epoch {epoch + 1}, step {step + 1} of '
-            f'{len(self.plan["train"])} (stage-parallel {who(self.k)}); training stopped without saving and '
+            f'{len(self.plan["train"])} on stage-parallel rank {self.k}; training stopped without saving and '
             f'{self._kept()}: lower lr, set clip_grad or check the data, then {self._go_on()}')
 
     def _bar(self, desc: str):
