@@ -3,6 +3,7 @@
 Every constant of the formulation in ``shared/HFF.md`` is a field here, so a checkpoint's ``config.json`` is
 enough to rebuild the stages and heads exactly.
 """
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
@@ -12,6 +13,8 @@ POOL_KINDS = ('avg', 'token')
 PROTOTYPE_INITS = ('normal', 'orthogonal')
 PREDICT_KINDS = ('last', 'ensemble', 'adaptive')
 EXIT_RULES = ('max_prob', 'entropy', 'patience')
+# Widths, sizes, counts and indices: a setting beyond this builds no sensible model, only a huge allocation.
+MAX_INT = 2 ** 16
 
 PredictFrom = Union[str, int, Tuple[int, ...]]
 
@@ -94,10 +97,10 @@ class HFFConfig:
         if isinstance(self.stage_indices, (list, tuple)):
             self.stage_indices = tuple(i if isinstance(i, str) else _as_index(i) for i in self.stage_indices)
         if isinstance(self.predict_from, (list, tuple)):
-            self.predict_from = tuple(int(i) for i in self.predict_from)
+            self.predict_from = tuple(_as_index(i) for i in self.predict_from)
         if isinstance(self.exit_thresholds, (list, tuple)):
-            self.exit_thresholds = tuple(float(t) if isinstance(t, int) and not isinstance(t, bool) else t
-                                         for t in self.exit_thresholds)
+            self.exit_thresholds = tuple(float(t) if isinstance(t, int) and not isinstance(t, bool) and abs(t) <= 1
+                                         else t for t in self.exit_thresholds)
         self.validate()
 
     def validate(self) -> None:
@@ -121,13 +124,17 @@ class HFFConfig:
             for i in self.stage_indices:
                 if isinstance(i, bool) or not isinstance(i, (int, str)):
                     raise ValueError(f'stage_indices entries are feature_info indices (integers) or module names '
-                                     f'(strings), got {i!r}')
+                                     f'(strings), got {short_repr(i)}')
                 if isinstance(i, str) and not i.strip():
                     raise ValueError('stage_indices holds an empty module name; name a block such as \'layer1.0\'')
-        if not isinstance(self.scale, (int, float)) or not self.scale > 0:
-            raise ValueError(f'scale must be a positive number (1 / temperature), got {self.scale!r}')
-        if not isinstance(self.margin, (int, float)) or not 0 <= self.margin < 2:
-            raise ValueError(f'margin must be a cosine margin in [0, 2), got {self.margin!r}')
+                if isinstance(i, str) and (len(i) > 256 or not i.isprintable()):
+                    raise ValueError(f'stage_indices holds {short_repr(i)}, which is no module name')
+                if isinstance(i, int):
+                    _check_int('stage_indices entries', i, -MAX_INT, MAX_INT)
+        if not _is_number(self.scale) or not self.scale > 0:
+            raise ValueError(f'scale must be a positive number (1 / temperature), got {short_repr(self.scale)}')
+        if not _is_number(self.margin) or not 0 <= self.margin < 2:
+            raise ValueError(f'margin must be a cosine margin in [0, 2), got {short_repr(self.margin)}')
         if self.balance is not None:
             _check_choice('balance', self.balance, BALANCE_KINDS)
         _check_choice('aux', self.aux, AUX_KINDS)
@@ -138,9 +145,13 @@ class HFFConfig:
         elif isinstance(self.predict_from, tuple):
             if not self.predict_from:
                 raise ValueError('predict_from is an empty tuple; give stage indices, "last" or "ensemble"')
+            for i in self.predict_from:
+                _check_int('each stage index in predict_from', i, -MAX_INT, MAX_INT)
         elif not isinstance(self.predict_from, int) or isinstance(self.predict_from, bool):
             raise ValueError(f"predict_from must be 'last', 'ensemble', 'adaptive', a stage index or a tuple of "
-                             f"them, got {self.predict_from!r}")
+                             f"them, got {short_repr(self.predict_from)}")
+        else:
+            _check_int('predict_from', self.predict_from, -MAX_INT, MAX_INT)
         _check_choice('exit_rule', self.exit_rule, EXIT_RULES)
         _check_int('exit_patience', self.exit_patience, 1)
         if self.exit_thresholds is not None:
@@ -148,7 +159,7 @@ class HFFConfig:
                 isinstance(t, float) and 0 < t <= 1 for t in self.exit_thresholds)
             if not ok:
                 raise ValueError(f'exit_thresholds must be confidences in (0, 1], one per stage except the last '
-                                 f'(1: never exit there), got {self.exit_thresholds!r}; fit them with '
+                                 f'(1: never exit there), got {short_repr(self.exit_thresholds)}; fit them with '
                                  f'timm_hff.calibrate_exits')
 
     def to_dict(self) -> Dict[str, Any]:
@@ -164,9 +175,9 @@ class HFFConfig:
         if not isinstance(d, dict):
             raise ValueError(f'HFF config must be a mapping, got {type(d).__name__}')
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = sorted(set(map(str, d)) - known)
         if unknown:
-            raise ValueError(f'unknown HFF setting(s) {unknown}; known settings are {sorted(known)}')
+            raise ValueError(f'unknown HFF setting(s) {short_repr(unknown)}; known settings are {sorted(known)}')
         return cls(**d)
 
     @classmethod
@@ -187,11 +198,26 @@ def _as_index(i: Any) -> Any:
     return i
 
 
-def _check_int(name: str, value: Any, minimum: int) -> None:
+def _check_int(name: str, value: Any, minimum: int, maximum: int = MAX_INT) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f'{name} must be an integer >= {minimum}, got {value!r}')
+        raise ValueError(f'{name} must be an integer >= {minimum}, got {short_repr(value)}')
+    if value > maximum:
+        raise ValueError(f'{name} must be an integer <= {maximum}, got {short_repr(value)}')
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ValueError(f'{name} must be one of {list(choices)}, got {value!r}')
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f'{name} must be one of {list(choices)}, got {short_repr(value)}')
+
+
+def short_repr(value: Any, width: int = 60) -> str:
+    """The repr an error message quotes, cut to ``width`` characters, so that a junk value keeps the message short."""
+    try:
+        text = repr(value)
+    except ValueError:   # an integer too long to print
+        text = f'<an integer of {value.bit_length()} bits>'
+    return text if len(text) <= width else text[:width - 3] + '...'
