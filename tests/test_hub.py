@@ -635,3 +635,35 @@ def test_export_refusals(trained, tmp_path):
     with pytest.raises(ExportError, match='small_input'):
         export_timm(trained, tmp_path / 'b')
     assert not list(tmp_path.iterdir())
+
+
+def test_pretrained_backbone_is_honest_about_new_heads(tmp_path, caplog):
+    """pretrained=True loads timm's backbone; the prototype heads are new, so it says so, and the model's
+    pretrained_cfg does not claim timm's checkpoint (no hub id / tag / papers), only its preprocessing."""
+    import logging
+    torch.manual_seed(0)
+    src = timm.create_model('resnet18', num_classes=0)
+    path = tmp_path / 'r18.safetensors'
+    safetensors.torch.save_file(src.state_dict(), str(path))
+    with caplog.at_level(logging.WARNING):
+        model = timm_hff.create_model('resnet18', pretrained=True, num_classes=10, check_img_size=64,
+                                      pretrained_cfg_overlay=dict(file=str(path)))
+    notes = [r.getMessage() for r in caplog.records if 'prototype heads' in r.getMessage()]
+    assert len(notes) == 1 and 'new and untrained' in notes[0] and '\n' not in notes[0]
+    pcfg = model.pretrained_cfg
+    assert not {'hf_hub_id', 'tag', 'paper_ids', 'origin_url', 'license', 'file'} & set(pcfg)
+    assert pcfg['num_classes'] == 10 and pcfg['classifier'] == 'heads' and pcfg['mean'] == src.pretrained_cfg['mean']
+    assert pcfg['backbone_pretrained']['architecture'] == 'resnet18'
+    assert 'backbone_pretrained' not in timm_hff.create_model('resnet18', num_classes=10).pretrained_cfg
+
+
+def test_export_does_not_inherit_timms_checkpoint_and_cards_the_accuracy(tmp_path):
+    model = _exportable(check_img_size=32)
+    metrics = dict(top1=87.5, top1_stage0=80.0, top1_stage1=86.25, split='test',
+                   dataset='zalando-datasets/fashion_mnist')
+    out = export_timm(model, tmp_path / 'plain', metrics=metrics)
+    cfg = json.loads((Path(out) / 'config.json').read_text())
+    assert not {'tag', 'paper_ids', 'paper_name', 'origin_url', 'license', 'hf_hub_id'} & set(cfg['pretrained_cfg'])
+    card = ModelCard.load(str(Path(out) / 'README.md'))
+    assert 'top-1 86.25% on the test split' in card.text
+    assert card.data.eval_results[0].metric_value == 86.25 and card.data.eval_results[0].dataset_split == 'test'

@@ -4,6 +4,8 @@ Everything that makes a model (``create_model``, the Hub loader) ends here, so t
 """
 from typing import Any, Dict, Optional
 
+import logging
+
 import timm
 import torch.nn as nn
 
@@ -11,6 +13,8 @@ from ._config import HFFConfig
 from ._model import HFFModel
 from ._balance import balance_cuts
 from ._stages import adapt_small_input, build_split, probe_split, stem_split
+
+_logger = logging.getLogger(__name__)
 
 
 def build_hff_model(backbone: nn.Module, num_classes: int, cfg: HFFConfig, in_chans: int,
@@ -57,5 +61,13 @@ def create_from_timm(arch: str, cfg: HFFConfig, pretrained: bool = False, num_cl
         raise ValueError(f'in_chans must be an integer >= 1, got {in_chans!r}')
     backbone = timm.create_model(arch, pretrained=pretrained, num_classes=0, in_chans=in_chans,
                                  pretrained_cfg_overlay=pretrained_cfg_overlay, **timm_kwargs)
-    return build_hff_model(backbone, num_classes, cfg, in_chans, model_name=arch,
-                           timm_img_size=timm_kwargs.get('img_size'))
+    model = build_hff_model(backbone, num_classes, cfg, in_chans, model_name=arch,
+                            timm_img_size=timm_kwargs.get('img_size'))
+    if pretrained:   # timm's backbone, but every prototype head is new: say so once, rather than predict at chance
+        origin = {k: v for k, v in (backbone.pretrained_cfg or {}).items() if k in ('hf_hub_id', 'tag', 'architecture')}
+        model.pretrained_cfg['backbone_pretrained'] = origin
+        src = origin.get('hf_hub_id') or origin.get('tag') or arch
+        _logger.warning(f"{display_name or arch}: timm's pretrained backbone ({src}) is loaded, but the "
+                        f"{model.num_stages} HFF prototype heads ({num_classes} classes) are new and untrained: train "
+                        f"them (hff-train, or model(x, target) with an optimizer) before predicting")
+    return model

@@ -27,7 +27,7 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ._atomic import atomic_dir
 from ._build_config import saved_timm_kwargs, unwrap_model
@@ -43,7 +43,7 @@ MULTI_PROTOTYPE_MODES = ('mean', 'expand')
 
 
 def export_timm(model, out_dir: Union[str, Path], label_names: Optional[Sequence[str]] = None,
-                card: bool = True, multi_prototype: str = 'mean') -> str:
+                card: bool = True, multi_prototype: str = 'mean', metrics: Optional[dict] = None) -> str:
     """Write a stock timm model (``config.json`` + ``model.safetensors``) whose argmax is the HFF prediction.
 
     The folder loads in a process that never imports timm_hff:
@@ -57,6 +57,8 @@ def export_timm(model, out_dir: Union[str, Path], label_names: Optional[Sequence
         label_names: Class names; default the model's ``pretrained_cfg['label_names']``.
         card: Also write a short ``README.md`` saying what the export is.
         multi_prototype: With K > 1 prototypes per class: ``'mean'`` or ``'expand'`` (see the module docstring).
+        metrics: The HFF model's evaluation (as saved with it: ``top1_stage<k>`` / ``stage_top1``, ``split``,
+            ``dataset``); the card states the last stage's top-1, which the export reproduces (exactly for K = 1).
 
     Returns:
         The folder written, as a string.
@@ -71,6 +73,8 @@ def export_timm(model, out_dir: Union[str, Path], label_names: Optional[Sequence
     num_classes = weight.shape[0]
     plain = timm.create_model(model.model_name, pretrained=False, num_classes=num_classes, in_chans=model.in_chans,
                               **saved_timm_kwargs(model.backbone))
+    # not timm's checkpoint: no tag, papers, origin or licence of weights this export did not come from
+    plain.pretrained_cfg = {k: v for k, v in plain.pretrained_cfg.items() if k not in _NOT_THESE_WEIGHTS}
     classifier = plain.get_classifier()
     if not isinstance(classifier, nn.Linear) or tuple(classifier.weight.shape) != tuple(weight.shape):
         raise ExportError(f"'{model.model_name}' has a {type(classifier).__name__} classifier of shape "
@@ -108,7 +112,7 @@ def export_timm(model, out_dir: Union[str, Path], label_names: Optional[Sequence
         save_for_hf(plain, str(tmp), model_config={'label_names': list(label_names)} if label_names else None,
                     safe_serialization=True, data_config=data_config)
         if card:
-            _export_card(model, multi_prototype if k > 1 else None).save(str(tmp / CARD_NAME))
+            _export_card(model, multi_prototype if k > 1 else None, metrics).save(str(tmp / CARD_NAME))
     return str(Path(out_dir))
 
 
@@ -176,11 +180,34 @@ def _verify(model, plain: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -
                           f"{(got - want).abs().max().item():.3g}); this family's head is not exportable")
 
 
-def _export_card(model, multi_prototype: Optional[str]) -> ModelCard:
+_NOT_THESE_WEIGHTS = ('hf_hub_id', 'hf_hub_filename', 'url', 'file', 'tag', 'paper_ids', 'paper_name', 'origin_url',
+                      'notes', 'license', 'source', 'label_names', 'label_descriptions')
+
+
+def _last_stage_top1(model, metrics: Optional[dict]):
+    """(top-1 of the last stage, split, data set) from the HFF model's saved metrics, or None."""
+    if not metrics:
+        return None
+    last = model.num_stages - 1
+    stage = metrics.get('stage_top1')
+    value = stage[last] if isinstance(stage, list) and len(stage) > last else metrics.get(f'top1_stage{last}')
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    return float(value), metrics.get('split'), metrics.get('dataset')
+
+
+def _export_card(model, multi_prototype: Optional[str], metrics: Optional[dict] = None) -> ModelCard:
     base = model.pretrained_cfg.get('hf_hub_id') if model.pretrained_cfg.get('source') == 'hf-hub' else None
+    measured = _last_stage_top1(model, metrics)
+    results = None
+    if measured and measured[2]:
+        results = [EvalResult(task_type='image-classification', dataset_type=str(measured[2]),
+                              dataset_name=str(measured[2]), dataset_split=measured[1], metric_type='accuracy',
+                              metric_name='Top-1 (HFF last stage)', metric_value=measured[0])]
     data = ModelCardData(library_name='timm', pipeline_tag='image-classification', license='apache-2.0',
                          tags=['image-classification', 'timm', 'timm_hff'],
-                         base_model=base.split('@')[0] if base else None)
+                         base_model=base.split('@')[0] if base else None, eval_results=results,
+                         model_name=f'{model.model_name} (HFF export)' if results else None)
     k = model.heads[-1].num_prototypes
     fidelity = {None: 'exactly',
                 'mean': f'approximately ({k} prototypes per class were averaged into one)',
@@ -191,4 +218,7 @@ def _export_card(model, multi_prototype: Optional[str]) -> ModelCard:
         f'Forward-Forward (HFF, arXiv 2605.00082) model. It loads with timm alone:\n\n```python\nimport timm\n\n'
         f"model = timm.create_model('local-dir:/path/to/this/folder', pretrained=True).eval()\n```\n\n"
         f'Its argmax is the HFF last-stage prediction {fidelity[multi_prototype]}; its logits are the HFF cosine '
-        f'scores times a positive per-image factor, so its softmax is not calibrated like the HFF model\'s.\n')
+        f'scores times a positive per-image factor, so its softmax is not calibrated like the HFF model\'s.\n'
+        + (f'\nMeasured: the HFF model\'s last stage, which this export reproduces {fidelity[multi_prototype]}, has '
+           f'top-1 {measured[0]:.2f}%' + (f' on the {measured[1]} split' if measured[1] else '')
+           + (f' of {measured[2]}' if measured[2] else '') + '.\n' if measured else ''))
