@@ -378,6 +378,7 @@ def test_stage_indices_choose_boundaries_and_truncate():
 
 @pytest.mark.parametrize('kwargs,match', [
     (dict(model_name='not_a_model'), "unknown model 'not_a_model'"),
+    (dict(model_name='resnet18x'), "unknown model 'resnet18x'.*close timm names: resnet18"),
     (dict(num_classes=0), 'num_classes must be an integer >= 1'),
     (dict(prototypes_per_class=0), 'prototypes_per_class must be an integer >= 1'),
     (dict(stage_indices=(1, 9)), 'stage index 9 is out of range'),
@@ -615,3 +616,14 @@ def test_compiled_model_gives_eager_losses_and_gradients(backend):
     assert set(model.state_dict()) == set(eager.state_dict())
     uncompile_model(model)
     assert not any('forward' in m.__dict__ for m in model.modules())
+
+
+def test_a_folder_given_as_model_name_points_to_local_dir(tmp_path):
+    run = tmp_path / 'run'
+    (run / 'model').mkdir(parents=True)
+    (run / 'model' / 'config.json').write_text('{}')
+    with pytest.raises(ValueError, match=f"is a folder, not a model name; load a saved model with "
+                                         f"'local-dir:{run}/model' " r"\(the run's saved model\)"):
+        timm_hff.create_model(str(run))
+    with pytest.raises(ValueError, match=f"load a saved model with 'local-dir:{run / 'model'}'$"):
+        timm_hff.create_model(str(run / 'model'))

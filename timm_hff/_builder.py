@@ -49,8 +49,10 @@ def create_from_timm(arch: str, cfg: HFFConfig, pretrained: bool = False, num_cl
                      display_name: str = '', **timm_kwargs: Any) -> HFFModel:
     """Build the timm backbone (headless) and wrap it."""
     if not timm.is_model(arch):
-        raise ValueError(f"unknown model '{display_name or arch}': not a timm architecture nor an hff_* name; "
-                         f"see timm_hff.list_models('*{arch.split('_')[0]}*')")
+        import difflib
+        close = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.6)
+        hint = f"; close timm names: {', '.join(close)}" if close else "; list them with timm.list_models('*name*')"
+        raise ValueError(f"unknown model '{display_name or arch}': not a timm architecture nor an hff_* name{hint}")
     if 'num_classes' in timm_kwargs or 'features_only' in timm_kwargs:
         raise ValueError('features_only is not supported: HFF cuts the full model itself')
     num_classes = 1000 if num_classes is None else num_classes

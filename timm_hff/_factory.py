@@ -1,4 +1,5 @@
 """``create_model``: the one entry point, in the spirit of ``timm.create_model``."""
+import os
 from typing import Any, Dict, Optional, Tuple
 
 from ._builder import create_from_timm
@@ -47,6 +48,20 @@ def parse_model_name(model_name: str) -> Tuple[str, str]:
     return 'timm', model_name
 
 
+def _check_not_a_folder(name: str) -> None:
+    """A saved model or a run folder given as a bare path (not a timm name): say how to load it."""
+    import timm
+    if timm.is_model(name) or not os.path.isdir(name):
+        return
+    if os.path.isfile(os.path.join(name, 'config.json')):
+        hint = f"'local-dir:{name}'"
+    elif os.path.isfile(os.path.join(name, 'model', 'config.json')):
+        hint = f"'local-dir:{os.path.join(name, 'model')}' (the run's saved model)"
+    else:
+        hint = "'local-dir:<folder with config.json and model.safetensors>'"
+    raise ValueError(f"model '{name}' is a folder, not a model name; load a saved model with {hint}")
+
+
 def create_model(
         model_name: str,
         pretrained: bool = False,
@@ -79,6 +94,7 @@ def create_model(
         arch, defaults = registered_defaults(name)
         kwargs = {**defaults, **kwargs}
     else:
+        _check_not_a_folder(name)
         arch = name
     hff_kwargs, timm_kwargs = HFFConfig.split_kwargs(kwargs)
     if hff_cfg is not None:
