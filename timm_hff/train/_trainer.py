@@ -386,6 +386,7 @@ class Trainer:
         acc.wait_for_everyone()
         try:
             acc.save_state(tmp, safe_serialization=True)
+            acc.wait_for_everyone()   # every process's files (its RNG state) are in tmp before it becomes final
             if acc.is_main_process:
                 state = dict(epoch=epoch, updates=self.updates, history=self.history, identity=self.identity)
                 atomic_write_text(os.path.join(tmp, STATE_FILE), json.dumps(state, indent=1) + '\n')
