@@ -3,14 +3,17 @@
 The modules, in the order the data flows (each imports only those above it):
 
     _errors         one error class per cause (CheckpointError and its subclasses)
+    _names          names that become paths, URLs or card text (revisions, folders, labels): checked
+    _values         the nested sections of config.json (pretrained_cfg, stages, metrics, recipe): checked
     _format         config.json: file names, format version, schema; read and validate it
     _build_config   a model -> its config.json content (settings, timm kwargs, stages, metrics, recipe)
-    _weights        model.safetensors: write it, read it (never a pickle), verify its sha256
+    _weights        model.safetensors: write it, read its header and tensors (never a pickle), verify its sha256
     _atomic         folders replaced whole, so a crash never leaves half a model
     _card           the model card (README.md), from config.json alone
     _save           save_pretrained: config, weights and card into one folder
     _resolve        'local-dir:' / 'hf-hub:' names -> files (the Hub cache, offline mode, revisions)
-    _load           load_pretrained_hff: validate, build, load, check
+    _dry_build      the model config.json describes, built on the meta device and held against the header
+    _load           load_pretrained_hff: validate, check against the header, build, load
     _push           push_to_hub: verify, card, upload
     _export         export_timm: a stock timm classifier that loads without timm_hff
 
@@ -18,7 +21,7 @@ Nothing here imports ``timm_hff._factory`` or ``timm_hff._registry``: they sit a
 """
 from ._errors import (
     CheckpointError, CheckpointFileNotFoundError, ConfigError, CorruptCheckpointError, FormatVersionError,
-    ShapeMismatchError, UnknownArchitectureError, UnsafeCheckpointError)
+    ResourceLimitError, ShapeMismatchError, UnknownArchitectureError, UnsafeCheckpointError)
 from ._format import (
     CARD_NAME, CONFIG_NAME, FORMAT_VERSION, GENERIC_ARCH, HUB_FILES, RUNTIME_SETTINGS, WEIGHTS_NAME, SavedConfig,
     parse_config, read_config)

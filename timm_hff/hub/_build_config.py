@@ -13,7 +13,8 @@ from .._model import HFFModel
 from .._profile import stage_profile
 from ..version import __version__
 from ._errors import one_line
-from ._format import FORBIDDEN_TIMM_KWARGS, FORMAT_VERSION, GENERIC_ARCH
+from ._format import FORBIDDEN_TIMM_KWARGS, FORMAT_VERSION, GENERIC_ARCH, parse_config
+from ._names import check_repo_id
 
 
 def unwrap_model(model) -> HFFModel:
@@ -86,7 +87,7 @@ def build_config(model: HFFModel, label_names: Optional[Sequence[str]] = None,
         'num_params': int(sum(p.numel() for p in model.parameters())),
         'metrics': metrics,
         'train_args': train_args,
-        'base_model': _base_model(model, train_args),
+        'base_model': _hub_id(_base_model(model, train_args)),
     }
     config = {
         'architecture': GENERIC_ARCH,
@@ -97,7 +98,9 @@ def build_config(model: HFFModel, label_names: Optional[Sequence[str]] = None,
         'pretrained_cfg': pretrained_cfg,
         'hff': {k: v for k, v in hff.items() if v is not None},
     }
-    return {k: v for k, v in config.items() if v is not None}
+    config = {k: v for k, v in config.items() if v is not None}
+    parse_config(config, where='the model to save')   # what is written must load: one line naming the bad value
+    return config
 
 
 def saved_timm_kwargs(backbone: torch.nn.Module) -> Dict[str, Any]:
@@ -157,6 +160,14 @@ def _base_model(model: HFFModel, train_args: Optional[Dict[str, Any]]) -> Option
     if train_args.get('pretrained') is True:                            # a timm-pretrained backbone
         return (model.backbone.pretrained_cfg or {}).get('hf_hub_id') or None
     return None
+
+
+def _hub_id(name: Optional[str]) -> Optional[str]:
+    """``name`` if it is a Hub repository id (the card links it), else None."""
+    try:
+        return check_repo_id(name) if name else None
+    except ValueError:
+        return None
 
 
 def jsonable(obj: Any) -> Any:

@@ -6,6 +6,7 @@ the HFF tags, ``datasets`` as Hub ids, ``base_model`` when fine-tuned, and a ``m
 the final prediction and of every stage. The body is ``CARD_TEMPLATE`` (a Jinja template, also kept as
 ``model_cards/TEMPLATE.md``; pass ``template_path`` to use another).
 """
+import html
 import re
 from typing import Any, Dict, List, Optional
 
@@ -95,8 +96,8 @@ No evaluation was recorded with this checkpoint.
 {% if recipe -%}
 The recipe (hyper-parameters) this checkpoint was trained with:
 
-```yaml
-{{ recipe }}```
+{{ fence }}yaml
+{{ recipe }}{{ fence }}
 {%- else -%}
 No training recipe was recorded with this checkpoint.
 {%- endif %}
@@ -159,33 +160,37 @@ def build_model_card(config: Dict[str, Any], repo_id: Optional[str] = None,
     dataset_id = hub_dataset_id(dataset)
     dataset_name = DATASET_NAMES.get(dataset_id or '', dataset if isinstance(dataset, str) else None)
     split = metrics.get('split') or metrics.get('eval_split') or train_args.get('val_split')
+    split = _md(split) if split else None
     stage_top1 = stage_values(metrics, 'top1', len(stages))
     stage_top5 = stage_values(metrics, 'top5', len(stages))
     model_name = repo_id or f'hff-{arch}' + (f'-{dataset_id.split("/")[-1]}' if dataset_id else '')
-    base_model = hff.get('base_model')
+    base_model = hff.get('base_model') if _is_hub_id(hff.get('base_model')) else None   # a link: Hub ids only
     if base_model and repo_id and base_model == repo_id:
         base_model = None           # pushing a loaded model back to where it came from is not fine-tuning
+    license_ = train_args.get('license')
 
     eval_results = _eval_results(metrics, stage_top1, stage_top5, dataset_id or dataset, dataset_name, split)
     card_data = ModelCardData(
         library_name='timm',
         pipeline_tag='image-classification',
-        license=train_args.get('license') or 'apache-2.0',
+        license=license_ if isinstance(license_, str) and re.fullmatch(r'[\w.+-]{1,64}', license_) else 'apache-2.0',
         tags=list(TAGS),
         datasets=[dataset_id] if dataset_id else None,
         base_model=base_model or None,
         model_name=model_name,
         eval_results=eval_results or None,
     )
-    input_size = (config.get('pretrained_cfg') or {}).get('input_size') or [hff.get('in_chans', 3), 224, 224]
+    input_size = (config.get('pretrained_cfg') or {}).get('input_size')
+    if not (isinstance(input_size, list) and len(input_size) == 3 and all(type(n) is int for n in input_size)):
+        input_size = [hff['in_chans'] if type(hff.get('in_chans')) is int else 3, 224, 224]
     val_top1 = stage_values(metrics, 'val_top1', len(stages))
     has_val = metrics.get('val_top1') is not None
-    stage_rows = [dict(name=f'Stage {k + 1}', module=s.get('module', s.get('feature_index')),
-                       channels=s.get('channels'), reduction=s.get('reduction'), params=_count(s.get('params')),
-                       param_share=_share(s.get('param_share')), flops_share=_share(s.get('flops_share')),
-                       layers=s.get('layers', '–'), top1=_pct(stage_top1[k]), top5=_pct(stage_top5[k]),
-                       val_top1=_pct(val_top1[k]))
-                  for k, s in enumerate(stages)]
+    stage_rows = [dict(name=f'Stage {k + 1}', module=_in_code(s.get('module', s.get('feature_index'))),
+                       channels=_md(s.get('channels')), reduction=_md(s.get('reduction')),
+                       params=_count(s.get('params')), param_share=_share(s.get('param_share')),
+                       flops_share=_share(s.get('flops_share')), layers=_md(s.get('layers', '–')),
+                       top1=_md(_pct(stage_top1[k])), top5=_md(_pct(stage_top5[k])), val_top1=_md(_pct(val_top1[k])))
+                  for k, s in enumerate(stages) if isinstance(s, dict)]
     headers = ['Prediction', 'Tap (timm module)', 'Width', 'Stride', 'Parameters', 'Backbone params',
                'Backbone FLOPs', 'Conv/linear layers', 'Top-1 (%)']
     if metrics.get('top5') is not None or any(v is not None for v in stage_top5):
@@ -196,38 +201,40 @@ def build_model_card(config: Dict[str, Any], repo_id: Optional[str] = None,
         cells = [r['name'], f"`{r['module']}`", r['channels'], r['reduction'], r['params'], r['param_share'],
                  r['flops_share'], r['layers'], r['top1']]
         table.append(cells + ([r['top5']] if 'Top-5 (%)' in headers else []) + ([r['val_top1']] if has_val else []))
-    final = [f"**Final** (`predict_from={hff_cfg.get('predict_from', 'last')}`)"] + [''] * 7
-    final += [f"**{_pct(metrics.get('top1'))}**"] + ([f"**{_pct(metrics.get('top5'))}**"] if 'Top-5 (%)' in headers
-                                                     else [])
-    table.append(final + ([_pct(metrics.get('val_top1'))] if has_val else []))
+    final = [f"**Final** (`predict_from={_in_code(hff_cfg.get('predict_from', 'last'))}`)"] + [''] * 7
+    final += [f"**{_md(_pct(metrics.get('top1')))}**"] + (
+        [f"**{_md(_pct(metrics.get('top5')))}**"] if 'Top-5 (%)' in headers else [])
+    table.append(final + ([_md(_pct(metrics.get('val_top1')))] if has_val else []))
     measures = [(k, v) for k, v in metrics.items() if k not in _NOT_MEASURES and v is not None
                 and not re.fullmatch(r'(val_)?(stage_)?top[15](_stage\d+)?', k)]
+    recipe = yaml.safe_dump(train_args, sort_keys=False, default_flow_style=None) if train_args else ''
     kwargs = dict(
-        title=model_name.split('/')[-1],
+        title=_md(model_name.split('/')[-1]),
         paper=PAPER,
-        arch=arch,
+        arch=_in_code(arch),
         model_id=f'hf-hub:{repo_id}' if repo_id else 'local-dir:/path/to/this/folder',
         in_chans=input_size[0],
         img_size=input_size[-1],
-        num_classes=config.get('num_classes'),
+        num_classes=_md(config.get('num_classes')),
         num_params=_count(hff.get('num_params')),
         has_labels=bool(config.get('label_names') or hff.get('label_names')),
         base_model=base_model,
-        dataset_name=dataset_name,
+        dataset_name=_md(dataset_name) if dataset_name else None,
         split=split,
         has_val=has_val,
         accuracy_table='\n'.join('| ' + ' | '.join(str(c) for c in row) + ' |' for row in table),
-        val_split=metrics.get('val_split') or 'the validation split',
-        settings=_settings(hff_cfg, len(stages)),
+        val_split=_md(metrics.get('val_split') or 'the validation split'),
+        settings=[(k, _in_code(v)) for k, v in _settings(hff_cfg, len(stages))],
         has_accuracy=metrics.get('top1') is not None or any(v is not None for v in stage_top1),
         has_top5=metrics.get('top5') is not None or any(v is not None for v in stage_top5),
         stage_rows=stage_rows,
-        predict_from=hff_cfg.get('predict_from', 'last'),
-        top1=_pct(metrics.get('top1')),
-        top5=_pct(metrics.get('top5')),
-        recipe=yaml.safe_dump(train_args, sort_keys=False, default_flow_style=None) if train_args else '',
-        cost=[(k, _fmt(v)) for k, v in measures if any(w in k for w in _COST_WORDS)],
-        other=[(k, _fmt(v)) for k, v in measures if not any(w in k for w in _COST_WORDS)],
+        predict_from=_in_code(hff_cfg.get('predict_from', 'last')),
+        top1=_md(_pct(metrics.get('top1'))),
+        top5=_md(_pct(metrics.get('top5'))),
+        recipe=recipe,
+        fence=_fence(recipe),
+        cost=[(_md(k), _fmt(v)) for k, v in measures if any(w in k for w in _COST_WORDS)],
+        other=[(_md(k), _fmt(v)) for k, v in measures if not any(w in k for w in _COST_WORDS)],
     )
     if template_path:
         return ModelCard.from_template(card_data, template_path=template_path, **kwargs)
@@ -289,8 +296,38 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f'{v:,.1f}' if abs(v) >= 100 else f'{v:.4g}'
     if isinstance(v, (list, dict)):
-        return f'`{v}`'
-    return str(v)
+        return f'`{_in_code(v)}`'
+    return _md(v)
+
+
+# ----- text from config.json, which anyone can write, shown as written: never as Markdown or HTML -----
+_CONTROL = re.compile(r'[\x00-\x1f\x7f]+')
+_MARKUP = re.compile(r'([\\`*\[\]|])')
+_BLOCK_START = re.compile(r'^(\s*\d*)([-+#>=]|(?<=\d)[.)](?=\s|$))')
+
+
+def _md(value: Any, width: int = 200) -> str:
+    """Text for a line or a table cell: one line, HTML escaped, Markdown's link, emphasis, code and cell syntax
+    escaped, and no list, heading or quote marker at its start, so a label or metric name cannot restructure the
+    card (or inject a link or a script)."""
+    text = _CONTROL.sub(' ', str(value))[:width]
+    text = _MARKUP.sub(r'\\\1', html.escape(text, quote=False))
+    return _BLOCK_START.sub(lambda m: m.group(1) + '\\' + m.group(2), text)
+
+
+def _in_code(value: Any, width: int = 200) -> str:
+    """Text inside a one-backtick code span of a table: no backtick to end the span, no '|' to end the cell."""
+    return _CONTROL.sub(' ', str(value))[:width].replace('`', "'").replace('|', '\\|')
+
+
+def _fence(text: str) -> str:
+    """A code fence longer than any backtick run in ``text``, so no line of it can close the block early."""
+    longest = max((len(m) for m in re.findall(r'`+', text)), default=0)
+    return '`' * max(3, longest + 1)
+
+
+def _is_hub_id(value: Any) -> bool:
+    return isinstance(value, str) and bool(re.fullmatch(r'[\w.-]{1,96}(/[\w.-]{1,96})?', value)) and '..' not in value
 
 
 def hub_dataset_id(name: Optional[str]) -> Optional[str]:

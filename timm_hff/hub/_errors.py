@@ -28,6 +28,10 @@ class ConfigError(CheckpointError):
     """``config.json`` is not a valid HFF config (type, range, unknown key); checked before any module is built."""
 
 
+class ResourceLimitError(ConfigError):
+    """Building what ``config.json`` describes would take far more memory or work than its weights justify."""
+
+
 class FormatVersionError(ConfigError):
     """``config.json`` was written by a newer timm_hff whose format this version cannot read safely."""
 

@@ -26,6 +26,9 @@ from .._config import HFFConfig
 from ..version import __version__
 from ._errors import (
     CheckpointFileNotFoundError, ConfigError, FormatVersionError, UnknownArchitectureError, one_line)
+from ._values import (
+    MAX_INT, MAX_KWARG_INT, check_descriptions, check_hub_id, check_int, check_mapping, check_metrics, check_names,
+    check_pretrained_cfg, check_recipe, check_stages, check_str, short)
 
 FORMAT_VERSION = 1                      # bump when a reader of the previous version would misread a file
 CONFIG_NAME = 'config.json'
@@ -33,6 +36,7 @@ WEIGHTS_NAME = 'model.safetensors'
 CARD_NAME = 'README.md'
 HUB_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
 MAX_CONFIG_BYTES = 10 * 2 ** 20        # an HFF config is a few KB; refuse to parse something huge
+MAX_CLASSES = 2 ** 31 - 1              # the weights header bounds the real count (``_dry_build``)
 
 _TOP_KEYS = {'architecture', 'num_classes', 'num_features', 'global_pool', 'label_names', 'label_descriptions',
              'model_args', 'pretrained_cfg', 'hff'}
@@ -88,7 +92,9 @@ def parse_config(raw: Any, where: str = CONFIG_NAME) -> SavedConfig:
                           f"timm_hff.create_model('<arch>', pretrained=True)")
     version = hff.get('format_version')
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise ConfigError(f'{where}: hff.format_version must be an integer >= 1, got {version!r}')
+        raise ConfigError(f'{where}: hff.format_version must be an integer >= 1, got {short(version)}')
+    if version > MAX_INT:
+        raise ConfigError(f'{where}: hff.format_version {short(version)} is no format version')
     if version > FORMAT_VERSION:
         raise FormatVersionError(f'{where} uses HFF format version {version}, but timm_hff {__version__} reads up to '
                                  f'version {FORMAT_VERSION}; upgrade with `pip install -U timm-hff`')
@@ -101,55 +107,57 @@ def parse_config(raw: Any, where: str = CONFIG_NAME) -> SavedConfig:
     architecture = raw.get('architecture', GENERIC_ARCH)
     if not isinstance(architecture, str) or not (
             architecture == GENERIC_ARCH or (architecture.startswith('hff_') and timm.is_model(architecture))):
-        raise UnknownArchitectureError(f"{where}: architecture {architecture!r} is not an HFF entrypoint (expected "
-                                       f"'{GENERIC_ARCH}'); the file was edited or is from another library")
+        raise UnknownArchitectureError(f"{where}: architecture {short(architecture)} is not an HFF entrypoint "
+                                       f"(expected '{GENERIC_ARCH}'); the file was edited or is from another library")
     arch = hff['arch']
     if not isinstance(arch, str) or arch.startswith('hff_') or not timm.is_model(arch):
-        raise UnknownArchitectureError(f'{where}: hff.arch {arch!r} is not an architecture of this timm '
+        raise UnknownArchitectureError(f'{where}: hff.arch {short(arch)} is not an architecture of this timm '
                                        f'({timm.__version__}); upgrade timm or check the file')
-    num_classes = _get_int(where, 'num_classes', raw.get('num_classes'), 1)
-    in_chans = _get_int(where, 'hff.in_chans', hff['in_chans'], 1, 4096)
+    num_classes = check_int(where, 'num_classes', raw.get('num_classes'), 1, MAX_CLASSES)
+    in_chans = check_int(where, 'hff.in_chans', hff['in_chans'], 1, 4096)
     if raw.get('num_features') is not None:
-        _get_int(where, 'num_features', raw['num_features'], 1)
+        check_int(where, 'num_features', raw['num_features'], 1, MAX_KWARG_INT)
+    check_mapping(where, 'hff.config', hff['config'])
     try:
         cfg = HFFConfig.from_dict(hff['config'])
     except (TypeError, ValueError) as e:
         raise ConfigError(f'{where}: hff.config: {one_line(e)}') from None
+    if cfg.balance is not None and cfg.stage_indices is None:
+        raise ConfigError(f'{where}: hff.config has balance={cfg.balance!r} but no stage_indices; a saved model '
+                          f'stores the cut balance chose, so the file is incomplete: save the model again')
 
-    timm_kwargs = hff['timm_kwargs']
-    if not isinstance(timm_kwargs, dict):
-        raise ConfigError(f'{where}: hff.timm_kwargs must be an object, got {type(timm_kwargs).__name__}')
+    timm_kwargs = check_mapping(where, 'hff.timm_kwargs', hff['timm_kwargs'], max_int=MAX_KWARG_INT)
     bad = sorted(set(timm_kwargs) & (FORBIDDEN_TIMM_KWARGS | set(HFFConfig.__dataclass_fields__)))
     if bad:
         raise ConfigError(f'{where}: hff.timm_kwargs may not set {bad} (they load files or are set by the loader)')
 
     label_names = hff.get('label_names', raw.get('label_names'))
     if label_names is not None:
-        if not isinstance(label_names, list) or not all(isinstance(n, str) for n in label_names):
-            raise ConfigError(f'{where}: label_names must be a list of strings')
+        check_names(where, 'label_names', label_names)
         if len(label_names) != num_classes:
             raise ConfigError(f'{where}: {len(label_names)} label_names for num_classes={num_classes}')
         if raw.get('label_names') is not None and raw['label_names'] != label_names:
             raise ConfigError(f'{where}: label_names and hff.label_names disagree; the file was edited by hand')
-    for key in ('pretrained_cfg', 'model_args'):
-        if not isinstance(raw.get(key, {}), dict):
-            raise ConfigError(f'{where}: {key} must be an object, got {type(raw[key]).__name__}')
-    for key in ('metrics', 'train_args'):
-        if hff.get(key) is not None and not isinstance(hff[key], dict):
-            raise ConfigError(f'{where}: hff.{key} must be an object, got {type(hff[key]).__name__}')
+    if raw.get('label_descriptions') is not None:
+        check_descriptions(where, 'label_descriptions', raw['label_descriptions'])
+    if raw.get('global_pool') is not None:
+        check_str(where, 'global_pool', raw['global_pool'])
+    pretrained_cfg = check_pretrained_cfg(where, raw.get('pretrained_cfg', {}), num_classes)
+    check_mapping(where, 'model_args', raw.get('model_args', {}))
+    metrics = check_metrics(where, hff['metrics']) if hff.get('metrics') is not None else None
+    train_args = check_recipe(where, hff['train_args']) if hff.get('train_args') is not None else None
     sha = hff.get('weights_sha256')
     if sha is not None and not (isinstance(sha, str) and re.fullmatch(r'[0-9a-f]{64}', sha)):
-        raise ConfigError(f'{where}: hff.weights_sha256 must be 64 lowercase hex digits, got {sha!r}')
-    base_model = hff.get('base_model')
-    if base_model is not None and not isinstance(base_model, str):
-        raise ConfigError(f'{where}: hff.base_model must be a string, got {type(base_model).__name__}')
-    stages = hff.get('stages')
-    if stages is not None and (not isinstance(stages, list) or not all(isinstance(s, dict) for s in stages)):
-        raise ConfigError(f'{where}: hff.stages must be a list of objects')
+        raise ConfigError(f'{where}: hff.weights_sha256 must be 64 lowercase hex digits, got {short(sha)}')
+    base_model = check_hub_id(where, 'hff.base_model', hff.get('base_model'))
+    stages = check_stages(where, hff['stages']) if hff.get('stages') is not None else None
+    if hff.get('library_version') is not None:
+        check_str(where, 'hff.library_version', hff['library_version'])
+    if hff.get('num_params') is not None:
+        check_int(where, 'hff.num_params', hff['num_params'], 0)
     return SavedConfig(arch=arch, num_classes=num_classes, in_chans=in_chans, cfg=cfg, timm_kwargs=dict(timm_kwargs),
-                       label_names=label_names, pretrained_cfg=dict(raw.get('pretrained_cfg') or {}),
-                       weights_sha256=sha, stages=stages, metrics=hff.get('metrics'),
-                       train_args=hff.get('train_args'), base_model=base_model, raw=raw)
+                       label_names=label_names, pretrained_cfg=dict(pretrained_cfg), weights_sha256=sha,
+                       stages=stages, metrics=metrics, train_args=train_args, base_model=base_model, raw=raw)
 
 
 def read_config(path: Union[str, Path], where: Optional[str] = None) -> SavedConfig:
@@ -164,21 +172,17 @@ def read_config(path: Union[str, Path], where: Optional[str] = None) -> SavedCon
         raise ConfigError(f'{where}: {CONFIG_NAME} is {size / 2 ** 20:.1f} MiB, far too large for an HFF config')
     try:
         raw = json.loads(path.read_text(encoding='utf-8'))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f'{where}: {CONFIG_NAME} is not valid JSON ({one_line(e)}); re-download or save again'
-                          ) from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:   # ValueError: JSONDecodeError, a 5000-digit int
+        raise ConfigError(f'{where}: {CONFIG_NAME} is not valid JSON ({one_line(e)[:120]}); re-download or '
+                          f'save again') from None
     return parse_config(raw, where)
 
 
 def _check_keys(where: str, prefix: str, d: Dict[str, Any], known: set) -> None:
     unknown = sorted(set(d) - known)
     if unknown:
-        raise ConfigError(f'{where}: unknown key(s) {[prefix + k for k in unknown]}; known: {sorted(known)}')
+        raise ConfigError(f'{where}: unknown key(s) {short([prefix + k for k in unknown], 120)}; known: '
+                          f'{sorted(known)}')
 
 
-def _get_int(where: str, name: str, value: Any, minimum: int, maximum: Optional[int] = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (maximum and value > maximum):
-        rng = f'in [{minimum}, {maximum}]' if maximum else f'>= {minimum}'
-        raise ConfigError(f'{where}: {name} must be an integer {rng}, got {value!r}')
-    return value
 

@@ -1,8 +1,10 @@
 """``load_pretrained_hff``: validate ``config.json``, build the model it describes, load and check its weights.
 
-The config is validated before any module is built, and the rebuilt stages must be the saved ones; every failure is
-one line. ``load_from_timm_source`` serves ``timm.create_model('hf-hub:...')`` through the same path.
+The config is validated before any module is built, then held against the weights header on the meta device
+(``_dry_build``), so nothing is allocated that the weights do not back; the rebuilt stages must be the saved ones,
+and every failure is one line. ``load_from_timm_source`` serves ``timm.create_model('hf-hub:...')`` the same way.
 """
+import dataclasses
 import warnings
 from typing import Any, Dict, Optional, Tuple
 
@@ -10,12 +12,13 @@ import timm
 import torch
 
 from .._builder import create_from_timm
-from .._config import HFFConfig
+from .._config import HFFConfig, short_repr
 from .._model import HFFModel
+from ._dry_build import check_prototypes, check_shapes, dry_build, translate_errors
 from ._errors import ShapeMismatchError
-from ._format import CONFIG_NAME, RUNTIME_SETTINGS, WEIGHTS_NAME, SavedConfig, read_config
+from ._format import RUNTIME_SETTINGS, SavedConfig, read_config
 from ._resolve import HUB_KWARGS, resolve
-from ._weights import read_weights
+from ._weights import check_weights, load_weights
 
 
 def load_pretrained_hff(model_name: str, pretrained: bool = True, num_classes: Optional[int] = None,
@@ -42,11 +45,19 @@ def load_pretrained_hff(model_name: str, pretrained: bool = True, num_classes: O
     cfg, timm_kwargs = _merge_settings(saved, hff_cfg, kwargs, pretrained, files.where)
     new_chans = saved.in_chans if in_chans is None else in_chans
     state = None
-    if pretrained:
-        state = read_weights(files.weights(), saved.weights_sha256, where=files.where)
+    if pretrained:   # nothing is allocated before the config is held against the weights header
+        header = check_weights(files.weights(), saved.weights_sha256, where=files.where)
+        check_prototypes(saved, header, files.where)
+        meta = dry_build(lambda: create_from_timm(saved.arch, dataclasses.replace(cfg), pretrained=False,
+                                                  num_classes=saved.num_classes, in_chans=saved.in_chans,
+                                                  **timm_kwargs), header, files.where)
+        _check_stages(meta, saved, files.where)
+        del meta
+        state = load_weights(files.weights(), where=files.where)
     build_classes = saved.num_classes if pretrained or num_classes is None else num_classes
-    model = create_from_timm(saved.arch, cfg, pretrained=False, num_classes=build_classes, in_chans=new_chans,
-                             **timm_kwargs)
+    with translate_errors(files.where):
+        model = create_from_timm(saved.arch, cfg, pretrained=False, num_classes=build_classes, in_chans=new_chans,
+                                 **timm_kwargs)
     _check_stages(model, saved, files.where)
     if state is not None:
         if new_chans != saved.in_chans:
@@ -125,8 +136,8 @@ def _check_stages(model: HFFModel, saved: SavedConfig, where: str) -> None:
            for i, c in zip(model.split.feature_indices, model.split.channels, strict=True)]
     if want != got:
         raise ShapeMismatchError(f'{where}: the stages rebuilt with timm {timm.__version__} are (feature index, '
-                                 f'channels) {got}, the saved ones {want}; load it with the timm version that '
-                                 f'saved it')
+                                 f'channels) {short_repr(got, 200)}, the saved ones {short_repr(want, 200)}; load it '
+                                 f'with the timm version that saved it')
 
 
 def _adapt_first_conv(model: HFFModel, state: Dict[str, torch.Tensor], in_chans: int, saved_chans: int) -> None:
@@ -140,18 +151,6 @@ def _adapt_first_conv(model: HFFModel, state: Dict[str, torch.Tensor], in_chans:
 
 def load_state_checked(model: torch.nn.Module, state: Dict[str, torch.Tensor], where: str) -> None:
     """``load_state_dict(strict=True)`` with a one-line error naming the first tensor that does not fit."""
-    expected = model.state_dict()
-    bad = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in expected.items()
-           if k in state and state[k].shape != v.shape]
-    if bad:
-        k, got, want = bad[0]
-        more = f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''
-        raise ShapeMismatchError(f"{where}: tensor '{k}' is {list(got)} in {WEIGHTS_NAME} but {list(want)} in the "
-                                 f"model built from {CONFIG_NAME}{more}; the two files come from different models")
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        what = f"lacks '{missing[0]}'" if missing else f"has an unexpected tensor '{unexpected[0]}'"
-        raise ShapeMismatchError(f'{where}: {WEIGHTS_NAME} {what} ({len(missing)} missing, {len(unexpected)} '
-                                 f'unexpected); {CONFIG_NAME} and {WEIGHTS_NAME} come from different models')
+    check_shapes({k: tuple(v.shape) for k, v in model.state_dict().items()},
+                 {k: tuple(v.shape) for k, v in state.items()}, where)
     model.load_state_dict(state, strict=True)

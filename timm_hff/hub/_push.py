@@ -6,13 +6,12 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
 from huggingface_hub import HfApi
-from huggingface_hub.errors import HFValidationError
-from huggingface_hub.utils import validate_repo_id
 
 from ._atomic import link_or_copy
 from ._card import build_model_card
-from ._errors import CheckpointFileNotFoundError, one_line
+from ._errors import CheckpointFileNotFoundError
 from ._format import CARD_NAME, CONFIG_NAME, HUB_FILES, WEIGHTS_NAME, read_config
+from ._names import check_repo_id, check_revision
 from ._save import save_pretrained
 from ._weights import read_weights
 
@@ -42,10 +41,8 @@ def push_to_hub(model_or_dir, repo_id: str, token: Optional[str] = None, private
     Returns:
         huggingface_hub's ``CommitInfo`` (``.commit_url``, ``.pr_url``, ``.oid``).
     """
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as e:
-        raise ValueError(f'repo_id {repo_id!r}: {one_line(e)}') from None
+    check_repo_id(repo_id)
+    check_revision(revision)
     if create_pr and revision not in (None, 'main'):
         raise ValueError(f'create_pr opens a pull request against the default branch; it cannot target '
                          f'revision={revision!r} (push to the branch instead, without create_pr)')

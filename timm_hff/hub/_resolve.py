@@ -9,10 +9,11 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 from huggingface_hub import HfApi, hf_hub_download
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import (
-    EntryNotFoundError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
-from huggingface_hub.utils import validate_repo_id
+    EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
 
+from .._config import short_repr
 from ._errors import CheckpointError, CheckpointFileNotFoundError, one_line
+from ._names import check_repo_id, check_revision
 from ._format import CONFIG_NAME, WEIGHTS_NAME
 from ._weights import PICKLE_SUFFIXES, pickle_names, unsafe_error
 
@@ -34,9 +35,14 @@ def split_source(model_name: str) -> Tuple[str, str]:
         if isinstance(model_name, str) and model_name.startswith(source + ':'):
             ref = model_name[len(source) + 1:]
             if not ref:
-                raise ValueError(f"'{model_name}' names no {'repository' if source == 'hf-hub' else 'folder'}")
+                raise ValueError(f"'{_shown(model_name)}' names no {'repository' if source == 'hf-hub' else 'folder'}")
             return source, ref
     raise ValueError(f"expected 'hf-hub:org/repo[@revision]' or 'local-dir:/path', got {model_name!r}")
+
+
+def _shown(text: str) -> str:
+    """A user-given name as an error quotes it: as written if printable and short, else its (cut) repr."""
+    return text if text.isprintable() and len(text) <= 120 else short_repr(text, 120)
 
 
 class LocalFiles:
@@ -44,7 +50,7 @@ class LocalFiles:
 
     def __init__(self, ref: str):
         self.root = Path(ref).expanduser()
-        self.where = f'local-dir:{ref}'
+        self.where = f'local-dir:{_shown(ref)}'
         if self.root.is_file():
             if self.root.name.lower().endswith(PICKLE_SUFFIXES):
                 raise unsafe_error(self.where, [self.root.name])
@@ -79,13 +85,15 @@ class HubFiles:
     def __init__(self, ref: str, revision: Optional[str] = None, **hub_kwargs):
         repo_id, sep, rev = ref.partition('@')
         if sep and (not rev or '@' in rev):
-            raise ValueError(f"'hf-hub:{ref}': write a revision as 'hf-hub:org/repo@revision' (one '@')")
+            raise ValueError(f"'hf-hub:{_shown(ref)}': write a revision as 'hf-hub:org/repo@revision' (one '@')")
         if rev and revision and rev != revision:
-            raise ValueError(f"'hf-hub:{ref}' names revision {rev!r} but revision={revision!r} was also given")
+            raise ValueError(f"'hf-hub:{_shown(ref)}' names revision {short_repr(rev)} but revision={short_repr(revision)} "
+                             f"was also given")
         try:
-            validate_repo_id(repo_id)
-        except HFValidationError as e:
-            raise ValueError(f"'hf-hub:{ref}': {one_line(e)}") from None
+            check_repo_id(repo_id, f"'hf-hub:{ref[:80]}': the repository")
+            check_revision(rev or revision)   # it becomes a file name in the cache (refs/<revision>)
+        except ValueError as e:
+            raise ValueError(one_line(e)) from None
         self.repo_id, self.revision, self.hub_kwargs = repo_id, rev or revision, hub_kwargs
         self.where = f'hf-hub:{repo_id}' + (f'@{self.revision}' if self.revision else '')
         self._config_path: Optional[Path] = None

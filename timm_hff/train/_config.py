@@ -7,6 +7,7 @@ never a silently ignored setting.
 """
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from dataclasses import dataclass, field, fields
@@ -14,7 +15,9 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import yaml
 
+from .._config import short_repr
 from ..data import AUG_KINDS, AugConfig
+from ..hub._values import MAX_KWARG_INT, check_json
 
 SCHEDULES = ('simultaneous', 'memory_efficient', 'sequential', 'stage_parallel')
 # Names other trainers use for a setting, so the hint for an unknown key names the right one (difflib alone
@@ -227,6 +230,10 @@ class TrainConfig:
                      'threads'):
             if getattr(self, name) is not None:
                 _at_least(name, getattr(self, name), 1)
+        for name, most in _AT_MOST.items():   # processes, threads, seeds and sizes a machine can hold
+            if getattr(self, name) is not None and getattr(self, name) > most:
+                raise ValueError(f'{name} must be <= {most}, got {getattr(self, name)!r}')
+        _names(self)
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f'val_fraction must be in [0, 1) (the share of train_split held out), got '
                              f'{self.val_fraction!r}')
@@ -240,8 +247,9 @@ class TrainConfig:
             raise ValueError(f'test_split and val_split are both {self.test_split!r}: the test split is evaluated once '
                              f'at the end, so validate on another split (or val_fraction) or drop test_split')
         if self.label_names is not None and len(set(self.label_names)) != len(self.label_names):
-            dup = next(n for n in self.label_names if self.label_names.count(n) > 1)
-            raise ValueError(f'label_names has a duplicate ({dup!r}): give each class its own name')
+            seen = set()
+            dup = next(n for n in self.label_names if n in seen or seen.add(n))
+            raise ValueError(f'label_names has a duplicate ({short_repr(dup)}): give each class its own name')
         for name in ('hflip', 'vflip', 'reprob', 'mixup_prob', 'mixup_switch_prob', 'model_ema_decay'):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f'{name} must be in [0, 1], got {getattr(self, name)!r}')
@@ -252,7 +260,7 @@ class TrainConfig:
             raise ValueError(f'smoothing must be in [0, 1), got {self.smoothing!r}')
         if self.stage_lr is not None:
             if not self.stage_lr or any(f <= 0 for f in self.stage_lr):
-                raise ValueError(f'stage_lr must list one positive factor per stage, got {self.stage_lr!r}')
+                raise ValueError(f'stage_lr must list one positive factor per stage, got {short_repr(self.stage_lr)}')
             if self.method == 'bp':
                 raise ValueError("stage_lr scales HFF stages; method 'bp' has one end-to-end loss (drop stage_lr)")
         if self.calibrate_exits is not None:
@@ -270,7 +278,7 @@ class TrainConfig:
         for name in ('scale', 'ratio'):
             v = getattr(self, name)
             if v is not None and (len(v) != 2 or not 0 < v[0] <= v[1]):
-                raise ValueError(f'{name} must be two increasing positive numbers [lo, hi], got {v!r}')
+                raise ValueError(f'{name} must be two increasing positive numbers [lo, hi], got {short_repr(v)}')
         if self.method == 'bp':
             if self.schedule != 'simultaneous':
                 raise ValueError(f"schedule {self.schedule!r} is an HFF schedule; method 'bp' trains end to end "
@@ -325,7 +333,7 @@ class TrainConfig:
             if key not in known:
                 close = [_ALIASES[key]] if key in _ALIASES else difflib.get_close_matches(str(key), known, n=1)
                 hint = f"; did you mean '{close[0]}'?" if close else ''
-                raise ValueError(f"{where}: unknown setting '{key}'{hint}")
+                raise ValueError(f"{where}: unknown setting {short_repr(str(key))}{hint}")
         return cls(**d)
 
     @classmethod
@@ -333,7 +341,9 @@ class TrainConfig:
         """A recipe file plus overrides (CLI flags win). The experiment name defaults to the recipe's file name."""
         if not os.path.isfile(path):
             raise FileNotFoundError(f'recipe {path!r} not found')
-        with open(path) as f:
+        if os.path.getsize(path) > MAX_RECIPE_BYTES:
+            raise ValueError(f'{path} is {os.path.getsize(path) / 2 ** 20:.1f} MiB, far too large for a recipe')
+        with open(path, encoding='utf-8') as f:
             try:
                 d = yaml.safe_load(f)
             except yaml.YAMLError as e:
@@ -341,6 +351,9 @@ class TrainConfig:
                 at = f' at line {mark.line + 1}, column {mark.column + 1}' if mark is not None else ''
                 what = getattr(e, 'problem', None) or str(e).splitlines()[0]
                 raise ValueError(f'{path} is not valid YAML: {what}{at}') from None
+            except (RecursionError, UnicodeDecodeError) as e:
+                raise ValueError(f'{path} is not valid YAML: {type(e).__name__} ({str(e).splitlines()[0][:80]})'
+                                 ) from None
         d = {} if d is None else d
         if not isinstance(d, dict):
             raise ValueError(f'{path} must hold a mapping of settings, got {type(d).__name__}')
@@ -351,6 +364,7 @@ class TrainConfig:
         return cls.from_dict(merged, where=path)
 
 
+MAX_RECIPE_BYTES = 2 ** 20     # a recipe is a few hundred bytes
 # Settings that are mappings of their own: an override changes the keys it names and keeps the others.
 MAPPING_SETTINGS = ('hff', 'model_kwargs')
 
@@ -384,39 +398,64 @@ def _coerce(name: str, value: Any, tp) -> Any:
         return value
     if origin in (list, List, tuple, Tuple):
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f'{name} must be a list, got {value!r}')
+            raise ValueError(f'{name} must be a list, got {short_repr(value)}')
         return [_coerce(f'{name}[{i}]', v, args[0]) for i, v in enumerate(value)]
     if origin in (dict, Dict):
         if not isinstance(value, dict):
-            raise ValueError(f'{name} must be a mapping, got {value!r}')
+            raise ValueError(f'{name} must be a mapping, got {short_repr(value)}')
         return dict(value)
     if tp is bool:
         if not isinstance(value, bool):
-            raise ValueError(f'{name} must be true or false, got {value!r}')
+            raise ValueError(f'{name} must be true or false, got {short_repr(value)}')
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f'{name} must be an integer, got {value!r}')
+            raise ValueError(f'{name} must be an integer, got {short_repr(value)}')
+        if abs(value) > 2 ** 53:
+            raise ValueError(f'{name} must be an integer of magnitude <= 2**53, got {short_repr(value)}')
         return value
     if tp is float:
         if isinstance(value, str):
             try:
                 value = float(value)
             except ValueError:
-                raise ValueError(f'{name} must be a number, got {value!r}') from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f'{name} must be a number, got {value!r}')
+                raise ValueError(f'{name} must be a number, got {short_repr(value)}') from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f'{name} must be a finite number, got {short_repr(value)}')
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ValueError(f'{name} must be a string, got {value!r}')
+            raise ValueError(f'{name} must be a string, got {short_repr(value)}')
         return value
     raise TypeError(f'unsupported setting type {_type_name(tp)} for {name}')
 
 
+# Upper bounds of settings that size what a run starts or allocates before it can fail on its own.
+_AT_MOST = {'workers': 256, 'threads': 1024, 'stage_parallel_queue': 1024, 'seed': 2 ** 32 - 1,
+            'split_seed': 2 ** 32 - 1, 'img_size': 8192, 'num_classes': 2 ** 24, 'batch_size': 2 ** 20,
+            'validation_batch_size': 2 ** 20}
+
+
+def _names(cfg: TrainConfig) -> None:
+    """Strings that become paths, folder names or model-card text: no '..' escape, no NUL, no line break."""
+    from ..hub._names import check_folder_name, check_path, check_text
+    if cfg.experiment:
+        check_folder_name(cfg.experiment, 'experiment')
+    for name in ('output', 'data_dir', 'resume', 'model', 'dataset'):
+        if getattr(cfg, name) is not None:
+            check_path(getattr(cfg, name), name)
+    for i, label in enumerate(cfg.label_names or ()):
+        check_text(label, f'label_names[{i}]')
+    for name in MAPPING_SETTINGS:
+        try:
+            check_json('recipe', name, getattr(cfg, name), max_int=MAX_KWARG_INT)
+        except ValueError as e:
+            raise ValueError(str(e)) from None   # a recipe error, not a checkpoint's
+
+
 def _choice(name: str, value: Any, choices) -> None:
     if value not in choices:
-        raise ValueError(f'{name} must be one of {list(choices)}, got {value!r}')
+        raise ValueError(f'{name} must be one of {list(choices)}, got {short_repr(value)}')
 
 
 def _at_least(name: str, value: int, minimum: int) -> None:

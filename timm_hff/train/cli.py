@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import difflib
 import logging
+import re
 import sys
 import typing
 from dataclasses import fields
@@ -39,7 +40,12 @@ class _Parser(argparse.ArgumentParser):
                     if close:
                         message += f"; did you mean '{close[0]}'?"
                         break
-        super().error(message)
+        super().error(one_line(message))
+
+
+def one_line(message: object) -> str:
+    """The error as one line: a value echoed from the command line (a flag holding a newline) cannot add lines."""
+    return re.sub(r'[\x00-\x1f\x7f]', lambda m: repr(m.group())[1:-1], str(message))
 
 
 def _type_label(tp) -> str:
@@ -125,12 +131,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         from ._stage_parallel import create_trainer
         trainer = create_trainer(cfg)
     except (ValueError, OSError, RunInUseError) as e:   # bad settings, data, checkpoint or output folder
-        print(f'hff-train: error: {e}', file=sys.stderr)
+        print(f'hff-train: error: {one_line(e)}', file=sys.stderr)
         return 2
     try:
         trainer.fit()
     except (FloatingPointError, OSError) as e:   # a NaN / inf loss, a full or read-only disk: the message says what
-        print(f'hff-train: error: {e}', file=sys.stderr)   # was kept and how to continue
+        print(f'hff-train: error: {one_line(e)}', file=sys.stderr)   # was kept and how to continue
         return 1
     return 0
 
