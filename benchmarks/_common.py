@@ -28,6 +28,9 @@ METHOD_LABELS = {
     'hff_simultaneous': 'HFF simultaneous',
     'hff_memory_efficient': 'HFF memory_efficient',
     'hff_me_ckpt': 'HFF memory_efficient + checkpointing',
+    'hff_balanced': 'HFF memory_efficient, balanced cut',
+    'hff_balanced_ckpt': 'HFF memory_efficient, balanced cut + checkpointing',
+    'hff_compiled': 'HFF simultaneous, torch.compile',
     'bp': 'BP',
     'bp_ckpt': 'BP + checkpointing',
     'bp_accum': 'BP + accumulation',
@@ -198,11 +201,20 @@ def build_ff(spec: ModelSpec, num_classes: int, ff_cfg: Optional[FFConfig] = Non
                            **spec.hff_kwargs())
 
 
+# Stages of the 'balanced' rows: block-boundary cuts with equal saved activations (HFFConfig balance='memory').
+BALANCED_STAGES = 6
+
+
 def build_for_method(method: str, spec: ModelSpec, num_classes: int, **kwargs: Any) -> nn.Module:
     if method.startswith('hff'):
+        if method.startswith('hff_balanced'):
+            kwargs = dict(dict(balance='memory', num_stages=BALANCED_STAGES), **kwargs)
         model = build_hff(spec, num_classes, **kwargs)
-        if method == 'hff_me_ckpt':   # timm's checkpointing inside each stage; the stages still free one by one
+        if method in ('hff_me_ckpt', 'hff_balanced_ckpt'):   # checkpointing inside each stage; still freed one by one
             model.set_grad_checkpointing(True)
+        if method == 'hff_compiled':   # block by block, the cuts stay eager (timm_hff._compile)
+            from timm_hff._compile import compile_model
+            compile_model(model)
         return model
     if method.startswith('bp'):
         return build_bp(spec, num_classes, grad_checkpointing=method == 'bp_ckpt')
@@ -225,9 +237,9 @@ def make_train_step(method: str, model: nn.Module, optimizer: torch.optim.Optimi
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
         with runtime.autocast():
-            if method == 'hff_simultaneous':
+            if method in ('hff_simultaneous', 'hff_compiled'):
                 loss = model(x, y, mode='simultaneous').loss
-            elif method in ('hff_memory_efficient', 'hff_me_ckpt'):
+            elif method in ('hff_memory_efficient', 'hff_me_ckpt', 'hff_balanced', 'hff_balanced_ckpt'):
                 loss = model(x, y, mode='memory_efficient', backward_fn=backward).loss
             elif method in ('bp', 'bp_ckpt'):
                 loss = F.cross_entropy(model(x), y)

@@ -51,10 +51,13 @@ def test_inference_in_gpu_runtime_settings_on_cpu():
 def test_train_cost_memory_and_targets(tmp_path):
     out = str(tmp_path / 'tc')
     train_cost.main(['--quick', '--models', 'tiny_resnet_28:16', '--methods', 'bp', 'bp_accum', 'hff_memory_efficient',
-                     '--timing-seconds', '0', '--out', out])
+                     'hff_balanced', '--timing-seconds', '0', '--out', out])
     saved, md = _read(out)
     by = {r['method']: r for r in saved['rows']}
-    assert set(by) == {'bp', 'bp_accum', 'hff_memory_efficient', 'hff_stage1', 'hff_me_noaux'}
+    assert set(by) == {'bp', 'bp_accum', 'hff_memory_efficient', 'hff_balanced', 'hff_stage1', 'hff_me_noaux'}
+    # the balanced cut (equal saved activations per stage) peaks below timm's one-stage-per-level cut
+    assert by['hff_balanced']['peak_mib'] < by['hff_memory_efficient']['peak_mib']
+    assert any('balanced cut peak <=' in t['target'] for t in saved['targets'])
     assert by['bp']['memory_vs_bp'] == pytest.approx(1.0) and by['bp']['time_vs_bp'] == pytest.approx(1.0)
     assert all(r['peak_mib'] > 0 for r in saved['rows'])
     # measured, not assumed: a quarter of the batch per backward needs clearly less activation memory
@@ -75,7 +78,8 @@ def test_train_steps_in_gpu_runtime_settings_on_cpu():
     spec = _common.get_spec('tiny_resnet_28')
     x = runtime.input(torch.randn(4, 1, 28, 28))
     y = torch.randint(0, 10, (4,))
-    for method in ('hff_simultaneous', 'hff_memory_efficient', 'hff_me_ckpt', 'bp', 'bp_ckpt', 'bp_accum', 'ff'):
+    for method in ('hff_simultaneous', 'hff_memory_efficient', 'hff_me_ckpt', 'hff_balanced', 'hff_balanced_ckpt', 'bp',
+                   'bp_ckpt', 'bp_accum', 'ff'):
         model = runtime.model(_common.build_for_method(method, spec, 10).train())
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         before = [p.detach().clone() for p in model.parameters()]
