@@ -65,3 +65,47 @@ def weights(path):
 
 def ckpt(out, epoch, exp='run'):
     return os.path.join(str(out), exp, 'checkpoints', f'epoch_{epoch:04d}')
+
+
+# The default `python -m pytest -q` runs in a few minutes on 2 cores; these run with `-m slow` (CI runs both, see
+# .ci/run): multi-process (gloo) and subprocess runs, the benchmarks' smoke runs, every recipe's two steps,
+# torch.compile, the fuzz budget, and every test parametrised over a real (non-``test_*``) timm model. timm's own tiny
+# ``test_*`` models keep each model-parametrised test in the default run.
+SLOW_TESTS = {
+    # multi-process and subprocess runs
+    'test_two_process_cpu_ddp', 'test_module_entry_point', 'test_validation_split_is_the_same_in_another_process',
+    'test_two_processes_per_sample_and_stream_loaders_and_a_nan_on_one_process',
+    'test_sigkill_mid_epoch_and_mid_checkpoint_then_resume_is_bitwise',
+    'test_weights_equal_simultaneous_bit_for_bit_at_queue_depth_1_and_2',
+    'test_sigkill_of_rank_1_stops_rank_0_and_resume_is_bitwise', 'test_more_or_fewer_processes_than_stages_are_refused',
+    'test_a_hung_rank_is_named_after_the_timeout', 'test_benchmark_runs_and_judges_its_target',
+    # benchmarks' smoke runs, FF training, torch.compile, early-exit calibration runs
+    'test_train_cost_memory_and_targets', 'test_train_steps_in_gpu_runtime_settings_on_cpu',
+    'test_inference_speedup_and_verdicts', 'test_accuracy_smoke', 'test_benchmark_at_toy_size',
+    'test_ff_learns_a_simple_task', 'test_torchcompile_trains_like_eager', 'test_recipe_runs_two_steps',
+    'test_compiled_model_gives_eager_losses_and_gradients',
+    'test_train_calibrates_on_validation_and_reports_test', 'test_calibrate_to_a_flops_budget',
+    'test_calibrate_within_accuracy_drop', 'test_thresholds_round_trip_through_save_load_and_the_hub',
+    # hub: timm-only export, the offline cache, atomic saves under injected faults
+    'test_export_loads_with_timm_alone', 'test_hf_hub_from_offline_cache_with_revisions',
+    'test_save_is_atomic_and_keeps_other_files',
+    # the fuzz budget (a few hundred cases per target)
+    'test_fuzz_config', 'test_fuzz_header', 'test_fuzz_recipe', 'test_fuzz_cli', 'test_fuzz_names',
+}
+
+
+def _real_model(item) -> bool:
+    callspec = getattr(item, 'callspec', None)
+    if callspec is None:
+        return False
+    import timm
+    return any(isinstance(v, str) and not v.startswith('test_') and timm.is_model(v)
+               for v in callspec.params.values()) or any(
+        isinstance(v, tuple) and v and isinstance(v[0], str) and not v[0].startswith('test_') and timm.is_model(v[0])
+        for v in callspec.params.values())
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.originalname in SLOW_TESTS or _real_model(item):
+            item.add_marker(pytest.mark.slow)
