@@ -12,6 +12,10 @@ enough, see ``forward_adaptive``). ``model(x, target)`` returns every stage's lo
 - ``mode='memory_efficient'``: each stage's loss is backpropagated (through ``backward_fn``, e.g.
   ``accelerator.backward``) as soon as the stage has run, freeing its graph before the next stage runs, as
   InfoPro does. Gradients are the same as in simultaneous mode.
+
+Over 400 lines because ``HFFModel`` is one class: its forward modes, stage freezing, input checks and timm's
+model surface (``reset_classifier``, ``group_matcher``, ``forward_features`` / ``forward_head`` /
+``forward_intermediates``); the adaptive exit already lives apart (``_adaptive``).
 """
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Set, Union

@@ -10,6 +10,9 @@ plain timm classifier exact. One mechanism covers sequential CNNs, NHWC models a
 At build time ``probe_split`` checks the cut on a batch of two: every tap must equal timm's own
 ``forward_intermediates`` (so the hooks sit on the right modules), and autograd's graph from each stage output
 must reach a disjoint set of parameters (so the detach really cuts).
+
+Over 400 lines because the cut is one mechanism: tap lookup, detach hooks, the small-input stem, the build-time
+probe and the ownership check share private helpers over the same ``feature_info`` walk.
 """
 import difflib
 import math

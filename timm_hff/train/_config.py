@@ -4,6 +4,9 @@ Names follow timm's ``train.py`` where timm has the setting (``opt``, ``lr``, ``
 ``model_ema_decay``, ``mixup``, ``reprob``, ``grad_accum_steps``, ...), so a timm user can read a recipe at once.
 Loading is strict: an unknown key, a wrong type or an out-of-range value is a one-line error naming the key,
 never a silently ignored setting.
+
+Over 400 lines because every training setting, its documentation and its validation live in one dataclass, as
+``HFFConfig`` does for the model.
 """
 import dataclasses
 import difflib
