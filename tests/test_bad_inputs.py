@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import load_file
 
 import timm_hff
-from timm_hff.hub import CorruptCheckpointError, FormatVersionError, ShapeMismatchError, UnsafeCheckpointError
+from timm_hff.hub import (CheckpointFileNotFoundError, CorruptCheckpointError, FormatVersionError, ShapeMismatchError,
+                          UnsafeCheckpointError)
 from timm_hff._stages import SplitError
 from timm_hff.data import load_image_dataset
 from timm_hff.train import Trainer
@@ -314,6 +315,13 @@ def _(env):
     (d / 'model.safetensors').unlink()
     torch.save(state, d / 'pytorch_model.bin')
     timm_hff.create_model(f'local-dir:{d}', pretrained=True)
+
+
+@case('local-dir at an hff-train run folder', CheckpointFileNotFoundError,
+      r"config\.json not found; this looks like an hff-train run folder: load its saved model from local-dir:.*/model$")
+def _(env):
+    d = env.copy_model()   # <tmp>/model: the layout of a run folder (<run>/model/config.json)
+    timm_hff.create_model(f'local-dir:{d.parent}', pretrained=True)
 
 
 @case('weights whose shapes do not match', ShapeMismatchError,

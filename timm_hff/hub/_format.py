@@ -165,6 +165,10 @@ def read_config(path: Union[str, Path], where: Optional[str] = None) -> SavedCon
     path = Path(path)
     where = where or str(path)
     if not path.is_file():
+        for sub in ('model', 'model_ema'):   # an hff-train run folder: its saved models are in model/ (model_ema/)
+            if (path.parent / sub / CONFIG_NAME).is_file():
+                raise CheckpointFileNotFoundError(f'{where}: {CONFIG_NAME} not found; this looks like an hff-train run '
+                                                  f'folder: load its saved model from {where}/{sub}')
         raise CheckpointFileNotFoundError(f'{where}: {CONFIG_NAME} not found; a saved HFF model folder holds '
                                           f'{CONFIG_NAME} and {WEIGHTS_NAME} (write them with save_pretrained)')
     size = path.stat().st_size
