@@ -27,6 +27,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from .._config import short_repr
 from .._model import HFFModel
 from ._errors import ConfigError, ResourceLimitError, ShapeMismatchError, one_line
 from ._format import CONFIG_NAME, WEIGHTS_NAME, SavedConfig
@@ -63,7 +64,8 @@ def check_prototypes(saved: SavedConfig, header: Header, where: str) -> None:
         want_cols = saved.cfg.embed_dim or shape[1]
         if shape[0] != rows or shape[1] != want_cols:
             raise ShapeMismatchError(
-                f"{where}: tensor '{name}' is {list(shape)} in {WEIGHTS_NAME} but [{rows}, {want_cols}] for the "
+                f"{where}: tensor {short_repr(name, 120)} is {list(shape)} in {WEIGHTS_NAME} but [{rows}, {want_cols}] "
+                f"for the "
                 f"num_classes={saved.num_classes}, prototypes_per_class={saved.cfg.prototypes_per_class} and "
                 f"embed_dim={saved.cfg.embed_dim} of {CONFIG_NAME}; refused before building anything")
 
@@ -85,8 +87,8 @@ def check_state(model: nn.Module, header: Header, where: str) -> None:
         saved = header.tensors[k][0]
         ok = saved in FLOAT_DTYPES if dtype.is_floating_point else _TORCH_DTYPES.get(saved) == dtype
         if not ok:
-            raise ShapeMismatchError(f"{where}: tensor '{k}' is {saved} in {WEIGHTS_NAME} but {dtype} in the model "
-                                     f"built from {CONFIG_NAME}; the two files come from different models")
+            raise ShapeMismatchError(f"{where}: tensor {short_repr(k, 120)} is {saved} in {WEIGHTS_NAME} but {dtype} "
+                                     f"in the model built from {CONFIG_NAME}; the two files come from different models")
 
 
 def check_shapes(expected: Dict[str, Tuple[int, ...]], saved: Dict[str, Tuple[int, ...]], where: str) -> None:
@@ -95,8 +97,9 @@ def check_shapes(expected: Dict[str, Tuple[int, ...]], saved: Dict[str, Tuple[in
     if bad:
         k, got, want = bad[0]
         more = f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''
-        raise ShapeMismatchError(f"{where}: tensor '{k}' is {list(got)} in {WEIGHTS_NAME} but {list(want)} in the "
-                                 f"model built from {CONFIG_NAME}{more}; the two files come from different models")
+        raise ShapeMismatchError(f"{where}: tensor {short_repr(k, 120)} is {list(got)} in {WEIGHTS_NAME} but "
+                                 f"{list(want)} in the model built from {CONFIG_NAME}{more}; the two files come from "
+                                 f"different models")
     missing = [k for k in expected if k not in saved]
     unexpected = [k for k in saved if k not in expected]
     if missing or unexpected:

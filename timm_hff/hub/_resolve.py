@@ -87,8 +87,8 @@ class HubFiles:
         if sep and (not rev or '@' in rev):
             raise ValueError(f"'hf-hub:{_shown(ref)}': write a revision as 'hf-hub:org/repo@revision' (one '@')")
         if rev and revision and rev != revision:
-            raise ValueError(f"'hf-hub:{_shown(ref)}' names revision {short_repr(rev)} but revision={short_repr(revision)} "
-                             f"was also given")
+            raise ValueError(f"'hf-hub:{_shown(ref)}' names revision {short_repr(rev)} but "
+                             f"revision={short_repr(revision)} was also given")
         try:
             check_repo_id(repo_id, f"'hf-hub:{ref[:80]}': the repository")
             check_revision(rev or revision)   # it becomes a file name in the cache (refs/<revision>)

@@ -21,6 +21,11 @@ MAX_KWARG_INT = 2 ** 20     # integers among the timm kwargs: widths, depths, si
 MAX_SIZE = 65_536           # pixels of an input side, entries of mean / std
 
 
+def _key(k: str) -> str:
+    """A mapping key as an error's path shows it: as written if printable, else its repr (one line either way)."""
+    return k[:40] if k.isprintable() else short(k, 40)
+
+
 def check_json(where: str, name: str, value: Any, max_int: int = MAX_INT) -> Any:
     """Plain JSON: None, bool, finite numbers within ``max_int``, strings, lists and string-keyed mappings.
 
@@ -60,7 +65,7 @@ def _walk(where: str, name: str, value: Any, max_int: int, depth: int, budget: l
         for k, v in value.items():
             if not isinstance(k, str):
                 raise ConfigError(f'{where}: {name} has a non-string key {short(k)}')
-            _walk(where, f'{name}.{k[:40]}', v, max_int, depth + 1, budget)
+            _walk(where, f'{name}.{_key(k)}', v, max_int, depth + 1, budget)
     else:
         raise ConfigError(f'{where}: {name} has a value of type {type(value).__name__}, which JSON does not have')
 
@@ -209,7 +214,7 @@ def check_metrics(where: str, metrics: Any) -> Dict[str, Any]:
     """Evaluation results: accuracies are numbers, the data set and split are one-line names."""
     check_mapping(where, 'hff.metrics', metrics)
     for key, v in metrics.items():
-        name = f'hff.metrics.{key}'
+        name = f'hff.metrics.{_key(str(key))}'
         if v is None:
             continue
         if key in _METRIC_TEXT:
