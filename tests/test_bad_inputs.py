@@ -241,6 +241,18 @@ def _(env, capsys):
     env.cli(['--config', str(env.tmp / 'recipe.yaml')], capsys)
 
 
+@case('experiment name that climbs out of the output folder', CliError,
+      r"experiment '\.\./\.\./escape' must be a single folder name .*so that the run stays inside the output folder")
+def _(env, capsys):
+    (env.tmp / 'recipe.yaml').write_text('model: test_resnet\n')
+    before = set(env.tmp.parent.parent.iterdir())
+    try:
+        env.cli(['--config', str(env.tmp / 'recipe.yaml'), '--output', str(env.tmp / 'out'), '--experiment',
+                 '../../escape'], capsys)
+    finally:   # refused before anything is written, inside or outside the output folder
+        assert set(env.tmp.parent.parent.iterdir()) == before and not (env.tmp / 'out').exists()
+
+
 @case('recipe that is not valid YAML', CliError,
       r"recipe\.yaml is not valid YAML: expected ',' or '\]', but got '<stream end>' at line 2, column 1")
 def _(env, capsys):
