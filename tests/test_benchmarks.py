@@ -120,3 +120,19 @@ def test_markdown_table_and_gpu_script():
     md = _common.markdown_table(['a', 'b'], [[1, 0.123456], ['x', 12345.6]])
     assert md.splitlines() == ['| a | b |', '|---|---|', '| 1 | 0.123 |', '| x | 12,346 |']
     assert subprocess.run(['bash', '-n', os.path.join(ROOT, 'benchmarks', 'gpu_all.sh')]).returncode == 0
+
+
+def test_recipe_cost_times_the_trainers_models_side_by_side(tmp_path):
+    from benchmarks import recipe_cost
+    recipe = tmp_path / 'r.yaml'
+    recipe.write_text('model: test_resnet\nhff: {small_input: true, num_stages: 2}\nin_chans: 1\nimg_size: 28\n'
+                      'num_classes: 10\nbatch_size: 4\nmodel_ema: true\n')
+    out = recipe_cost.main([str(recipe), '--variant', 'd2={aux: conv3x3, aux_depth: 2}', '--rounds', '2', '--steps', '1',
+                            '--out', str(tmp_path / 'rc')])
+    by = {r['variant']: r for r in out['rows']}
+    assert list(by) == ['recipe', 'd2', 'bp'] and by['bp']['method'] == 'bp' and by['d2']['hff'] == dict(
+        aux='conv3x3', aux_depth=2)
+    assert by['bp']['time_vs_bp'] == 1.0 and all(len(r['rounds_ms']) == 2 and r['step_ms'] > 0 for r in by.values())
+    assert (tmp_path / 'rc' / 'results.md').read_text().count('| d2 | hff |') == 1
+    _, cfg, model = recipe_cost.build_step(str(recipe), dict(hff=dict(aux='conv3x3', aux_depth=2)))
+    assert cfg.hff['aux_depth'] == 2 and cfg.hff['num_stages'] == 2 and model.num_stages == 2   # merged key by key
