@@ -52,9 +52,8 @@ def create_from_timm(arch: str, cfg: HFFConfig, pretrained: bool = False, num_cl
         import difflib
         close = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.6)
         hint = f"; close timm names: {', '.join(close)}" if close else "; list them with timm.list_models('*name*')"
-        name = display_name or arch
-        shown = f"'{name}'" if name.isprintable() and len(name) <= 120 else short_repr(name, 120)
-        raise ValueError(f"unknown model {shown}: not a timm architecture nor an hff_* name{hint}")
+        raise ValueError(f"unknown model {short_repr(display_name or arch, 120)}: not a timm architecture nor an hff_* "
+                         f"name{hint}")
     if 'num_classes' in timm_kwargs or 'features_only' in timm_kwargs:
         raise ValueError('features_only is not supported: HFF cuts the full model itself')
     num_classes = 1000 if num_classes is None else num_classes

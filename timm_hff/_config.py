@@ -221,3 +221,9 @@ def short_repr(value: Any, width: int = 60) -> str:
     except ValueError:   # an integer too long to print
         text = f'<an integer of {value.bit_length()} bits>'
     return text if len(text) <= width else text[:width - 3] + '...'
+
+
+def printable_name(text: str, width: int = 120) -> str:
+    """A user-given name as an error quotes it: as written when printable and short, else its (cut) repr, so that a
+    newline or control character in a name never splits the one-line message."""
+    return text if text.isprintable() and len(text) <= width else short_repr(text, width)

@@ -11,7 +11,7 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import (
     EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
 
-from .._config import short_repr
+from .._config import printable_name, short_repr
 from ._errors import CheckpointError, CheckpointFileNotFoundError, one_line
 from ._names import check_repo_id, check_revision
 from ._format import CONFIG_NAME, WEIGHTS_NAME
@@ -35,14 +35,10 @@ def split_source(model_name: str) -> Tuple[str, str]:
         if isinstance(model_name, str) and model_name.startswith(source + ':'):
             ref = model_name[len(source) + 1:]
             if not ref:
-                raise ValueError(f"'{_shown(model_name)}' names no {'repository' if source == 'hf-hub' else 'folder'}")
+                what = 'repository' if source == 'hf-hub' else 'folder'
+                raise ValueError(f"'{printable_name(model_name)}' names no {what}")
             return source, ref
     raise ValueError(f"expected 'hf-hub:org/repo[@revision]' or 'local-dir:/path', got {model_name!r}")
-
-
-def _shown(text: str) -> str:
-    """A user-given name as an error quotes it: as written if printable and short, else its (cut) repr."""
-    return text if text.isprintable() and len(text) <= 120 else short_repr(text, 120)
 
 
 class LocalFiles:
@@ -50,7 +46,7 @@ class LocalFiles:
 
     def __init__(self, ref: str):
         self.root = Path(ref).expanduser()
-        self.where = f'local-dir:{_shown(ref)}'
+        self.where = f'local-dir:{printable_name(ref)}'
         if self.root.is_file():
             if self.root.name.lower().endswith(PICKLE_SUFFIXES):
                 raise unsafe_error(self.where, [self.root.name])
@@ -85,9 +81,10 @@ class HubFiles:
     def __init__(self, ref: str, revision: Optional[str] = None, **hub_kwargs):
         repo_id, sep, rev = ref.partition('@')
         if sep and (not rev or '@' in rev):
-            raise ValueError(f"'hf-hub:{_shown(ref)}': write a revision as 'hf-hub:org/repo@revision' (one '@')")
+            raise ValueError(f"'hf-hub:{printable_name(ref)}': write a revision as 'hf-hub:org/repo@revision' "
+                             f"(one '@')")
         if rev and revision and rev != revision:
-            raise ValueError(f"'hf-hub:{_shown(ref)}' names revision {short_repr(rev)} but "
+            raise ValueError(f"'hf-hub:{printable_name(ref)}' names revision {short_repr(rev)} but "
                              f"revision={short_repr(revision)} was also given")
         try:
             check_repo_id(repo_id, f"'hf-hub:{ref[:80]}': the repository")

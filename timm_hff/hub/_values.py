@@ -8,7 +8,7 @@ least be small, finite, plain JSON. Each failure is a ``ConfigError`` of one lin
 import math
 from typing import Any, Dict, Optional
 
-from .._config import short_repr as short
+from .._config import printable_name, short_repr as short
 from ._errors import ConfigError, one_line
 from ._names import check_repo_id, check_text
 
@@ -19,11 +19,6 @@ MAX_TEXT = 65_536           # characters of one string
 MAX_INT = 2 ** 53           # integers beyond a float's exact range are no size, count or seed of a model
 MAX_KWARG_INT = 2 ** 20     # integers among the timm kwargs: widths, depths, sizes, heads (a million is plenty)
 MAX_SIZE = 65_536           # pixels of an input side, entries of mean / std
-
-
-def _key(k: str) -> str:
-    """A mapping key as an error's path shows it: as written if printable, else its repr (one line either way)."""
-    return k[:40] if k.isprintable() else short(k, 40)
 
 
 def check_json(where: str, name: str, value: Any, max_int: int = MAX_INT) -> Any:
@@ -65,7 +60,7 @@ def _walk(where: str, name: str, value: Any, max_int: int, depth: int, budget: l
         for k, v in value.items():
             if not isinstance(k, str):
                 raise ConfigError(f'{where}: {name} has a non-string key {short(k)}')
-            _walk(where, f'{name}.{_key(k)}', v, max_int, depth + 1, budget)
+            _walk(where, f'{name}.{printable_name(k, 40)}', v, max_int, depth + 1, budget)
     else:
         raise ConfigError(f'{where}: {name} has a value of type {type(value).__name__}, which JSON does not have')
 
@@ -214,7 +209,7 @@ def check_metrics(where: str, metrics: Any) -> Dict[str, Any]:
     """Evaluation results: accuracies are numbers, the data set and split are one-line names."""
     check_mapping(where, 'hff.metrics', metrics)
     for key, v in metrics.items():
-        name = f'hff.metrics.{_key(str(key))}'
+        name = f'hff.metrics.{printable_name(str(key), 40)}'
         if v is None:
             continue
         if key in _METRIC_TEXT:
