@@ -101,8 +101,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         from ._factory import create_model
         model = create_model(args.model, pretrained=True)
         if args.predict_from is not None:
-            pf = args.predict_from
-            model.set_predict_from(int(pf) if pf.lstrip('-').isdigit() else pf)
+            from .validate import _parse_predict_from
+            model.set_predict_from(_parse_predict_from(args.predict_from))
         results = predict(model, files, args.top_k, args.batch_size, device)
     except (ValueError, OSError) as e:
         print(f'hff-predict: error: {e}', file=sys.stderr)
