@@ -5,9 +5,10 @@ inference.py.
     hff-predict hf-hub:org/repo photos/ --top-k 3 --results-file predictions.json
     hff-predict local-dir:output/fashion_mnist/model shoe.png --predict-from adaptive   # per-image early exit
 
-Each image is read with PIL, converted to the model's channels (grayscale for a one-channel model) and preprocessed
-with timm's eval transform at the model's own data config (its ``pretrained_cfg``: the size and normalisation it was
-trained with). Folders are searched recursively for image files. Probabilities are the softmax of the prediction's
+Each image is read with PIL and preprocessed exactly as ``hff-validate`` and the trainer's evaluation do (the same
+``SampleTransform`` + ``BatchTransform``: the model's channels, timm's eval resize / crop, normalisation) at the
+model's own data config (its ``pretrained_cfg``: the size and normalisation it was trained with). Folders are
+searched recursively for image files. Probabilities are the softmax of the prediction's
 logits (scaled cosine similarities to the class prototypes); class names come from the saved ``label_names``.
 """
 import argparse
@@ -38,11 +39,12 @@ def find_images(paths: List[str]) -> List[str]:
     return out
 
 
-def load_image(path: str, in_chans: int):
+def load_image(path: str, transform):
+    """One file through the trainer's per-sample eval transform (mode conversion, resize, centre crop)."""
     from PIL import Image, UnidentifiedImageError
     try:
         with Image.open(path) as img:
-            return img.convert('L' if in_chans == 1 else 'RGB')
+            return transform(img)
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f'{path}: not a readable image ({type(e).__name__}); pass image files or folders') from None
 
@@ -51,19 +53,17 @@ def load_image(path: str, in_chans: int):
 def predict(model: torch.nn.Module, files: List[str], top_k: int = 5, batch_size: int = 32,
             device: str = 'cpu') -> List[Dict[str, Any]]:
     """Top-k (class index, name, probability) of every file, in order."""
-    from timm.data import create_transform
-    from .data import resolve_data_config
+    from .data import BatchTransform, SampleTransform, resolve_data_config
 
-    data_cfg = resolve_data_config(model, model.in_chans)
-    transform = create_transform(**{k: data_cfg[k] for k in ('input_size', 'mean', 'std', 'crop_pct',
-                                                              'interpolation') if k in data_cfg})
+    data_cfg = resolve_data_config(model, model.in_chans)   # what hff-validate and the trainer's evaluation use
+    per_sample, per_batch = SampleTransform(data_cfg, train=False), BatchTransform(data_cfg, train=False)
     names = model.pretrained_cfg.get('label_names') or [str(i) for i in range(model.num_classes)]
     k = min(top_k, model.num_classes)
     model.eval().to(device)
     results = []
     for i in range(0, len(files), batch_size):
         chunk = files[i:i + batch_size]
-        x = torch.stack([transform(load_image(f, model.in_chans)) for f in chunk]).to(device)
+        x = per_batch(torch.stack([load_image(f, per_sample) for f in chunk]).to(device))
         prob = model(x).float().softmax(-1)
         p, idx = prob.topk(k, dim=-1)
         for f, pi, ii in zip(chunk, p.tolist(), idx.tolist()):
