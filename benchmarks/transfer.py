@@ -1,17 +1,20 @@
 """Transfer on a class split of Fashion-MNIST: does ``recipes/transfer_hff.yaml`` beat training from scratch?
 
-    python -m benchmarks.transfer                         # source 10 epochs, targets of 100 and 500 images per class
-    python -m benchmarks.transfer --candidates            # also the transfer settings tried on validation
+    python -m benchmarks.transfer --candidates            # the transfer settings compared on validation (choose)
+    python -m benchmarks.transfer                         # the shipped recipe vs HFF and BP from scratch (report)
 
 Source: the greedy recipe (``recipes/fashion_mnist.yaml``) trained on classes 0-4 (their 30,000 training images, its
 own class-balanced hold-out for validation). Target: classes 5-9 (Sandal, Shirt, Sneaker, Bag, Ankle boot) relabelled
 0-4, with N training images per class, a validation set of 200 other training images per class (never trained on),
-and the 5,000 test images of those classes. For each N, three runs of the same epochs (the transfer recipe's): the
-transfer recipe from the source model, HFF from scratch (the greedy recipe) and BP from scratch (its backbone). Each
-run validates every epoch and evaluates the test split once, at the end; ``--candidates`` adds the transfer settings
-that were compared on validation to choose the recipe's defaults (their test figures are never used to choose).
-Writes ``transfer.md`` / ``transfer.json`` under ``--out`` (default ``benchmarks/results/transfer``), and keeps each
-run's metrics there too.
+and the 5,000 test images of those classes. For each N, three runs of the same budget: the transfer recipe from the
+source model, HFF from scratch (the greedy recipe) and BP from scratch (its backbone). The budget is images seen, the
+same for every run of one N (``--budget-images``, default 64,000: 128 epochs of 500 images, 26 of 2,500), never fewer
+epochs than the recipe's own: a few epochs of a few hundred images would leave the from-scratch runs untrained and
+make the comparison meaningless. Each run validates every epoch and evaluates the test split once, at the end.
+``--candidates`` runs instead the transfer settings compared on the target's validation split to choose the recipe's
+defaults (their test figures are stored but never used to choose) and writes ``candidates.md`` / ``.json``; the
+default run writes ``transfer.md`` / ``transfer.json``, both under ``--out`` (default ``benchmarks/results/transfer``)
+with each run's metrics.
 """
 import argparse
 import json
@@ -32,10 +35,13 @@ TARGET_CLASSES = (5, 6, 7, 8, 9)
 VAL_PER_CLASS = 200
 # transfer settings compared on the target's validation split (the shipped recipe is one of them)
 CANDIDATES = {
-    'freeze_0_1': dict(freeze_stages=[0, 1]),
-    'finetune_all': dict(freeze_stages=[]),
+    'head_only': dict(freeze_stages=[], head_only=True),
+    'freeze_0_1': dict(freeze_stages=[0, 1], lr=0.001),
+    'finetune_all_lr3e-4': dict(freeze_stages=[], lr=0.0003),
+    'finetune_all_lr1e-3': dict(freeze_stages=[], lr=0.001),
     'finetune_all_lr3e-3': dict(freeze_stages=[], lr=0.003),
 }
+BUDGET_IMAGES = 64_000
 
 
 def write_idx(path: str, array: np.ndarray) -> None:
@@ -94,7 +100,10 @@ def main(argv=None) -> Dict[str, Any]:
     p.add_argument('--data-dir', default=FASHION_MNIST_DIR)
     p.add_argument('--sizes', type=int, nargs='+', default=[100, 500], help='target training images per class')
     p.add_argument('--source-epochs', type=int, default=10)
-    p.add_argument('--candidates', action='store_true', help='also run the transfer settings compared on validation')
+    p.add_argument('--budget-images', type=int, default=BUDGET_IMAGES,
+                   help='training images seen by every run of one target size (epochs = budget / train images)')
+    p.add_argument('--candidates', action='store_true',
+                   help='run the transfer settings compared on validation (to choose the recipe) instead of the table')
     p.add_argument('--out', default=os.path.join(REPO, 'benchmarks', 'results', 'transfer'))
     p.add_argument('--work', default=os.path.join(REPO, 'output', 'transfer_benchmark'))
     p.add_argument('--threads', type=int, default=1)
@@ -116,21 +125,20 @@ def main(argv=None) -> Dict[str, Any]:
     import yaml
     with open(os.path.join(REPO, 'recipes', 'transfer_hff.yaml')) as f:
         recipe = yaml.safe_load(f)
-    epochs = recipe['epochs']
     for n in args.sizes:
         target = os.path.join(data, f'target_{n}')
         rows_n = make_split(args.data_dir, target, TARGET_CLASSES, per_class=n, val_per_class=VAL_PER_CLASS)
-        split = ['--dataset', 'idx', '--data_dir', target, '--train_split', f'train[:{rows_n}]', '--val_split',
-                 f'train[{rows_n}:]', '--val_fraction', '0', '--test_split', 'test', '--label_names',
-                 names(TARGET_CLASSES), '--val_num_samples', 'null'] + common
-        runs = {'transfer recipe': ['--config', 'recipes/transfer_hff.yaml', '--model',
-                                    f'local-dir:{source_run}/model']}
+        epochs = max(recipe['epochs'], -(-args.budget_images // rows_n))
+        split = ['--epochs', str(epochs), '--dataset', 'idx', '--data_dir', target, '--train_split',
+                 f'train[:{rows_n}]', '--val_split', f'train[{rows_n}:]', '--val_fraction', '0', '--test_split',
+                 'test', '--num_classes', str(len(TARGET_CLASSES)), '--label_names', names(TARGET_CLASSES), '--val_num_samples', 'null'] + common
+        transfer = ['--config', 'recipes/transfer_hff.yaml', '--model', f'local-dir:{source_run}/model']
         if args.candidates:
-            for name, over in CANDIDATES.items():
-                runs[f'candidate {name}'] = runs['transfer recipe'] + [a for k, v in over.items()
-                                                                       for a in (f'--{k}', json.dumps(v))]
-        runs['HFF from scratch'] = ['--config', 'recipes/fashion_mnist.yaml', '--epochs', str(epochs)]
-        runs['BP from scratch'] = runs['HFF from scratch'] + ['--baseline', 'bp']
+            runs = {f'candidate {name}': transfer + [a for k, v in over.items() for a in (f'--{k}', json.dumps(v))]
+                    for name, over in CANDIDATES.items()}
+        else:
+            runs = {'transfer recipe': transfer, 'HFF from scratch': ['--config', 'recipes/fashion_mnist.yaml']}
+            runs['BP from scratch'] = runs['HFF from scratch'] + ['--baseline', 'bp']
         for method, run_args in runs.items():
             exp = f"n{n}_{method.replace(' ', '_')}"
             run_dir = os.path.join(args.work, 'runs', exp)
@@ -139,21 +147,30 @@ def main(argv=None) -> Dict[str, Any]:
             rows.append(dict(target=f'classes 5-9, {n} images per class', method=method, **read(run_dir)))
             keep = os.path.join(args.out, 'runs', exp)
             os.makedirs(keep, exist_ok=True)
-            for name in ('metrics.json', 'metrics.csv', 'config.yaml'):
-                shutil.copy(os.path.join(run_dir, name), keep)
+            for fname in ('metrics.json', 'metrics.csv', 'config.yaml'):
+                shutil.copy(os.path.join(run_dir, fname), keep)
             print(rows[-1], flush=True)
+    name = 'candidates' if args.candidates else 'transfer'
     result = dict(benchmark='transfer', command='python -m benchmarks.transfer ' + ' '.join(argv or sys.argv[1:]),
-                  seconds=round(time.time() - started), transfer_recipe=recipe, rows=rows)
+                  seconds=round(time.time() - started), budget_images=args.budget_images, transfer_recipe=recipe,
+                  candidates=CANDIDATES if args.candidates else None, rows=rows)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, 'transfer.json'), 'w') as f:
-        json.dump(result, f, indent=1)
     md = ['| target | method | train images | epochs | val top-1 | test top-1 | test top-1 (EMA) |',
           '|---|---|---|---|---|---|---|']
     fmt = (lambda v: '–' if v is None else f'{v:.2f}')
     for r in rows:
         md.append(f"| {r['target']} | {r['method']} | {r['train_images']} | {r['epochs']} | {fmt(r['val_top1'])} | "
                   f"{fmt(r['test_top1'])} | {fmt(r['test_ema_top1'])} |")
-    with open(os.path.join(args.out, 'transfer.md'), 'w') as f:
+    if args.candidates:   # the choice: the best mean validation top-1 over the target sizes
+        mean_val = {c: float(np.mean([r['val_top1'] for r in rows if r['method'] == f'candidate {c}']))
+                    for c in CANDIDATES}
+        result['chosen'] = max(mean_val, key=mean_val.get)
+        md += ['', 'Mean validation top-1 over the target sizes: ' + ', '.join(f'{c} {v:.2f}' for c, v in
+                                                                               mean_val.items()),
+               f"Chosen on validation: **{result['chosen']}** (test figures above were not used)."]
+    with open(os.path.join(args.out, f'{name}.json'), 'w') as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.join(args.out, f'{name}.md'), 'w') as f:
         f.write(f"### Transfer on a class split of Fashion-MNIST (`{result['command']}`)\n\n" + '\n'.join(md) + '\n')
     print('\n'.join(md))
     return result

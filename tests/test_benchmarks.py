@@ -138,3 +138,28 @@ def test_recipe_cost_times_the_trainers_models_side_by_side(tmp_path):
     assert (tmp_path / 'rc' / 'results.md').read_text().count('| d2 | hff |') == 1
     _, cfg, model = recipe_cost.build_step(str(recipe), dict(hff=dict(aux='conv3x3', aux_depth=2)))
     assert cfg.hff['aux_depth'] == 2 and cfg.hff['num_stages'] == 2 and model.num_stages == 2   # merged key by key
+
+
+def test_transfer_split_is_disjoint_balanced_and_relabelled(tmp_path):
+    """The transfer benchmark's target split: N images per class to train on, then a validation block of other images
+    of the same classes (never trained on), the test images of those classes only, labels mapped to 0..k-1."""
+    import numpy as np
+    from benchmarks import transfer
+    from timm_hff.data import load_idx_arrays
+    src = tmp_path / 'src'
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for split, n in (('train', 400), ('t10k', 100)):
+        x = rng.integers(0, 256, (n, 4, 4), dtype=np.uint8)
+        x[:, 0, 0], x[:, 0, 1] = np.arange(n) % 256, np.arange(n) // 256   # each image names its row
+        transfer.write_idx(str(src / f'{split}-images-idx3-ubyte'), x)
+        transfer.write_idx(str(src / f'{split}-labels-idx1-ubyte'), (np.arange(n) % 10).astype(np.uint8))
+    rows = transfer.make_split(str(src), str(tmp_path / 'out'), (5, 7, 9), per_class=6, val_per_class=4)
+    assert rows == 18
+    x, y = load_idx_arrays(str(tmp_path / 'out'), 'train')
+    ids = x[:, 0, 0].astype(int) + 256 * x[:, 0, 1].astype(int)
+    assert len(y) == 18 + 12 and len(set(ids.tolist())) == len(ids)          # no image twice
+    assert set(np.bincount(y[:18]).tolist()) == {6} and set(np.bincount(y[18:]).tolist()) == {4}
+    assert np.array_equal(np.array([5, 7, 9])[y], ids % 10)                  # relabelled 5,7,9 -> 0,1,2
+    xt, yt = load_idx_arrays(str(tmp_path / 'out'), 'test')
+    assert len(yt) == 30 and np.array_equal(np.array([5, 7, 9])[yt], (xt[:, 0, 0].astype(int)) % 10)

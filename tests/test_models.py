@@ -590,6 +590,21 @@ def test_balanced_cut(kind, tmp_path):
         HFFConfig(balance='speed')
 
 
+def test_balanced_cut_finer_than_timms_levels_keeps_the_network():
+    """More balanced stages than the backbone has reduction levels (a ResNet: 5 taps with the stem's) re-cut the same
+    small-input network as the default 4 stages: the stem's max-pool stays an identity. Measured before the fix: with
+    the stem adapted at the cut's own count, 6 balanced stages kept the max-pool and had a quarter of the FLOPs."""
+    kw = dict(small_input=True, check_img_size=32)
+    default = _build('resnet18', dict(kw, num_stages=4))
+    balanced = _build('resnet18', dict(kw, num_stages=6), balance='memory')
+    assert balanced.num_stages == 6
+    layout = (lambda m: [(n, type(x).__name__, getattr(x, 'stride', None)) for n, x in m.backbone.named_modules()])
+    assert layout(balanced) == layout(default)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert balanced.backbone.forward_features(x).shape == default.backbone.forward_features(x).shape == (2, 512, 4, 4)
+
+
 @pytest.mark.parametrize('backend', ['eager', pytest.param('inductor', marks=pytest.mark.slow)])
 def test_compiled_model_gives_eager_losses_and_gradients(backend):
     """torch.compile block by block: the cuts stay eager hooks, so both training modes and the adaptive path run,

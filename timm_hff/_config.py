@@ -30,8 +30,8 @@ class HFFConfig:
         balance: With ``stage_indices`` None, cut ``num_stages`` stages at block boundaries so that their saved
             activations ('memory': what bounds memory_efficient training) or step times ('time': what paces a stage
             pipeline) are as equal as possible, instead of timm's one stage per level. Measured once at build time;
-            the chosen cut is stored in ``stage_indices``. ``small_input`` adapts the stem of the default cut, so
-            the network is the same as without ``balance``.
+            the chosen cut is stored in ``stage_indices``. ``small_input`` adapts the stem of the default cut at
+            the default stage count, so every balanced cut of a model, whatever ``num_stages``, re-cuts one network.
         stage_indices: Where stages end: indices into the backbone's ``feature_info`` (``out_indices``-style, negative
             from the end) and/or module names of the backbone for cuts finer than timm's levels (block boundaries
             such as ``'layer1.0'`` or ``'stages.2.blocks.3'``). If the last cut is not the backbone's last tap, the

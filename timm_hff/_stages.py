@@ -143,10 +143,13 @@ def build_split(backbone: nn.Module, cfg: HFFConfig) -> StageSplit:
 
 def stem_split(backbone: nn.Module, cfg: HFFConfig) -> StageSplit:
     """The split whose first tap bounds ``small_input``'s stem adaptation: the cut itself, or with ``balance`` the
-    default cut (a balanced cut re-cuts the default network; it must not change it, at build or at load)."""
+    default cut at the default stage count (``HFFConfig().num_stages``). A balanced cut re-cuts that one network
+    whatever ``num_stages`` it asks for, at build and at load: with the cut's own count, 6 balanced stages of a ResNet
+    would start from a stem tap, keep the stem's max-pool and train a network with a quarter of the FLOPs."""
     if cfg.balance is not None:
         from dataclasses import replace
-        return build_split(backbone, replace(cfg, stage_indices=None, balance=None, check_split=False))
+        return build_split(backbone, replace(cfg, stage_indices=None, balance=None, check_split=False,
+                                             num_stages=HFFConfig().num_stages))
     return build_split(backbone, cfg)
 
 
