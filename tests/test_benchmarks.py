@@ -80,9 +80,18 @@ def test_train_steps_in_gpu_runtime_settings_on_cpu():
     spec = _common.get_spec('tiny_resnet_28')
     x = runtime.input(torch.randn(4, 1, 28, 28))
     y = torch.randint(0, 10, (4,))
-    for method in ('hff_simultaneous', 'hff_memory_efficient', 'hff_me_ckpt', 'hff_balanced', 'hff_balanced_ckpt', 'bp',
-                   'bp_ckpt', 'bp_accum', 'ff'):
+    bp = _common.build_for_method('bp', spec, 10)
+    bp_keys = {k for k in bp.state_dict() if not k.startswith('fc.')}
+    bp.reset_classifier(0)
+    bp_flops = _common.count_flops(lambda: bp(x))
+    for method in ('hff_simultaneous', 'hff_memory_efficient', 'hff_me_ckpt', 'hff_balanced', 'hff_balanced_ckpt',
+                   'hff_balanced_cheap', 'bp', 'bp_ckpt', 'bp_accum', 'ff'):
         model = runtime.model(_common.build_for_method(method, spec, 10).train())
+        if method.startswith('hff'):   # every HFF row trains the same network as BP, cut differently
+            assert model.backbone.state_dict().keys() == bp_keys
+            assert _common.count_flops(lambda: model.backbone(x)) == bp_flops
+        if method == 'hff_balanced_cheap':
+            assert model.hff_cfg.aux_size == _common.CHEAP_AUX_SIZE
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         before = [p.detach().clone() for p in model.parameters()]
         step = _common.make_train_step(method, model, opt, runtime, accum_steps=2)
