@@ -387,6 +387,11 @@ def _why(missed):
                        f"resolution) runs forward and backward, and a finer cut has more of them; a narrower aux "
                        f"(`aux_channels`), an aux block on a pooled map (`aux_size`) or `aux='none'` (pool, then "
                        f"project) removes most of it.")
+    if any('balanced cut' in t['target'] and 'checkpointing' not in t['target'] and 'peak <=' in t['target']
+           for t in missed):
+        out.append('- Memory (balanced cut): a balanced cut is no finer than one block (a cut inside a residual block '
+                   'is refused), so the largest block\'s saved activations, plus the gradients of every stage (as '
+                   'many as BP\'s), are its floor; with a small-input stem the first blocks run at full resolution.')
     if any('balanced cut + checkpointing peak <=' in t['target'] for t in missed):
         out.append('- Memory (balanced cut + checkpointing): a balanced cut gives each stage one to three blocks, and '
                    'checkpointing inside a stage that small saves only the stored inputs of its other blocks (the '

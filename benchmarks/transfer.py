@@ -42,13 +42,15 @@ CANDIDATES = {
     'finetune_all_lr3e-3': dict(freeze_stages=[], lr=0.003),
 }
 BUDGET_IMAGES = 64_000
+METHODS = ('transfer recipe', 'HFF from scratch', 'BP from scratch')
 
 
 def write_idx(path: str, array: np.ndarray) -> None:
     """An uncompressed IDX file (uint8 images or labels)."""
     header = bytes([0, 0, 0x08, array.ndim]) + b''.join(int(d).to_bytes(4, 'big') for d in array.shape)
-    with open(path, 'wb') as f:
+    with open(path + '.tmp', 'wb') as f:   # renamed into place: a run reading the file never sees half of it
         f.write(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+    os.replace(path + '.tmp', path)
 
 
 def make_split(root: str, out: str, classes, per_class=None, val_per_class: int = 0, seed: int = 0) -> int:
@@ -75,10 +77,17 @@ def make_split(root: str, out: str, classes, per_class=None, val_per_class: int 
     return int(sum(len(i) for i in train_idx))
 
 
-def hff_train(args: List[str], log: str) -> None:
+def hff_train(args: List[str], log: str, run_dir: str) -> None:
+    """Run hff-train, or keep a finished run of the very same command (its log's first line) in ``run_dir``."""
     cmd = [sys.executable, '-m', 'timm_hff.train'] + args
+    line = ' '.join(cmd)
+    if os.path.isfile(log) and os.path.isfile(os.path.join(run_dir, 'metrics.json')):
+        with open(log) as f, open(os.path.join(run_dir, 'metrics.json')) as m:
+            if f.readline().rstrip('\n') == line and json.load(m).get('test'):
+                return
+    shutil.rmtree(run_dir, ignore_errors=True)
     with open(log, 'w') as f:
-        f.write(' '.join(cmd) + '\n')
+        f.write(line + '\n')
         f.flush()
         subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=True, cwd=REPO)
 
@@ -91,8 +100,10 @@ def read(run_dir: str) -> Dict[str, Any]:
     with open(os.path.join(run_dir, 'metrics.json')) as f:
         doc = json.load(f)
     last, test = doc['epochs'][-1], doc.get('test') or {}
-    return dict(val_top1=last['top1'], val_ema_top1=last.get('ema_top1'), test_top1=test.get('top1'),
-                test_ema_top1=test.get('ema_top1'), epochs=len(doc['epochs']), train_images=doc['run']['train_images'])
+    return dict(val_top1=last['top1'], val_ema_top1=last.get('ema_top1'), val_ensemble_top1=last.get('top1_ensemble'),
+                test_top1=test.get('top1'), test_ema_top1=test.get('ema_top1'),
+                test_ensemble_top1=test.get('top1_ensemble'), epochs=len(doc['epochs']),
+                train_images=doc['run']['train_images'])
 
 
 def main(argv=None) -> Dict[str, Any]:
@@ -102,6 +113,8 @@ def main(argv=None) -> Dict[str, Any]:
     p.add_argument('--source-epochs', type=int, default=10)
     p.add_argument('--budget-images', type=int, default=BUDGET_IMAGES,
                    help='training images seen by every run of one target size (epochs = budget / train images)')
+    p.add_argument('--methods', nargs='+', default=list(METHODS), choices=list(METHODS),
+                   help='the runs of the table to make (finished runs of the same command are kept, not rerun)')
     p.add_argument('--candidates', action='store_true',
                    help='run the transfer settings compared on validation (to choose the recipe) instead of the table')
     p.add_argument('--out', default=os.path.join(REPO, 'benchmarks', 'results', 'transfer'))
@@ -115,11 +128,9 @@ def main(argv=None) -> Dict[str, Any]:
     source_dir = os.path.join(data, 'source')
     make_split(args.data_dir, source_dir, SOURCE_CLASSES)
     source_run = os.path.join(args.work, 'runs', 'source')
-    if not os.path.isfile(os.path.join(source_run, 'model', 'config.json')):
-        shutil.rmtree(source_run, ignore_errors=True)
-        hff_train(['--config', 'recipes/fashion_mnist.yaml', '--data_dir', source_dir, '--label_names',
-                   names(SOURCE_CLASSES), '--epochs', str(args.source_epochs), '--experiment', 'source'] + common,
-                  os.path.join(args.work, 'source.log'))
+    hff_train(['--config', 'recipes/fashion_mnist.yaml', '--data_dir', source_dir, '--label_names',
+               names(SOURCE_CLASSES), '--epochs', str(args.source_epochs), '--experiment', 'source'] + common,
+              os.path.join(args.work, 'source.log'), source_run)
     rows = [dict(target='source (classes 0-4)', method='HFF, greedy recipe', **read(source_run))]
 
     import yaml
@@ -131,7 +142,8 @@ def main(argv=None) -> Dict[str, Any]:
         epochs = max(recipe['epochs'], -(-args.budget_images // rows_n))
         split = ['--epochs', str(epochs), '--dataset', 'idx', '--data_dir', target, '--train_split',
                  f'train[:{rows_n}]', '--val_split', f'train[{rows_n}:]', '--val_fraction', '0', '--test_split',
-                 'test', '--num_classes', str(len(TARGET_CLASSES)), '--label_names', names(TARGET_CLASSES), '--val_num_samples', 'null'] + common
+                 'test', '--num_classes', str(len(TARGET_CLASSES)), '--label_names', names(TARGET_CLASSES),
+                 '--val_num_samples', 'null'] + common
         transfer = ['--config', 'recipes/transfer_hff.yaml', '--model', f'local-dir:{source_run}/model']
         if args.candidates:
             runs = {f'candidate {name}': transfer + [a for k, v in over.items() for a in (f'--{k}', json.dumps(v))]
@@ -139,11 +151,11 @@ def main(argv=None) -> Dict[str, Any]:
         else:
             runs = {'transfer recipe': transfer, 'HFF from scratch': ['--config', 'recipes/fashion_mnist.yaml']}
             runs['BP from scratch'] = runs['HFF from scratch'] + ['--baseline', 'bp']
+            runs = {k: v for k, v in runs.items() if k in args.methods}
         for method, run_args in runs.items():
             exp = f"n{n}_{method.replace(' ', '_')}"
             run_dir = os.path.join(args.work, 'runs', exp)
-            shutil.rmtree(run_dir, ignore_errors=True)
-            hff_train(run_args + split + ['--experiment', exp], os.path.join(args.work, f'{exp}.log'))
+            hff_train(run_args + split + ['--experiment', exp], os.path.join(args.work, f'{exp}.log'), run_dir)
             rows.append(dict(target=f'classes 5-9, {n} images per class', method=method, **read(run_dir)))
             keep = os.path.join(args.out, 'runs', exp)
             os.makedirs(keep, exist_ok=True)
@@ -155,19 +167,25 @@ def main(argv=None) -> Dict[str, Any]:
                   seconds=round(time.time() - started), budget_images=args.budget_images, transfer_recipe=recipe,
                   candidates=CANDIDATES if args.candidates else None, rows=rows)
     os.makedirs(args.out, exist_ok=True)
-    md = ['| target | method | train images | epochs | val top-1 | test top-1 | test top-1 (EMA) |',
-          '|---|---|---|---|---|---|---|']
+    md = ['| target | method | train images | epochs | val top-1 | val top-1, stage ensemble | test top-1 | '
+          'test top-1, stage ensemble | test top-1 (EMA) |', '|---|---|---|---|---|---|---|---|---|']
     fmt = (lambda v: '–' if v is None else f'{v:.2f}')
     for r in rows:
         md.append(f"| {r['target']} | {r['method']} | {r['train_images']} | {r['epochs']} | {fmt(r['val_top1'])} | "
-                  f"{fmt(r['test_top1'])} | {fmt(r['test_ema_top1'])} |")
-    if args.candidates:   # the choice: the best mean validation top-1 over the target sizes
-        mean_val = {c: float(np.mean([r['val_top1'] for r in rows if r['method'] == f'candidate {c}']))
-                    for c in CANDIDATES}
+                  f"{fmt(r['val_ensemble_top1'])} | {fmt(r['test_top1'])} | {fmt(r['test_ensemble_top1'])} | "
+                  f"{fmt(r['test_ema_top1'])} |")
+    if args.candidates:   # the choice: the best mean validation top-1 over the target sizes, predicting from the
+        # model's last stage or from the stage ensemble (both scored on the same runs)
+        mean_val = {}
+        for c in CANDIDATES:
+            mine = [r for r in rows if r['method'] == f'candidate {c}']
+            mean_val[f'{c}, last stage'] = float(np.mean([r['val_top1'] for r in mine]))
+            mean_val[f'{c}, stage ensemble'] = float(np.mean([r['val_ensemble_top1'] for r in mine]))
+        result['mean_val_top1'] = mean_val
         result['chosen'] = max(mean_val, key=mean_val.get)
-        md += ['', 'Mean validation top-1 over the target sizes: ' + ', '.join(f'{c} {v:.2f}' for c, v in
+        md += ['', 'Mean validation top-1 over the target sizes: ' + '; '.join(f'{c} {v:.2f}' for c, v in
                                                                                mean_val.items()),
-               f"Chosen on validation: **{result['chosen']}** (test figures above were not used)."]
+               '', f"Chosen on validation: **{result['chosen']}** (the test figures above were not used)."]
     with open(os.path.join(args.out, f'{name}.json'), 'w') as f:
         json.dump(result, f, indent=1)
     with open(os.path.join(args.out, f'{name}.md'), 'w') as f:
