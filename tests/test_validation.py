@@ -46,6 +46,20 @@ def test_validation_split_is_disjoint_balanced_and_deterministic(idx_120):
     assert _fingerprints(other) != _fingerprints(val)                        # split_seed picks them
 
 
+def test_validation_split_of_a_data_set_on_disk(tmp_path):
+    """A data set whose rows live in Arrow cache files (imagefolder, a Hub download) is carved too: datasets refuses
+    keep_in_memory beside the indices cache files it names itself (val_fraction failed there with datasets' own
+    'use either keep_in_memory or indices_cache_file_name')."""
+    from test_data import make_imagefolder
+    full = load_image_dataset('imagefolder', make_imagefolder(str(tmp_path / 'folder'), per_class=(8, 2)), 'train')
+    assert full.dataset.cache_files                                          # the case: rows on disk
+    train, val = carve_validation(full, 0.25, seed=0)
+    assert (len(train), len(val)) == (18, 6)
+    counts = np.bincount(np.asarray(val.dataset[val.label_key]), minlength=3)
+    assert counts.tolist() == [2, 2, 2]
+    assert not _fingerprints(train) & _fingerprints(val)
+
+
 def test_validation_split_is_the_same_in_another_process(idx_120):
     code = ('import sys, hashlib, numpy as np, torch; torch.manual_seed(123); np.random.seed(7)\n'
             'from timm_hff.data import carve_validation, load_image_dataset\n'

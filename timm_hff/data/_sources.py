@@ -301,8 +301,10 @@ def carve_validation(data: ImageData, fraction: float, seed: int = 0) -> Tuple[I
     if n_val < data.num_classes or len(data) - n_val < data.num_classes:
         raise ValueError(f'val_fraction={fraction:g} of {len(data)} images leaves fewer than one image per class '
                          f'({data.num_classes} classes) on one side; use a larger data set or another fraction')
+    # in memory unless the rows live in Arrow cache files (a Hub or imagefolder data set): datasets then names the
+    # indices cache files itself and refuses keep_in_memory beside them
     parts = data.dataset.train_test_split(test_size=n_val, stratify_by_column=data.label_key, seed=seed,
-                                          keep_in_memory=True)
+                                          keep_in_memory=not data.dataset.cache_files)
     pct = f'{fraction:.0%}' if round(fraction * 100, 6) == round(fraction * 100) else f'{fraction:g}'
     common = dict(image_key=data.image_key, label_key=data.label_key, num_classes=data.num_classes,
                   label_names=list(data.label_names), source=data.source, name=data.name, streaming=False,
