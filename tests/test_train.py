@@ -107,6 +107,8 @@ def _stand_in(recipe, idx_root, folder_root, out, tmp_path):
     if d.get('val_fraction'):   # the recipe's own protocol: a class-balanced hold-out, the test split at the end
         over.update(val_split=None, val_fraction=0.25, train_num_samples=48, batch_size=18,
                     test_split=d.get('test_split'))
+        if over['dataset'] == 'imagefolder':   # 12 training images: half held out, at least 5 to validate on
+            over.update(val_fraction=0.5, train_num_samples=12)
     if (d.get('img_size') or 224) > 32:
         over['img_size'] = 32
     if d.get('log_with') == 'tensorboard' and not _has_tensorboard():
