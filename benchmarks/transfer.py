@@ -14,7 +14,9 @@ make the comparison meaningless. Each run validates every epoch and evaluates th
 ``--candidates`` runs instead the transfer settings compared on the target's validation split to choose the recipe's
 defaults (their test figures are stored but never used to choose) and writes ``candidates.md`` / ``.json``; the
 default run writes ``transfer.md`` / ``transfer.json``, both under ``--out`` (default ``benchmarks/results/transfer``)
-with each run's metrics.
+with each run's metrics. A run whose configuration (its resolved ``config.yaml``) equals a finished run's is not
+repeated (same data, seed and settings): when the shipped recipe is the candidate chosen on validation, its row is that
+candidate's run, and the table's run column says so.
 """
 import argparse
 import json
@@ -77,19 +79,48 @@ def make_split(root: str, out: str, classes, per_class=None, val_per_class: int 
     return int(sum(len(i) for i in train_idx))
 
 
-def hff_train(args: List[str], log: str, run_dir: str) -> None:
-    """Run hff-train, or keep a finished run of the very same command (its log's first line) in ``run_dir``."""
-    cmd = [sys.executable, '-m', 'timm_hff.train'] + args
-    line = ' '.join(cmd)
-    if os.path.isfile(log) and os.path.isfile(os.path.join(run_dir, 'metrics.json')):
-        with open(log) as f, open(os.path.join(run_dir, 'metrics.json')) as m:
-            if f.readline().rstrip('\n') == line and json.load(m).get('test'):
-                return
+def _resolved(args: List[str]) -> Dict[str, Any]:
+    """The run configuration hff-train would resolve from ``args`` (its config.yaml), less the experiment name."""
+    from timm_hff.train import TrainConfig
+    from timm_hff.train.cli import build_parser, parse_overrides
+    ns = build_parser().parse_args(args)
+    cfg = TrainConfig.from_yaml(os.path.join(REPO, ns.config), parse_overrides(ns)).to_dict()
+    cfg.pop('experiment', None)
+    return cfg
+
+
+def finished_run_like(args: List[str], runs_root: str):
+    """A finished run (test split scored) under ``runs_root`` whose configuration is the one ``args`` resolve to."""
+    import yaml
+    want = _resolved(args)
+    for name in sorted(os.listdir(runs_root)) if os.path.isdir(runs_root) else []:
+        cfg_path, metrics_path = (os.path.join(runs_root, name, f) for f in ('config.yaml', 'metrics.json'))
+        if not (os.path.isfile(cfg_path) and os.path.isfile(metrics_path)):
+            continue
+        with open(metrics_path) as f:
+            if not json.load(f).get('test'):
+                continue
+        with open(cfg_path) as f:
+            got = yaml.safe_load(f)
+        got.pop('experiment', None)
+        if got == want:
+            return os.path.join(runs_root, name)
+    return None
+
+
+def hff_train(args: List[str], log: str, run_dir: str) -> str:
+    """Run hff-train into ``run_dir``; returns the run folder, which is an earlier finished run of the very same
+    configuration when there is one (a rerun would repeat it: same data, seed and settings)."""
+    same = finished_run_like(args, os.path.dirname(run_dir))
+    if same:
+        return same
     shutil.rmtree(run_dir, ignore_errors=True)
+    cmd = [sys.executable, '-m', 'timm_hff.train'] + args
     with open(log, 'w') as f:
-        f.write(line + '\n')
+        f.write(' '.join(cmd) + '\n')
         f.flush()
         subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=True, cwd=REPO)
+    return run_dir
 
 
 def names(classes) -> str:
@@ -128,10 +159,11 @@ def main(argv=None) -> Dict[str, Any]:
     source_dir = os.path.join(data, 'source')
     make_split(args.data_dir, source_dir, SOURCE_CLASSES)
     source_run = os.path.join(args.work, 'runs', 'source')
-    hff_train(['--config', 'recipes/fashion_mnist.yaml', '--data_dir', source_dir, '--label_names',
-               names(SOURCE_CLASSES), '--epochs', str(args.source_epochs), '--experiment', 'source'] + common,
-              os.path.join(args.work, 'source.log'), source_run)
-    rows = [dict(target='source (classes 0-4)', method='HFF, greedy recipe', **read(source_run))]
+    source_args = ['--config', 'recipes/fashion_mnist.yaml', '--data_dir', source_dir, '--label_names',
+                   names(SOURCE_CLASSES), '--epochs', str(args.source_epochs), '--experiment', 'source'] + common
+    source_run = hff_train(source_args, os.path.join(args.work, 'source.log'), source_run)
+    rows = [dict(target='source (classes 0-4)', method='HFF, greedy recipe', run=os.path.basename(source_run),
+                 **read(source_run))]
 
     import yaml
     with open(os.path.join(REPO, 'recipes', 'transfer_hff.yaml')) as f:
@@ -154,9 +186,10 @@ def main(argv=None) -> Dict[str, Any]:
             runs = {k: v for k, v in runs.items() if k in args.methods}
         for method, run_args in runs.items():
             exp = f"n{n}_{method.replace(' ', '_')}"
-            run_dir = os.path.join(args.work, 'runs', exp)
-            hff_train(run_args + split + ['--experiment', exp], os.path.join(args.work, f'{exp}.log'), run_dir)
-            rows.append(dict(target=f'classes 5-9, {n} images per class', method=method, **read(run_dir)))
+            run_dir = hff_train(run_args + split + ['--experiment', exp], os.path.join(args.work, f'{exp}.log'),
+                                os.path.join(args.work, 'runs', exp))
+            rows.append(dict(target=f'classes 5-9, {n} images per class', method=method,
+                             run=os.path.basename(run_dir), **read(run_dir)))
             keep = os.path.join(args.out, 'runs', exp)
             os.makedirs(keep, exist_ok=True)
             for fname in ('metrics.json', 'metrics.csv', 'config.yaml'):
@@ -167,12 +200,13 @@ def main(argv=None) -> Dict[str, Any]:
                   seconds=round(time.time() - started), budget_images=args.budget_images, transfer_recipe=recipe,
                   candidates=CANDIDATES if args.candidates else None, rows=rows)
     os.makedirs(args.out, exist_ok=True)
-    md = ['| target | method | train images | epochs | val top-1 | val top-1, stage ensemble | test top-1 | '
-          'test top-1, stage ensemble | test top-1 (EMA) |', '|---|---|---|---|---|---|---|---|---|']
+    md = ['| target | method | run | train images | epochs | val top-1 | val top-1, stage ensemble | test top-1 | '
+          'test top-1, stage ensemble | test top-1 (EMA) |', '|---|---|---|---|---|---|---|---|---|---|']
     fmt = (lambda v: '–' if v is None else f'{v:.2f}')
     for r in rows:
-        md.append(f"| {r['target']} | {r['method']} | {r['train_images']} | {r['epochs']} | {fmt(r['val_top1'])} | "
-                  f"{fmt(r['val_ensemble_top1'])} | {fmt(r['test_top1'])} | {fmt(r['test_ensemble_top1'])} | "
+        md.append(f"| {r['target']} | {r['method']} | {r['run']} | {r['train_images']} | {r['epochs']} | "
+                  f"{fmt(r['val_top1'])} | {fmt(r['val_ensemble_top1'])} | {fmt(r['test_top1'])} | "
+                  f"{fmt(r['test_ensemble_top1'])} | "
                   f"{fmt(r['test_ema_top1'])} |")
     if args.candidates:   # the choice: the best mean validation top-1 over the target sizes, predicting from the
         # model's last stage or from the stage ensemble (both scored on the same runs)

@@ -172,3 +172,20 @@ def test_transfer_split_is_disjoint_balanced_and_relabelled(tmp_path):
     assert np.array_equal(np.array([5, 7, 9])[y], ids % 10)                  # relabelled 5,7,9 -> 0,1,2
     xt, yt = load_idx_arrays(str(tmp_path / 'out'), 'test')
     assert len(yt) == 30 and np.array_equal(np.array([5, 7, 9])[yt], (xt[:, 0, 0].astype(int)) % 10)
+
+
+def test_transfer_keeps_a_finished_run_of_the_same_configuration(tmp_path):
+    """The shipped transfer recipe is one of the candidates compared on validation: a run of the same resolved
+    configuration (any experiment name) is reused; another setting, or a run without its test score, is not."""
+    import yaml
+    from benchmarks import transfer
+    args = ['--config', 'recipes/fashion_mnist.yaml', '--epochs', '3', '--output', str(tmp_path)]
+    run = tmp_path / 'candidate_a'
+    run.mkdir()
+    (run / 'config.yaml').write_text(yaml.safe_dump(dict(transfer._resolved(args + ['--experiment', 'candidate_a']),
+                                                         experiment='candidate_a')))
+    (run / 'metrics.json').write_text(json.dumps(dict(epochs=[], test=None)))
+    assert transfer.finished_run_like(args + ['--experiment', 'recipe'], str(tmp_path)) is None   # not finished
+    (run / 'metrics.json').write_text(json.dumps(dict(epochs=[], test=dict(top1=90.0))))
+    assert transfer.finished_run_like(args + ['--experiment', 'recipe'], str(tmp_path)) == str(run)
+    assert transfer.finished_run_like(args + ['--lr', '0.01'], str(tmp_path)) is None
