@@ -190,10 +190,13 @@ def main(argv=None) -> Dict[str, Any]:
                                 os.path.join(args.work, 'runs', exp))
             rows.append(dict(target=f'classes 5-9, {n} images per class', method=method,
                              run=os.path.basename(run_dir), **read(run_dir)))
-            keep = os.path.join(args.out, 'runs', exp)
+            keep = os.path.join(args.out, 'runs', os.path.basename(run_dir))
             os.makedirs(keep, exist_ok=True)
             for fname in ('metrics.json', 'metrics.csv', 'config.yaml'):
                 shutil.copy(os.path.join(run_dir, fname), keep)
+            log = os.path.join(args.work, f'{os.path.basename(run_dir)}.log')
+            if os.path.isfile(log):
+                shutil.copy(log, os.path.join(keep, 'train.log'))
             print(rows[-1], flush=True)
     name = 'candidates' if args.candidates else 'transfer'
     result = dict(benchmark='transfer', command='python -m benchmarks.transfer ' + ' '.join(argv or sys.argv[1:]),
