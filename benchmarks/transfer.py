@@ -137,6 +137,17 @@ def read(run_dir: str) -> Dict[str, Any]:
                 train_images=doc['run']['train_images'])
 
 
+def store(run_dir: str, work: str, out: str) -> None:
+    """Keep a run's config, per-epoch metrics and log under ``out/runs/<run name>``."""
+    keep = os.path.join(out, 'runs', os.path.basename(run_dir))
+    os.makedirs(keep, exist_ok=True)
+    for fname in ('metrics.json', 'metrics.csv', 'config.yaml'):
+        shutil.copy(os.path.join(run_dir, fname), keep)
+    log = os.path.join(work, f'{os.path.basename(run_dir)}.log')
+    if os.path.isfile(log):
+        shutil.copy(log, os.path.join(keep, 'train.log'))
+
+
 def main(argv=None) -> Dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--data-dir', default=FASHION_MNIST_DIR)
@@ -164,6 +175,7 @@ def main(argv=None) -> Dict[str, Any]:
     source_run = hff_train(source_args, os.path.join(args.work, 'source.log'), source_run)
     rows = [dict(target='source (classes 0-4)', method='HFF, greedy recipe', run=os.path.basename(source_run),
                  **read(source_run))]
+    store(source_run, args.work, args.out)
 
     import yaml
     with open(os.path.join(REPO, 'recipes', 'transfer_hff.yaml')) as f:
@@ -190,13 +202,7 @@ def main(argv=None) -> Dict[str, Any]:
                                 os.path.join(args.work, 'runs', exp))
             rows.append(dict(target=f'classes 5-9, {n} images per class', method=method,
                              run=os.path.basename(run_dir), **read(run_dir)))
-            keep = os.path.join(args.out, 'runs', os.path.basename(run_dir))
-            os.makedirs(keep, exist_ok=True)
-            for fname in ('metrics.json', 'metrics.csv', 'config.yaml'):
-                shutil.copy(os.path.join(run_dir, fname), keep)
-            log = os.path.join(args.work, f'{os.path.basename(run_dir)}.log')
-            if os.path.isfile(log):
-                shutil.copy(log, os.path.join(keep, 'train.log'))
+            store(run_dir, args.work, args.out)
             print(rows[-1], flush=True)
     name = 'candidates' if args.candidates else 'transfer'
     result = dict(benchmark='transfer', command='python -m benchmarks.transfer ' + ' '.join(argv or sys.argv[1:]),
