@@ -50,9 +50,10 @@ METHODS = ('transfer recipe', 'HFF from scratch', 'BP from scratch')
 def write_idx(path: str, array: np.ndarray) -> None:
     """An uncompressed IDX file (uint8 images or labels)."""
     header = bytes([0, 0, 0x08, array.ndim]) + b''.join(int(d).to_bytes(4, 'big') for d in array.shape)
-    with open(path + '.tmp', 'wb') as f:   # renamed into place: a run reading the file never sees half of it
+    tmp = f'{path}.tmp-{os.getpid()}'
+    with open(tmp, 'wb') as f:   # renamed into place: a run reading the file never sees half of it
         f.write(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
-    os.replace(path + '.tmp', path)
+    os.replace(tmp, path)
 
 
 def make_split(root: str, out: str, classes, per_class=None, val_per_class: int = 0, seed: int = 0) -> int:
@@ -159,6 +160,8 @@ def main(argv=None) -> Dict[str, Any]:
                    help='the runs of the table to make (finished runs of the same command are kept, not rerun)')
     p.add_argument('--candidates', action='store_true',
                    help='run the transfer settings compared on validation (to choose the recipe) instead of the table')
+    p.add_argument('--only', nargs='+', default=None, choices=list(CANDIDATES),
+                   help='with --candidates: run only these (e.g. to split the runs over processes)')
     p.add_argument('--out', default=os.path.join(REPO, 'benchmarks', 'results', 'transfer'))
     p.add_argument('--work', default=os.path.join(REPO, 'output', 'transfer_benchmark'))
     p.add_argument('--threads', type=int, default=1)
@@ -191,7 +194,7 @@ def main(argv=None) -> Dict[str, Any]:
         transfer = ['--config', 'recipes/transfer_hff.yaml', '--model', f'local-dir:{source_run}/model']
         if args.candidates:
             runs = {f'candidate {name}': transfer + [a for k, v in over.items() for a in (f'--{k}', json.dumps(v))]
-                    for name, over in CANDIDATES.items()}
+                    for name, over in CANDIDATES.items() if args.only is None or name in args.only}
         else:
             runs = {'transfer recipe': transfer, 'HFF from scratch': ['--config', 'recipes/fashion_mnist.yaml']}
             runs['BP from scratch'] = runs['HFF from scratch'] + ['--baseline', 'bp']
@@ -217,7 +220,7 @@ def main(argv=None) -> Dict[str, Any]:
                   f"{fmt(r['val_top1'])} | {fmt(r['val_ensemble_top1'])} | {fmt(r['test_top1'])} | "
                   f"{fmt(r['test_ensemble_top1'])} | "
                   f"{fmt(r['test_ema_top1'])} |")
-    if args.candidates:   # the choice: the best mean validation top-1 over the target sizes, predicting from the
+    if args.candidates and args.only is None:   # the choice: the best mean validation top-1 over the target sizes, predicting from the
         # model's last stage or from the stage ensemble (both scored on the same runs)
         mean_val = {}
         for c in CANDIDATES:
