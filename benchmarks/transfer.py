@@ -82,10 +82,10 @@ def make_split(root: str, out: str, classes, per_class=None, val_per_class: int 
 
 def _resolved(args: List[str]) -> Dict[str, Any]:
     """The run configuration hff-train would resolve from ``args`` (its config.yaml), less the experiment name."""
-    from timm_hff.train import TrainConfig
-    from timm_hff.train.cli import build_parser, parse_overrides
+    from timm_hff.train.cli import build_parser, resolve_config
     ns = build_parser().parse_args(args)
-    cfg = TrainConfig.from_yaml(os.path.join(REPO, ns.config), parse_overrides(ns)).to_dict()
+    ns.config = os.path.join(REPO, ns.config)
+    cfg = resolve_config(ns).to_dict()
     cfg.pop('experiment', None)
     return cfg
 
@@ -132,7 +132,9 @@ def read(run_dir: str) -> Dict[str, Any]:
     with open(os.path.join(run_dir, 'metrics.json')) as f:
         doc = json.load(f)
     last, test = doc['epochs'][-1], doc.get('test') or {}
-    return dict(val_top1=last['top1'], val_ema_top1=last.get('ema_top1'), val_ensemble_top1=last.get('top1_ensemble'),
+    stages = [k for k in last if k.startswith('top1_stage')]   # the last stage's own head, whatever predict_from
+    return dict(val_last_stage_top1=last[f'top1_stage{len(stages) - 1}'] if stages else last['top1'],
+                val_top1=last['top1'], val_ema_top1=last.get('ema_top1'), val_ensemble_top1=last.get('top1_ensemble'),
                 test_top1=test.get('top1'), test_ema_top1=test.get('ema_top1'),
                 test_ensemble_top1=test.get('top1_ensemble'), epochs=len(doc['epochs']),
                 train_images=doc['run']['train_images'])
@@ -225,7 +227,7 @@ def main(argv=None) -> Dict[str, Any]:
         mean_val = {}
         for c in CANDIDATES:
             mine = [r for r in rows if r['method'] == f'candidate {c}']
-            mean_val[f'{c}, last stage'] = float(np.mean([r['val_top1'] for r in mine]))
+            mean_val[f'{c}, last stage'] = float(np.mean([r['val_last_stage_top1'] for r in mine]))
             mean_val[f'{c}, stage ensemble'] = float(np.mean([r['val_ensemble_top1'] for r in mine]))
         result['mean_val_top1'] = mean_val
         result['chosen'] = max(mean_val, key=mean_val.get)

@@ -189,3 +189,4 @@ def test_transfer_keeps_a_finished_run_of_the_same_configuration(tmp_path):
     (run / 'metrics.json').write_text(json.dumps(dict(epochs=[], test=dict(top1=90.0))))
     assert transfer.finished_run_like(args + ['--experiment', 'recipe'], str(tmp_path)) == str(run)
     assert transfer.finished_run_like(args + ['--lr', '0.01'], str(tmp_path)) is None
+    assert transfer.finished_run_like(args + ['--baseline', 'bp'], str(tmp_path)) is None       # BP is another run

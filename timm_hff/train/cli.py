@@ -92,6 +92,14 @@ def _yaml_value(v: Any) -> str:
     return yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip() or "''"
 
 
+def resolve_config(ns: argparse.Namespace) -> TrainConfig:
+    """The run's TrainConfig: the recipe, the command line's settings over it, and ``--baseline``."""
+    overrides = parse_overrides(ns)
+    if ns.baseline:
+        overrides['method'] = ns.baseline
+    return TrainConfig.from_yaml(ns.config, overrides) if ns.config else TrainConfig.from_dict(overrides)
+
+
 def parse_overrides(ns: argparse.Namespace) -> Dict[str, Any]:
     """Flag values as YAML scalars / lists / mappings ('0.1' -> 0.1, 'null' -> None, '[0, 1]' -> [0, 1])."""
     out: Dict[str, Any] = {}
@@ -124,10 +132,7 @@ def main(argv: Optional[List[str]] = None) -> int:
               'recipes/fashion_mnist_quick.yaml), or --help for every setting', file=sys.stderr)
         return 2
     try:
-        overrides = parse_overrides(ns)
-        if ns.baseline:
-            overrides['method'] = ns.baseline
-        cfg = TrainConfig.from_yaml(ns.config, overrides) if ns.config else TrainConfig.from_dict(overrides)
+        cfg = resolve_config(ns)
         from ._stage_parallel import create_trainer
         trainer = create_trainer(cfg)
     except (ValueError, OSError, RunInUseError) as e:   # bad settings, data, checkpoint or output folder
