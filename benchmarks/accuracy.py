@@ -3,6 +3,11 @@
     python -m benchmarks.accuracy --quick             # narrow ResNet-18, 6k/2k subset, 1 epoch (CPU minutes)
     python -m benchmarks.accuracy                     # narrow ResNet-18, full 60k/10k, 2 epochs (~1 h, one CPU thread)
     python -m benchmarks.accuracy --device cuda       # ResNet-18 (28 px stem), full 60k/10k, 5 epochs on a GPU
+    python -m benchmarks.accuracy --recipe recipes/fashion_mnist.yaml --jobs 6   # a recipe's budget, hff-train runs
+
+``--recipe`` is the three-way table at a training recipe's own budget (benchmarks/accuracy_recipe.py): HFF, BP and
+FF as ``hff-train`` runs of that recipe, FF's settings swept on its validation split. The modes below use this
+module's own short training loop instead.
 
 Reports final test accuracy, per-stage accuracy (HFF: each stage's prototype head; FF: each stage's goodness
 alone), and an accuracy-vs-compute curve for early exit: HFF exits after stage k in one pass, FF needs C passes
@@ -208,6 +213,9 @@ def plot(out):
 
 
 def main(argv=None) -> Dict[str, Any]:
+    if '--recipe' in (sys.argv[1:] if argv is None else argv):
+        from .accuracy_recipe import run as run_recipe
+        return run_recipe(argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser, 'accuracy')
     parser.add_argument('--methods', nargs='+', default=list(METHODS), choices=list(METHODS))

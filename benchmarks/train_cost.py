@@ -361,18 +361,35 @@ def render(rows, tgts, info, command, stage_share, profiles) -> str:
              *specs, '']
     lines += ['Where the activations are:', *notes, '']
     if missed:
-        lines += ['Why targets are missed:', *_why(missed), '']
+        bp_ms = {r['model']: r['step_s'] * 1000 for r in rows if r['method'] == 'bp' and r['step_s']}
+        lines += ['Why targets are missed:', *_why(missed, cuda='gpu' in info, bp_ms=bp_ms), '']
     lines += ['Protocol: ' + PROTOCOL_SHORT.format(memory=info['memory_protocol'])]
     return '\n'.join(lines)
 
 
-def _why(missed):
+def _why(missed, cuda: bool = False, bp_ms=None):
     out = []
     for t in missed:
         if 'step time' not in t['target']:
             continue
         what = f"{t['model']}, {t['target'].split(' step time')[0]}"
-        if 'torch.compile' in t['target']:
+        bp = f" (BP's whole step: {bp_ms[t['model']]:.1f} ms)" if bp_ms and t['model'] in bp_ms else ''
+        if cuda and 'torch.compile' in t['target']:
+            out.append(f"- Step time ({what}): {t['value']} (eager FLOPs {t['flops_ratio']:.2f}x BP): compiled "
+                       f"block by block (the cuts stay eager, timm_hff._compile), so each block and head is its own "
+                       f"small graph with its own guards and launches, and a step this short{bp} is bound by launches, "
+                       f"not math. "
+                       f"What would close it: CUDA graphs over the whole step (torch.compile mode 'reduce-overhead' "
+                       f"or torch.cuda.graphs), which the eager cut hooks prevent today; not tried.")
+        elif cuda and t['flops_ratio'] <= TIME_TARGET:
+            out.append(f"- Step time ({what}): HFF's training FLOPs are {t['flops_ratio']:.2f}x BP's, so the measured "
+                       f"{t['value'].split()[0]} is what FLOPs leave out: a step this short{bp} is bound by kernel "
+                       f"launches and memory traffic, and HFF runs more, smaller kernels (each stage's head: aux "
+                       f"block, norm, activation, projection, prototype loss; memory_efficient adds one backward per "
+                       f"stage). "
+                       f"What would close it: fewer launches (CUDA graphs, fused heads) or larger per-step work; not "
+                       f"tried.")
+        elif 'torch.compile' in t['target']:
             out.append(f"- Step time ({what}): {t['value']} with the eager model's FLOPs ({t['flops_ratio']:.2f}x BP): "
                        f"compiled block by block (the cuts stay eager, timm_hff._compile), torch.compile's CPU code "
                        f"was slower than eager here; the eager row is the one to use on CPU.")

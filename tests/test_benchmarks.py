@@ -190,3 +190,32 @@ def test_transfer_keeps_a_finished_run_of_the_same_configuration(tmp_path):
     assert transfer.finished_run_like(args + ['--experiment', 'recipe'], str(tmp_path)) == str(run)
     assert transfer.finished_run_like(args + ['--lr', '0.01'], str(tmp_path)) is None
     assert transfer.finished_run_like(args + ['--baseline', 'bp'], str(tmp_path)) is None       # BP is another run
+
+
+@pytest.mark.slow
+def test_accuracy_at_a_recipes_budget_chooses_ff_on_validation_and_reuses_runs(tmp_path, capsys):
+    """--recipe: hff-train runs of the recipe (BP, an FF sweep), FF chosen by validation top-1, finished runs with the
+    same training settings reused rather than repeated."""
+    from conftest import make_idx
+    data = str(tmp_path / 'idx')
+    make_idx(data, n_train=48, n_test=13)
+    args = ['--recipe', 'recipes/fashion_mnist.yaml', '--methods', 'bp', 'ff', '--ff-lr', '0.01', '--ff-threshold', '1',
+            '4', '--jobs', '2', '--adopt', '--out', str(tmp_path / 'out'), '--work', str(tmp_path / 'work'),
+            f'--set=--data_dir {data} --epochs 1 --val_fraction 0.5 --label_names null --batch_size 8 --threads 1 '
+            f'--model_ema false --save_model false']
+    result = accuracy.main(args)
+    rows = result['rows']
+    assert set(rows) == {'bp', 'ff_lr0.01_th1', 'ff_lr0.01_th4'} and not result['failed']
+    ff = {k: r['val_top1'] for k, r in rows.items() if k.startswith('ff_')}
+    assert result['ff_chosen'] == max(ff, key=ff.get)
+    assert rows['ff_lr0.01_th1']['mflops'] > 5 * rows['bp']['mflops']        # FF scores 10 classes in 10 passes
+    cfg = open(tmp_path / 'out' / 'runs' / 'ff_lr0.01_th4' / 'config.yaml').read()
+    assert 'threshold: 4.0' in cfg and 'method: ff' in cfg
+    md = open(tmp_path / 'out' / 'results.md').read()
+    assert f"FF ({result['ff_chosen']})" in md and '(chosen)' in md
+    stamp = os.path.getmtime(tmp_path / 'work' / 'runs' / 'bp' / 'metrics.json')
+    capsys.readouterr()
+    again = accuracy.main(args[:-1] + [args[-1] + ' --progress true'])   # a display setting: the same training
+    assert 'training' not in capsys.readouterr().out
+    assert os.path.getmtime(tmp_path / 'work' / 'runs' / 'bp' / 'metrics.json') == stamp
+    assert again['rows']['bp']['test_top1'] == rows['bp']['test_top1']

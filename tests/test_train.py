@@ -297,6 +297,75 @@ def test_bp_baseline_same_backbone(idx_root, tmp_path):
     assert bp_model.conv1[0].stride == (1, 1)          # the same small-input stem adaptation as HFF
 
 
+def test_ff_baseline_trains_the_same_backbone_and_scores_its_stages(idx_root, tmp_path):
+    """--baseline ff: Forward-Forward at HFF's cut through the same trainer; its per-stage rows are its own
+    goodness predictions, recomputed here from the saved weights."""
+    trainer, final = run(tiny(idx_root, tmp_path, method='ff', experiment='ff', ff=dict(threshold=1.5),
+                              test_split='test', val_split=None, val_fraction=0.5, train_num_samples=None,
+                              model_ema=True))
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    from timm_hff.baselines import FFModel, create_ff_model
+    from timm_hff.baselines.ff import FFConfig
+    assert isinstance(model, FFModel) and model.cfg.threshold == 1.5 and trainer.num_stages == model.num_stages > 1
+    import timm_hff
+    hff = timm_hff.create_model('test_resnet', num_classes=10, in_chans=2, small_input=True, check_img_size=28)
+    assert {k: v.shape for k, v in model.backbone.state_dict().items()} == {
+        k[len('backbone.'):]: v.shape for k, v in hff.state_dict().items() if k.startswith('backbone.')}
+    rows = json.loads((tmp_path / 'ff' / 'metrics.json').read_text())
+    epoch = rows['epochs'][-1]
+    assert {f'train_loss_stage{k}' for k in range(model.num_stages)} <= set(epoch)
+    assert np.isfinite(epoch['train_loss']) and 'ema_top1' in epoch and rows['test']['test_images'] == 13
+    saved = tmp_path / 'ff' / 'model'
+    cfg = json.loads((saved / 'config.json').read_text())
+    assert cfg['method'] == 'ff' and cfg['ff']['threshold'] == 1.5 and cfg['metrics']['top1'] == rows['test']['top1']
+    rebuilt = create_ff_model(cfg['model_name'], cfg['num_classes'], cfg['in_chans'], FFConfig(**cfg['ff']),
+                              **cfg['model_kwargs'], **cfg['hff'])
+    from safetensors.torch import load_model
+    load_model(rebuilt, str(saved / 'model.safetensors'))
+    from timm_hff.data import load_idx_arrays
+    images, labels = load_idx_arrays(idx_root, 'test')
+    x = trainer.test_loader.transform(torch.from_numpy(images[:, None].copy()))
+    with torch.no_grad():
+        g = rebuilt.eval().class_goodness(x)
+    y = torch.from_numpy(labels.astype(np.int64))
+    for k in range(model.num_stages):    # each stage's goodness alone, as the metrics row says
+        assert rows['test'][f'top1_stage{k}'] == pytest.approx((g[k].argmax(1) == y).double().mean().item() * 100)
+    assert rows['test']['top1'] == pytest.approx((rebuilt.scores(g).argmax(1) == y).double().mean().item() * 100)
+
+
+def test_scheduler_built_without_none_settings_older_timm_multiplies(idx_root, tmp_path, monkeypatch):
+    """timm 1.0.29's create_scheduler_v2 multiplies decay_epochs by the updates per epoch even for a cosine schedule,
+    so passing decay_epochs=None (the setting's default) failed there with a TypeError; seen on a lent GPU machine."""
+    import timm.scheduler
+    real = timm.scheduler.create_scheduler_v2
+
+    def like_timm_1_0_29(optimizer, *args, **kwargs):
+        if 'decay_epochs' in kwargs and kwargs['decay_epochs'] is None:
+            raise TypeError("unsupported operand type(s) for *: 'NoneType' and 'int'")
+        return real(optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(timm.scheduler, 'create_scheduler_v2', like_timm_1_0_29)
+    trainer = Trainer(tiny(idx_root, tmp_path, sched='cosine', epochs=2))
+    assert trainer.scheduler is not None
+    trainer.lock.release()
+    trainer = Trainer(tiny(idx_root, tmp_path, sched='step', decay_epochs=1, experiment='step', epochs=2))
+    assert trainer.scheduler.decay_t == trainer.updates_per_epoch   # a step schedule still gets its decay epochs
+    trainer.lock.release()
+
+
+@pytest.mark.parametrize('bad, match', [
+    (dict(ff=dict(threshold=2.0)), "apply to method 'ff'"),
+    (dict(method='ff', ff=dict(thresh=2.0)), 'unknown setting.*thresh.*threshold'),
+    (dict(method='ff', ff=dict(threshold=-1)), 'ff: threshold must be a positive number'),
+    (dict(method='ff', schedule='memory_efficient'), "method 'ff' trains all its stages"),
+    (dict(method='ff', mixup=0.2), "mixup is for hard labels; method 'ff'"),
+    (dict(method='ff', calibrate_exits=0.0), "calibrate_exits is for HFF exits"),
+])
+def test_ff_settings_are_checked(bad, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig.from_dict(bad)
+
+
 def test_outputs_and_saved_model(idx_root, tmp_path):
     trainer, final = run(tiny(idx_root, tmp_path, epochs=2, clip_grad=1.0))
     run_dir = tmp_path / 'run'

@@ -29,7 +29,7 @@ _ALIASES = {'learning_rate': 'lr', 'optimizer': 'opt', 'scheduler': 'sched', 'lr
             'num_epochs': 'epochs', 'max_epochs': 'epochs', 'ema': 'model_ema', 'label_smoothing': 'smoothing',
             'num_workers': 'workers', 'arch': 'model', 'data_path': 'data_dir', 'output_dir': 'output',
             'precision': 'mixed_precision', 'gradient_accumulation_steps': 'grad_accum_steps'}
-METHODS = ('hff', 'bp')
+METHODS = ('hff', 'bp', 'ff')
 PRECISIONS = ('no', 'bf16', 'fp16')
 
 
@@ -68,7 +68,9 @@ class TrainConfig:
         img_size: Input resolution; None takes the model's default.
         model_kwargs: timm keyword arguments (e.g. ``channels``, ``drop_path_rate``).
         hff: HFF settings (``HFFConfig`` fields: num_stages, prototypes_per_class, margin, small_input, ...).
-        method: 'hff' (local prototype losses) or 'bp' (the same backbone with timm's head, end to end).
+        method: 'hff' (local prototype losses), 'bp' (the same backbone with timm's head, end to end) or 'ff'
+            (Forward-Forward at HFF's stage cut, ``timm_hff.baselines``: a baseline, C passes per prediction).
+        ff: Forward-Forward settings (``timm_hff.baselines.FFConfig`` fields: threshold, label_mode, ...); method 'ff'.
         reset_prototypes: Draw fresh prototypes in every head (a new label set with the same class count).
         freeze_stages: HFF stages to keep frozen (transfer).
         head_only: Train only the prototype heads; the whole backbone stays frozen (transfer).
@@ -142,6 +144,7 @@ class TrainConfig:
     model_kwargs: Dict[str, Any] = field(default_factory=dict)
     hff: Dict[str, Any] = field(default_factory=dict)
     method: str = 'hff'
+    ff: Dict[str, Any] = field(default_factory=dict)
     reset_prototypes: bool = False
     freeze_stages: List[int] = field(default_factory=list)
     head_only: bool = False
@@ -214,6 +217,33 @@ class TrainConfig:
         self.validate()
 
     # ----- validation -----
+    def _validate_ff(self) -> None:
+        """Forward-Forward is kept a plain baseline: one process, all stages at once, hard labels (its negatives
+        are wrong labels), a fresh timm backbone."""
+        from ..baselines.ff import FFConfig
+        try:
+            FFConfig(**self.ff)
+        except TypeError:
+            known = ', '.join(FFConfig.__dataclass_fields__)
+            unknown = ', '.join(k for k in self.ff if k not in FFConfig.__dataclass_fields__)
+            raise ValueError(f'ff has unknown setting(s) {unknown}; FFConfig knows {known}') from None
+        except ValueError as e:
+            raise ValueError(f'ff: {e}') from None
+        if self.schedule != 'simultaneous':
+            raise ValueError(f"schedule {self.schedule!r} is an HFF schedule; method 'ff' trains all its stages each "
+                             f"step (use schedule: simultaneous)")
+        why = dict(freeze_stages='HFF transfer', head_only='HFF transfer', reset_prototypes='HFF heads',
+                   stage_lr='HFF stages', calibrate_exits='HFF exits', torchcompile='HFF and BP',
+                   mixup='hard labels', cutmix='hard labels', smoothing='hard labels')
+        for name, what in why.items():
+            value = getattr(self, name)
+            if value is not None if name == 'calibrate_exits' else value:
+                raise ValueError(f"{name} is for {what}; method 'ff' (a Forward-Forward baseline) does not take it: "
+                                 f"drop {name}")
+        if self.pretrained:
+            raise ValueError("method 'ff' appends a label channel to the input, so timm's pretrained stem does not "
+                             "fit; drop pretrained")
+
     def validate(self) -> None:
         """Types first (from the annotations), then ranges and choices; one-line errors naming the key."""
         hints = typing.get_type_hints(type(self))
@@ -289,6 +319,11 @@ class TrainConfig:
             if self.freeze_stages or self.head_only or self.reset_prototypes:
                 raise ValueError("freeze_stages / head_only / reset_prototypes apply to HFF models; not with "
                                  "method 'bp'")
+        if self.ff and self.method != 'ff':
+            raise ValueError(f"ff settings ({', '.join(sorted(self.ff))}) apply to method 'ff'; drop them or use "
+                             f"--baseline ff")
+        if self.method == 'ff':
+            self._validate_ff()
         if self.freeze_stages and self.head_only:
             raise ValueError('give freeze_stages or head_only, not both (head_only freezes the whole backbone)')
         if self.schedule == 'sequential' and (self.freeze_stages or self.head_only):
@@ -363,13 +398,14 @@ class TrainConfig:
         merged = merge_settings(d, overrides or {})
         if not merged.get('experiment'):   # the recipe's name; a BP baseline of it gets its own folder
             stem = os.path.splitext(os.path.basename(path))[0]
-            merged['experiment'] = stem + ('_bp' if merged.get('method') == 'bp' else '')
+            method = merged.get('method', 'hff')
+            merged['experiment'] = stem + (f'_{method}' if method in METHODS and method != 'hff' else '')
         return cls.from_dict(merged, where=path)
 
 
 MAX_RECIPE_BYTES = 2 ** 20     # a recipe is a few hundred bytes
 # Settings that are mappings of their own: an override changes the keys it names and keeps the others.
-MAPPING_SETTINGS = ('hff', 'model_kwargs')
+MAPPING_SETTINGS = ('hff', 'model_kwargs', 'ff')
 
 
 def merge_settings(base: Dict[str, Any], overrides: Dict[str, Any]) -> Dict[str, Any]:

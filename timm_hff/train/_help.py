@@ -38,7 +38,9 @@ HELP: Dict[str, Tuple[str, str]] = {
     'img_size': ('Model', "input resolution (null: the model's default)"),
     'model_kwargs': ('Model', "timm keyword arguments, a mapping merged key by key (e.g. '{drop_path_rate: 0.1}')"),
     'hff': ('Model', "HFF settings, a mapping merged key by key (e.g. '{num_stages: 4, margin: 0.3}')"),
-    'method': ('Model', "'hff' (local prototype losses) or 'bp' (the same backbone end to end)"),
+    'method': ('Model', "'hff' (local prototype losses), 'bp' (the same backbone end to end) or 'ff' "
+                        "(Forward-Forward, a baseline)"),
+    'ff': ('Model', 'Forward-Forward settings (FFConfig: threshold, label_mode, label_res, ...); method ff only'),
     'reset_prototypes': ('Model', 'fresh prototypes in every head (a new label set with the same class count)'),
     'freeze_stages': ('Model', "HFF stages whose backbone slice stays frozen (transfer), e.g. '[0, 1]'"),
     'head_only': ('Model', 'train only the prototype heads; the whole backbone stays frozen'),

@@ -32,7 +32,8 @@ from ._stage_launch import Group, check_devices, from_environment, join, leave, 
 from ._stage_part import StagePart, TensorSpec
 from ._stage_state import StageEma, StageState, _Quiet, owned_keys
 from ._stage_steps import StageSteps
-from ._trainer import _os_error, _reason, _summary, _yaml, build_data, build_loaders, build_model, build_optimizer
+from ._trainer import (_decay_epochs, _os_error, _reason, _summary, _yaml, build_data, build_loaders, build_model,
+                       build_optimizer)
 
 
 def create_trainer(cfg: TrainConfig):
@@ -192,7 +193,7 @@ class StageParallelTrainer(StageSteps, StageState):
         self.updates_per_epoch = math.ceil(self.steps_per_epoch / cfg.grad_accum_steps)
         self.total_epochs = cfg.epochs
         self.scheduler, _ = create_scheduler_v2(
-            self.optimizer, sched=cfg.sched, num_epochs=cfg.epochs, decay_epochs=cfg.decay_epochs,
+            self.optimizer, sched=cfg.sched, num_epochs=cfg.epochs, **_decay_epochs(cfg),
             cooldown_epochs=cfg.cooldown_epochs, decay_rate=cfg.decay_rate, min_lr=cfg.min_lr,
             warmup_lr=cfg.warmup_lr, warmup_epochs=cfg.warmup_epochs, cycle_limit=1, cycle_decay=1.0,
             step_on_epochs=not cfg.sched_on_updates, updates_per_epoch=self.updates_per_epoch)

@@ -43,9 +43,12 @@ FINITE_CHECK_EVERY = 16
 
 # ----------------------------------------------------------------------------------------------------- model
 def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
-    """The HFF model of the recipe, or (``method: bp``) the same timm backbone with timm's own head."""
+    """The HFF model of the recipe, or (``method: bp``) the same timm backbone with timm's own head, or
+    (``method: ff``) that backbone trained by Forward-Forward at HFF's cut."""
     if cfg.method == 'bp':
         return build_bp_model(cfg, num_classes)
+    if cfg.method == 'ff':
+        return build_ff_model(cfg, num_classes)
     from .._factory import create_model
 
     hff = dict(cfg.hff)
@@ -86,6 +89,27 @@ def build_bp_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     if hff_cfg.small_input:
         adapt_small_input(model, stem_split(model, hff_cfg), cfg.in_chans)
     return model
+
+
+def build_ff_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
+    """``timm_hff.baselines.create_ff_model``: the recipe's backbone and stage cut, one extra input channel for
+    the label plane, no prototype heads."""
+    from ..baselines.ff import FFConfig, create_ff_model
+    from .._factory import parse_model_name
+
+    if parse_model_name(cfg.model)[0] in ('hf-hub', 'local-dir'):
+        raise ValueError(f"method 'ff' needs a timm architecture, not saved HFF weights ({cfg.model})")
+    hff = dict(cfg.hff)
+    if cfg.img_size and 'check_img_size' not in hff:
+        hff['check_img_size'] = cfg.img_size
+    return create_ff_model(cfg.model, num_classes=num_classes, in_chans=cfg.in_chans, ff_cfg=FFConfig(**cfg.ff),
+                           **cfg.model_kwargs, **hff)
+
+
+def _decay_epochs(cfg: TrainConfig) -> Dict[str, Any]:
+    """``decay_epochs`` for timm's scheduler factory only when set: timm 1.0.29 multiplies it by the updates per
+    epoch whatever the schedule, so None (a cosine recipe's default) fails there."""
+    return {} if cfg.decay_epochs is None else dict(decay_epochs=cfg.decay_epochs)
 
 
 def stage_param_groups(model: nn.Module, weight_decay: float, stage_lr) -> list:
@@ -229,6 +253,9 @@ class Trainer:
             log_with=cfg.log_with, kwargs_handlers=[self._ddp_kwargs], step_scheduler_with_optimizer=False,
             **project)
         acc = self.accelerator
+        if cfg.method == 'ff' and acc.num_processes > 1:
+            raise ValueError("method 'ff' trains in one process (its loss is not a forward that DDP can wrap); run it "
+                             "without accelerate launch / --num_processes")
         if cfg.schedule == 'memory_efficient' and acc.num_processes > 1:
             raise ValueError("schedule 'memory_efficient' runs each stage's backward inside the forward, which DDP "
                              "cannot synchronise; with several processes use schedule: simultaneous")
@@ -261,7 +288,7 @@ class Trainer:
         model = build_model(cfg, self.num_classes)
         if cfg.method == 'hff' and model.split.unused_param_names and not needs_unused:
             self._ddp_kwargs.find_unused_parameters = True   # a truncated backbone leaves parameters unused
-        self.num_stages = model.num_stages if cfg.method == 'hff' else 1
+        self.num_stages = model.num_stages if cfg.method != 'bp' else 1
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         if cfg.grad_checkpointing:   # with schedule memory_efficient: checkpointing inside each stage as well
@@ -293,7 +320,7 @@ class Trainer:
         sequential = cfg.schedule == 'sequential'
         self.scheduler, _ = create_scheduler_v2(
             optimizer, sched=cfg.sched, num_epochs=cfg.epochs if sequential else self.total_epochs,
-            decay_epochs=cfg.decay_epochs, cooldown_epochs=cfg.cooldown_epochs, decay_rate=cfg.decay_rate,
+            cooldown_epochs=cfg.cooldown_epochs, decay_rate=cfg.decay_rate, **_decay_epochs(cfg),
             min_lr=cfg.min_lr, warmup_lr=cfg.warmup_lr, warmup_epochs=cfg.warmup_epochs,
             cycle_limit=self.num_stages if sequential else 1, cycle_decay=1.0,
             step_on_epochs=not cfg.sched_on_updates, updates_per_epoch=self.updates_per_epoch)
@@ -342,7 +369,7 @@ class Trainer:
         """What a checkpoint must match to be resumed by this run."""
         c = self.cfg
         return dict(model=c.model, method=c.method, schedule=c.schedule, num_classes=self.num_classes,
-                    hff=c.hff, model_kwargs=c.model_kwargs, in_chans=c.in_chans,
+                    hff=c.hff, model_kwargs=c.model_kwargs, in_chans=c.in_chans, **({'ff': c.ff} if c.ff else {}),
                     num_processes=self.accelerator.num_processes, batch_size=c.batch_size,
                     grad_accum_steps=c.grad_accum_steps, train_split=c.train_split, val_fraction=c.val_fraction,
                     split_seed=c.split_seed)
@@ -495,6 +522,11 @@ class Trainer:
                     loss = self._bp_loss(model(x), target)
                     acc.backward(loss)
                     stage_losses = [loss.detach()]
+                elif cfg.method == 'ff':   # one process (refused otherwise): the unwrapped model's own loss
+                    with acc.autocast():
+                        loss = unwrapped.loss(x, target)
+                    acc.backward(loss)
+                    loss, stage_losses = loss.detach(), unwrapped.last_stage_losses
                 else:
                     out = model(x, target, mode=mode, stages=None if stage is None else [stage],
                                 backward_fn=acc.backward if mode == 'memory_efficient' else None)
@@ -535,7 +567,7 @@ class Trainer:
         totals = acc.reduce(torch.cat([loss_sum.view(1), stage_sum]), reduction='mean') / steps
         row = dict(train_loss=totals[0].item(), lr=self.optimizer.param_groups[0]['lr'],
                    train_time_s=elapsed, train_img_per_s=seen * acc.num_processes / max(elapsed, 1e-9))
-        if cfg.method == 'hff':
+        if cfg.method != 'bp':
             for k in trained:
                 row[f'train_loss_stage{k}'] = totals[1 + k].item()
         if stage is not None:
@@ -557,7 +589,7 @@ class Trainer:
             return
         earliest = torch.where(bad, first_bad, torch.iinfo(torch.long).max).flatten().argmin().item()
         rank, j = divmod(int(earliest), n)
-        what = f'stage {trained[j]} loss' if self.cfg.method == 'hff' else 'loss'
+        what = f'stage {trained[j]} loss' if self.cfg.method != 'bp' else 'loss'
         on = f' on process {rank}' if acc.num_processes > 1 else ''
         raise FloatingPointError(
             f'{what} is {bad_value[rank, j].item()} at epoch {epoch + 1}, step {int(first_bad[rank, j]) + 1} of '
@@ -575,7 +607,7 @@ class Trainer:
         module.eval()
         transform = loader.transform
         k = min(5, self.num_classes)
-        n_heads = self.num_stages + 2 if cfg.method == 'hff' else 1
+        n_heads = self.num_stages + 2 if cfg.method != 'bp' else 1
         correct1 = torch.zeros(n_heads, dtype=torch.long, device=acc.device)
         correct5 = torch.zeros(n_heads, dtype=torch.long, device=acc.device)
         total = torch.zeros((), dtype=torch.long, device=acc.device)
@@ -583,7 +615,7 @@ class Trainer:
         for x, y in iterable:
             x, y = transform(x.to(acc.device)), y.to(acc.device)
             with acc.autocast():
-                heads = prediction_heads(module, x, hff=cfg.method == 'hff')
+                heads = prediction_heads(module, x, hff=cfg.method == 'hff', method=cfg.method)
             c1, c5 = topk_hits(heads, y, k)
             if gather:
                 c1, c5 = acc.gather_for_metrics((c1, c5))
@@ -593,7 +625,7 @@ class Trainer:
         if not gather:
             correct1, correct5, total = (acc.reduce(t, reduction='sum') for t in (correct1, correct5, total))
         return accuracy_row(correct1, correct5, int(total), self.num_stages, self.num_classes,
-                            hff=cfg.method == 'hff', prefix=prefix, images_key=f'{split}_images')
+                            hff=cfg.method != 'bp', prefix=prefix, images_key=f'{split}_images')
 
     # ----- the run -----
     def fit(self) -> Dict[str, Any]:
@@ -802,6 +834,8 @@ def save_final_model(model: nn.Module, path: str, cfg: TrainConfig, data: ImageD
             shutil.rmtree(path)
         os.replace(tmp, path)
         return path
+    if cfg.method == 'ff':
+        return _save_ff(model, path, cfg, data, metrics)
     from .. import hub as _hub
     try:
         return _hub.save_pretrained(model, path, label_names=data.label_names, metrics=metrics,
@@ -809,6 +843,29 @@ def save_final_model(model: nn.Module, path: str, cfg: TrainConfig, data: ImageD
     except NotImplementedError as e:
         _logger.warning(f'final model not saved: {e}')
         return None
+
+
+def _save_ff(model: nn.Module, path: str, cfg: TrainConfig, data: ImageData, metrics: Dict[str, Any]) -> str:
+    """A Forward-Forward baseline's weights (safetensors) and what rebuilds it (``create_ff_model`` arguments) in
+    config.json; written into a temporary folder that replaces ``path`` whole, so a failed save leaves the old one."""
+    import tempfile
+    from safetensors.torch import save_model
+    tmp = tempfile.mkdtemp(prefix='.tmp-model-', dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        save_model(model.to(memory_format=torch.contiguous_format), os.path.join(tmp, 'model.safetensors'))
+        config = dict(method='ff', model_name=cfg.model, num_classes=model.num_classes, in_chans=cfg.in_chans,
+                      model_kwargs=dict(cfg.model_kwargs), hff=dict(cfg.hff), ff=model.cfg.to_dict(),
+                      label_names=list(data.label_names), metrics=metrics,
+                      rebuild='timm_hff.baselines.create_ff_model(model_name, num_classes, in_chans, '
+                              'FFConfig(**ff), **model_kwargs, **hff), then safetensors.torch.load_model')
+        atomic_write_text(os.path.join(tmp, 'config.json'), json.dumps(config, indent=2, default=str) + '\n')
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
 
 
 def dataset_id(data: ImageData) -> str:
@@ -859,7 +916,7 @@ def _summary(row: Dict[str, Any], num_stages: int, method: str, split: str = 'va
                  f"val top-1 {row['top1']:.2f}%"]
     if 'top5' in row:
         parts.append(f"top-5 {row['top5']:.2f}%")
-    if method == 'hff':
+    if method != 'bp':
         parts.append('stages ' + ' / '.join(f"{row[f'top1_stage{k}']:.2f}" for k in range(num_stages)))
         parts.append(f"ensemble {row['top1_ensemble']:.2f}")
     if 'ema_top1' in row:

@@ -63,13 +63,14 @@ def _type_label(tp) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog='hff-train', description='Train an HFF (or a BP baseline) model from a YAML recipe.',
-        usage='hff-train --config recipes/<name>.yaml [--<setting> VALUE ...] [--baseline bp] [--resume [PATH]]',
+        usage='hff-train --config recipes/<name>.yaml [--<setting> VALUE ...] [--baseline bp|ff] [--resume [PATH]]',
         epilog='Every setting can be given in the recipe or as --<setting> VALUE (--batch-size 64 or --batch_size 64); '
                'values are YAML: --hff \'{margin: 0.3}\', --freeze-stages \'[0, 1]\', --crop-pct null. Recipes: '
                'recipes/*.yaml.', formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--config', '-c', default=None, help='YAML recipe (e.g. recipes/fashion_mnist_quick.yaml)')
     parser.add_argument('--baseline', choices=[m for m in METHODS if m != 'hff'], default=None,
-                        help="train the same backbone with its timm head end to end instead ('bp')")
+                        help="train the same backbone another way: 'bp' (timm's head, end to end) or 'ff' "
+                             "(Forward-Forward at HFF's stage cut; its settings: --ff '{threshold: 2.0}')")
     parser.add_argument('--resume', nargs='?', const='auto', default=argparse.SUPPRESS, metavar='PATH',
                         help='continue from a checkpoint or run folder; bare --resume: this run\'s latest')
     parser.add_argument('--torchcompile', nargs='?', const='inductor', default=argparse.SUPPRESS, metavar='BACKEND',
