@@ -380,7 +380,7 @@ def _why(missed, cuda: bool = False, bp_ms=None):
                        f"small graph with its own guards and launches, and a step this short{bp} is bound by launches, "
                        f"not math. "
                        f"What would close it: CUDA graphs over the whole step (torch.compile mode 'reduce-overhead' "
-                       f"or torch.cuda.graphs), which the eager cut hooks prevent today; not tried.")
+                       f"or torch.cuda.graphs); not tried (capturing a step through the cut hooks is untested).")
         elif cuda and t['flops_ratio'] <= TIME_TARGET:
             out.append(f"- Step time ({what}): HFF's training FLOPs are {t['flops_ratio']:.2f}x BP's, so the measured "
                        f"{t['value'].split()[0]} is what FLOPs leave out: a step this short{bp} is bound by kernel "
