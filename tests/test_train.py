@@ -322,6 +322,8 @@ def test_ff_baseline_trains_the_same_backbone_and_scores_its_stages(idx_root, tm
                               **cfg['model_kwargs'], **cfg['hff'])
     from safetensors.torch import load_model
     load_model(rebuilt, str(saved / 'model.safetensors'))
+    with pytest.raises(ValueError, match='holds a Forward-Forward baseline.*create_ff_model'):
+        timm_hff.create_model(f'local-dir:{saved}', pretrained=True)     # not an HFF model: said so, in one line
     from timm_hff.data import load_idx_arrays
     images, labels = load_idx_arrays(idx_root, 'test')
     x = trainer.test_loader.transform(torch.from_numpy(images[:, None].copy()))

@@ -85,6 +85,9 @@ def parse_config(raw: Any, where: str = CONFIG_NAME) -> SavedConfig:
     """
     if not isinstance(raw, dict):
         raise ConfigError(f'{where}: expected a JSON object, got {type(raw).__name__}')
+    if raw.get('method') == 'ff':   # hff-train --baseline ff writes its own config.json beside its weights
+        raise ConfigError(f"{where} holds a Forward-Forward baseline (hff-train --baseline ff), not an HFF model; "
+                          f"rebuild it with timm_hff.baselines.create_ff_model as its 'rebuild' entry says")
     hff = raw.get('hff')
     if not isinstance(hff, dict):
         raise ConfigError(f"{where} has no 'hff' section, so it is not a timm_hff model; load a plain timm "
