@@ -57,11 +57,13 @@ class ModelSpec:
         return f'{self.arch} @ {self.img_size}px, {self.in_chans}ch{stem}' + (f' ({extra})' if extra else '')
 
 
-# Presets: a narrow ResNet-18 for quick runs on 2 CPU cores, ResNet-18 at 28/32 px, ResNet-50 at 64/112/224 px.
+# Presets: a narrow ResNet-18 for quick runs on 2 CPU cores, ResNet-18 at 28/32 px (and ResNet-18-D's deep stem at
+# 32 px), ResNet-50 at 64/112/224 px.
 PRESETS: Dict[str, ModelSpec] = {
     'tiny_resnet_28': ModelSpec('resnet18', 28, 1, True, dict(channels=(16, 32, 64, 128))),
     'resnet18_28': ModelSpec('resnet18', 28, 1, True),
     'resnet18_32': ModelSpec('resnet18', 32, 3, True),
+    'resnet18d_32': ModelSpec('resnet18d', 32, 3, True),     # a deep 3-conv stem at full resolution (small_input)
     'resnet50_64': ModelSpec('resnet50', 64, 3, False),
     'resnet50_112': ModelSpec('resnet50', 112, 3, False),
     'resnet50_224': ModelSpec('resnet50', 224, 3, False),

@@ -420,10 +420,12 @@ def _why(missed, cuda: bool = False, bp_ms=None):
                    'resolution; see "stage 1 alone"). A ResNet cut at its reduction levels keeps most activations in '
                    'the high-resolution stage 1 (stem + layer1), even more so with the small-input stem. With '
                    'checkpointing inside the stages (memory_efficient + checkpointing) stage 1 keeps only its block '
-                   'inputs and the stem, which timm does not checkpoint; its peak is then one block recomputed in '
-                   'backward at full resolution on top of those, the same floor BP + checkpointing has, without BP\'s '
-                   'other block inputs. Where that floor is above the target (a small-input stem at full resolution) '
-                   'what would lower it: checkpointing the stem too, or a narrower first stage.')
+                   'inputs and the stem\'s activations (timm does not checkpoint stems; timm_hff checkpoints a '
+                   'small-input stem that is a multi-layer container, such as a deep stem, but not a single conv with '
+                   'its norm and activation); its peak is then one block recomputed in backward at full resolution on '
+                   'top of those, the same floor BP + checkpointing has, without BP\'s other block inputs. Where that '
+                   'floor is above the target (a small-input stem at full resolution) what would lower it: a narrower '
+                   'first stage, or a single-conv stem checkpointed with its norm and activation (not built).')
     return out
 
 

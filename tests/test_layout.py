@@ -19,7 +19,7 @@ MAX_LINES = 400
 # module in no layer counts as an entry point (the top layer): it may import anything, and nothing may import it.
 LAYERS = [
     ('version', '_config', 'data'),
-    ('_heads', '_stages', '_exit_rule'),
+    ('_heads', '_stages', '_exit_rule', '_stem_ckpt'),
     ('_profile', '_adaptive', '_model', '_balance', '_compile'),
     ('_builder', '_exit', '_compile'),
     ('hub',),

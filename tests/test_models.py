@@ -1,4 +1,6 @@
 """Core behaviour of HFF models, parametrised over timm families (mirrors timm's tests/test_models.py)."""
+import copy
+
 import pytest
 import timm
 import torch
@@ -242,7 +244,10 @@ CKPT_MODELS = [('test_resnet', dict(check_img_size=32), 'layer1.0'),
                ('test_convnext', dict(check_img_size=32), 'stages.0.blocks.0'),
                ('test_efficientnet', dict(check_img_size=32), 'blocks.0.0'),
                ('test_vit', dict(img_size=32), 'blocks.0'),
-               ('resnet18', dict(small_input=True, check_img_size=32, channels=(8, 16, 32, 64)), 'layer1.0')]
+               ('resnet18', dict(small_input=True, check_img_size=32, channels=(8, 16, 32, 64)), 'layer1.0'),
+               # a small-input deep stem: checkpointed too (timm leaves stems out), its first conv recomputed
+               ('resnet18d', dict(small_input=True, check_img_size=32, channels=(8, 16, 32, 64), stem_width=8),
+                'conv1.0')]
 
 
 @pytest.mark.parametrize('name,kwargs,block', CKPT_MODELS, ids=[m[0] for m in CKPT_MODELS])
@@ -267,6 +272,40 @@ def test_memory_efficient_with_grad_checkpointing_recomputes_and_keeps_gradients
     assert got == set(ref)
     for n, g in ref.items():
         torch.testing.assert_close(dict(model.named_parameters())[n].grad, g, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def _saved_bytes(model, x, y) -> int:
+    """Bytes autograd keeps for backward after one simultaneous forward (what checkpointed regions do not keep)."""
+    total = []
+    def pack(t):
+        total.append(t.numel() * t.element_size())
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x, y, mode='simultaneous')
+    return sum(total)
+
+
+def test_small_input_stem_is_checkpointed_with_the_blocks():
+    """With small_input the stem runs at full resolution; set_grad_checkpointing checkpoints a deep stem as well, keeps
+    the parameter names, follows a deepcopy (EMA) and is undone by set_grad_checkpointing(False)."""
+    kwargs = dict(check_img_size=32, channels=(8, 16, 32, 64), stem_width=8)
+    model = _build('resnet18d', dict(kwargs, small_input=True)).train()
+    x, y = _batch(model)
+    keys = list(model.state_dict())
+    model.backbone.set_grad_checkpointing(True)          # timm's own: the blocks only
+    blocks_only = _saved_bytes(model, x, y)
+    model.set_grad_checkpointing(True)                   # HFF's: the blocks and the stem
+    with_stem = _saved_bytes(model, x, y)
+    stem_out = model.backbone.conv1(x).numel() * 4      # one full-resolution map of the stem's width
+    assert blocks_only - with_stem >= 3 * stem_out       # the deep stem's inner maps are no longer kept
+    assert list(model.state_dict()) == keys
+    ema = copy.deepcopy(model)
+    assert ema.backbone.conv1.forward.module is ema.backbone.conv1
+    model.set_grad_checkpointing(False)
+    assert 'forward' not in model.backbone.conv1.__dict__
+    plain = _build('resnet18d', kwargs).train()          # no small_input: the stem downsamples at once, left alone
+    plain.set_grad_checkpointing(True)
+    assert 'forward' not in plain.backbone.conv1.__dict__
 
 
 @pytest.mark.parametrize('mode', ['memory_efficient', 'simultaneous'])

@@ -28,6 +28,7 @@ from ._adaptive import AdaptiveExit
 from ._exit_rule import replay_exits
 from ._heads import PrototypeHead, log_probs_mean
 from ._stages import StageSplit, cut_name, run_stages, stage_modules
+from ._stem_ckpt import set_stem_checkpointing, stem_containers
 
 MODES = ('simultaneous', 'memory_efficient')
 
@@ -152,6 +153,8 @@ class HFFModel(AdaptiveExit, nn.Module):
         if not hasattr(self.backbone, 'set_grad_checkpointing'):
             raise ValueError(f'{type(self.backbone).__name__} does not support gradient checkpointing')
         self.backbone.set_grad_checkpointing(enable)
+        if self.hff_cfg.small_input:   # a full-resolution stem: checkpoint it too (timm leaves stems out)
+            set_stem_checkpointing(self.backbone, stem_containers(self.backbone, self.split.tap_names), enable)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict:
