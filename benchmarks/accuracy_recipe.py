@@ -24,59 +24,11 @@ import sys
 import time
 from typing import Any, Dict, List, Optional
 
+from ._runs import finished_run
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FF_LR = (0.003, 0.01)
 FF_THRESHOLD = (1.0, 4.0)
-# settings that name or display a run but do not change what it trains
-NOT_TRAINING = ('experiment', 'output', 'progress', 'resume', 'log_with', 'checkpoint_hist', 'save_model')
-# the HFF settings a BP baseline uses (its small-input stem adaptation at HFF's cut); the heads' settings it ignores
-BP_USES = ('small_input', 'stage_indices', 'num_stages', 'balance')
-
-
-def resolved(args: List[str]) -> Dict[str, Any]:
-    """The TrainConfig hff-train resolves from ``args``, as a dict, less the settings that do not train."""
-    from timm_hff.train.cli import build_parser, resolve_config
-    ns = build_parser().parse_args(args)
-    if ns.config and not os.path.isabs(ns.config):
-        ns.config = os.path.join(REPO, ns.config)
-    cfg = resolve_config(ns).to_dict()
-    return {k: v for k, v in cfg.items() if k not in NOT_TRAINING}
-
-
-def same_training(want: Dict[str, Any], got: Dict[str, Any]) -> bool:
-    """``got`` (a stored config.yaml) trains what ``want`` does; a setting it lacks (added to TrainConfig later) must
-    be at its default in ``want``."""
-    from timm_hff.train import TrainConfig
-    default = TrainConfig().to_dict()
-    if want.get('method') == 'bp':
-        want, got = dict(want), dict(got)
-        for cfg in (want, got):
-            cfg['hff'] = {k: v for k, v in (cfg.get('hff') or {}).items() if k in BP_USES}
-    for key, value in want.items():
-        if key in got:
-            if got[key] != value:
-                return False
-        elif value != default.get(key):
-            return False
-    return True
-
-
-def finished_run(args: List[str], roots: List[str]) -> Optional[str]:
-    """A finished run (test split scored) under any of ``roots`` that trains what ``args`` would."""
-    import yaml
-    want = resolved(args)
-    for root in roots:
-        for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
-            cfg_path, metrics_path = (os.path.join(root, name, f) for f in ('config.yaml', 'metrics.json'))
-            if not (os.path.isfile(cfg_path) and os.path.isfile(metrics_path)):
-                continue
-            with open(metrics_path) as f:
-                if not json.load(f).get('test'):
-                    continue
-            with open(cfg_path) as f:
-                if same_training(want, yaml.safe_load(f)):
-                    return os.path.join(root, name)
-    return None
 
 
 def machine() -> str:
@@ -262,6 +214,6 @@ def render(result: Dict[str, Any]) -> str:
             lines.append(f"| {name}{mark} | {fmt(r['val_top1'])} | {' / '.join(fmt(v) for v in r['val_stages'])} |")
     if result['failed']:
         lines += ['', f"Failed runs (see their logs): {', '.join(result['failed'])}."]
-    lines += ['', f"Speeds are per run and per machine: compare them only within one machine "
-              f"(`python -m benchmarks.recipe_cost` times HFF and BP side by side)."]
+    lines += ['', "Speeds are per run and per machine: compare them only within one machine "
+              "(`python -m benchmarks.recipe_cost` times HFF and BP side by side)."]
     return '\n'.join(lines)

@@ -14,9 +14,9 @@ make the comparison meaningless. Each run validates every epoch and evaluates th
 ``--candidates`` runs instead the transfer settings compared on the target's validation split to choose the recipe's
 defaults (their test figures are stored but never used to choose) and writes ``candidates.md`` / ``.json``; the
 default run writes ``transfer.md`` / ``transfer.json``, both under ``--out`` (default ``benchmarks/results/transfer``)
-with each run's metrics. A run whose configuration (its resolved ``config.yaml``) equals a finished run's is not
-repeated (same data, seed and settings): when the shipped recipe is the candidate chosen on validation, its row is that
-candidate's run, and the table's run column says so.
+with each run's metrics. A run whose configuration (its resolved ``config.yaml``) trains what a finished run's did is
+not repeated (same data, seed and training settings; ``benchmarks._runs``): when the shipped recipe is the candidate
+chosen on validation, its row is that candidate's run, and the table's run column says so.
 """
 import argparse
 import json
@@ -30,6 +30,8 @@ from typing import Any, Dict, List
 import numpy as np
 
 from timm_hff.data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, load_idx_arrays
+
+from ._runs import finished_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCE_CLASSES = (0, 1, 2, 3, 4)
@@ -80,39 +82,10 @@ def make_split(root: str, out: str, classes, per_class=None, val_per_class: int 
     return int(sum(len(i) for i in train_idx))
 
 
-def _resolved(args: List[str]) -> Dict[str, Any]:
-    """The run configuration hff-train would resolve from ``args`` (its config.yaml), less the experiment name."""
-    from timm_hff.train.cli import build_parser, resolve_config
-    ns = build_parser().parse_args(args)
-    ns.config = os.path.join(REPO, ns.config)
-    cfg = resolve_config(ns).to_dict()
-    cfg.pop('experiment', None)
-    return cfg
-
-
-def finished_run_like(args: List[str], runs_root: str):
-    """A finished run (test split scored) under ``runs_root`` whose configuration is the one ``args`` resolve to."""
-    import yaml
-    want = _resolved(args)
-    for name in sorted(os.listdir(runs_root)) if os.path.isdir(runs_root) else []:
-        cfg_path, metrics_path = (os.path.join(runs_root, name, f) for f in ('config.yaml', 'metrics.json'))
-        if not (os.path.isfile(cfg_path) and os.path.isfile(metrics_path)):
-            continue
-        with open(metrics_path) as f:
-            if not json.load(f).get('test'):
-                continue
-        with open(cfg_path) as f:
-            got = yaml.safe_load(f)
-        got.pop('experiment', None)
-        if got == want:
-            return os.path.join(runs_root, name)
-    return None
-
-
 def hff_train(args: List[str], log: str, run_dir: str) -> str:
     """Run hff-train into ``run_dir``; returns the run folder, which is an earlier finished run of the very same
     configuration when there is one (a rerun would repeat it: same data, seed and settings)."""
-    same = finished_run_like(args, os.path.dirname(run_dir))
+    same = finished_run(args, [os.path.dirname(run_dir)])
     if same:
         return same
     shutil.rmtree(run_dir, ignore_errors=True)

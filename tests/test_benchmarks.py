@@ -179,17 +179,18 @@ def test_transfer_keeps_a_finished_run_of_the_same_configuration(tmp_path):
     configuration (any experiment name) is reused; another setting, or a run without its test score, is not."""
     import yaml
     from benchmarks import transfer
+    from benchmarks._runs import resolved
     args = ['--config', 'recipes/fashion_mnist.yaml', '--epochs', '3', '--output', str(tmp_path)]
     run = tmp_path / 'candidate_a'
     run.mkdir()
-    (run / 'config.yaml').write_text(yaml.safe_dump(dict(transfer._resolved(args + ['--experiment', 'candidate_a']),
+    (run / 'config.yaml').write_text(yaml.safe_dump(dict(resolved(args + ['--experiment', 'candidate_a']),
                                                          experiment='candidate_a')))
     (run / 'metrics.json').write_text(json.dumps(dict(epochs=[], test=None)))
-    assert transfer.finished_run_like(args + ['--experiment', 'recipe'], str(tmp_path)) is None   # not finished
+    assert transfer.finished_run(args + ['--experiment', 'recipe'], [str(tmp_path)]) is None   # not finished
     (run / 'metrics.json').write_text(json.dumps(dict(epochs=[], test=dict(top1=90.0))))
-    assert transfer.finished_run_like(args + ['--experiment', 'recipe'], str(tmp_path)) == str(run)
-    assert transfer.finished_run_like(args + ['--lr', '0.01'], str(tmp_path)) is None
-    assert transfer.finished_run_like(args + ['--baseline', 'bp'], str(tmp_path)) is None       # BP is another run
+    assert transfer.finished_run(args + ['--experiment', 'recipe'], [str(tmp_path)]) == str(run)
+    assert transfer.finished_run(args + ['--lr', '0.01'], [str(tmp_path)]) is None
+    assert transfer.finished_run(args + ['--baseline', 'bp'], [str(tmp_path)]) is None       # BP is another run
 
 
 @pytest.mark.slow
