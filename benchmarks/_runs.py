@@ -25,10 +25,12 @@ def same_training(want: Dict[str, Any], got: Dict[str, Any]) -> bool:
     be at its default in ``want``."""
     from timm_hff.train import TrainConfig
     default = TrainConfig().to_dict()
+    want, got = dict(want), dict(got)
     if want.get('method') == 'bp':
-        want, got = dict(want), dict(got)
         for cfg in (want, got):
             cfg['hff'] = {k: v for k, v in (cfg.get('hff') or {}).items() if k in BP_USES}
+    for cfg in (want, got):   # FF's chunk_size only batches its scoring passes
+        cfg['ff'] = {k: v for k, v in (cfg.get('ff') or {}).items() if k != 'chunk_size'}
     for key, value in want.items():
         if key in got:
             if got[key] != value:

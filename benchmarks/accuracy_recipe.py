@@ -68,15 +68,21 @@ def store(run_dir: str, log: Optional[str], out: str, name: str, where: str) -> 
         shutil.copy(os.path.join(run_dir, fname), keep)
     if log and os.path.isfile(log):
         shutil.copy(log, os.path.join(keep, 'train.log'))
-    machine_path = os.path.join(run_dir, 'machine.txt')
-    if not os.path.isfile(os.path.join(keep, 'machine.txt')):
-        text = open(machine_path).read() if os.path.isfile(machine_path) else where
-        with open(os.path.join(keep, 'machine.txt'), 'w') as f:
-            f.write(text.strip() + '\n')
+    machine_path = os.path.join(run_dir, 'machine.txt')   # written beside the run by whoever trained it
+    text = open(machine_path).read() if os.path.isfile(machine_path) else where
+    with open(os.path.join(keep, 'machine.txt'), 'w') as f:
+        f.write(text.strip() + '\n')
 
 
-def inference_mflops(config_path: str, num_classes: int = 10) -> float:
-    """Forward FLOPs per image of the model a run's config builds (FF: its C passes), counted on the CPU."""
+def rows_classes(run_dir: str) -> Optional[int]:
+    """The class count a run trained on (its metrics.json header; runs older than that field give None)."""
+    with open(os.path.join(run_dir, 'metrics.json')) as f:
+        return json.load(f)['run'].get('num_classes')
+
+
+def inference_mflops(config_path: str, num_classes: Optional[int] = None) -> Optional[float]:
+    """Forward FLOPs per image of the model a run's config builds (FF: its C passes), counted on the CPU; None
+    where the config does not say how many classes there are."""
     import torch
     import yaml
     from timm_hff.train import TrainConfig
@@ -84,6 +90,9 @@ def inference_mflops(config_path: str, num_classes: int = 10) -> float:
     from ._common import count_flops
     with open(config_path) as f:
         cfg = TrainConfig.from_dict({k: v for k, v in yaml.safe_load(f).items() if k in TrainConfig().to_dict()})
+    num_classes = num_classes or cfg.num_classes or (len(cfg.label_names) if cfg.label_names else None)
+    if num_classes is None:
+        return None
     model = build_model(cfg, num_classes).eval()
     x = torch.zeros(1, cfg.in_chans, cfg.img_size, cfg.img_size)
     with torch.no_grad():
@@ -108,6 +117,7 @@ def run(argv=None) -> Dict[str, Any]:
     p.add_argument('--out', default=os.path.join(REPO, 'benchmarks', 'results', 'accuracy_recipe'))
     p.add_argument('--work', default=os.path.join(REPO, 'output', 'accuracy_recipe'))
     args = p.parse_args(argv)
+    args.work, args.out = os.path.abspath(args.work), os.path.abspath(args.out)
     if args.jobs < 1:
         p.error(f'--jobs must be >= 1, got {args.jobs}')
     runs_root = os.path.join(args.work, 'runs')
@@ -167,7 +177,7 @@ def run(argv=None) -> Dict[str, Any]:
         shown = os.path.relpath(run_dir, REPO) if os.path.abspath(run_dir).startswith(REPO + os.sep) else run_dir
         rows[name] = dict(run=shown, **read(run_dir),
                           machine=open(os.path.join(args.out, 'runs', name, 'machine.txt')).read().strip(),
-                          mflops=inference_mflops(os.path.join(run_dir, 'config.yaml')))
+                          mflops=inference_mflops(os.path.join(run_dir, 'config.yaml'), rows_classes(run_dir)))
     ff = {k: v for k, v in rows.items() if k.startswith('ff_')}
     chosen = max(ff, key=lambda k: ff[k]['val_top1']) if ff else None
     result = dict(benchmark='accuracy_recipe', recipe=args.recipe, command='python -m benchmarks.accuracy ' + ' '.join(
@@ -186,6 +196,7 @@ def run(argv=None) -> Dict[str, Any]:
 def render(result: Dict[str, Any]) -> str:
     rows, chosen = result['rows'], result['ff_chosen']
     fmt = (lambda v: '-' if v is None else f'{v:.2f}')
+    fmt1 = (lambda v: '-' if v is None else f'{v:.1f}')
     main = [(n, rows[n]) for n in ('hff', 'bp') if n in rows] + ([(chosen, rows[chosen])] if chosen else [])
     n_st = max((len(r['test_stages']) for _, r in main), default=0)
     lines = [f"### HFF vs BP vs FF at the recipe's budget (`{result['command']}`)", '',
@@ -197,7 +208,7 @@ def render(result: Dict[str, Any]) -> str:
     for name, r in main:
         st = [fmt(v) for v in r['test_stages']] + ['-'] * (n_st - len(r['test_stages']))
         lines.append(f"| {label.get(name, f'FF ({name})')} | {r['run']} | {fmt(r['val_top1'])} | "
-                     f"{fmt(r['test_top1'])} ({fmt(r['test_ema_top1'])}) | {' | '.join(st)} | {r['mflops']:.1f} | "
+                     f"{fmt(r['test_top1'])} ({fmt(r['test_ema_top1'])}) | {' | '.join(st)} | {fmt1(r['mflops'])} | "
                      f"{r['train_img_per_s']:.0f} | {r['machine']} |")
     stages = rows.get('hff', {}).get('stages')
     if stages:

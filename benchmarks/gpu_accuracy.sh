@@ -4,7 +4,8 @@
 # backprop baseline of the per-block recipe. Run from the repository root:
 #
 #     bash benchmarks/gpu_accuracy.sh                          # benchmarks/results/accuracy_recipe/, per_block/
-#     SET="--epochs 1 --train_num_samples 640" bash benchmarks/gpu_accuracy.sh   # a smoke test (other folders)
+#     RESULTS=/tmp/smoke WORK=/tmp/smoke_work SET="--epochs 1 --train_num_samples 640" \
+#         bash benchmarks/gpu_accuracy.sh                      # a smoke test, written elsewhere
 #
 # DEADLINE (seconds, default 3000) stops runs still going then; their per-epoch validation rows stay in their logs.
 set -uo pipefail
@@ -22,6 +23,7 @@ mkdir -p "$WORK"
     --out "$RESULTS/accuracy_recipe" --work "$WORK/three_way" --set="$SET" > "$WORK/three_way.log" 2>&1 &
 pids=($!)
 for m in $PER_BLOCK; do
+    rm -rf "$WORK/per_block/$m"   # a rerun trains afresh (hff-train refuses a folder holding another run)
     base=$([ "$m" = bp ] && echo --baseline bp)
     # shellcheck disable=SC2086
     "$PY" -m timm_hff.train --config recipes/fashion_mnist_per_block.yaml $base --output "$WORK/per_block" \
@@ -36,7 +38,8 @@ while :; do
     [ $alive = 0 ] && break
     if [ $now -ge "$DEADLINE" ]; then
         echo "== deadline ${DEADLINE}s: stopping the runs still going ==" >&2
-        pkill -TERM -f 'timm_hff.train' ; kill "${pids[@]}" 2>/dev/null; sleep 3; break
+        for p in "${pids[@]}"; do pkill -TERM -P "$p"; kill -TERM "$p"; done 2>/dev/null   # ours only
+        sleep 3; break
     fi
     if [ $(( now - last )) -ge 60 ]; then
         last=$now
@@ -50,6 +53,7 @@ done
 wait 2>/dev/null
 for m in $PER_BLOCK; do   # keep each per-block run's config, metrics and log
     run="$WORK/per_block/$m"; keep="$RESULTS/per_block/$m"
+    [ -f "$run/metrics.json" ] || { echo "per-block $m: no metrics (see $WORK/per_block_$m.log)" >&2; continue; }
     mkdir -p "$keep"
     for f in config.yaml metrics.json metrics.csv; do [ -f "$run/$f" ] && cp "$run/$f" "$keep/"; done
     cp "$WORK/per_block_$m.log" "$keep/train.log"

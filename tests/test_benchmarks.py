@@ -220,3 +220,18 @@ def test_accuracy_at_a_recipes_budget_chooses_ff_on_validation_and_reuses_runs(t
     assert 'training' not in capsys.readouterr().out
     assert os.path.getmtime(tmp_path / 'work' / 'runs' / 'bp' / 'metrics.json') == stamp
     assert again['rows']['bp']['test_top1'] == rows['bp']['test_top1']
+
+
+def test_run_matching_ignores_only_what_does_not_train():
+    """A finished run is reused when it trains what is asked: display and scoring-only settings may differ, and BP
+    ignores the HFF heads' settings; anything that trains differently is another run."""
+    from benchmarks._runs import resolved, same_training
+    base = ['--config', 'recipes/fashion_mnist.yaml']
+    ff = resolved(base + ['--baseline', 'ff', '--ff', '{threshold: 4.0}'])
+    assert same_training(ff, resolved(base + ['--baseline', 'ff', '--ff', '{threshold: 4.0, chunk_size: 5000}',
+                                              '--output', '/elsewhere', '--progress', 'false']))
+    assert not same_training(ff, resolved(base + ['--baseline', 'ff', '--ff', '{threshold: 1.0}']))
+    assert not same_training(ff, resolved(base + ['--baseline', 'ff', '--ff', '{threshold: 4.0}', '--seed', '1']))
+    bp = resolved(base + ['--baseline', 'bp'])
+    assert same_training(bp, resolved(base + ['--baseline', 'bp', '--hff', '{aux: none, embed_dim: 64}']))
+    assert not same_training(bp, resolved(base + ['--baseline', 'bp', '--hff', '{small_input: false}']))

@@ -355,12 +355,27 @@ def test_scheduler_built_without_none_settings_older_timm_multiplies(idx_root, t
     trainer.lock.release()
 
 
+def test_ff_resume_refuses_other_ff_settings(idx_root, tmp_path):
+    """Resuming an FF run with another threshold (here: the default, by dropping --ff) would silently train another
+    baseline; the scoring-only chunk_size may change."""
+    run(tiny(idx_root, tmp_path, method='ff', ff=dict(threshold=4.0), experiment='ff', save_model=False))
+    AcceleratorReset()
+    with pytest.raises(ValueError, match="made with ff=.*'threshold': 4.0"):
+        Trainer(tiny(idx_root, tmp_path, method='ff', experiment='ff', resume='auto', epochs=2))
+    AcceleratorReset()
+    trainer = Trainer(tiny(idx_root, tmp_path, method='ff', ff=dict(threshold=4.0, chunk_size=4096), experiment='ff',
+                           resume='auto', epochs=2))
+    assert trainer.start_epoch == 1
+    trainer.lock.release()
+
+
 @pytest.mark.parametrize('bad, match', [
     (dict(ff=dict(threshold=2.0)), "apply to method 'ff'"),
     (dict(method='ff', ff=dict(thresh=2.0)), 'unknown setting.*thresh.*threshold'),
     (dict(method='ff', ff=dict(threshold=-1)), 'ff: threshold must be a positive number'),
     (dict(method='ff', schedule='memory_efficient'), "method 'ff' trains all its stages"),
-    (dict(method='ff', mixup=0.2), "mixup is for hard labels; method 'ff'"),
+    (dict(method='ff', mixup=0.2), r"mixup makes soft labels.*method 'ff'.*--mixup 0.0"),
+    (dict(method='ff', grad_checkpointing=True), r"grad_checkpointing is for HFF and BP.*--grad_checkpointing false"),
     (dict(method='ff', calibrate_exits=0.0), "calibrate_exits is for HFF exits"),
 ])
 def test_ff_settings_are_checked(bad, match):

@@ -10,6 +10,7 @@ Over 400 lines because every training setting, its documentation and its validat
 """
 import dataclasses
 import difflib
+import json
 import math
 import os
 import typing
@@ -232,14 +233,19 @@ class TrainConfig:
         if self.schedule != 'simultaneous':
             raise ValueError(f"schedule {self.schedule!r} is an HFF schedule; method 'ff' trains all its stages each "
                              f"step (use schedule: simultaneous)")
-        why = dict(freeze_stages='HFF transfer', head_only='HFF transfer', reset_prototypes='HFF heads',
-                   stage_lr='HFF stages', calibrate_exits='HFF exits', torchcompile='HFF and BP',
-                   mixup='hard labels', cutmix='hard labels', smoothing='hard labels')
+        soft = "makes soft labels, and FF's negatives are wrong hard labels"
+        why = dict(freeze_stages='is for HFF transfer', head_only='is for HFF transfer',
+                   reset_prototypes='is for HFF heads', stage_lr='is for HFF stages',
+                   calibrate_exits='is for HFF exits', torchcompile='is for HFF and BP',
+                   grad_checkpointing='is for HFF and BP', mixup=soft, cutmix=soft, smoothing=soft)
+        default = TrainConfig.__dataclass_fields__
         for name, what in why.items():
             value = getattr(self, name)
             if value is not None if name == 'calibrate_exits' else value:
-                raise ValueError(f"{name} is for {what}; method 'ff' (a Forward-Forward baseline) does not take it: "
-                                 f"drop {name}")
+                off = default[name].default_factory() if callable(default[name].default_factory) else \
+                    default[name].default
+                raise ValueError(f"{name} {what}; method 'ff' (a Forward-Forward baseline) does not take it: "
+                                 f"drop it or override the recipe's (--{name} {json.dumps(off)})")
         if self.pretrained:
             raise ValueError("method 'ff' appends a label channel to the input, so timm's pretrained stem does not "
                              "fit; drop pretrained")

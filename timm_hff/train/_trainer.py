@@ -369,10 +369,20 @@ class Trainer:
         """What a checkpoint must match to be resumed by this run."""
         c = self.cfg
         return dict(model=c.model, method=c.method, schedule=c.schedule, num_classes=self.num_classes,
-                    hff=c.hff, model_kwargs=c.model_kwargs, in_chans=c.in_chans, **({'ff': c.ff} if c.ff else {}),
+                    hff=c.hff, model_kwargs=c.model_kwargs, in_chans=c.in_chans, **self._ff_identity(),
                     num_processes=self.accelerator.num_processes, batch_size=c.batch_size,
                     grad_accum_steps=c.grad_accum_steps, train_split=c.train_split, val_fraction=c.val_fraction,
                     split_seed=c.split_seed)
+
+    def _ff_identity(self) -> Dict[str, Any]:
+        """An FF run's resolved FF settings (its defaults filled in; chunk_size only batches scoring), so a resume
+        that would train with another threshold or label encoding is refused."""
+        if self.cfg.method != 'ff':
+            return {}
+        from ..baselines.ff import FFConfig
+        ff = FFConfig(**self.cfg.ff).to_dict()
+        ff.pop('chunk_size')
+        return dict(ff=ff)
 
     def _find_resume(self) -> Optional[str]:
         cfg = self.cfg
@@ -739,7 +749,7 @@ class Trainer:
         """What the run is (metrics.json's header): model, method, splits, and how local each stage is."""
         cfg = self.cfg
         info = dict(model=cfg.model, method=cfg.method, schedule=cfg.schedule, num_stages=self.num_stages,
-                    dataset=self.train_data.name, train_split=self.train_data.split,
+                    num_classes=self.num_classes, dataset=self.train_data.name, train_split=self.train_data.split,
                     train_images=self.train_loader.num_samples, val_split=self.val_data.split,
                     val_images=self.val_loader.num_samples,
                     test_split=self.test_data.split if self.test_data is not None else None,
