@@ -58,31 +58,27 @@ def read(run_dir: str) -> Dict[str, Any]:
                 val_stages=[last[f'top1_stage{k}'] for k in range(n)], test_top1=test.get('top1'),
                 test_ema_top1=test.get('ema_top1'), test_stages=[test.get(f'top1_stage{k}') for k in range(n)],
                 test_ensemble=test.get('top1_ensemble'), train_img_per_s=speeds[len(speeds) // 2],
-                stages=doc['run'].get('stages'))
+                stages=doc['run'].get('stages'), num_classes=doc['run'].get('num_classes'))
 
 
-def store(run_dir: str, log: Optional[str], out: str, name: str, where: str) -> None:
+def store(run_dir: str, log: str, out: str, name: str, where: str) -> str:
+    """Keep a run's config, metrics, log and machine under ``out/runs/<name>``; returns the machine."""
     keep = os.path.join(out, 'runs', name)
     os.makedirs(keep, exist_ok=True)
     for fname in ('metrics.json', 'metrics.csv', 'config.yaml'):
         shutil.copy(os.path.join(run_dir, fname), keep)
-    if log and os.path.isfile(log):
+    if os.path.isfile(log):
         shutil.copy(log, os.path.join(keep, 'train.log'))
     machine_path = os.path.join(run_dir, 'machine.txt')   # written beside the run by whoever trained it
     text = open(machine_path).read() if os.path.isfile(machine_path) else where
     with open(os.path.join(keep, 'machine.txt'), 'w') as f:
         f.write(text.strip() + '\n')
-
-
-def rows_classes(run_dir: str) -> Optional[int]:
-    """The class count a run trained on (its metrics.json header; runs older than that field give None)."""
-    with open(os.path.join(run_dir, 'metrics.json')) as f:
-        return json.load(f)['run'].get('num_classes')
+    return text.strip()
 
 
 def inference_mflops(config_path: str, num_classes: Optional[int] = None) -> Optional[float]:
-    """Forward FLOPs per image of the model a run's config builds (FF: its C passes), counted on the CPU; None
-    where the config does not say how many classes there are."""
+    """Forward FLOPs per image of the model a run's config builds (FF: its C passes), counted on the CPU, at the
+    run's class count (its metrics.json header; older runs: the config's); None where neither says."""
     import torch
     import yaml
     from timm_hff.train import TrainConfig
@@ -171,13 +167,11 @@ def run(argv=None) -> Dict[str, Any]:
     for name, run_dir in done.items():
         adopted = not run_dir.startswith(os.path.abspath(runs_root))
         where = f'stored run {os.path.relpath(run_dir, REPO)} (its README names the machine)' if adopted else here
-        store(run_dir, None if adopted else os.path.join(args.work, f'{name}.log'), args.out, name, where)
-        if adopted and os.path.isfile(os.path.join(run_dir, 'train.log')):
-            shutil.copy(os.path.join(run_dir, 'train.log'), os.path.join(args.out, 'runs', name, 'train.log'))
+        log = os.path.join(run_dir, 'train.log') if adopted else os.path.join(args.work, f'{name}.log')
         shown = os.path.relpath(run_dir, REPO) if os.path.abspath(run_dir).startswith(REPO + os.sep) else run_dir
-        rows[name] = dict(run=shown, **read(run_dir),
-                          machine=open(os.path.join(args.out, 'runs', name, 'machine.txt')).read().strip(),
-                          mflops=inference_mflops(os.path.join(run_dir, 'config.yaml'), rows_classes(run_dir)))
+        row = read(run_dir)
+        rows[name] = dict(run=shown, **row, machine=store(run_dir, log, args.out, name, where),
+                          mflops=inference_mflops(os.path.join(run_dir, 'config.yaml'), row['num_classes']))
     ff = {k: v for k, v in rows.items() if k.startswith('ff_')}
     chosen = max(ff, key=lambda k: ff[k]['val_top1']) if ff else None
     result = dict(benchmark='accuracy_recipe', recipe=args.recipe, command='python -m benchmarks.accuracy ' + ' '.join(

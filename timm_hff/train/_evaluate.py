@@ -11,14 +11,15 @@ import torch.nn as nn
 from .._heads import log_probs_mean
 
 
-def prediction_heads(module: nn.Module, x: torch.Tensor, hff: bool = True, method: str = '') -> List[torch.Tensor]:
+def prediction_heads(module: nn.Module, x: torch.Tensor, method: str = 'hff') -> List[torch.Tensor]:
     """Logits to score, in the order ``[stage 0, ..., stage S-1, ensemble, prediction]`` (HFF, one forward), or
-    ``[prediction]`` (a plain classifier). Forward-Forward (``method='ff'``) gives the same rows from its C passes:
-    each stage's goodness alone, the goodness of all stages summed, and its own prediction (Hinton's rule)."""
+    ``[prediction]`` (``method='bp'``, a plain classifier). Forward-Forward (``method='ff'``) gives HFF's rows from
+    its C passes: each stage's goodness alone, the goodness of all stages summed, and its own prediction (Hinton's
+    rule)."""
     if method == 'ff':
         g = module.class_goodness(x).float()           # (S, B, C)
         return list(g.unbind(0)) + [g.sum(0), module.scores(g)]
-    if not hff:
+    if method == 'bp':
         return [module(x)]
     stage_logits = module.forward_stages(x)
     return stage_logits + [log_probs_mean(stage_logits), module._combine(stage_logits)]

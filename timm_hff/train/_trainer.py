@@ -625,7 +625,7 @@ class Trainer:
         for x, y in iterable:
             x, y = transform(x.to(acc.device)), y.to(acc.device)
             with acc.autocast():
-                heads = prediction_heads(module, x, hff=cfg.method == 'hff', method=cfg.method)
+                heads = prediction_heads(module, x, method=cfg.method)
             c1, c5 = topk_hits(heads, y, k)
             if gather:
                 c1, c5 = acc.gather_for_metrics((c1, c5))
@@ -826,26 +826,22 @@ def ema_metrics(row: Dict[str, Any]) -> Dict[str, Any]:
 
 def save_final_model(model: nn.Module, path: str, cfg: TrainConfig, data: ImageData, metrics: Dict[str, Any],
                      data_cfg: Optional[Dict[str, Any]] = None) -> Optional[str]:
-    """HFF: ``timm_hff.save_pretrained`` (config.json + model.safetensors + card); BP: timm's ``save_for_hf``."""
+    """HFF: ``timm_hff.save_pretrained`` (config.json + model.safetensors + card); BP: timm's ``save_for_hf``; FF: its
+    weights and the ``create_ff_model`` arguments that rebuild it."""
     keep = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
     keep.update({k: metrics[k] for k in ('split', 'val_split') if metrics.get(k) is not None})
     metrics = dict(keep, dataset=dataset_id(data))
     metrics.setdefault('split', cfg.val_split)
     train_args = dict(cfg.to_dict(), dataset_name=data.name)
     if cfg.method == 'bp':
-        import tempfile
         from timm.models import save_for_hf
-        tmp = tempfile.mkdtemp(prefix='.tmp-model-', dir=os.path.dirname(os.path.abspath(path)))
         small = bool(cfg.hff.get('small_input'))
         model = model.to(memory_format=torch.contiguous_format)   # safetensors stores contiguous tensors only
-        save_for_hf(model, tmp, model_config=dict(label_names=data.label_names, hff_small_input=small),
-                    model_args=dict(cfg.model_kwargs), data_config=data_cfg, safe_serialization=True)
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-        return path
+        return _replace_folder(path, lambda tmp: save_for_hf(
+            model, tmp, model_config=dict(label_names=data.label_names, hff_small_input=small),
+            model_args=dict(cfg.model_kwargs), data_config=data_cfg, safe_serialization=True))
     if cfg.method == 'ff':
-        return _save_ff(model, path, cfg, data, metrics)
+        return _replace_folder(path, lambda tmp: _write_ff(model, tmp, cfg, data, metrics))
     from .. import hub as _hub
     try:
         return _hub.save_pretrained(model, path, label_names=data.label_names, metrics=metrics,
@@ -855,20 +851,13 @@ def save_final_model(model: nn.Module, path: str, cfg: TrainConfig, data: ImageD
         return None
 
 
-def _save_ff(model: nn.Module, path: str, cfg: TrainConfig, data: ImageData, metrics: Dict[str, Any]) -> str:
-    """A Forward-Forward baseline's weights (safetensors) and what rebuilds it (``create_ff_model`` arguments) in
-    config.json; written into a temporary folder that replaces ``path`` whole, so a failed save leaves the old one."""
+def _replace_folder(path: str, write) -> str:
+    """``write(tmp)`` fills a temporary folder beside ``path``, which then replaces ``path`` whole: a failed save
+    leaves the old folder and no half-written one."""
     import tempfile
-    from safetensors.torch import save_model
     tmp = tempfile.mkdtemp(prefix='.tmp-model-', dir=os.path.dirname(os.path.abspath(path)))
     try:
-        save_model(model.to(memory_format=torch.contiguous_format), os.path.join(tmp, 'model.safetensors'))
-        config = dict(method='ff', model_name=cfg.model, num_classes=model.num_classes, in_chans=cfg.in_chans,
-                      model_kwargs=dict(cfg.model_kwargs), hff=dict(cfg.hff), ff=model.cfg.to_dict(),
-                      label_names=list(data.label_names), metrics=metrics,
-                      rebuild='timm_hff.baselines.create_ff_model(model_name, num_classes, in_chans, '
-                              'FFConfig(**ff), **model_kwargs, **hff), then safetensors.torch.load_model')
-        atomic_write_text(os.path.join(tmp, 'config.json'), json.dumps(config, indent=2, default=str) + '\n')
+        write(tmp)
         if os.path.exists(path):
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -876,6 +865,18 @@ def _save_ff(model: nn.Module, path: str, cfg: TrainConfig, data: ImageData, met
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _write_ff(model: nn.Module, folder: str, cfg: TrainConfig, data: ImageData, metrics: Dict[str, Any]) -> None:
+    """A Forward-Forward baseline's weights (safetensors) and what rebuilds it (``create_ff_model`` arguments)."""
+    from safetensors.torch import save_model
+    save_model(model.to(memory_format=torch.contiguous_format), os.path.join(folder, 'model.safetensors'))
+    config = dict(method='ff', model_name=cfg.model, num_classes=model.num_classes, in_chans=cfg.in_chans,
+                  model_kwargs=dict(cfg.model_kwargs), hff=dict(cfg.hff), ff=model.cfg.to_dict(),
+                  label_names=list(data.label_names), metrics=metrics,
+                  rebuild='timm_hff.baselines.create_ff_model(model_name, num_classes, in_chans, '
+                          'FFConfig(**ff), **model_kwargs, **hff), then safetensors.torch.load_model')
+    atomic_write_text(os.path.join(folder, 'config.json'), json.dumps(config, indent=2, default=str) + '\n')
 
 
 def dataset_id(data: ImageData) -> str:
