@@ -40,6 +40,21 @@ def same_training(want: Dict[str, Any], got: Dict[str, Any]) -> bool:
     return True
 
 
+def start_or_resume(args: List[str], run_dir: str) -> List[str]:
+    """The hff-train arguments that continue ``run_dir`` when it holds a complete checkpoint of a run that trains what
+    ``args`` would (a benchmark stopped after hours of training picks up there), else clears it for a fresh start."""
+    import shutil
+    import yaml
+    from timm_hff.train._checkpoint import list_checkpoints
+    cfg_path = os.path.join(run_dir, 'config.yaml')
+    if list_checkpoints(run_dir) and os.path.isfile(cfg_path):
+        with open(cfg_path) as f:
+            if same_training(resolved(args), yaml.safe_load(f)):
+                return list(args) + ['--resume', 'auto']
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return list(args)
+
+
 def finished_run(args: List[str], roots: List[str]) -> Optional[str]:
     """A finished run (test split scored) under any of ``roots`` that trains what ``args`` would."""
     import yaml

@@ -11,8 +11,10 @@ figures only. Every run scores the test split once, after its last epoch; no tes
 
 A run whose resolved configuration equals a finished run's (under ``--work`` or a stored folder named by
 ``--adopt``, e.g. the greedy recipe's own runs) is not repeated: same data, seed and settings. Settings that do not
-change what is trained (output folder, run name, progress bar) are left out of that comparison. Each run's config,
-metrics and log are kept under ``--out``/runs/, with the machine it ran on.
+change what is trained (output folder, run name, progress bar) are left out of that comparison. A run stopped part-way
+(its folder under ``--work`` holds an epoch checkpoint of the same settings) continues from its latest checkpoint
+rather than starting again. Each run's config, metrics and log are kept under ``--out``/runs/, with the machine it
+ran on.
 """
 import argparse
 import json
@@ -24,7 +26,7 @@ import sys
 import time
 from typing import Any, Dict, List, Optional
 
-from ._runs import finished_run
+from ._runs import finished_run, start_or_resume
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FF_LR = (0.003, 0.01)
@@ -40,9 +42,10 @@ def machine() -> str:
 
 
 def launch(args: List[str], run_dir: str, log: str) -> subprocess.Popen:
-    shutil.rmtree(run_dir, ignore_errors=True)
+    """Start (or, from its latest checkpoint, continue) one run; a continued run's log is appended to."""
+    args = start_or_resume(args, run_dir)
     cmd = [sys.executable, '-m', 'timm_hff.train'] + args
-    f = open(log, 'w')
+    f = open(log, 'a' if '--resume' in args else 'w')
     f.write(' '.join(cmd) + '\n')
     f.flush()
     return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
@@ -147,7 +150,7 @@ def run(argv=None) -> Dict[str, Any]:
     while todo or active:
         while todo and len(active) < args.jobs:
             name, a = todo.pop(0)
-            print(f'{name}: training ({" ".join(a)})', flush=True)
+            print(f'{name}: training ({" ".join(a)})', flush=True)   # "--resume auto" added when continuing
             active[name] = launch(a, os.path.join(runs_root, name), os.path.join(args.work, f'{name}.log'))
         time.sleep(2)
         for name, proc in list(active.items()):

@@ -31,7 +31,7 @@ import numpy as np
 
 from timm_hff.data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, load_idx_arrays
 
-from ._runs import finished_run
+from ._runs import finished_run, start_or_resume
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCE_CLASSES = (0, 1, 2, 3, 4)
@@ -88,9 +88,9 @@ def hff_train(args: List[str], log: str, run_dir: str) -> str:
     same = finished_run(args, [os.path.dirname(run_dir)])
     if same:
         return same
-    shutil.rmtree(run_dir, ignore_errors=True)
+    args = start_or_resume(args, run_dir)
     cmd = [sys.executable, '-m', 'timm_hff.train'] + args
-    with open(log, 'w') as f:
+    with open(log, 'a' if '--resume' in args else 'w') as f:
         f.write(' '.join(cmd) + '\n')
         f.flush()
         subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=True, cwd=REPO)

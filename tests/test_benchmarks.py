@@ -193,6 +193,29 @@ def test_transfer_keeps_a_finished_run_of_the_same_configuration(tmp_path):
     assert transfer.finished_run(args + ['--baseline', 'bp'], [str(tmp_path)]) is None       # BP is another run
 
 
+def test_a_stopped_benchmark_run_continues_from_its_checkpoint_only_when_it_trains_the_same(tmp_path):
+    """Hours of a stopped FF run are not thrown away: a run folder with a complete checkpoint of the same training is
+    resumed; one of other settings, or without a complete checkpoint, is cleared for a fresh start."""
+    import yaml
+    from benchmarks._runs import resolved, start_or_resume
+    args = ['--config', 'recipes/fashion_mnist.yaml', '--baseline', 'ff', '--ff', '{threshold: 4.0}', '--output',
+            str(tmp_path), '--experiment', 'ff']
+    run = tmp_path / 'ff'
+
+    def make(cfg_args, complete=True):
+        (run / 'checkpoints' / 'epoch_0003').mkdir(parents=True, exist_ok=True)
+        if complete:
+            (run / 'checkpoints' / 'epoch_0003' / 'trainer_state.json').write_text('{}')
+        (run / 'config.yaml').write_text(yaml.safe_dump(dict(resolved(cfg_args), experiment='ff')))
+
+    make(args[:-4] + ['--ff', '{threshold: 4.0, chunk_size: 5000}', '--output', '/elsewhere', '--experiment', 'x'])
+    assert start_or_resume(args, str(run)) == args + ['--resume', 'auto'] and run.is_dir()
+    make(args[:4] + ['--lr', '0.03'] + args[4:])
+    assert start_or_resume(args, str(run)) == args and not run.exists()      # another setting: started afresh
+    make(args, complete=False)
+    assert start_or_resume(args, str(run)) == args and not run.exists()      # a half-written checkpoint only
+
+
 @pytest.mark.slow
 def test_accuracy_at_a_recipes_budget_chooses_ff_on_validation_and_reuses_runs(tmp_path, capsys):
     """--recipe: hff-train runs of the recipe (BP, an FF sweep), FF chosen by validation top-1, finished runs with the
