@@ -171,7 +171,8 @@ def run(argv=None) -> Dict[str, Any]:
         adopted = not run_dir.startswith(os.path.abspath(runs_root))
         where = f'stored run {os.path.relpath(run_dir, REPO)} (its README names the machine)' if adopted else here
         log = os.path.join(run_dir, 'train.log') if adopted else os.path.join(args.work, f'{name}.log')
-        shown = os.path.relpath(run_dir, REPO) if os.path.abspath(run_dir).startswith(REPO + os.sep) else run_dir
+        kept = run_dir if adopted else os.path.join(args.out, 'runs', name)   # where a reader finds it afterwards
+        shown = os.path.relpath(kept, REPO) if os.path.abspath(kept).startswith(REPO + os.sep) else kept
         row = read(run_dir)
         rows[name] = dict(run=shown, **row, machine=store(run_dir, log, args.out, name, where),
                           mflops=inference_mflops(os.path.join(run_dir, 'config.yaml'), row['num_classes']))
