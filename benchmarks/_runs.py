@@ -1,7 +1,7 @@
 """Finished ``hff-train`` runs that a benchmark may reuse rather than repeat: same data, seed and training settings."""
 import json
 import os
-from typing import Any, Dict, List, Optional
+from typing import IO, Any, Dict, List, Optional, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # settings that name or display a run but do not change what it trains
@@ -40,19 +40,26 @@ def same_training(want: Dict[str, Any], got: Dict[str, Any]) -> bool:
     return True
 
 
-def start_or_resume(args: List[str], run_dir: str) -> List[str]:
-    """The hff-train arguments that continue ``run_dir`` when it holds a complete checkpoint of a run that trains what
-    ``args`` would (a benchmark stopped after hours of training picks up there), else clears it for a fresh start."""
+def start_or_resume(args: List[str], run_dir: str, log: str) -> Tuple[List[str], IO[str]]:
+    """The hff-train command for ``run_dir`` and its log, opened with the command written first. A folder holding a
+    complete checkpoint of a run that trains what ``args`` would is continued (``--resume auto``; a benchmark stopped
+    after hours of training picks up there, its log appended to); anything else is cleared for a fresh start."""
     import shutil
+    import sys
     import yaml
     from timm_hff.train._checkpoint import list_checkpoints
     cfg_path = os.path.join(run_dir, 'config.yaml')
+    resume = False
     if list_checkpoints(run_dir) and os.path.isfile(cfg_path):
         with open(cfg_path) as f:
-            if same_training(resolved(args), yaml.safe_load(f)):
-                return list(args) + ['--resume', 'auto']
-    shutil.rmtree(run_dir, ignore_errors=True)
-    return list(args)
+            resume = same_training(resolved(args), yaml.safe_load(f))
+    if not resume:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    cmd = [sys.executable, '-m', 'timm_hff.train'] + list(args) + (['--resume', 'auto'] if resume else [])
+    f = open(log, 'a' if resume else 'w')
+    f.write(' '.join(cmd) + '\n')
+    f.flush()
+    return cmd, f
 
 
 def finished_run(args: List[str], roots: List[str]) -> Optional[str]:

@@ -42,12 +42,8 @@ def machine() -> str:
 
 
 def launch(args: List[str], run_dir: str, log: str) -> subprocess.Popen:
-    """Start (or, from its latest checkpoint, continue) one run; a continued run's log is appended to."""
-    args = start_or_resume(args, run_dir)
-    cmd = [sys.executable, '-m', 'timm_hff.train'] + args
-    f = open(log, 'a' if '--resume' in args else 'w')
-    f.write(' '.join(cmd) + '\n')
-    f.flush()
+    """Start (or, from its latest checkpoint, continue) one run."""
+    cmd, f = start_or_resume(args, run_dir, log)
     return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
 
 

@@ -88,11 +88,8 @@ def hff_train(args: List[str], log: str, run_dir: str) -> str:
     same = finished_run(args, [os.path.dirname(run_dir)])
     if same:
         return same
-    args = start_or_resume(args, run_dir)
-    cmd = [sys.executable, '-m', 'timm_hff.train'] + args
-    with open(log, 'a' if '--resume' in args else 'w') as f:
-        f.write(' '.join(cmd) + '\n')
-        f.flush()
+    cmd, f = start_or_resume(args, run_dir, log)
+    with f:
         subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=True, cwd=REPO)
     return run_dir
 

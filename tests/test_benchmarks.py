@@ -195,7 +195,7 @@ def test_transfer_keeps_a_finished_run_of_the_same_configuration(tmp_path):
 
 def test_a_stopped_benchmark_run_continues_from_its_checkpoint_only_when_it_trains_the_same(tmp_path):
     """Hours of a stopped FF run are not thrown away: a run folder with a complete checkpoint of the same training is
-    resumed; one of other settings, or without a complete checkpoint, is cleared for a fresh start."""
+    resumed, its log appended to; one of other settings, or without a complete checkpoint, starts afresh."""
     import yaml
     from benchmarks._runs import resolved, start_or_resume
     args = ['--config', 'recipes/fashion_mnist.yaml', '--baseline', 'ff', '--ff', '{threshold: 4.0}', '--output',
@@ -208,12 +208,22 @@ def test_a_stopped_benchmark_run_continues_from_its_checkpoint_only_when_it_trai
             (run / 'checkpoints' / 'epoch_0003' / 'trainer_state.json').write_text('{}')
         (run / 'config.yaml').write_text(yaml.safe_dump(dict(resolved(cfg_args), experiment='ff')))
 
+    def start():
+        cmd, f = start_or_resume(args, str(run), str(tmp_path / 'ff.log'))
+        f.write('trained\n')
+        f.close()
+        return cmd[3:], (tmp_path / 'ff.log').read_text().splitlines()
+
     make(args[:-4] + ['--ff', '{threshold: 4.0, chunk_size: 5000}', '--output', '/elsewhere', '--experiment', 'x'])
-    assert start_or_resume(args, str(run)) == args + ['--resume', 'auto'] and run.is_dir()
+    (tmp_path / 'ff.log').write_text('epochs 1-3\n')
+    cmd, log = start()
+    assert cmd == args + ['--resume', 'auto'] and run.is_dir() and log[0] == 'epochs 1-3' and len(log) == 3
     make(args[:4] + ['--lr', '0.03'] + args[4:])
-    assert start_or_resume(args, str(run)) == args and not run.exists()      # another setting: started afresh
+    cmd, log = start()
+    assert cmd == args and not run.exists() and len(log) == 2     # another setting: started afresh, a fresh log
     make(args, complete=False)
-    assert start_or_resume(args, str(run)) == args and not run.exists()      # a half-written checkpoint only
+    cmd, log = start()
+    assert cmd == args and not run.exists() and len(log) == 2     # a half-written checkpoint only
 
 
 @pytest.mark.slow
