@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from ._config import HFFConfig, short_repr
 from ._model import HFFModel
+from ._pretrained import create_timm_model
 from ._balance import balance_cuts
 from ._stages import adapt_small_input, build_split, probe_split, stem_split
 
@@ -62,7 +63,7 @@ def create_from_timm(arch: str, cfg: HFFConfig, pretrained: bool = False, num_cl
     in_chans = 3 if in_chans is None else in_chans
     if isinstance(in_chans, bool) or not isinstance(in_chans, int) or in_chans < 1:
         raise ValueError(f'in_chans must be an integer >= 1, got {in_chans!r}')
-    backbone = timm.create_model(arch, pretrained=pretrained, num_classes=0, in_chans=in_chans,
+    backbone = create_timm_model(arch, pretrained=pretrained, num_classes=0, in_chans=in_chans,
                                  pretrained_cfg_overlay=pretrained_cfg_overlay, **timm_kwargs)
     model = build_hff_model(backbone, num_classes, cfg, in_chans, model_name=arch,
                             timm_img_size=timm_kwargs.get('img_size'))

@@ -17,12 +17,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .._config import HFFConfig
+from .._pretrained import create_timm_model
 from .._stages import StageSplit, adapt_small_input, stem_split
 
 
 def create_bp_model(model_name: str, num_classes: int = 1000, in_chans: int = 3, small_input: bool = False,
                     grad_checkpointing: bool = False, split: Optional[StageSplit] = None,
                     num_stages: int = 4, stage_indices=None, balance: Optional[str] = None,
+                    pretrained: bool = False, pretrained_file: Optional[str] = None,
                     **timm_kwargs: Any) -> nn.Module:
     """A plain timm classifier with HFF's backbone.
 
@@ -34,12 +36,15 @@ def create_bp_model(model_name: str, num_classes: int = 1000, in_chans: int = 3,
         grad_checkpointing: Turn on timm's gradient checkpointing (the BP+checkpointing memory baseline).
         split: An HFF model's split whose first tap bounds the stem adaptation (for a balanced HFF model, its
             ``stem_split``). Default: the one ``num_stages`` / ``stage_indices`` / ``balance`` give (``stem_split``).
+        pretrained / pretrained_file: timm's pretrained weights (Hub, cache, or a local safetensors file), as HFF's
+            ``create_model`` loads them (``timm_hff._pretrained``), with timm's classifier reset to ``num_classes``.
         **timm_kwargs: Passed to ``timm.create_model`` (``drop_path_rate``, ``img_size``, ``channels``, ...).
     """
     if not isinstance(model_name, str) or model_name.startswith('hff_') or not timm.is_model(model_name):
         raise ValueError(f"BP baseline needs a timm architecture name, got {model_name!r}; for 'hff_<arch>' pass "
                          f"'<arch>'")
-    model = timm.create_model(model_name, num_classes=num_classes, in_chans=in_chans, **timm_kwargs)
+    model = create_timm_model(model_name, pretrained=pretrained, pretrained_file=pretrained_file,
+                              num_classes=num_classes, in_chans=in_chans, **timm_kwargs)
     if small_input:
         if split is None:
             split = stem_split(model, HFFConfig(num_stages=num_stages, stage_indices=stage_indices,

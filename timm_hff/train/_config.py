@@ -65,6 +65,9 @@ class TrainConfig:
     Model:
         model: A timm architecture, an 'hff_*' name, or 'hf-hub:' / 'local-dir:' HFF weights.
         pretrained: Load timm's pretrained backbone (or the HFF weights of a hub / local model).
+        pretrained_file: timm's pretrained weights from this local ``.safetensors`` file instead of the Hub (timm's
+            ``pretrained_cfg_overlay=dict(file=...)``; implies ``pretrained``). ``hff-seed-weights`` converts a
+            ``.pth`` state dict, or seeds the Hub cache so that ``pretrained: true`` finds it offline.
         in_chans: Input channels (1 reads images as grayscale).
         img_size: Input resolution; None takes the model's default.
         model_kwargs: timm keyword arguments (e.g. ``channels``, ``drop_path_rate``).
@@ -74,7 +77,10 @@ class TrainConfig:
         ff: Forward-Forward settings (``timm_hff.baselines.FFConfig`` fields: threshold, label_mode, ...); method 'ff'.
         reset_prototypes: Draw fresh prototypes in every head (a new label set with the same class count).
         freeze_stages: HFF stages to keep frozen (transfer).
-        head_only: Train only the prototype heads; the whole backbone stays frozen (transfer).
+        head_only: Train only the heads (HFF's prototype heads; BP's classifier: a linear probe); the whole backbone
+            stays frozen, its norm layers in eval mode (transfer).
+        head_warmup_epochs: Train only the heads for this many epochs first (backbone frozen as with ``head_only``),
+            then fine-tune: fresh heads on a pretrained backbone no longer send random gradients into it.
         channels_last: Channels-last memory format.
         torchcompile / torchcompile_mode: timm train.py's flags: ``torch.compile`` backend (e.g. 'inductor'; bare
             ``--torchcompile`` means 'inductor') and mode. HFF compiles each block and head, keeping the cuts eager.
@@ -93,6 +99,10 @@ class TrainConfig:
         clip_grad: Gradient-norm clip, applied per stage (each stage has its own loss).
         stage_lr: One learning-rate factor per HFF stage (its backbone slice and its head), applied through timm's
             ``lr_scale`` so every scheduler honours it; null: the same rate everywhere.
+        layer_decay: timm's layer-wise lr decay (``create_optimizer_v2(layer_decay=...)`` over the backbone's
+            ``group_matcher``): layer group g of G trains at ``lr * layer_decay ** (G - g)``; the heads at ``lr``.
+        backbone_lr_scale: lr factor of every backbone parameter (the heads train at ``lr``): the usual fine-tuning
+            practice of a lower backbone lr. Multiplies with ``layer_decay`` and ``stage_lr``.
         sched, warmup_epochs, warmup_lr, min_lr, cooldown_epochs, decay_epochs, decay_rate, sched_on_updates: timm
             ``create_scheduler_v2`` (with 'sequential', one cosine cycle per stage).
         epochs: Epochs (per stage with 'sequential').
@@ -140,6 +150,7 @@ class TrainConfig:
     # model
     model: str = 'resnet18'
     pretrained: bool = False
+    pretrained_file: Optional[str] = None
     in_chans: int = 3
     img_size: Optional[int] = None
     model_kwargs: Dict[str, Any] = field(default_factory=dict)
@@ -149,6 +160,7 @@ class TrainConfig:
     reset_prototypes: bool = False
     freeze_stages: List[int] = field(default_factory=list)
     head_only: bool = False
+    head_warmup_epochs: int = 0
     channels_last: bool = False
     grad_checkpointing: bool = False
     torchcompile: Optional[str] = None
@@ -165,6 +177,8 @@ class TrainConfig:
     opt_betas: Optional[List[float]] = None
     clip_grad: Optional[float] = None
     stage_lr: Optional[List[float]] = None
+    layer_decay: Optional[float] = None
+    backbone_lr_scale: float = 1.0
     sched: str = 'cosine'
     epochs: int = 10
     warmup_epochs: int = 0
@@ -260,7 +274,7 @@ class TrainConfig:
         _choice('mixed_precision', self.mixed_precision, PRECISIONS)
         _choice('aug', self.aug, AUG_KINDS)
         _choice('mixup_mode', self.mixup_mode, ('batch', 'pair', 'elem'))
-        for name in ('workers', 'warmup_epochs', 'cooldown_epochs', 'crop_padding', 'split_seed'):
+        for name in ('workers', 'warmup_epochs', 'cooldown_epochs', 'crop_padding', 'split_seed', 'head_warmup_epochs'):
             _at_least(name, getattr(self, name), 0)
         for name in ('epochs', 'batch_size', 'grad_accum_steps', 'checkpoint_hist', 'recount', 'shuffle_buffer',
                      'in_chans', 'stage_parallel_queue'):
@@ -322,14 +336,15 @@ class TrainConfig:
             if self.schedule != 'simultaneous':
                 raise ValueError(f"schedule {self.schedule!r} is an HFF schedule; method 'bp' trains end to end "
                                  f"(use schedule: simultaneous)")
-            if self.freeze_stages or self.head_only or self.reset_prototypes:
-                raise ValueError("freeze_stages / head_only / reset_prototypes apply to HFF models; not with "
-                                 "method 'bp'")
+            if self.freeze_stages or self.reset_prototypes:
+                raise ValueError("freeze_stages / reset_prototypes apply to HFF models; not with method 'bp' (its "
+                                 "linear probe is head_only: true)")
         if self.ff and self.method != 'ff':
             raise ValueError(f"ff settings ({', '.join(sorted(self.ff))}) apply to method 'ff'; drop them or use "
                              f"--baseline ff")
         if self.method == 'ff':
             self._validate_ff()
+        self._validate_finetune()
         if self.freeze_stages and self.head_only:
             raise ValueError('give freeze_stages or head_only, not both (head_only freezes the whole backbone)')
         if self.schedule == 'sequential' and (self.freeze_stages or self.head_only):
@@ -343,6 +358,37 @@ class TrainConfig:
                                  'images per epoch)')
             if self.data_in_memory:
                 raise ValueError('data_in_memory cannot hold a streamed split; set data_in_memory: null')
+
+    def _validate_finetune(self) -> None:
+        """The fine-tuning settings: weights, lr factors, heads-only warm-up."""
+        if self.pretrained_file is not None:
+            if self.model.startswith(('hf-hub:', 'local-dir:')):
+                raise ValueError(f'pretrained_file holds timm backbone weights; {self.model} is a saved HFF model, '
+                                 f'which loads its own weights (drop pretrained_file)')
+            if not self.pretrained_file.endswith('.safetensors'):
+                raise ValueError(f'pretrained_file must be a .safetensors file (weights never load from a pickle), got '
+                                 f'{short_repr(self.pretrained_file)}; convert it: hff-seed-weights <arch> <file> '
+                                 f'--safetensors OUT.safetensors')
+        if self.layer_decay is not None and not 0.0 < self.layer_decay <= 1.0:
+            raise ValueError(f'layer_decay must be in (0, 1] (each earlier layer group trains at that factor of the '
+                             f'next), got {self.layer_decay!r}')
+        if not 0.0 < self.backbone_lr_scale <= 1e3:
+            raise ValueError(f'backbone_lr_scale must be > 0 (e.g. 0.1 for a backbone lr ten times below the '
+                             f"heads'), got {self.backbone_lr_scale!r}; use head_only to freeze the backbone")
+        if self.head_warmup_epochs:
+            if self.head_only:
+                raise ValueError('head_warmup_epochs trains the heads alone before fine-tuning; head_only trains them '
+                                 'alone throughout: give one of them')
+            if self.head_warmup_epochs >= self.epochs:
+                raise ValueError(f'head_warmup_epochs ({self.head_warmup_epochs}) leaves no fine-tuning epoch of '
+                                 f'{self.epochs}; lower it or use head_only: true')
+            if self.schedule not in ('simultaneous', 'memory_efficient'):
+                raise ValueError(f"head_warmup_epochs applies to schedules 'simultaneous' and 'memory_efficient', not "
+                                 f"{self.schedule!r}")
+        if self.method == 'ff' and (self.layer_decay is not None or self.backbone_lr_scale != 1.0
+                                    or self.head_warmup_epochs or self.pretrained_file):
+            raise ValueError("layer_decay / backbone_lr_scale / head_warmup_epochs / pretrained_file fine-tune a "
+                             "pretrained backbone; method 'ff' trains a fresh one (drop them)")
 
     # ----- views -----
     def aug_config(self) -> AugConfig:

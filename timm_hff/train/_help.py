@@ -34,6 +34,8 @@ HELP: Dict[str, Tuple[str, str]] = {
     # Model
     'model': ('Model', "timm architecture, 'hff_*' name, or 'hf-hub:<repo>' / 'local-dir:<folder>' HFF weights"),
     'pretrained': ('Model', "load timm's pretrained backbone (or the HFF weights of a hub / local model)"),
+    'pretrained_file': ('Model', "timm's pretrained weights from a local .safetensors file (implies pretrained)"),
+    'head_warmup_epochs': ('Model', 'train only the heads for N epochs (backbone frozen), then fine-tune'),
     'in_chans': ('Model', 'input channels (1 reads images as grayscale)'),
     'img_size': ('Model', "input resolution (null: the model's default)"),
     'model_kwargs': ('Model', "timm keyword arguments, a mapping merged key by key (e.g. '{drop_path_rate: 0.1}')"),
@@ -43,7 +45,7 @@ HELP: Dict[str, Tuple[str, str]] = {
     'ff': ('Model', 'Forward-Forward settings (FFConfig: threshold, label_mode, label_res, ...); method ff only'),
     'reset_prototypes': ('Model', 'fresh prototypes in every head (a new label set with the same class count)'),
     'freeze_stages': ('Model', "HFF stages whose backbone slice stays frozen (transfer), e.g. '[0, 1]'"),
-    'head_only': ('Model', 'train only the prototype heads; the whole backbone stays frozen'),
+    'head_only': ('Model', "train only the heads (BP: timm's classifier, a linear probe); the backbone stays frozen"),
     'channels_last': ('Model', 'channels-last memory format'),
     'grad_checkpointing': ('Model', "timm's gradient checkpointing (with memory_efficient: inside each stage too)"),
     'torchcompile': ('Model', "torch.compile backend, e.g. 'inductor' (bare --torchcompile: inductor); HFF compiles "
@@ -62,6 +64,8 @@ HELP: Dict[str, Tuple[str, str]] = {
     'opt_eps': ('Optimizer', 'optimizer epsilon (null: its default)'),
     'opt_betas': ('Optimizer', 'optimizer betas (null: its default)'),
     'clip_grad': ('Optimizer', 'gradient-norm clip, per stage (null: off)'),
+    'layer_decay': ('Optimizer', "timm's layer-wise lr decay over the backbone's group_matcher (e.g. 0.75)"),
+    'backbone_lr_scale': ('Optimizer', "lr factor of the backbone's parameters; the heads train at lr (e.g. 0.1)"),
     'stage_lr': ('Optimizer', "one lr factor per HFF stage (timm's lr_scale), e.g. '[1, 1, 2, 2]'"),
     'batch_size': ('Optimizer', 'per-process batch size'),
     'validation_batch_size': ('Optimizer', 'evaluation batch size (null: batch_size)'),

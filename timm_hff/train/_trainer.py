@@ -16,7 +16,7 @@ import math
 import os
 import shutil
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Set, Tuple
 
 import torch
 import torch.nn as nn
@@ -49,18 +49,20 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
         return build_bp_model(cfg, num_classes)
     if cfg.method == 'ff':
         return build_ff_model(cfg, num_classes)
-    from .._factory import create_model
+    from .._factory import create_model, parse_model_name
 
     hff = dict(cfg.hff)
     if cfg.img_size and 'check_img_size' not in hff:
         hff['check_img_size'] = cfg.img_size
-    model = create_model(cfg.model, pretrained=cfg.pretrained, num_classes=num_classes, in_chans=cfg.in_chans,
-                         **cfg.model_kwargs, **hff)
+    weights = dict(pretrained_cfg_overlay=dict(file=cfg.pretrained_file)) if cfg.pretrained_file else {}
+    model = create_model(cfg.model, pretrained=cfg.pretrained or bool(cfg.pretrained_file), num_classes=num_classes,
+                         in_chans=cfg.in_chans, **weights, **cfg.model_kwargs, **hff)
     new_labels = model.num_classes != num_classes or cfg.reset_prototypes
     if new_labels:   # a new label set: fresh prototypes
         model.reset_classifier(num_classes)
-    if cfg.freeze_stages:   # a frozen stage's head is re-fitted to a new label set, or stays as it is
-        model.freeze_stages(cfg.freeze_stages, heads=not new_labels)
+    trained_heads = cfg.pretrained and parse_model_name(cfg.model)[0] in ('hf-hub', 'local-dir') and not new_labels
+    if cfg.freeze_stages:   # a frozen stage's head is re-fitted when it is new (timm weights, new labels), else kept
+        model.freeze_stages(cfg.freeze_stages, heads=trained_heads)
     if cfg.head_only:
         for p in model.backbone.parameters():
             p.requires_grad_(False)
@@ -68,12 +70,11 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
 
 
 def build_bp_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
-    """``timm.create_model(arch, num_classes=C)`` with HFF's small-input stem adaptation at HFF's own stage cut,
-    so BP and HFF train the very same backbone."""
-    import timm
-    from .._config import HFFConfig
+    """``baselines.create_bp_model``: timm's classifier with HFF's small-input stem adaptation at HFF's own stage
+    cut, so BP and HFF train the very same backbone; ``head_only`` freezes all but timm's classifier (a linear
+    probe)."""
+    from ..baselines.bp import create_bp_model
     from .._factory import parse_model_name
-    from .._stages import adapt_small_input, stem_split
 
     source, name = parse_model_name(cfg.model)
     hff = dict(cfg.hff)
@@ -83,11 +84,13 @@ def build_bp_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
         from .._registry import registered_defaults
         name, defaults = registered_defaults(name)
         hff = {**defaults, **hff}
-    model = timm.create_model(name, pretrained=cfg.pretrained, num_classes=num_classes, in_chans=cfg.in_chans,
-                              **cfg.model_kwargs)
-    hff_cfg = HFFConfig.from_dict(dict(hff, check_split=False))
-    if hff_cfg.small_input:
-        adapt_small_input(model, stem_split(model, hff_cfg), cfg.in_chans)
+    stem = {k: hff[k] for k in ('small_input', 'num_stages', 'stage_indices', 'balance') if k in hff}
+    model = create_bp_model(name, num_classes=num_classes, in_chans=cfg.in_chans, pretrained=cfg.pretrained,
+                            pretrained_file=cfg.pretrained_file, **stem, **cfg.model_kwargs)
+    if cfg.head_only:
+        head = {id(p) for p in model.get_classifier().parameters()}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in head)
     return model
 
 
@@ -112,43 +115,95 @@ def _decay_epochs(cfg: TrainConfig) -> Dict[str, Any]:
     return {} if cfg.decay_epochs is None else dict(decay_epochs=cfg.decay_epochs)
 
 
-def stage_param_groups(model: nn.Module, weight_decay: float, stage_lr) -> list:
-    """Optimizer groups per (stage, decay): each stage's backbone slice and head at ``lr * stage_lr[k]`` (timm's
-    ``lr_scale``), without weight decay where timm leaves it out (biases, norms, ``no_weight_decay()``)."""
-    if len(stage_lr) != model.num_stages:
-        raise ValueError(f'stage_lr lists {len(stage_lr)} factors but the model has {model.num_stages} stages')
-    owner = {f'backbone.{n}': k for k, names in enumerate(model.split.stage_param_names) for n in names}
-    skip = model.no_weight_decay()
-    groups: Dict[Tuple[Optional[int], bool], list] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        k = int(name.split('.')[1]) if name.startswith('heads.') else owner.get(name)
-        decay = not (p.ndim <= 1 or name.endswith('.bias') or name in skip)
-        groups.setdefault((k, decay), []).append(p)
-    return [dict(params=ps, weight_decay=weight_decay if decay else 0.0,
-                 lr_scale=float(stage_lr[k]) if k is not None else 1.0)
-            for (k, decay), ps in groups.items()]
+def head_parameter_names(model: nn.Module) -> Set[str]:
+    """The heads' parameters (HFF's prototype heads, BP's timm classifier): trained at ``lr`` whatever the backbone
+    factors, and the only ones trained by ``head_only`` and during ``head_warmup_epochs``."""
+    if hasattr(model, 'heads') and hasattr(model, 'split'):
+        return {n for n, _ in model.named_parameters() if n.startswith('heads.')}
+    ids = {id(p) for p in model.get_classifier().parameters()}
+    return {n for n, p in model.named_parameters() if id(p) in ids}
+
+
+def param_groups(model: nn.Module, cfg: TrainConfig) -> list:
+    """Optimizer groups by (lr factor, decay), each parameter's factor the product of timm's layer decay (over the
+    backbone's ``group_matcher``), ``backbone_lr_scale`` (backbone parameters only) and ``stage_lr`` (HFF stages),
+    applied through timm's ``lr_scale`` so every scheduler honours them. No weight decay where timm leaves it out
+    (biases, norms, ``no_weight_decay()``)."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    scale = {n: 1.0 for n in params}
+    if cfg.layer_decay is not None:
+        from timm.optim import param_groups_layer_decay
+        ids = {id(p): n for n, p in params.items()}
+        for g in param_groups_layer_decay(model, weight_decay=0.0, layer_decay=cfg.layer_decay):
+            for p in g['params']:
+                scale[ids[id(p)]] *= g['lr_scale']
+    heads = head_parameter_names(model)
+    if cfg.backbone_lr_scale != 1.0:
+        for n in params:
+            if n not in heads:
+                scale[n] *= cfg.backbone_lr_scale
+    if cfg.stage_lr:
+        if len(cfg.stage_lr) != model.num_stages:
+            raise ValueError(f'stage_lr lists {len(cfg.stage_lr)} factors but the model has {model.num_stages} stages')
+        owner = {f'backbone.{n}': k for k, names in enumerate(model.split.stage_param_names) for n in names}
+        for n in params:
+            k = int(n.split('.')[1]) if n.startswith('heads.') else owner.get(n)
+            if k is not None:
+                scale[n] *= float(cfg.stage_lr[k])
+    skip = model.no_weight_decay() if hasattr(model, 'no_weight_decay') else set()
+    groups: Dict[Tuple[float, bool], list] = {}
+    for n, p in params.items():
+        decay = not (p.ndim <= 1 or n.endswith('.bias') or n in skip)
+        groups.setdefault((scale[n], decay), []).append(p)
+    return [dict(params=ps, weight_decay=cfg.weight_decay if decay else 0.0, lr_scale=s)
+            for (s, decay), ps in groups.items()]
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module):
-    """timm's ``create_optimizer_v2`` over the parameters that require grad, per-stage lr factors applied."""
+    """timm's ``create_optimizer_v2`` over the parameters that require grad, lr factors applied (``param_groups``)."""
     from timm.optim import create_optimizer_v2
     opt_kwargs = {}
     if cfg.opt_eps is not None:
         opt_kwargs['eps'] = cfg.opt_eps
     if cfg.opt_betas is not None:
         opt_kwargs['betas'] = tuple(cfg.opt_betas)
-    params = stage_param_groups(model, cfg.weight_decay, cfg.stage_lr) if cfg.stage_lr else model
+    factors = cfg.stage_lr or cfg.layer_decay is not None or cfg.backbone_lr_scale != 1.0
+    params = param_groups(model, cfg) if factors else model
     return create_optimizer_v2(params, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
                                **opt_kwargs)
 
 
-def set_train_mode(model: nn.Module, cfg: TrainConfig) -> None:
-    """``model.train()``, keeping a frozen backbone's norm layers in eval mode (head-only transfer)."""
+def set_trainable(model: nn.Module, cfg: TrainConfig, epoch: int) -> None:
+    """The heads-only warm-up: for the first ``head_warmup_epochs`` epochs only the heads train (the backbone's
+    parameters take no gradient), then the whole model does, bar what ``freeze_stages`` keeps frozen."""
+    if not cfg.head_warmup_epochs:
+        return
+    model = _unwrap(model)
+    warm = epoch < cfg.head_warmup_epochs
+    if hasattr(model, 'freeze_stages') and hasattr(model, 'split'):
+        kept = {k % model.num_stages for k in cfg.freeze_stages}   # frozen at build, and left as they are
+        warming = [k for k in range(model.num_stages) if k not in kept]
+        if warm:
+            model.freeze_stages(warming, heads=False)
+        else:
+            model.unfreeze_stages(warming)
+        return
+    heads = head_parameter_names(model)
+    for n, p in model.named_parameters():
+        p.requires_grad_(not warm or n in heads)
+
+
+def set_train_mode(model: nn.Module, cfg: TrainConfig, epoch: int = 0) -> None:
+    """``model.train()``, keeping a frozen backbone's norm layers in eval mode (head-only transfer, the heads-only
+    warm-up; HFF's frozen stages keep theirs through ``HFFModel.train``)."""
     model.train()
-    if cfg.head_only:
-        _unwrap(model).backbone.eval()
+    if cfg.head_only or epoch < cfg.head_warmup_epochs:
+        inner = _unwrap(model)
+        if hasattr(inner, 'backbone'):
+            inner.backbone.eval()
+        else:   # BP: everything but timm's classifier
+            inner.eval()
+            inner.get_classifier().train()
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -245,7 +300,7 @@ class Trainer:
         self.out_dir = cfg.output_dir
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        needs_unused = cfg.schedule == 'sequential'   # inactive stages get no gradient
+        needs_unused = cfg.schedule == 'sequential' or cfg.head_warmup_epochs > 0   # parameters with no gradient
         self._ddp_kwargs = DistributedDataParallelKwargs(find_unused_parameters=needs_unused)
         project = dict(project_dir=self.out_dir) if cfg.log_with else {}
         self.accelerator = Accelerator(
@@ -503,7 +558,8 @@ class Trainer:
         if stage is not None:   # greedy: earlier stages frozen (norms in eval), later ones not run
             unwrapped.unfreeze_stages(range(self.num_stages))
             unwrapped.freeze_stages(range(stage))
-        set_train_mode(model, cfg)
+        set_trainable(model, cfg, epoch)
+        set_train_mode(model, cfg, epoch)
         if self.train_loader.kind == 'stream':
             self.train_loader.loader.dataset.set_epoch(epoch)
         else:

