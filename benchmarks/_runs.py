@@ -5,7 +5,7 @@ from typing import IO, Any, Dict, List, Optional, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # settings that name or display a run but do not change what it trains
-NOT_TRAINING = ('experiment', 'output', 'progress', 'resume', 'log_with', 'checkpoint_hist', 'save_model')
+NOT_TRAINING = ('experiment', 'output', 'progress', 'resume', 'log_with', 'checkpoint_hist', 'save_model', 'val_every')
 # the HFF settings a BP baseline uses (its small-input stem adaptation at HFF's cut); the heads' settings it ignores
 BP_USES = ('small_input', 'stage_indices', 'num_stages', 'balance')
 

@@ -58,8 +58,6 @@ CANDIDATES = {
     'hff_finetune_head_warmup': {WARMUP: None},
     'hff_finetune_rgb': dict(in_chans=3),
     'hff_finetune_balanced': dict(hff=dict(balance='time')),
-    'hff_finetune_lr3e-4': dict(lr=0.0003),
-    'bp_finetune_lr3e-4': dict(BP, lr=0.0003),
     'hff_scratch': SCRATCH,
     'bp_scratch': dict(BP, **SCRATCH),
     'hff_scratch_lr3e-3': dict(SCRATCH, lr=0.003),
@@ -103,7 +101,7 @@ def target_args(data: str, n: int, data_dir: str, budget: int, common: List[str]
     return ['--epochs', str(epochs), '--dataset', 'idx', '--data_dir', target, '--train_split', f'train[:{rows}]',
             '--val_split', f'train[{rows}:]', '--val_fraction', '0', '--test_split', 'test', '--num_classes',
             str(len(TARGET_CLASSES)), '--label_names', names(TARGET_CLASSES), '--val_num_samples', 'null',
-            '--warmup_epochs', str(max(1, epochs // 25))] + common, epochs
+            '--warmup_epochs', str(max(1, epochs // 25)), '--val_every', str(max(1, epochs // 16))] + common, epochs
 
 
 def phase_runs(phase: str, sizes: List[int]) -> Dict[Tuple[int, str], Dict[str, Any]]:

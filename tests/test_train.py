@@ -615,3 +615,13 @@ def test_torchcompile_trains_like_eager(idx_root, tmp_path):
     assert compiled['top1'] == eager['top1']
     ema = trainer.ema.module   # the EMA copy stays eager and has its own weights (not the compiled live model's)
     assert not any('forward' in m.__dict__ for m in ema.modules())
+
+
+def test_val_every_validates_every_n_epochs_and_after_the_last(idx_root, tmp_path, fresh_accelerate_state):
+    from conftest import tiny
+    from timm_hff.train import train
+    train(tiny(idx_root, tmp_path, epochs=3, val_every=2, val_split='test', model_ema=True))
+    with open(tmp_path / 'run' / 'metrics.json') as f:
+        epochs = json.load(f)['epochs']
+    assert [('top1' in r, 'ema_top1' in r) for r in epochs] == [(False, False), (True, True), (True, True)]
+    assert all('train_loss' in r for r in epochs)

@@ -49,7 +49,7 @@ def _has_source(cfg: Dict[str, Any]) -> bool:
 def _unreachable(arch: str, cfg: Dict[str, Any], e: BaseException) -> PretrainedWeightsError:
     from huggingface_hub import constants
     repo = cfg.get('hf_hub_id') or cfg.get('url') or 'its weights'
-    why = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+    why = (str(e).strip().splitlines() or [type(e).__name__])[0][:120].rstrip('. ')
     offline = ' (HF_HUB_OFFLINE is set)' if constants.HF_HUB_OFFLINE else ''
     return PretrainedWeightsError(
         f"timm's pretrained weights for {arch} ({repo}) are not reachable{offline}: {why}. Download them once with "

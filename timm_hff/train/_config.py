@@ -120,6 +120,8 @@ class TrainConfig:
         output: Parent folder of runs; experiment: the run's folder name (default: the recipe name).
         log_with: Extra Accelerate trackers, e.g. 'tensorboard'.
         checkpoint_hist: Epoch checkpoints to keep.
+        val_every: Evaluate the validation split every N epochs, and always after the last one (long runs on a few
+            hundred images spend most of their time validating otherwise).
         resume: A checkpoint folder or a run folder to continue from ('auto': this run's latest, if any).
         save_model: Save the final model (``save_pretrained``) at the end.
         calibrate_exits: After the last epoch, fit adaptive-exit thresholds (``timm_hff.calibrate_exits``) on the
@@ -223,6 +225,7 @@ class TrainConfig:
     experiment: str = ''
     log_with: Optional[str] = None
     checkpoint_hist: int = 1
+    val_every: int = 1
     resume: Optional[str] = None
     save_model: bool = True
     progress: bool = True
@@ -277,7 +280,7 @@ class TrainConfig:
         for name in ('workers', 'warmup_epochs', 'cooldown_epochs', 'crop_padding', 'split_seed', 'head_warmup_epochs'):
             _at_least(name, getattr(self, name), 0)
         for name in ('epochs', 'batch_size', 'grad_accum_steps', 'checkpoint_hist', 'recount', 'shuffle_buffer',
-                     'in_chans', 'stage_parallel_queue'):
+                     'val_every', 'in_chans', 'stage_parallel_queue'):
             _at_least(name, getattr(self, name), 1)
         for name in ('num_classes', 'train_num_samples', 'val_num_samples', 'img_size', 'validation_batch_size',
                      'threads'):

@@ -112,6 +112,7 @@ HELP: Dict[str, Tuple[str, str]] = {
     'output': ('Miscellaneous', 'parent folder of runs'),
     'experiment': ('Miscellaneous', "the run's folder name (default: the recipe's name)"),
     'log_with': ('Miscellaneous', "extra Accelerate trackers, e.g. 'tensorboard'"),
+    'val_every': ('Miscellaneous', 'evaluate the validation split every N epochs (and after the last)'),
     'checkpoint_hist': ('Miscellaneous', 'epoch checkpoints to keep'),
     'resume': ('Miscellaneous', "checkpoint or run folder to continue from (bare --resume: this run's latest)"),
     'save_model': ('Miscellaneous', 'save the final model (config.json + model.safetensors + card)'),

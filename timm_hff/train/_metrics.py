@@ -60,6 +60,9 @@ def plot_accuracy(history: List[Dict[str, Any]], path: str, title: Optional[str]
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
+    history = [row for row in history if 'top1' in row]   # the validated epochs (val_every)
+    if not history:
+        return
     epochs = [row['epoch'] for row in history]
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
     for key in stage_keys(history[-1]):

@@ -57,7 +57,7 @@ def check_settings(cfg: TrainConfig) -> None:
     """Settings the stage-parallel schedule does not (yet) combine with: one line each, before any work."""
     unsupported = dict(freeze_stages=bool(cfg.freeze_stages), head_only=cfg.head_only, streaming=cfg.streamed,
                        grad_checkpointing=cfg.grad_checkpointing, log_with=cfg.log_with is not None,
-                       calibrate_exits=cfg.calibrate_exits is not None)
+                       calibrate_exits=cfg.calibrate_exits is not None, val_every=cfg.val_every != 1)
     bad = [k for k, v in unsupported.items() if v]
     if bad:
         raise ValueError(f"schedule 'stage_parallel' does not support {', '.join(bad)} yet; drop it or use schedule "

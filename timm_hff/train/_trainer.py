@@ -712,15 +712,18 @@ class Trainer:
                 row = dict(epoch=epoch + 1)
                 row.update(self.train_epoch(epoch))
                 t = time.time()
-                row.update(self.evaluate(acc.unwrap_model(self.model)))
-                if self.ema is not None:
-                    row.update(self.evaluate(self.ema.module, prefix='ema_'))
-                row['eval_time_s'] = time.time() - t
+                validate = (epoch + 1) % cfg.val_every == 0 or epoch + 1 == self.total_epochs
+                if validate:
+                    row.update(self.evaluate(acc.unwrap_model(self.model)))
+                    if self.ema is not None:
+                        row.update(self.evaluate(self.ema.module, prefix='ema_'))
+                    row['eval_time_s'] = time.time() - t
                 self.lr_at(epoch + 1, self.updates)
                 self.history.append(row)
                 if acc.is_main_process:
                     write_metrics(self.out_dir, self.history, run=self.run_info())
-                    acc.print(_summary(row, self.num_stages, cfg.method, self.val_data.split))
+                    acc.print(_summary(row, self.num_stages, cfg.method, self.val_data.split) if validate else
+                              f"epoch {epoch + 1}: loss {row['train_loss']:.4f}, {row['train_img_per_s']:.0f} img/s")
                 if cfg.log_with:
                     acc.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=epoch + 1)
                 self._save(epoch)
