@@ -47,7 +47,7 @@ def start_or_resume(args: List[str], run_dir: str, log: str) -> Tuple[List[str],
     import shutil
     import sys
     import yaml
-    from timm_hff.train._checkpoint import list_checkpoints
+    from timm_hff.train.checkpoint import list_checkpoints
     cfg_path = os.path.join(run_dir, 'config.yaml')
     resume = False
     if list_checkpoints(run_dir) and os.path.isfile(cfg_path):

@@ -81,7 +81,7 @@ def inference_mflops(config_path: str, num_classes: Optional[int] = None) -> Opt
     import torch
     import yaml
     from timm_hff.train import TrainConfig
-    from timm_hff.train._trainer import build_model
+    from timm_hff.train import build_model
     from ._common import count_flops
     with open(config_path) as f:
         cfg = TrainConfig.from_dict({k: v for k, v in yaml.safe_load(f).items() if k in TrainConfig().to_dict()})

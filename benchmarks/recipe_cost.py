@@ -35,14 +35,15 @@ def _parse_variant(text: str):
 def build_step(recipe: str, overrides: Dict[str, Any]):
     """The trainer's model, optimizer and EMA for ``recipe`` + ``overrides``; returns (step, cfg, model)."""
     from timm_hff.train import TrainConfig
-    from timm_hff.train._trainer import build_model, build_optimizer
+    from timm_hff.train import NoAccelerator, build_model, build_optimizer, get_method, get_schedule
 
     cfg = TrainConfig.from_yaml(recipe, overrides)
     model = build_model(cfg, cfg.num_classes or 10)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.train()
-    opt = build_optimizer(cfg, model)
+    method, schedule = get_method(cfg.method), get_schedule(cfg.schedule)
+    opt = build_optimizer(cfg, model, method.head_parameter_names(model))
     ema = None
     if cfg.model_ema:
         from timm.utils import ModelEmaV3
@@ -56,14 +57,7 @@ def build_step(recipe: str, overrides: Dict[str, Any]):
     updates = [0]
 
     def step() -> None:
-        if cfg.method == 'bp':
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-        else:
-            mode = 'memory_efficient' if cfg.schedule == 'memory_efficient' else 'simultaneous'
-            out = model(x, y, mode=mode, backward_fn=(lambda t: t.backward()) if mode == 'memory_efficient' else None)
-            if not out.backward_done:
-                out.loss.backward()
+        method.step(NoAccelerator, model, model, x, y, None, schedule.forward_mode)   # forward, local losses, backward
         opt.step()
         opt.zero_grad(set_to_none=True)
         updates[0] += 1

@@ -24,7 +24,7 @@ from timm_hff.hub import (CheckpointFileNotFoundError, CorruptCheckpointError, F
 from timm_hff._stages import SplitError
 from timm_hff.data import load_image_dataset
 from timm_hff.train import Trainer
-from timm_hff.train._checkpoint import RunInUseError, list_checkpoints
+from timm_hff.train.checkpoint import RunInUseError, list_checkpoints
 from timm_hff.train.cli import main
 
 from conftest import ckpt, cli_args, reset_accelerate, tiny, tiny_settings, weights

@@ -433,13 +433,14 @@ OUTPUTS = ['out', 'out2', '.', '..', 'a b', 'ünï', 'out/sub', 'x\ny', 'x\x00y'
 @pytest.fixture(scope='module')
 def no_data():
     """``build_data`` raises ``_Reached``: arguments, settings and the run folder are checked, no data is read."""
-    from timm_hff.train import _stage_parallel, _trainer
+    from timm_hff.train import trainer
+    from timm_hff.train.schedules.stage_parallel import trainer as stage_parallel
 
     def reached(*args, **kwargs):
         raise _Reached()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(_trainer, 'build_data', reached)
-        mp.setattr(_stage_parallel, 'build_data', reached)
+        mp.setattr(trainer, 'build_data', reached)
+        mp.setattr(stage_parallel, 'build_data', reached)
         mp.setenv('HF_HUB_OFFLINE', '1')
         mp.setattr(hf_constants, 'HF_HUB_OFFLINE', True)
         yield

@@ -26,7 +26,8 @@ from huggingface_hub import ModelCard, hf_hub_download
 from huggingface_hub import constants as hf_constants
 
 import timm_hff
-from timm_hff.hub import CARD_TEMPLATE, FORMAT_VERSION, ExportError, _atomic, _load, _weights, export_timm, read_weights
+from timm_hff import _io
+from timm_hff.hub import CARD_TEMPLATE, FORMAT_VERSION, ExportError, _load, _weights, export_timm, read_weights
 from timm_hff.hub import (
     CheckpointFileNotFoundError, ConfigError, CorruptCheckpointError, FormatVersionError, ShapeMismatchError,
     UnknownArchitectureError, UnsafeCheckpointError, push_to_hub, save_pretrained)
@@ -319,7 +320,7 @@ def test_new_num_classes_keeps_backbone_and_resets_prototypes(trained, saved):
 @pytest.mark.parametrize('exchange', [True, False], ids=['renameat2', 'two-renames'])
 def test_save_is_atomic_and_keeps_other_files(exchange, trained, tmp_path, monkeypatch):
     if not exchange:
-        monkeypatch.setattr(_atomic, '_rename_exchange', lambda a, b: False)
+        monkeypatch.setattr(_io, '_rename_exchange', lambda a, b: False)
     target = tmp_path / 'model'
     save_pretrained(trained, target, card=False)
     (target / 'notes.txt').write_text('kept')

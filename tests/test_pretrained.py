@@ -232,7 +232,7 @@ def test_hff_seed_weights_cli(tmp_path, capsys):
 def _finetune(idx_root, out, **kw):
     """Two epochs of two steps on 32 px images from the seeded ImageNet weights; returns (run folder, trainer)."""
     from conftest import tiny
-    from timm_hff.train._trainer import Trainer
+    from timm_hff.train import Trainer
     reset_accelerate()
     settings = dict(model=ARCH, pretrained=True, hff=dict(num_stages=5), img_size=32, val_split=None,
                     val_fraction=0.5, train_num_samples=None, test_split='test', epochs=2, lr=0.01, opt='adamw',
@@ -295,14 +295,14 @@ def test_head_warmup_keeps_the_backbone_then_fine_tunes_it(offline, seeded, idx_
 def test_backbone_lr_scale_and_layer_decay_set_each_parameters_lr(offline, method):
     from timm.optim import param_groups_layer_decay
     from timm_hff.train import TrainConfig
-    from timm_hff.train._trainer import build_model, build_optimizer, head_parameter_names
+    from timm_hff.train import build_model, build_optimizer, get_method
     cfg = TrainConfig(model=ARCH, pretrained=True, method=method, val_split='test', lr=0.01, layer_decay=0.8,
                       backbone_lr_scale=0.1, hff=dict(num_stages=5))
     model = build_model(cfg, 5)
-    opt = build_optimizer(cfg, model)
+    opt = build_optimizer(cfg, model, get_method(method).head_parameter_names(model))
     lr_of = {id(p): g['lr_scale'] for g in opt.param_groups for p in g['params']}
     layer = {id(p): g['lr_scale'] for g in param_groups_layer_decay(model, layer_decay=0.8) for p in g['params']}
-    heads = head_parameter_names(model)
+    heads = get_method(method).head_parameter_names(model)
     named = dict(model.named_parameters())
     assert heads and all(lr_of[id(named[n])] == pytest.approx(layer[id(named[n])]) for n in heads)
     stem = 'backbone.conv_stem.weight' if method == 'hff' else 'conv_stem.weight'
@@ -312,11 +312,11 @@ def test_backbone_lr_scale_and_layer_decay_set_each_parameters_lr(offline, metho
 
 
 def test_the_test_split_is_read_once(offline, idx_root, tmp_path, monkeypatch):
-    from timm_hff.train._trainer import Trainer
+    from timm_hff.train import Trainer
     seen = []
     evaluate = Trainer.evaluate
     monkeypatch.setattr(Trainer, 'evaluate', lambda self, m, prefix='', split='val': seen.append((split, prefix)) or
-                        evaluate(self, m, prefix, split))
+                        evaluate(self, m, prefix, split))   # every evaluation of a split goes through here
     trainer = _finetune(idx_root, tmp_path, model_ema=True, head_warmup_epochs=1)
     trainer.fit()
     assert seen.count(('val', '')) == 2 and [s for s in seen if s[0] == 'test'] == [('test', ''), ('test', 'ema_')]

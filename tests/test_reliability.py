@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from timm_hff.train import TrainConfig, Trainer
-from timm_hff.train._checkpoint import CKPT_DIR, RunInUseError, list_checkpoints
+from timm_hff.train.checkpoint import CKPT_DIR, RunInUseError, list_checkpoints
 
 from conftest import REPO, ckpt, cli_args, tiny_settings, weights
 from test_data import make_imagefolder
@@ -34,7 +34,7 @@ WORKER = textwrap.dedent('''
     """hff-train with one pause point (HFF_TEST_PAUSE, JSON): it writes a marker file and waits to be killed."""
     import json, os, sys, time
 
-    from timm_hff.train import _trainer, cli
+    from timm_hff.train import cli, steps, trainer
 
     pause = json.loads(os.environ.get('HFF_TEST_PAUSE', 'null'))
 
@@ -44,7 +44,7 @@ WORKER = textwrap.dedent('''
         time.sleep(600)
 
     if pause and pause['at'] == 'step':   # mid-epoch: after `step` updates of epoch `epoch` (0-based)
-        real_train_epoch, real_take, now = _trainer.Trainer.train_epoch, _trainer._take, {}
+        real_train_epoch, real_take, now = trainer.Trainer.train_epoch, steps.take, {}
 
         def train_epoch(self, epoch):
             now['epoch'] = epoch
@@ -55,7 +55,7 @@ WORKER = textwrap.dedent('''
                 if now['epoch'] == pause['epoch'] and i == pause['step']:
                     hold()
                 yield batch
-        _trainer.Trainer.train_epoch, _trainer._take = train_epoch, take
+        trainer.Trainer.train_epoch, steps.take = train_epoch, take
 
     if pause and pause['at'] == 'write':   # half-way through the weights file of epoch `epoch`'s checkpoint
         import accelerate.utils.other as other

@@ -24,9 +24,9 @@ from safetensors.torch import load_file
 import timm_hff
 from timm_hff._stages import run_stages
 from timm_hff.train import TrainConfig, Trainer, create_trainer
-from timm_hff.train._checkpoint import list_checkpoints
-from timm_hff.train._handoff import lost_message
-from timm_hff.train._stage_part import StagePart, spec_of
+from timm_hff.train.checkpoint import list_checkpoints
+from timm_hff.train.schedules.stage_parallel.handoff import lost_message
+from timm_hff.train.schedules.stage_parallel.part import StagePart, spec_of
 
 from conftest import REPO, cli_args, reset_accelerate, tiny_settings
 
@@ -114,7 +114,8 @@ WORKER = textwrap.dedent('''
     """hff-train with one pause point on one rank (HFF_TEST_PAUSE: rank, epoch, step, marker, sleep)."""
     import json, os, sys, time
 
-    from timm_hff.train import _stage_steps, cli
+    from timm_hff.train import cli
+    from timm_hff.train.schedules.stage_parallel import steps as _stage_steps
 
     pause = json.loads(os.environ.get('HFF_TEST_PAUSE', 'null'))
     if pause and int(os.environ.get('RANK', '0')) == pause['rank']:

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from timm_hff.train import TrainConfig, Trainer
-from timm_hff.train._checkpoint import RunInUseError
+from timm_hff.train.checkpoint import RunInUseError
 from timm_hff.train.cli import build_parser, main, parse_overrides
 
 from conftest import REPO, ckpt, tiny, weights   # also the fixtures idx_root, fresh_accelerate_state
@@ -540,11 +540,14 @@ def test_stage_lr_scales_each_stage(idx_root, tmp_path):
 
 def test_cli_help_lists_every_setting_and_suggests_flags(capsys):
     from dataclasses import fields as dc_fields
-    from timm_hff.train._help import HELP
-    assert {f.name for f in dc_fields(TrainConfig)} == set(HELP)        # no setting without its help line
+    from timm_hff.train import method_names, schedule_names
+    from timm_hff.train.help import HELP
+    # no setting without its help line; the method and schedule lines are read from their registries
+    assert {f.name for f in dc_fields(TrainConfig)} == set(HELP) | {'method', 'schedule'}
     with pytest.raises(SystemExit):
         main(['--help'])
     text = capsys.readouterr().out
+    assert all(f"'{n}'" in text for n in method_names() + schedule_names())
     for f in dc_fields(TrainConfig):
         if f.name != 'resume':
             assert f'--{f.name.replace("_", "-")}' in text, f.name

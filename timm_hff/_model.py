@@ -297,7 +297,7 @@ class HFFModel(AdaptiveExit, nn.Module):
                 on_stage(k, h)
         total = torch.stack(losses).sum()
         return HFFOutput(
-            logits=self._combine(stage_logits),
+            logits=self.predict_from_stages(stage_logits),
             stage_logits=stage_logits,
             stage_losses=[l.detach() for l in losses],
             loss=total,
@@ -332,9 +332,10 @@ class HFFModel(AdaptiveExit, nn.Module):
         outs = self._run(x, stop_after=stop)
         if pf == 'last' or isinstance(pf, int):
             return self.heads[len(outs) - 1](outs[-1])
-        return self._combine([self.heads[k](h) for k, h in enumerate(outs)])
+        return self.predict_from_stages([self.heads[k](h) for k, h in enumerate(outs)])
 
-    def _combine(self, stage_logits: List[torch.Tensor]) -> torch.Tensor:
+    def predict_from_stages(self, stage_logits: List[torch.Tensor]) -> torch.Tensor:
+        """The model's prediction (``predict_from``) from every stage's logits of one full forward."""
         pf = self.predict_from
         if pf == 'adaptive':   # the exits replayed on a full forward: the same prediction as forward_adaptive
             return replay_exits(self._exit_rule(), stage_logits)[0]

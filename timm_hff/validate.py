@@ -26,7 +26,7 @@ _logger = logging.getLogger(__name__)
 def validate(model: torch.nn.Module, loader, num_classes: int, device: str = 'cpu',
              mixed_precision: str = 'no') -> Dict[str, Any]:
     """Top-1 / top-5 of every stage, the ensemble and the prediction over every image the loader yields."""
-    from .train._evaluate import accuracy_row, prediction_heads, topk_hits
+    from .train.evaluate import accuracy_row, prediction_heads, topk_hits
 
     model.eval()
     k = min(5, num_classes)

@@ -8,7 +8,7 @@ The modules, in the order the data flows (each imports only those above it):
     _format         config.json: file names, format version, schema; read and validate it
     _build_config   a model -> its config.json content (settings, timm kwargs, stages, metrics, recipe)
     _weights        model.safetensors: write it, read its header and tensors (never a pickle), verify its sha256
-    _atomic         folders replaced whole, so a crash never leaves half a model
+                    (folders are replaced whole by timm_hff._io.atomic_dir: a crash never leaves half a model)
     _card           the model card (README.md), from config.json alone
     _save           save_pretrained: config, weights and card into one folder
     _resolve        'local-dir:' / 'hf-hub:' names -> files (the Hub cache, offline mode, revisions)
@@ -27,7 +27,7 @@ from ._format import (
     parse_config, read_config)
 from ._build_config import build_config, saved_timm_kwargs, unwrap_model
 from ._weights import PICKLE_SUFFIXES, file_sha256, read_weights
-from ._atomic import atomic_dir
+from .._io import atomic_dir
 from ._card import CARD_TEMPLATE, build_model_card, hub_dataset_id
 from ._save import save_pretrained
 from ._resolve import HUB_KWARGS

@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from ._atomic import atomic_dir
+from .._io import atomic_dir
 from ._build_config import saved_timm_kwargs, unwrap_model
 from ._errors import CheckpointError
 from ._format import CARD_NAME

@@ -1,4 +1,35 @@
-"""Training on HF Accelerate: ``TrainConfig`` (YAML recipes), ``Trainer`` / ``train``, and the ``hff-train`` CLI."""
-from ._config import METHODS, PRECISIONS, SCHEDULES, TrainConfig
-from ._trainer import Trainer, build_bp_model, build_model, train
-from ._stage_parallel import StageParallelTrainer, create_trainer
+"""Training on HF Accelerate: ``TrainConfig`` (YAML recipes), the run sequence, its methods and schedules, and the
+``hff-train`` CLI.
+
+    registry      the method and schedule registries (``register_method`` / ``register_schedule``)
+    methods/      hff, bp, ff: what learns (model, step, prediction heads, final save), one file each
+    schedules/    simultaneous, memory_efficient, sequential, stage_parallel/: when stages step, one file each
+    config        TrainConfig; checks: its validation; help: one line per setting
+    data          the splits and their loaders; optim: optimizer and lr schedule; targets: mixup / smoothing
+    checkpoint    epoch checkpoints, resume, the run folder's lock; metrics: metrics.json / csv / png
+    evaluate      top-1 / top-5 of every head; exits: adaptive exits fitted at the end of a run
+    run           RunSequence: set-up -> epochs (train, validate, checkpoint) -> test once -> final save
+    trainer       the Accelerate engine of the run sequence (steps: its epoch loop); cli: hff-train
+"""
+from . import methods, schedules   # the registries' entries, before anything reads them
+from .registry import get_method, get_schedule, method_names, register_method, register_schedule, schedule_names
+from .config import PRECISIONS, TrainConfig
+from .methods import Method, NoAccelerator
+from .schedules import Schedule
+from .run import RunSequence
+from .optim import build_optimizer, build_scheduler, param_groups
+from .trainer import Trainer, train
+
+METHODS = method_names()
+SCHEDULES = schedule_names()
+
+
+def build_model(cfg: TrainConfig, num_classes: int):
+    """The model a run of ``cfg`` trains (the method's ``build_model``): HFF, BP's timm classifier, or FF."""
+    return get_method(cfg.method).build_model(cfg, num_classes)
+
+
+def create_trainer(cfg: TrainConfig):
+    """The trainer of a recipe: the schedule's own (stage_parallel: one process per stage), else the Accelerate one."""
+    return get_schedule(cfg.schedule).create_trainer(cfg)
+from .schedules.stage_parallel.trainer import StageParallelTrainer

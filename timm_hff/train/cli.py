@@ -21,9 +21,10 @@ from typing import Any, Dict, List, Optional, Union
 
 import yaml
 
-from ._checkpoint import RunInUseError
-from ._config import _ALIASES, METHODS, TrainConfig
-from ._help import GROUPS, HELP
+from .checkpoint import RunInUseError
+from .config import _ALIASES, TrainConfig
+from .help import GROUPS, help_text
+from .registry import get_schedule, method_names
 
 
 class _Parser(argparse.ArgumentParser):
@@ -68,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                'values are YAML: --hff \'{margin: 0.3}\', --freeze-stages \'[0, 1]\', --crop-pct null. Recipes: '
                'recipes/*.yaml.', formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--config', '-c', default=None, help='YAML recipe (e.g. recipes/fashion_mnist_quick.yaml)')
-    parser.add_argument('--baseline', choices=[m for m in METHODS if m != 'hff'], default=None,
+    parser.add_argument('--baseline', choices=[m for m in method_names() if m != 'hff'], default=None,
                         help="train the same backbone another way: 'bp' (timm's head, end to end) or 'ff' "
                              "(Forward-Forward at HFF's stage cut; its settings: --ff '{threshold: 2.0}')")
     parser.add_argument('--resume', nargs='?', const='auto', default=argparse.SUPPRESS, metavar='PATH',
@@ -81,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     for f in fields(TrainConfig):
         if f.name in ('resume', 'torchcompile'):
             continue
-        group, text = HELP[f.name]
+        group, text = help_text(f.name)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         flags = [f'--{f.name.replace("_", "-")}'] + ([f'--{f.name}'] if '_' in f.name else [])
         groups[group].add_argument(*flags, dest=f.name, default=argparse.SUPPRESS, metavar='VALUE',
@@ -134,8 +135,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     try:
         cfg = resolve_config(ns)
-        from ._stage_parallel import create_trainer
-        trainer = create_trainer(cfg)
+        trainer = get_schedule(cfg.schedule).create_trainer(cfg)
     except (ValueError, OSError, RunInUseError) as e:   # bad settings, data, checkpoint or output folder
         print(f'hff-train: error: {one_line(e)}', file=sys.stderr)
         return 2

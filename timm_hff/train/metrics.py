@@ -8,14 +8,9 @@ import json
 import os
 from typing import Any, Dict, List, Optional
 
+from .._io import atomic_write, atomic_write_text
 
-def atomic_write_text(path: str, text: str) -> None:
-    tmp = f'{path}.tmp-{os.getpid()}'
-    with open(tmp, 'w') as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+__all__ = ['ema_metrics', 'final_metrics', 'plot_accuracy', 'stage_keys', 'summary_line', 'write_metrics']
 
 
 def write_metrics(out_dir: str, history: List[Dict[str, Any]], plot: bool = True, run: Optional[Dict[str, Any]] = None,
@@ -78,7 +73,44 @@ def plot_accuracy(history: List[Dict[str, Any]], path: str, title: Optional[str]
     ax.legend(loc='lower right', fontsize=8)
     ax.set_title(title or 'per-stage validation accuracy')
     fig.tight_layout()
-    tmp = f'{path}.tmp-{os.getpid()}.png'
-    fig.savefig(tmp)
+    atomic_write(path, lambda f: fig.savefig(f, format='png'))
     plt.close(fig)
-    os.replace(tmp, path)
+
+
+def final_metrics(last: Dict[str, Any], test: Optional[Dict[str, Any]], ema: bool = False) -> Dict[str, Any]:
+    """A model's figures at the end of a run: training figures of the last epoch, its validation accuracy under
+    ``val_*`` and, with a test split, the test accuracy under the plain names (``top1``, ``top1_stage0``, ...); without
+    one, the validation accuracy keeps the plain names. ``ema`` takes the EMA model's evaluations instead."""
+    own = ema_metrics if ema else (lambda row: {k: v for k, v in row.items() if not k.startswith('ema_')})
+    src = own(last)
+    if test is None:
+        return src
+    tested = {k: v for k, v in own(test).items() if k != 'eval_time_s'}
+    out = {k: v for k, v in src.items() if k not in tested}
+    out.update({f'val_{k}': src[k] for k in tested if k in src})
+    out.update(tested)
+    return out
+
+
+def ema_metrics(row: Dict[str, Any]) -> Dict[str, Any]:
+    """The EMA model's view of an epoch's row: its own evaluation (``ema_*``) under the plain names, training
+    figures (loss, lr, time) kept, the live model's evaluation dropped, so the EMA's card states the EMA's accuracy."""
+    ema = {k[len('ema_'):]: v for k, v in row.items() if k.startswith('ema_')}
+    return {**{k: v for k, v in row.items() if not k.startswith('ema_') and k not in ema}, **ema}
+
+
+def summary_line(row: Dict[str, Any], num_stages: int, per_stage: bool, split: str = 'val') -> str:
+    """The printed line of an epoch (or of the test split): top-1, top-5, every stage, the ensemble, the EMA."""
+    if row['epoch'] == 'test':
+        parts = [f"test ({split}): top-1 {row['top1']:.2f}%"]
+    else:
+        parts = [f"epoch {row['epoch']}: loss {row['train_loss']:.4f}, {row['train_img_per_s']:.0f} img/s, "
+                 f"val top-1 {row['top1']:.2f}%"]
+    if 'top5' in row:
+        parts.append(f"top-5 {row['top5']:.2f}%")
+    if per_stage:
+        parts.append('stages ' + ' / '.join(f"{row[f'top1_stage{k}']:.2f}" for k in range(num_stages)))
+        parts.append(f"ensemble {row['top1_ensemble']:.2f}")
+    if 'ema_top1' in row:
+        parts.append(f"EMA {row['ema_top1']:.2f}%")
+    return ', '.join(parts)

@@ -11,10 +11,11 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from ._evaluate import accuracy_row, topk_hits
-from ._stage_part import flatten
-from ._trainer import FINITE_CHECK_EVERY, _take, set_train_mode
-from .._heads import log_probs_mean
+from ...._heads import log_probs_mean
+from ...evaluate import accuracy_row, topk_hits
+from ...steps import FINITE_CHECK_EVERY, take
+from ...targets import make_targets
+from .part import flatten
 
 
 class StageSteps:
@@ -33,7 +34,8 @@ class StageSteps:
 
     def train_epoch(self, epoch: int) -> Dict[str, Any]:
         cfg, model = self.cfg, self.model
-        set_train_mode(model, cfg)
+        model.train()
+        self.method.train_mode(model, cfg, epoch)
         sizes = self.plan['train']
         what = f'epoch {epoch + 1} training'
         source = None
@@ -73,16 +75,9 @@ class StageSteps:
     def _train_batches(self):
         device = self.device
         transform = self.train_loader.transform
-        for x, y in _take(self.train_iterable, len(self.plan['train'])):
+        for x, y in take(self.train_iterable, len(self.plan['train'])):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            x = transform(x)
-            if self.mixup is not None:
-                x, y = self.mixup(x, y)
-            elif self.cfg.smoothing > 0:
-                from timm.data.mixup import one_hot
-                off = self.cfg.smoothing / self.num_classes
-                y = one_hot(y, self.num_classes, on_value=1.0 - self.cfg.smoothing + off, off_value=off)
-            yield x, y
+            yield make_targets(transform(x), y, self.mixup, self.cfg.smoothing, self.num_classes)
 
     def _backward(self, loss: torch.Tensor) -> None:
         if self.scaler is not None:
@@ -146,7 +141,7 @@ class StageSteps:
                 self.outbox.send(self.specs_out['eval'], flatten(handed) + [y] + logits, sizes[i],
                                  f'receiving {what}, batch {i + 1}')
                 continue
-            heads = logits + [log_probs_mean(logits), module._combine(logits)]
+            heads = logits + [log_probs_mean(logits), module.predict_from_stages(logits)]
             c1, c5 = topk_hits(heads, y, topk)
             hits1 = c1.sum(0) if hits1 is None else hits1 + c1.sum(0)
             hits5 = c5.sum(0) if hits5 is None else hits5 + c5.sum(0)

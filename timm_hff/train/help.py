@@ -5,6 +5,10 @@
 """
 from typing import Dict, Tuple
 
+from .registry import get_method, get_schedule, method_names, schedule_names
+
+__all__ = ['GROUPS', 'HELP', 'help_text']
+
 GROUPS = ('Dataset', 'Model', 'Optimizer', 'Learning rate schedule', 'Augmentation and regularization',
           'Model exponential moving average', 'Miscellaneous')
 
@@ -40,8 +44,6 @@ HELP: Dict[str, Tuple[str, str]] = {
     'img_size': ('Model', "input resolution (null: the model's default)"),
     'model_kwargs': ('Model', "timm keyword arguments, a mapping merged key by key (e.g. '{drop_path_rate: 0.1}')"),
     'hff': ('Model', "HFF settings, a mapping merged key by key (e.g. '{num_stages: 4, margin: 0.3}')"),
-    'method': ('Model', "'hff' (local prototype losses), 'bp' (the same backbone end to end) or 'ff' "
-                        "(Forward-Forward, a baseline)"),
     'ff': ('Model', 'Forward-Forward settings (FFConfig: threshold, label_mode, label_res, ...); method ff only'),
     'reset_prototypes': ('Model', 'fresh prototypes in every head (a new label set with the same class count)'),
     'freeze_stages': ('Model', "HFF stages whose backbone slice stays frozen (transfer), e.g. '[0, 1]'"),
@@ -52,8 +54,6 @@ HELP: Dict[str, Tuple[str, str]] = {
                               "block by block, the cuts stay eager"),
     'torchcompile_mode': ('Model', "torch.compile mode, e.g. 'max-autotune' (null: the default)"),
     # Optimizer
-    'schedule': ('Optimizer', "'simultaneous', 'memory_efficient' (each stage's backward at once), 'sequential' "
-                              "(greedy, stage by stage) or 'stage_parallel' (one process per stage)"),
     'stage_parallel_queue': ('Optimizer', 'stage_parallel: stage outputs in flight between two stage processes'),
     'stage_parallel_timeout': ('Optimizer', 'stage_parallel: seconds to wait for another stage process before stopping '
                                             'with an error naming it'),
@@ -120,3 +120,17 @@ HELP: Dict[str, Tuple[str, str]] = {
     'calibrate_exits': ('Miscellaneous', 'after training, fit adaptive-exit thresholds on the validation split '
                                          'losing at most this many top-1 points (null: off)'),
 }
+
+
+def _choices(names, get) -> str:
+    parts = [f"'{n}' ({get(n).help})" if get(n).help else f"'{n}'" for n in names]
+    return ', '.join(parts[:-1]) + ' or ' + parts[-1] if len(parts) > 1 else parts[0]
+
+
+def help_text(name: str) -> Tuple[str, str]:
+    """(group, one line) of a setting; ``method`` and ``schedule`` list the registered choices."""
+    if name == 'method':
+        return 'Model', _choices(method_names(), get_method)
+    if name == 'schedule':
+        return 'Optimizer', _choices(schedule_names(), get_schedule)
+    return HELP[name]

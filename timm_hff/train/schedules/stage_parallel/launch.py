@@ -20,8 +20,7 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
-from ._config import TrainConfig
-from ._handoff import who
+from .handoff import who
 
 _STORE_ENV = 'HFF_STAGE_PARALLEL_STORE'   # host:port of the store of a run that started its own processes
 
@@ -76,7 +75,7 @@ def join(group: Group, timeout: float) -> None:
     group.ctrl = dist.new_group(backend='gloo', timeout=timedelta(seconds=timeout))
 
 
-def spawn(cfg: TrainConfig, world: int, timeout: float) -> Group:
+def spawn(cfg, world: int, timeout: float) -> Group:
     """Rank 0 of a run started alone: start ranks 1..world-1 and form the group with them."""
     device = _device(0)
     check_devices(world, device)

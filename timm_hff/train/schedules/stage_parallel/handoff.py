@@ -18,7 +18,7 @@ from typing import Any, Deque, Iterator, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from ._stage_part import TensorSpec
+from .part import TensorSpec
 
 
 class PeerLost(ConnectionError):

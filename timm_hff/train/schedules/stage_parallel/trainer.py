@@ -17,31 +17,25 @@ finished, so a dead rank never leaves a half checkpoint. The final model is asse
 Composition with data parallelism (several processes per stage) is not supported yet.
 """
 import math
-import os
-import time
 from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn as nn
 
-from ._checkpoint import RunLock, check_compatible, list_checkpoints, read_state, resolve_resume
-from ._config import TrainConfig
-from ._handoff import Control, Inbox, Outbox, PeerLost
-from ._metrics import atomic_write_text, write_metrics
-from ._stage_launch import Group, check_devices, from_environment, join, leave, spawn
-from ._stage_part import StagePart, TensorSpec
-from ._stage_state import StageEma, StageState, _Quiet, owned_keys
-from ._stage_steps import StageSteps
-from ._trainer import (_decay_epochs, _os_error, _reason, _summary, _yaml, build_data, build_loaders, build_model,
-                       build_optimizer)
+from ...checkpoint import check_compatible, find_resume, open_run_folder, read_state
+from ...data import build_data, build_loaders
+from ...optim import build_optimizer, build_scheduler
+from ...registry import get_method, get_schedule
+from ...run import RunSequence
+from ...targets import build_mixup
+from .handoff import Control, Inbox, Outbox, PeerLost
+from .launch import Group, check_devices, from_environment, join, leave, spawn
+from .part import StagePart, TensorSpec
+from .state import StageEma, StageState, _Quiet, owned_keys
+from .steps import StageSteps
+from .checks import check_settings
 
-
-def create_trainer(cfg: TrainConfig):
-    """The trainer of a recipe: ``StageParallelTrainer`` for ``schedule: stage_parallel``, else the Accelerate one."""
-    if cfg.schedule == 'stage_parallel':
-        return StageParallelTrainer(cfg)
-    from ._trainer import Trainer
-    return Trainer(cfg)
+__all__ = ['StageParallelTrainer']
 
 
 class _Solo:
@@ -53,28 +47,18 @@ class _Solo:
         return contextlib.nullcontext()
 
 
-def check_settings(cfg: TrainConfig) -> None:
-    """Settings the stage-parallel schedule does not (yet) combine with: one line each, before any work."""
-    unsupported = dict(freeze_stages=bool(cfg.freeze_stages), head_only=cfg.head_only, streaming=cfg.streamed,
-                       grad_checkpointing=cfg.grad_checkpointing, log_with=cfg.log_with is not None,
-                       calibrate_exits=cfg.calibrate_exits is not None, val_every=cfg.val_every != 1)
-    bad = [k for k, v in unsupported.items() if v]
-    if bad:
-        raise ValueError(f"schedule 'stage_parallel' does not support {', '.join(bad)} yet; drop it or use schedule "
-                         f"simultaneous (calibrate_exits: run timm_hff.calibrate_exits on the saved model)")
-
-
-class StageParallelTrainer(StageSteps, StageState):
+class StageParallelTrainer(StageSteps, StageState, RunSequence):
     """One stage of a stage-parallel run (this process's rank); ``fit()`` on every rank trains the whole model."""
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg):
         check_settings(cfg)
         self.cfg, self.out_dir = cfg, cfg.output_dir
+        self.method, self.schedule = get_method(cfg.method), get_schedule(cfg.schedule)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.timeout = cfg.stage_parallel_timeout
         self.group: Optional[Group] = from_environment()
-        self.lock: Optional[RunLock] = None
+        self.lock = None
         try:
             if self.group is not None:
                 check_devices(self.group.world, self.group.device)
@@ -95,13 +79,7 @@ class StageParallelTrainer(StageSteps, StageState):
     # ----- set-up -----
     def _setup_rank0(self) -> None:
         cfg = self.cfg
-        self.lock = RunLock(self.out_dir)
-        try:
-            os.makedirs(self.out_dir, exist_ok=True)
-            self.lock.acquire()
-        except OSError as e:
-            raise _os_error(e, f'cannot write to the output folder {self.out_dir} ({_reason(e)}); choose a writable '
-                               f'--output') from None
+        self.lock = open_run_folder(self.out_dir)
         try:
             plan, model = self._build()
         except BaseException as e:
@@ -127,19 +105,15 @@ class StageParallelTrainer(StageSteps, StageState):
     def _build(self):
         """Rank 0: data, model and loaders exactly as the Accelerate trainer builds them (same seeds, same order)."""
         from accelerate.utils import set_seed
-        from .._profile import stage_profile
         cfg, solo = self.cfg, _Solo()
-        self.resume_from = resolve_resume(cfg.resume, self.out_dir) if cfg.resume else None
-        if not cfg.resume and list_checkpoints(self.out_dir):
-            raise ValueError(f'{self.out_dir} already holds checkpoints of a run; pass --resume to continue it, or '
-                             f'choose another --experiment / --output')
+        self.resume_from = find_resume(cfg, self.out_dir)
         set_seed(cfg.seed)
         self.train_data, self.val_data, self.test_data = build_data(cfg, solo)
         self.num_classes = self.train_data.num_classes
-        model = build_model(cfg, self.num_classes)
-        k = model.num_stages
+        model = self.method.build_model(cfg, self.num_classes)
+        k = self.num_processes = model.num_stages
         if self.resume_from:
-            check_compatible(read_state(self.resume_from), self.identity(k), self.resume_from)
+            check_compatible(read_state(self.resume_from), self.identity, self.resume_from)
         world = self.group.world if self.group is not None else k
         if world != k or k < 2:
             raise ValueError(_count_error(k, world))
@@ -150,7 +124,7 @@ class StageParallelTrainer(StageSteps, StageState):
                              f'head; move hff.stage_indices so that every stage holds at least one block')
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        self.profile = stage_profile(model, cfg.img_size)
+        self.profile = self.method.profile(model, cfg.img_size)
         self.data_cfg, self.train_loader, self.val_loader, self.test_loader = build_loaders(
             cfg, model, self.train_data, self.val_data, solo, self.test_data)
         self.train_iterable, self.val_iterable = self.train_loader.loader, self.val_loader.loader
@@ -166,9 +140,9 @@ class StageParallelTrainer(StageSteps, StageState):
     def _setup_stage(self, plan: Dict[str, Any], model: nn.Module) -> None:
         """Every rank: own stage ``rank``'s parameters, optimizer, scheduler, EMA; stub the earlier stages."""
         from accelerate.utils import set_seed
-        from timm.scheduler import create_scheduler_v2
         cfg, g = self.cfg, self.group
         self.plan, self.k, self.num_stages = plan, g.rank, plan['num_stages']
+        self.num_processes, self.resume_from = self.num_stages, plan['resume']
         self.num_classes, self.device = plan['num_classes'], g.device
         self.last = self.k == self.num_stages - 1
         model = model.to(g.device)
@@ -188,17 +162,15 @@ class StageParallelTrainer(StageSteps, StageState):
             self.ema_part = StagePart(self.ema.module, self.k, plan['img_size'], g.device, self.autocast,
                                       cfg.channels_last)
             self.ema_part.install()
-        self.optimizer = build_optimizer(cfg, model)   # over this stage's parameters: the others need no grad
+        # over this stage's parameters: the others need no grad
+        self.optimizer = build_optimizer(cfg, model, self.method.head_parameter_names(model))
         self.steps_per_epoch = len(plan['train'])
         self.updates_per_epoch = math.ceil(self.steps_per_epoch / cfg.grad_accum_steps)
-        self.total_epochs = cfg.epochs
-        self.scheduler, _ = create_scheduler_v2(
-            self.optimizer, sched=cfg.sched, num_epochs=cfg.epochs, **_decay_epochs(cfg),
-            cooldown_epochs=cfg.cooldown_epochs, decay_rate=cfg.decay_rate, min_lr=cfg.min_lr,
-            warmup_lr=cfg.warmup_lr, warmup_epochs=cfg.warmup_epochs, cycle_limit=1, cycle_decay=1.0,
-            step_on_epochs=not cfg.sched_on_updates, updates_per_epoch=self.updates_per_epoch)
+        self.total_epochs = self.schedule.total_epochs(cfg.epochs, self.num_stages)
+        self.scheduler = build_scheduler(cfg, self.optimizer, self.updates_per_epoch,
+                                         *self.schedule.lr_cycles(cfg.epochs, self.num_stages))
         self.scaler = torch.amp.GradScaler(g.device.type) if cfg.mixed_precision == 'fp16' else None
-        self.mixup = _mixup(cfg, self.num_classes) if self.k == 0 else None
+        self.mixup = build_mixup(cfg, self.num_classes) if self.k == 0 else None
         soft = cfg.mixup > 0 or cfg.cutmix > 0 or cfg.smoothing > 0
         label = TensorSpec((self.num_classes,), torch.float32) if soft else TensorSpec((), torch.int64)
         self.specs_in = self._specs(self.k - 1, label) if self.k else None
@@ -222,57 +194,34 @@ class StageParallelTrainer(StageSteps, StageState):
     def is_main(self) -> bool:
         return self.k == 0
 
-    def identity(self, num_stages: Optional[int] = None) -> Dict[str, Any]:
-        c = self.cfg
-        return dict(model=c.model, method=c.method, schedule=c.schedule, num_classes=self.num_classes, hff=c.hff,
-                    model_kwargs=c.model_kwargs, in_chans=c.in_chans,
-                    num_processes=num_stages or self.num_stages, batch_size=c.batch_size,
-                    grad_accum_steps=c.grad_accum_steps, train_split=c.train_split, val_fraction=c.val_fraction,
-                    split_seed=c.split_seed)
+    # ----- the engine's side of the run sequence -----
+    @property
+    def has_test(self) -> bool:
+        return self.plan['test'] is not None
 
-    def lr_at(self, epoch: int, updates: int) -> None:
-        if self.cfg.sched_on_updates:
-            self.scheduler.step_update(updates)
-        else:
-            self.scheduler.step(epoch)
+    def print(self, text: str) -> None:
+        if self.is_main:
+            print(text, flush=True)
 
-    # ----- the run -----
     def fit(self) -> Dict[str, Any]:
-        cfg, failed = self.cfg, True
         try:
-            if self.is_main:
-                atomic_write_text(os.path.join(self.out_dir, 'config.yaml'), _yaml(cfg))
-                self._print_plan()
-            if self.plan['resume'] and self.start_epoch >= self.total_epochs:
-                self._print(f"nothing left to train: {self.plan['resume']} completed all {self.total_epochs} epochs; "
-                            f"to train longer, resume with --epochs N (N > {cfg.epochs}); finishing the run")
-            for epoch in range(self.start_epoch, self.total_epochs):
-                stats = self.train_epoch(epoch)
-                t = time.time()
-                row = dict(epoch=epoch + 1)
-                row.update(self.evaluate())
-                if self.ema is not None:
-                    row.update(self.evaluate(ema=True))
-                row['eval_time_s'] = time.time() - t
-                self.lr_at(epoch + 1, self.updates)
-                row = {**self._train_row(self.ctl.all_gather(stats, 'sharing the epoch\'s training figures')), **row}
-                row = {'epoch': row.pop('epoch'), **row}
-                self.history.append(row)
-                if self.is_main:
-                    write_metrics(self.out_dir, self.history, run=self.run_info())
-                    print(_summary(row, self.num_stages, 'hff', self.val_data.split), flush=True)
-                self._save(epoch)
-            last = dict(self.history[-1]) if self.history else {}
-            test = self.evaluate_test()
-            self._finish(last, test)
-            failed = False
-            return {**last, **{k if k.startswith('test_') else f'test_{k}': v for k, v in (test or {}).items()}}
+            return super().fit()
         except PeerLost as e:
             raise PeerLost(f'{e}; {self._kept()}: {self._go_on()} (every stage process)') from None
-        finally:
-            if self.lock is not None:
-                self.lock.release()
-            leave(self.group, failed)
+
+    def close(self, failed: bool) -> None:
+        if self.lock is not None:
+            self.lock.release()
+        leave(self.group, failed)
+
+    def evaluate_model(self, prefix: str, split: str) -> Dict[str, Any]:
+        return self.evaluate(ema=bool(prefix), split=split)
+
+    def save_checkpoint(self, epoch: int) -> str:
+        return self._save(epoch)
+
+    def training_row(self, stats: Dict[str, Any]) -> Dict[str, Any]:
+        return self._train_row(self.ctl.all_gather(stats, 'sharing the epoch\'s training figures'))
 
     def _train_row(self, stats: List[Dict[str, Any]]) -> Dict[str, Any]:
         """The epoch's training figures of all stages: summed loss, per-stage losses, rank 0's lr, and the pipeline's
@@ -284,50 +233,16 @@ class StageParallelTrainer(StageSteps, StageState):
             row[f"train_loss_stage{s['stage']}"] = s['loss']
         return row
 
-    def evaluate_test(self) -> Optional[Dict[str, Any]]:
-        if self.plan['test'] is None:
-            return None
-        t = time.time()
-        test = self.evaluate(split='test')
-        if self.ema is not None:
-            test.update(self.evaluate(ema=True, split='test'))
-        test['eval_time_s'] = time.time() - t
-        if self.is_main:
-            write_metrics(self.out_dir, self.history, run=self.run_info(), test=test)
-            print(_summary(dict(test, epoch='test'), self.num_stages, 'hff', self.test_data.split), flush=True)
-        return test
-
     # ----- reporting -----
-    def _print(self, text: str) -> None:
-        if self.is_main:
-            print(text, flush=True)
+    def plan_detail(self) -> str:
+        return (f': one process per stage on {self.device.type}, hand-off queue {self.cfg.stage_parallel_queue}')
 
-    def run_info(self) -> Dict[str, Any]:
-        info = dict(model=self.cfg.model, method='hff', schedule='stage_parallel', num_stages=self.num_stages,
-                    dataset=self.train_data.name, train_split=self.train_data.split,
-                    train_images=self.train_loader.num_samples, val_split=self.val_data.split,
-                    val_images=self.val_loader.num_samples,
-                    test_split=self.test_data.split if self.test_data is not None else None,
-                    test_images=self.test_loader.num_samples if self.test_loader is not None else None,
-                    stage_parallel=dict(processes=self.num_stages, queue=self.cfg.stage_parallel_queue,
+    def plan_processes(self) -> str:
+        return ''
+
+    def run_info_extra(self) -> Dict[str, Any]:
+        return dict(stage_parallel=dict(processes=self.num_stages, queue=self.cfg.stage_parallel_queue,
                                         device=str(self.device)))
-        if self.profile is not None:
-            info['stages'] = self.profile
-        return info
-
-    def _print_plan(self) -> None:
-        from .._profile import format_profile
-        cfg, tl, vl = self.cfg, self.train_loader, self.val_loader
-        test = (f'; test {self.test_data.split} ({self.test_loader.num_samples} images) once at the end'
-                if self.test_data is not None else '; no test split')
-        print(f'HFF {cfg.model} ({self.num_stages} stages, schedule stage_parallel: one process per stage on '
-              f'{self.device.type}, hand-off queue {cfg.stage_parallel_queue}) on {self.train_data.name}: train '
-              f'{self.train_data.split} ({tl.num_samples} images, {tl.kind} loader), validation {self.val_data.split} '
-              f'({vl.num_samples} images) every epoch{test}; {self.num_classes} classes, input '
-              f'{self.data_cfg["input_size"]}; {self.total_epochs} epochs x {self.steps_per_epoch} steps, mixed '
-              f'precision {cfg.mixed_precision}; output {self.out_dir}', flush=True)
-        print('how local each stage is (backbone shares; FLOPs of one forward):\n' + format_profile(self.profile),
-              flush=True)
 
 
 def _sizes(n: int, batch: int, drop_last: bool) -> List[int]:
@@ -355,12 +270,3 @@ def _autocast(precision: str, device: torch.device):
         return contextlib.nullcontext
     dtype = torch.bfloat16 if precision == 'bf16' else torch.float16
     return lambda: torch.autocast(device.type, dtype=dtype)
-
-
-def _mixup(cfg: TrainConfig, num_classes: int):
-    if cfg.mixup > 0 or cfg.cutmix > 0:
-        from timm.data import Mixup
-        return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
-                     switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode, label_smoothing=cfg.smoothing,
-                     num_classes=num_classes)
-    return None

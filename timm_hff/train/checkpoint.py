@@ -10,7 +10,10 @@ import json
 import os
 import shutil
 import weakref
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
+
+from .._io import atomic_write_text
+from .errors import os_error, reason
 
 CKPT_DIR = 'checkpoints'
 STATE_FILE = 'trainer_state.json'
@@ -78,6 +81,53 @@ def check_compatible(state: Dict[str, Any], identity: Dict[str, Any], ckpt: str)
         if key in theirs and theirs[key] != mine:
             raise ValueError(f'--resume {ckpt}: the checkpoint was made with {key}={theirs[key]!r} but this run has '
                              f'{key}={mine!r}; resume with the same settings or start a new experiment')
+
+
+def find_resume(cfg, run_dir: str) -> Optional[str]:
+    """The checkpoint ``cfg.resume`` names; without ``resume``, a run folder holding checkpoints is refused (a new
+    run would overwrite them)."""
+    if cfg.resume:
+        return resolve_resume(cfg.resume, run_dir)
+    if list_checkpoints(run_dir):
+        raise ValueError(f'{run_dir} already holds checkpoints of a run; pass --resume to continue it, or '
+                         f'choose another --experiment / --output')
+    return None
+
+
+def run_identity(cfg, num_classes: int, num_processes: int, extra: Dict[str, Any]) -> Dict[str, Any]:
+    """What a checkpoint must match to be resumed by a run (``extra``: the method's own settings)."""
+    return dict(model=cfg.model, method=cfg.method, schedule=cfg.schedule, num_classes=num_classes, hff=cfg.hff,
+                model_kwargs=cfg.model_kwargs, in_chans=cfg.in_chans, **extra, num_processes=num_processes,
+                batch_size=cfg.batch_size, grad_accum_steps=cfg.grad_accum_steps, train_split=cfg.train_split,
+                val_fraction=cfg.val_fraction, split_seed=cfg.split_seed)
+
+
+def checkpoint_paths(run_dir: str, epoch: int) -> Tuple[str, str, str]:
+    """(checkpoints folder, the temporary folder a checkpoint is written into, its final name)."""
+    root = os.path.join(run_dir, CKPT_DIR)
+    return root, os.path.join(root, '.tmp-' + checkpoint_name(epoch)), os.path.join(root, checkpoint_name(epoch))
+
+
+def commit_checkpoint(tmp: str, final: str, state: Dict[str, Any], run_dir: str, keep: int) -> None:
+    """Complete a checkpoint written into ``tmp``: its ``trainer_state.json``, the rename to ``final`` (only now is
+    it listed), and the pruning of the oldest beyond ``keep``."""
+    atomic_write_text(os.path.join(tmp, STATE_FILE), json.dumps(state, indent=1) + '\n')
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    prune(run_dir, keep)
+
+
+def open_run_folder(run_dir: str) -> 'RunLock':
+    """Create the run folder and take its lock; an unwritable place is one line, before any work is done."""
+    lock = RunLock(run_dir)
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        lock.acquire()
+    except OSError as e:   # read-only or full file system
+        raise os_error(e, f'cannot write to the output folder {run_dir} ({reason(e)}); choose a writable '
+                          f'--output') from None
+    return lock
 
 
 def prune(run_dir: str, keep: int) -> None:

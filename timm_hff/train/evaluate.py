@@ -8,21 +8,14 @@ from typing import Any, Dict, List
 import torch
 import torch.nn as nn
 
-from .._heads import log_probs_mean
+__all__ = ['accuracy_row', 'prediction_heads', 'topk_hits']
 
 
 def prediction_heads(module: nn.Module, x: torch.Tensor, method: str = 'hff') -> List[torch.Tensor]:
-    """Logits to score, in the order ``[stage 0, ..., stage S-1, ensemble, prediction]`` (HFF, one forward), or
-    ``[prediction]`` (``method='bp'``, a plain classifier). Forward-Forward (``method='ff'``) gives HFF's rows from
-    its C passes: each stage's goodness alone, the goodness of all stages summed, and its own prediction (Hinton's
-    rule)."""
-    if method == 'ff':
-        g = module.class_goodness(x).float()           # (S, B, C)
-        return list(g.unbind(0)) + [g.sum(0), module.scores(g)]
-    if method == 'bp':
-        return [module(x)]
-    stage_logits = module.forward_stages(x)
-    return stage_logits + [log_probs_mean(stage_logits), module._combine(stage_logits)]
+    """Logits to score, in the order ``[stage 0, ..., stage S-1, ensemble, prediction]`` (per-stage methods: HFF one
+    forward, FF its C passes) or ``[prediction]`` (BP, a plain classifier): the method's own ``heads``."""
+    from .registry import get_method
+    return get_method(method).heads(module, x)
 
 
 def topk_hits(heads: List[torch.Tensor], y: torch.Tensor, k: int):

@@ -10,7 +10,6 @@ A stage's part of a checkpoint is ``stage_K/`` in Accelerate's file names: ``mod
 Every rank writes its part into the checkpoint's temporary folder; rank 0 adds ``trainer_state.json`` and renames the
 folder only once every rank has reported success, so a rank killed at any moment leaves the last checkpoint whole.
 """
-import json
 import os
 import random
 import shutil
@@ -21,9 +20,8 @@ import torch
 import torch.nn as nn
 from timm.utils import ModelEmaV3
 
-from ._checkpoint import CKPT_DIR, STATE_FILE, checkpoint_name, prune, read_state
-from ._metrics import atomic_write_text
-from ._trainer import Trainer, _first_line, _reason, final_metrics, save_final_model
+from ...checkpoint import checkpoint_paths, commit_checkpoint, read_state
+from ...errors import first_line, reason
 
 MODEL_FILE, OPTIMIZER_FILE, SCHEDULER_FILE = 'model.safetensors', 'optimizer.bin', 'scheduler.bin'
 RNG_FILE, SCALER_FILE, EMA_FILE = 'random_states.pkl', 'scaler.pt', 'ema.safetensors'
@@ -123,9 +121,7 @@ class StageState:
 
     def _save(self, epoch: int) -> str:
         """Every rank writes ``stage_K/`` into the temporary folder; rank 0 renames it once all have succeeded."""
-        root = os.path.join(self.out_dir, CKPT_DIR)
-        final = os.path.join(root, checkpoint_name(epoch))
-        tmp = os.path.join(root, '.tmp-' + checkpoint_name(epoch))
+        root, tmp, final = checkpoint_paths(self.out_dir, epoch)
         if self.is_main:
             os.makedirs(root, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
@@ -134,18 +130,14 @@ class StageState:
             save_stage(stage_dir(tmp, self.k), self)
             error = None
         except (OSError, RuntimeError) as e:   # disk full, read-only, quota: torch reports these as RuntimeError
-            error = f'stage {self.k + 1}: {_reason(e)}'
+            error = f'stage {self.k + 1}: {reason(e)}'
         errors = [e for e in self.ctl.all_gather(error, 'writing the checkpoint') if e]
         if not errors and self.is_main:
             try:
-                state = dict(epoch=epoch, updates=self.updates, history=self.history, identity=self.identity())
-                atomic_write_text(os.path.join(tmp, STATE_FILE), json.dumps(state, indent=1) + '\n')
-                if os.path.exists(final):
-                    shutil.rmtree(final)
-                os.replace(tmp, final)
-                prune(self.out_dir, self.cfg.checkpoint_hist)
+                state = dict(epoch=epoch, updates=self.updates, history=self.history, identity=self.identity)
+                commit_checkpoint(tmp, final, state, self.out_dir, self.cfg.checkpoint_hist)
             except OSError as e:
-                errors = [_reason(e)]
+                errors = [reason(e)]
         errors = self.ctl.broadcast(errors, 'finishing the checkpoint')
         if errors:
             if self.is_main:
@@ -154,15 +146,12 @@ class StageState:
                           f'permissions, then {self._go_on()}')
         return final
 
-    _kept = Trainer._kept     # the Accelerate trainer's wording: which checkpoint is kept, and how to go on
-    _go_on = Trainer._go_on
-
     def _load(self, ckpt: str) -> None:
         try:
             load_stage(stage_dir(ckpt, self.k), self)
             error = None
         except Exception as e:   # truncated or foreign files; the identity was already checked
-            error = f'{type(e).__name__}: {_first_line(e)}'
+            error = f'{type(e).__name__}: {first_line(e)}'
         errors = [e for e in self.ctl.all_gather(error, 'loading the checkpoint') if e]
         if errors:
             if not self.is_main:
@@ -185,17 +174,10 @@ class StageState:
             self.ctl.barrier('saving the model')
             return
         try:
-            model = assemble(self.model, [p[0] for p in parts])
-            splits = dict(split=self.test_data.split if test is not None else self.val_data.split,
-                          val_split=self.val_data.split)
-            path = os.path.join(self.out_dir, 'model')
-            saved = save_final_model(model, path, self.cfg, self.train_data, {**final_metrics(last, test), **splits},
-                                     self.data_cfg)
-            if saved and self.ema is not None:
-                ema = assemble(self.ema.module, [p[1] for p in parts])
-                save_final_model(ema, os.path.join(self.out_dir, 'model_ema'), self.cfg, self.train_data,
-                                 {**final_metrics(last, test, ema=True), **splits}, self.data_cfg)
-            print(f'weights: {saved}' if saved else 'weights: not saved (see the warning above)', flush=True)
+            models = {'': assemble(self.model, [p[0] for p in parts])}
+            if self.ema is not None:
+                models['ema_'] = assemble(self.ema.module, [p[1] for p in parts])
+            self.save_final(models, last, test)
         finally:
             self.ctl.barrier('saving the model')
 

@@ -1,0 +1,66 @@
+"""The optimizer and the lr schedule of a run: timm's factories, with the fine-tuning lr factors as timm's
+``lr_scale``, so every timm scheduler honours them."""
+from typing import Dict, Set, Tuple
+
+__all__ = ['build_optimizer', 'build_scheduler', 'param_groups']
+
+
+def param_groups(model, cfg, heads: Set[str]) -> list:
+    """Optimizer groups by (lr factor, decay), each parameter's factor the product of timm's layer decay (over the
+    backbone's ``group_matcher``), ``backbone_lr_scale`` (every parameter not in ``heads``) and ``stage_lr`` (HFF
+    stages). No weight decay where timm leaves it out (biases, norms, ``no_weight_decay()``)."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    scale = {n: 1.0 for n in params}
+    if cfg.layer_decay is not None:
+        from timm.optim import param_groups_layer_decay
+        ids = {id(p): n for n, p in params.items()}
+        for g in param_groups_layer_decay(model, weight_decay=0.0, layer_decay=cfg.layer_decay):
+            for p in g['params']:
+                scale[ids[id(p)]] *= g['lr_scale']
+    if cfg.backbone_lr_scale != 1.0:
+        for n in params:
+            if n not in heads:
+                scale[n] *= cfg.backbone_lr_scale
+    if cfg.stage_lr:
+        if len(cfg.stage_lr) != model.num_stages:
+            raise ValueError(f'stage_lr lists {len(cfg.stage_lr)} factors but the model has {model.num_stages} stages')
+        owner = {f'backbone.{n}': k for k, names in enumerate(model.split.stage_param_names) for n in names}
+        for n in params:
+            k = int(n.split('.')[1]) if n.startswith('heads.') else owner.get(n)
+            if k is not None:
+                scale[n] *= float(cfg.stage_lr[k])
+    skip = model.no_weight_decay() if hasattr(model, 'no_weight_decay') else set()
+    groups: Dict[Tuple[float, bool], list] = {}
+    for n, p in params.items():
+        decay = not (p.ndim <= 1 or n.endswith('.bias') or n in skip)
+        groups.setdefault((scale[n], decay), []).append(p)
+    return [dict(params=ps, weight_decay=cfg.weight_decay if decay else 0.0, lr_scale=s)
+            for (s, decay), ps in groups.items()]
+
+
+def build_optimizer(cfg, model, heads: Set[str] = frozenset()):
+    """timm's ``create_optimizer_v2`` over the parameters that require grad, lr factors applied (``param_groups``;
+    ``heads``: the method's head parameter names)."""
+    from timm.optim import create_optimizer_v2
+    opt_kwargs = {}
+    if cfg.opt_eps is not None:
+        opt_kwargs['eps'] = cfg.opt_eps
+    if cfg.opt_betas is not None:
+        opt_kwargs['betas'] = tuple(cfg.opt_betas)
+    factors = cfg.stage_lr or cfg.layer_decay is not None or cfg.backbone_lr_scale != 1.0
+    params = param_groups(model, cfg, heads) if factors else model
+    return create_optimizer_v2(params, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
+                               **opt_kwargs)
+
+
+def build_scheduler(cfg, optimizer, updates_per_epoch: int, epochs: int, cycles: int = 1):
+    """timm's ``create_scheduler_v2``: ``cycles`` cycles of ``epochs`` epochs (the schedule's ``lr_cycles``)."""
+    from timm.scheduler import create_scheduler_v2
+    # decay_epochs only when set: timm 1.0.29 multiplies it by the updates per epoch whatever the schedule, so None (a
+    # cosine recipe's default) fails there
+    decay = {} if cfg.decay_epochs is None else dict(decay_epochs=cfg.decay_epochs)
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=cfg.sched, num_epochs=epochs, cooldown_epochs=cfg.cooldown_epochs, decay_rate=cfg.decay_rate,
+        **decay, min_lr=cfg.min_lr, warmup_lr=cfg.warmup_lr, warmup_epochs=cfg.warmup_epochs, cycle_limit=cycles,
+        cycle_decay=1.0, step_on_epochs=not cfg.sched_on_updates, updates_per_epoch=updates_per_epoch)
+    return scheduler
