@@ -123,7 +123,7 @@ def evaluate(method: str, model, xte, yte, runtime, eval_batch: int) -> Dict[str
 
 def exit_flops(method: str, model, spec) -> List[int]:
     """Inference FLOPs per image of exiting after each stage (BP: its one exit)."""
-    from timm_hff._stages import run_stages
+    from timm_hff import run_stages
     x = torch.zeros(1, spec.in_chans, spec.img_size, spec.img_size, device=next(model.parameters()).device)
     model.eval()
     if method == 'bp':

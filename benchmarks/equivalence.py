@@ -36,10 +36,19 @@ TIMES = ('train_time_s', 'eval_time_s', 'train_img_per_s', 'seconds')
 
 
 def _sha(path: str) -> str:
+    """sha256 of the tensors (names, dtypes, shapes, bytes, in name order), not of the file: safetensors writes a
+    header with more than one metadata key in a random order, so equal weights can make unequal files."""
+    from safetensors.torch import load_file
     h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        h.update(f.read())
+    for name, t in sorted(load_file(path).items()):
+        h.update(f'{name}:{t.dtype}:{tuple(t.shape)}:'.encode())
+        h.update(t.contiguous().view(-1).view(torch_uint8()).numpy().tobytes())
     return h.hexdigest()
+
+
+def torch_uint8():
+    import torch
+    return torch.uint8
 
 
 def _untimed(v: Any) -> Any:
@@ -50,18 +59,19 @@ def _untimed(v: Any) -> Any:
     return v
 
 
-def run_all(work: str, only=None) -> Dict[str, Any]:
+def run_all(work: str, only=None, train: bool = True) -> Dict[str, Any]:
     out = {}
     for name, args in RUNS.items():
         if only and name not in only:
             continue
         run_dir = os.path.join(work, name)
-        subprocess.run(['rm', '-rf', run_dir], check=True)
-        cmd = [sys.executable, '-m', 'timm_hff.train'] + args + DATA + ['--output', work, '--experiment', name]
         t = time.time()
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-        if proc.returncode:
-            raise RuntimeError(f'{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}')
+        if train:
+            subprocess.run(['rm', '-rf', run_dir], check=True)
+            cmd = [sys.executable, '-m', 'timm_hff.train'] + args + DATA + ['--output', work, '--experiment', name]
+            proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+            if proc.returncode:
+                raise RuntimeError(f'{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}')
         files = {}
         for sub in ('model', 'model_ema'):
             folder = os.path.join(run_dir, sub)
@@ -96,6 +106,7 @@ def main(argv=None) -> int:
     p.add_argument('--work', default=os.path.join(REPO, 'output', 'equivalence'))
     p.add_argument('--only', nargs='+', default=None, choices=list(RUNS))
     p.add_argument('--compare', nargs=2, default=None, metavar=('A', 'B'))
+    p.add_argument('--no-train', action='store_true', help='read the runs already in --work (hash them again)')
     args = p.parse_args(argv)
     if args.compare:
         docs = []
@@ -105,7 +116,7 @@ def main(argv=None) -> int:
         return 0 if compare(*docs) else 1
     import platform
     rev = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    runs = run_all(os.path.abspath(args.work), args.only)
+    runs = run_all(os.path.abspath(args.work), args.only, train=not args.no_train)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, 'w') as f:
         json.dump(dict(commit=rev, machine=platform.processor() or platform.machine(), command=' '.join(sys.argv),

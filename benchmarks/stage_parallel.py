@@ -96,7 +96,7 @@ def stage_step_times(rounds: int, extra_hff: Dict[str, Any]) -> Dict[str, Any]:
     """Milliseconds of one training step of each stage alone (1 thread, interleaved rounds) for the recipe's network
     cut as ``extra_hff`` says."""
     from timm.optim import create_optimizer_v2
-    from timm_hff._stages import run_stages
+    from timm_hff import run_stages
     from timm_hff.data import BatchTransform
     from timm_hff.train import TrainConfig, build_model
     from timm_hff.train.schedules.stage_parallel.part import StagePart

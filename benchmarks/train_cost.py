@@ -167,7 +167,7 @@ def saved_activation_profile(preset: str, batch: int, runtime, seed: int) -> Dic
     memory_efficient mode holds one stage's saved tensors at a time, so the largest stage's share of BP's total
     is (up to gradients and workspaces) the lowest peak ratio it can reach.
     """
-    from timm_hff._stages import run_stages
+    from timm_hff import run_stages
     import torch.nn.functional as F
     spec = get_spec(preset)
     torch.manual_seed(seed)

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 import timm_hff
 from timm_hff.hub import (CheckpointFileNotFoundError, CorruptCheckpointError, FormatVersionError, ShapeMismatchError,
                           UnsafeCheckpointError)
-from timm_hff._stages import SplitError
+from timm_hff import SplitError
 from timm_hff.data import load_image_dataset
 from timm_hff.train import Trainer
 from timm_hff.train.checkpoint import RunInUseError, list_checkpoints

@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 from huggingface_hub import constants as hf_constants
 
 import timm_hff
-from timm_hff._stages import SplitError
+from timm_hff import SplitError
 from timm_hff.hub import CheckpointError, save_pretrained
 from timm_hff.train import TrainConfig
 

@@ -18,8 +18,8 @@ MAX_LINES = 400
 # names under timm_hff ('hub' covers timm_hff/hub/*); the first entry that prefixes a module's name is its layer. A
 # module in no layer counts as an entry point (the top layer): it may import anything, and nothing may import it.
 LAYERS = [
-    ('version', '_config', 'data', '_io', '_pretrained'),
-    ('_heads', '_stages', '_exit_rule', '_stem_ckpt'),
+    ('version', '_config', 'data', '_io', '_pretrained', '_inputs', '_timm_cfg'),
+    ('_heads', '_stages', '_cuts', '_probe', '_small_input', '_exit_rule', '_stem_ckpt'),
     ('_profile', '_adaptive', '_model', '_balance', '_compile'),
     ('_builder', '_exit', '_compile'),
     ('hub',),

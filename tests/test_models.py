@@ -10,7 +10,7 @@ from timm.optim import create_optimizer_v2
 
 import timm_hff
 from timm_hff import HFFConfig, SplitError
-from timm_hff._stages import run_stages
+from timm_hff import run_stages
 
 torch.backends.cudnn.deterministic = True
 

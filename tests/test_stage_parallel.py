@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 import timm_hff
-from timm_hff._stages import run_stages
+from timm_hff import run_stages
 from timm_hff.train import TrainConfig, Trainer, create_trainer
 from timm_hff.train.checkpoint import list_checkpoints
 from timm_hff.train.schedules.stage_parallel.handoff import lost_message

@@ -6,6 +6,7 @@ from .version import __version__
 from ._config import HFFConfig
 from ._heads import PrototypeHead
 from ._stages import SplitError, StageSplit
+from ._cuts import run_stages
 from ._model import HFFModel, HFFOutput
 from ._builder import build_hff_model
 from ._exit import ExitCalibration, calibrate_exits

@@ -13,7 +13,7 @@ import torch
 from ._config import HFFConfig
 from ._exit_rule import ExitRule, replay_exits
 from ._profile import exit_flops
-from ._stages import check_shrink
+from ._probe import check_shrink
 
 
 class AdaptiveExit:

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from ._config import HFFConfig
-from ._stages import SplitError, _finish_order, _hookable, _plain_container, _resolve_name, family_of
+from ._stages import SplitError, family_of, finish_order, hookable, plain_container, resolve_name
 
 Cut = Union[int, str]
 
@@ -29,27 +29,27 @@ def candidate_cuts(backbone: nn.Module) -> List[Cut]:
     info = backbone.feature_info
     cuts: Dict[str, Cut] = {}
     for i, f in enumerate(info):
-        level = _resolve_name(backbone, f['module'])
+        level = resolve_name(backbone, f['module'])
         if level is None:
             raise SplitError(f"timm family '{family_of(backbone)}': feature_info names module '{f['module']}', which "
                              f"is not in the model, so it cannot be cut")
         module = backbone.get_submodule(level)
         blocks, prefix = None, level
-        if _plain_container(module):
+        if plain_container(module):
             blocks = module
         elif isinstance(getattr(module, 'blocks', None), (nn.Sequential, nn.ModuleList)):
             blocks, prefix = module.blocks, f'{level}.blocks'
         for child, _ in (blocks.named_children() if blocks is not None else ()):
             name = f'{prefix}.{child}'
-            cuts.setdefault(_hookable(backbone, name), name)
-        cuts[_hookable(backbone, level)] = i   # the level's end is timm's own tap
-    return [c for _, c in sorted(cuts.items(), key=lambda kv: _finish_order(backbone, kv[0]))]
+            cuts.setdefault(hookable(backbone, name), name)
+        cuts[hookable(backbone, level)] = i   # the level's end is timm's own tap
+    return [c for _, c in sorted(cuts.items(), key=lambda kv: finish_order(backbone, kv[0]))]
 
 
 def _segment_costs(backbone: nn.Module, cuts: Sequence[Cut], x: torch.Tensor, kind: str, rounds: int = 2
                    ) -> List[float]:
     """Cost of each piece of the backbone between consecutive cuts (the last piece ends at the last cut)."""
-    names = [_hookable(backbone, backbone.feature_info[c]['module'] if isinstance(c, int) else c) for c in cuts]
+    names = [hookable(backbone, backbone.feature_info[c]['module'] if isinstance(c, int) else c) for c in cuts]
     index = {name: k for k, name in enumerate(names)}
     state = dict(segment=0)
     costs = [0.0] * len(cuts)

@@ -4,6 +4,7 @@ Everything that makes a model (``create_model``, the Hub loader) ends here, so t
 """
 from typing import Any, Dict, Optional
 
+import dataclasses
 import logging
 
 import timm
@@ -13,7 +14,9 @@ from ._config import HFFConfig, short_repr
 from ._model import HFFModel
 from ._pretrained import create_timm_model
 from ._balance import balance_cuts
-from ._stages import adapt_small_input, build_split, probe_split, stem_split
+from ._probe import probe_split
+from ._small_input import adapt_small_input
+from ._stages import build_split, stem_split
 
 _logger = logging.getLogger(__name__)
 
@@ -27,8 +30,8 @@ def build_hff_model(backbone: nn.Module, num_classes: int, cfg: HFFConfig, in_ch
         adapt_small_input(backbone, stem_split(backbone, cfg), in_chans)
     img_size = cfg.check_img_size or _as_int_size(timm_img_size) or (32 if cfg.small_input else
                                                                     _default_img_size(backbone))
-    if cfg.balance is not None and cfg.stage_indices is None:   # measured once; the cut is kept in the config
-        cfg.stage_indices = tuple(balance_cuts(backbone, cfg, in_chans, img_size))
+    if cfg.balance is not None and cfg.stage_indices is None:   # measured once; the cut is kept in the model's config
+        cfg = dataclasses.replace(cfg, stage_indices=tuple(balance_cuts(backbone, cfg, in_chans, img_size)))
     split = build_split(backbone, cfg)
     probe_split(backbone, split, in_chans, img_size, check=cfg.check_split)
     return HFFModel(backbone, split, num_classes, cfg, in_chans, model_name=model_name)

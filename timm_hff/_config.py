@@ -53,6 +53,8 @@ class HFFConfig:
             projection (NCHW / NHWC), so an early stage is not asked for features that are already position-free;
             1 is global average pooling.
         prototype_init: 'normal' (random directions) or 'orthogonal' (orthonormal rows where possible).
+        head: The head type of every stage (``timm_hff._heads.HEADS``; 'prototype': the hyperspherical prototype head
+            above). A new head type registers itself there.
         predict_from: 'last', 'ensemble' (mean of all stages' log-probabilities), a stage index, a tuple of
             stage indices to ensemble, or 'adaptive'. An early stage index stops the forward there (early exit);
             'adaptive' lets each image leave at the first stage that is confident enough (``exit_rule``).
@@ -85,6 +87,7 @@ class HFFConfig:
     pool: str = 'avg'
     pool_size: int = 1
     prototype_init: str = 'normal'
+    head: str = 'prototype'
     predict_from: PredictFrom = 'last'
     exit_rule: str = 'max_prob'
     exit_thresholds: Optional[Tuple[float, ...]] = None
@@ -115,6 +118,8 @@ class HFFConfig:
         if self.aux_size is not None:
             _check_int('aux_size', self.aux_size, 1)
         _check_int('pool_size', self.pool_size, 1)
+        if not isinstance(self.head, str) or not self.head.isidentifier():
+            raise ValueError(f"head must name a head type (e.g. 'prototype'), got {short_repr(self.head)}")
         if self.check_img_size is not None:
             _check_int('check_img_size', self.check_img_size, 1)
         if self.stage_indices is not None:

@@ -7,7 +7,7 @@
 The other classes' prototypes act as negatives, so no negative data is needed and one pass predicts.
 """
 
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 import torch.nn as nn
@@ -66,6 +66,27 @@ def _pool_to(x: torch.Tensor, size: int, layout: str) -> torch.Tensor:
     return F.adaptive_avg_pool2d(x, (min(h, size), min(w, size)))
 
 
+HEADS: Dict[str, type] = {}   # head type name -> class; HFFConfig.head chooses one, ``create_head`` builds it
+
+
+def register_head(name: str):
+    """Class decorator: ``HFFConfig(head=name)`` builds this head type. A new head is one file that defines
+    ``__init__(in_chs, layout, num_classes, cfg, num_prefix_tokens)``, ``forward`` (class logits), ``loss(logits,
+    target)`` and ``reset_prototypes(num_classes)``, decorated with this, and imported by ``timm_hff/__init__.py``."""
+    def register(cls):
+        HEADS[name] = cls
+        return cls
+    return register
+
+
+def create_head(cfg: HFFConfig, in_chs: int, layout: str, num_classes: int, num_prefix_tokens: int = 0) -> nn.Module:
+    """Stage k's head, of the type ``cfg.head`` names."""
+    if cfg.head not in HEADS:
+        raise ValueError(f'head must be one of {sorted(HEADS)}, got {cfg.head!r}')
+    return HEADS[cfg.head](in_chs, layout, num_classes, cfg, num_prefix_tokens)
+
+
+@register_head('prototype')
 class PrototypeHead(nn.Module):
     """Projects a stage output onto the sphere and scores it against learned class prototypes.
 

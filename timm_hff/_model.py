@@ -13,10 +13,11 @@ enough, see ``forward_adaptive``). ``model(x, target)`` returns every stage's lo
   ``accelerator.backward``) as soon as the stage has run, freeing its graph before the next stage runs, as
   InfoPro does. Gradients are the same as in simultaneous mode.
 
-Over 400 lines because ``HFFModel`` is one class: its forward modes, stage freezing, input checks and timm's
-model surface (``reset_classifier``, ``group_matcher``, ``forward_features`` / ``forward_head`` /
-``forward_intermediates``); the adaptive exit already lives apart (``_adaptive``).
+The model owns a private copy of its ``HFFConfig`` (``hff_cfg``): ``predict_from`` and the exit settings live there
+once, so two models built from one config never change each other, and what ``save_pretrained`` writes is what the
+model does. The adaptive exit lives in ``_adaptive``, the input checks in ``_inputs``, timm's cfg in ``_timm_cfg``.
 """
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Set, Union
 
@@ -26,42 +27,18 @@ import torch.nn as nn
 from ._config import HFFConfig
 from ._adaptive import AdaptiveExit
 from ._exit_rule import replay_exits
-from ._heads import PrototypeHead, log_probs_mean
-from ._stages import StageSplit, cut_name, run_stages, stage_modules
+from ._heads import create_head, log_probs_mean
+from ._cuts import run_stages
+from ._stages import StageSplit, cut_name, stage_modules
 from ._stem_ckpt import set_stem_checkpointing, stem_containers
+from ._inputs import check_images, check_target
+from ._timm_cfg import hff_pretrained_cfg, prefix_spec
 
 MODES = ('simultaneous', 'memory_efficient')
 
 
 def _pass_through(t: torch.Tensor) -> torch.Tensor:
     return t
-
-
-# pretrained_cfg keys that say whose weights these are: timm's classifier checkpoint, not an HFF model's. They are
-# dropped (create_model records the backbone's source as 'backbone_pretrained' when it loads timm's weights), so
-# nothing claims timm's classifier for the HFF heads.
-_WEIGHT_IDENTITY = ('hf_hub_id', 'hf_hub_filename', 'url', 'file', 'tag', 'paper_ids', 'paper_name', 'origin_url',
-                    'notes', 'license', 'source', 'state_dict', 'custom_load', 'architecture', 'label_names')
-
-
-def hff_pretrained_cfg(backbone_cfg: Optional[Dict], num_classes: int) -> Dict:
-    """timm's ``pretrained_cfg`` for an HFF model: the backbone's preprocessing (so
-    ``timm.data.resolve_model_data_config`` works) and this model's classes and heads, without timm's checkpoint
-    identity (hub id, tag, papers, licence of weights these heads are not)."""
-    cfg = {k: v for k, v in (backbone_cfg or {}).items() if k not in _WEIGHT_IDENTITY}
-    cfg.update(num_classes=num_classes, classifier='heads')
-    return cfg
-
-
-def _prefix_regex(regex: str) -> str:
-    """``'^conv1|bn1'`` -> ``'^backbone\\.(?:conv1|bn1)'``: every alternative re-rooted, group numbers unchanged."""
-    return r'^backbone\.(?:' + (regex[1:] if regex.startswith('^') else regex) + ')'
-
-
-def _prefix_spec(spec):
-    if isinstance(spec, str):
-        return _prefix_regex(spec)
-    return [(_prefix_regex(r), suffix) for r, suffix in spec]
 
 
 @dataclass
@@ -96,17 +73,14 @@ class HFFModel(AdaptiveExit, nn.Module):
         super().__init__()
         self.backbone = backbone
         self.split = split
-        self.hff_cfg = cfg
+        self.hff_cfg = cfg = dataclasses.replace(cfg)   # its own copy: set_predict_from / set_exits change only it
         self.model_name = model_name
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.num_features = getattr(backbone, 'num_features', split.channels[-1])
         self.head_hidden_size = split.channels[-1]   # width the last prototype head sees (timm's pre-logits)
-        self.heads = nn.ModuleList([
-            PrototypeHead(split.channels[k], split.layouts[k], num_classes, cfg, split.num_prefix_tokens)
-            for k in range(split.num_stages)
-        ])
-        self.predict_from = cfg.predict_from
+        self.heads = nn.ModuleList([create_head(cfg, split.channels[k], split.layouts[k], num_classes,
+                                                split.num_prefix_tokens) for k in range(split.num_stages)])
         self._check_exit_settings(cfg)
         self._frozen: Set[int] = set()
         self._frozen_backbone: Set[int] = set()
@@ -162,7 +136,7 @@ class HFFModel(AdaptiveExit, nn.Module):
         this model's parameter names). The prototype heads match no group, so timm puts them last, with the head."""
         if not hasattr(self.backbone, 'group_matcher'):
             return {}
-        return {name: _prefix_spec(spec) for name, spec in self.backbone.group_matcher(coarse).items()}
+        return {name: prefix_spec(spec) for name, spec in self.backbone.group_matcher(coarse).items()}
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The backbone's own unpooled features (the whole backbone, as in timm)."""
@@ -316,47 +290,49 @@ class HFFModel(AdaptiveExit, nn.Module):
                                  f'starts from a detached input); unset TIMM_REENTRANT_CKPT or call '
                                  f'timm.layers.set_reentrant_ckpt(False)')
 
+    @property
+    def predict_from(self):
+        """Which stages the prediction comes from (``HFFConfig.predict_from``; change it with ``set_predict_from``)."""
+        return self.hff_cfg.predict_from
+
+    def _prediction(self, available: Optional[int] = None):
+        """(stages to run, stages whose logits are combined, how they combine) for ``predict_from``, with only the
+        first ``available`` stages at hand (a greedy forward that stopped early)."""
+        pf, n = self.predict_from, available or self.num_stages
+        if isinstance(pf, tuple):
+            picked = [self._stage_index(k) for k in pf]
+            within = [k for k in picked if k < n]
+            return max(picked), within or [n - 1], log_probs_mean if within else (lambda ls: ls[0])
+        if pf == 'ensemble':
+            return None, list(range(n)), log_probs_mean
+        if isinstance(pf, int) and self._stage_index(pf) < n:
+            return self._stage_index(pf), [self._stage_index(pf)], lambda ls: ls[0]
+        return None, [n - 1], lambda ls: ls[0]   # 'last' (or an index beyond the stages at hand)
+
     def _predict(self, x: torch.Tensor) -> torch.Tensor:
-        pf = self.predict_from
-        if pf == 'adaptive':
+        if self.predict_from == 'adaptive':
             return self.forward_adaptive(x)[0]
         self._check_input(x)
-        if pf == 'last':
-            stop = None
-        elif isinstance(pf, int):
-            stop = self._stage_index(pf)
-        elif isinstance(pf, tuple):
-            stop = max(self._stage_index(k) for k in pf)
-        else:
-            stop = None
+        stop, picked, combine = self._prediction()
         outs = self._run(x, stop_after=stop)
-        if pf == 'last' or isinstance(pf, int):
-            return self.heads[len(outs) - 1](outs[-1])
-        return self.predict_from_stages([self.heads[k](h) for k, h in enumerate(outs)])
+        return combine([self.heads[k](outs[k]) for k in picked])   # only the heads the prediction reads
 
     def predict_from_stages(self, stage_logits: List[torch.Tensor]) -> torch.Tensor:
-        """The model's prediction (``predict_from``) from every stage's logits of one full forward."""
-        pf = self.predict_from
-        if pf == 'adaptive':   # the exits replayed on a full forward: the same prediction as forward_adaptive
+        """The model's prediction (``predict_from``) from the stages' logits of one forward (all, or the first ones
+        of a greedy forward that stopped early)."""
+        if self.predict_from == 'adaptive':   # the exits replayed on a full forward: the same as forward_adaptive
             return replay_exits(self._exit_rule(), stage_logits)[0]
-        if pf == 'ensemble':
-            return log_probs_mean(stage_logits)
-        if isinstance(pf, tuple):
-            picked = [stage_logits[self._stage_index(k)] for k in pf if self._stage_index(k) < len(stage_logits)]
-            return log_probs_mean(picked) if picked else stage_logits[-1]
-        if isinstance(pf, int) and self._stage_index(pf) < len(stage_logits):
-            return stage_logits[self._stage_index(pf)]
-        return stage_logits[-1]
+        _, picked, combine = self._prediction(len(stage_logits))
+        return combine([stage_logits[k] for k in picked])
 
     def set_predict_from(self, predict_from) -> None:
         cfg = HFFConfig(**{**self.hff_cfg.to_dict(), 'predict_from': predict_from, 'check_split': False})
         if cfg.predict_from == 'adaptive':
             self._exit_rule()   # refuse now, not at the first forward, if there is nothing to exit on
-        self.predict_from = cfg.predict_from
-        if not isinstance(self.predict_from, str):
-            for k in (self.predict_from if isinstance(self.predict_from, tuple) else (self.predict_from,)):
+        if not isinstance(cfg.predict_from, str):
+            for k in (cfg.predict_from if isinstance(cfg.predict_from, tuple) else (cfg.predict_from,)):
                 self._stage_index(k)
-        self.hff_cfg.predict_from = self.predict_from
+        self.hff_cfg.predict_from = cfg.predict_from
 
     def _stage_index(self, k: int) -> int:
         n = self.num_stages
@@ -400,41 +376,7 @@ class HFFModel(AdaptiveExit, nn.Module):
                              f"(img_size / check_img_size)") from None
 
     def _check_input(self, x: torch.Tensor, target: Optional[torch.Tensor] = None) -> None:
-        """The model's input boundary: image layout, channels and dtype; with ``target``, its shape and range.
-
-        Checks read metadata only, except the label range on CPU (where ``F.one_hot`` would read the labels
-        anyway); labels on an accelerator were checked by the data loaders before the transfer.
-        """
-        if not isinstance(x, torch.Tensor) or x.ndim != 4:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f'expected images of shape (B, {self.in_chans}, H, W), got {shape}')
-        if x.shape[1] != self.in_chans:
-            raise ValueError(f'expected {self.in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)}); '
-                             f'create the model with in_chans={x.shape[1]} or convert the images')
-        if not x.is_floating_point():
-            raise ValueError(f'expected floating-point images, got {x.dtype}; convert and normalise them first '
-                             f'(e.g. timm_hff.data.BatchTransform, or x.float() / 255 then mean / std)')
+        """The model's input boundary (``_inputs.check_images`` / ``check_target``)."""
+        check_images(x, self.in_chans)
         if target is not None:
-            self._check_target(target, x.shape[0])
-
-    def _check_target(self, target: torch.Tensor, batch: int) -> None:
-        n = self.num_classes
-        if not isinstance(target, torch.Tensor) or target.ndim not in (1, 2):
-            shape = tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__
-            raise ValueError(f'target must be class indices of shape ({batch},) or soft targets of shape '
-                             f'({batch}, {n}), got {shape}')
-        want = (batch,) if target.ndim == 1 else (batch, n)
-        if tuple(target.shape) != want:
-            raise ValueError(f'target has shape {tuple(target.shape)} but the batch needs {want} '
-                             f'({batch} images, {n} classes)')
-        if target.ndim == 2:
-            if not target.is_floating_point():
-                raise ValueError(f'soft targets must be floating point, got {target.dtype}')
-            return
-        if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-            raise ValueError(f'class-index targets must be integers, got {target.dtype}; use target.long()')
-        if target.device.type == 'cpu' and target.numel():
-            lo, hi = int(target.min()), int(target.max())
-            if lo < 0 or hi >= n:
-                raise ValueError(f'target holds class {lo if lo < 0 else hi}, outside [0, {n}) for this model\'s {n} '
-                                 f'classes; fix the labels or build the model with num_classes >= {max(hi + 1, n)}')
+            check_target(target, x.shape[0], self.num_classes)

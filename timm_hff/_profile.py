@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Tuple, Union
 import torch
 import torch.nn as nn
 
-from ._stages import run_stages
+from ._cuts import run_stages
 
 _LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 

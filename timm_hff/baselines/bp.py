@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from .._config import HFFConfig
 from .._pretrained import create_timm_model
-from .._stages import StageSplit, adapt_small_input, stem_split
+from .._small_input import adapt_small_input
+from .._stages import StageSplit, stem_split
 
 
 def create_bp_model(model_name: str, num_classes: int = 1000, in_chans: int = 3, small_input: bool = False,

@@ -24,7 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .._stages import StageSplit, run_stages
+from .._cuts import run_stages
+from .._stages import StageSplit
 
 LABEL_MODES = ('learned', 'fixed', 'onehot')
 

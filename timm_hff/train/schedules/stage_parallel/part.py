@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from ...._stages import run_stages
+from ...._cuts import run_stages
 
 PROBE_BATCH = 3   # not 2: a batch of two is too easily mistaken for another dimension of size two
 

@@ -164,7 +164,7 @@ class StageState:
         self.history = list(state['history'])
         self._print(f'resumed from {ckpt} (epoch {state["epoch"] + 1} done)')
 
-    def _finish(self, last: Dict[str, Any], test: Optional[Dict[str, Any]]) -> None:
+    def finish(self, last: Dict[str, Any], test: Optional[Dict[str, Any]]) -> None:
         """Assemble the model on rank 0 (each tensor from its owner) and save it as a single-process run would."""
         if not self.cfg.save_model:
             self.ctl.barrier('finishing')

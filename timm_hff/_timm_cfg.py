@@ -1,0 +1,33 @@
+"""timm's model surface for an HFF model: its ``pretrained_cfg`` (the backbone's preprocessing, this model's classes
+and heads, never timm's checkpoint identity) and its ``group_matcher`` (the backbone's, re-rooted under
+``backbone.``)."""
+from typing import Dict, Optional
+
+__all__ = ['hff_pretrained_cfg', 'prefix_spec']
+
+
+# pretrained_cfg keys that say whose weights these are: timm's classifier checkpoint, not an HFF model's. They are
+# dropped (create_model records the backbone's source as 'backbone_pretrained' when it loads timm's weights), so
+# nothing claims timm's classifier for the HFF heads.
+_WEIGHT_IDENTITY = ('hf_hub_id', 'hf_hub_filename', 'url', 'file', 'tag', 'paper_ids', 'paper_name', 'origin_url',
+                    'notes', 'license', 'source', 'state_dict', 'custom_load', 'architecture', 'label_names')
+
+
+def hff_pretrained_cfg(backbone_cfg: Optional[Dict], num_classes: int) -> Dict:
+    """timm's ``pretrained_cfg`` for an HFF model: the backbone's preprocessing (so
+    ``timm.data.resolve_model_data_config`` works) and this model's classes and heads, without timm's checkpoint
+    identity (hub id, tag, papers, licence of weights these heads are not)."""
+    cfg = {k: v for k, v in (backbone_cfg or {}).items() if k not in _WEIGHT_IDENTITY}
+    cfg.update(num_classes=num_classes, classifier='heads')
+    return cfg
+
+
+def prefix_regex(regex: str) -> str:
+    """``'^conv1|bn1'`` -> ``'^backbone\\.(?:conv1|bn1)'``: every alternative re-rooted, group numbers unchanged."""
+    return r'^backbone\.(?:' + (regex[1:] if regex.startswith('^') else regex) + ')'
+
+
+def prefix_spec(spec):
+    if isinstance(spec, str):
+        return prefix_regex(spec)
+    return [(prefix_regex(r), suffix) for r, suffix in spec]
