@@ -266,5 +266,5 @@ def test_run_matching_ignores_only_what_does_not_train():
     assert not same_training(ff, resolved(base + ['--baseline', 'ff', '--ff', '{threshold: 1.0}']))
     assert not same_training(ff, resolved(base + ['--baseline', 'ff', '--ff', '{threshold: 4.0}', '--seed', '1']))
     bp = resolved(base + ['--baseline', 'bp'])
-    assert same_training(bp, resolved(base + ['--baseline', 'bp', '--hff', '{aux: none, embed_dim: 64}']))
+    assert same_training(bp, resolved(base + ['--baseline', 'bp', '--hff', '{margin: 0.3, embed_dim: 64}']))
     assert not same_training(bp, resolved(base + ['--baseline', 'bp', '--hff', '{small_input: false}']))

@@ -5,7 +5,6 @@ count, since a function-level import is a dependency deferred, not removed), so 
 effects and names the offending import.
 """
 import ast
-import re
 from pathlib import Path
 from typing import Dict, List, Set
 
@@ -13,6 +12,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / 'timm_hff'
 MAX_LINES = 400
+MAX_FUNCTION_LINES = 80
 
 # Bottom to top; a module may import its own layer and the layers below it, never one above it. Names are module
 # names under timm_hff ('hub' covers timm_hff/hub/*); the first entry that prefixes a module's name is its layer. A
@@ -42,21 +42,6 @@ LAYERS = [
     ('train',),
     ('hub_cli', 'seed_cli', 'validate', ''),    # CLIs; '' is the package's own __init__: the public face imports all
 ]
-
-# Modules allowed over MAX_LINES, and why. Keep this short: a long module is one concept that needs the length. A module
-# may instead say so in its own docstring ("... over 400 lines because ...").
-LONG_MODULES = {
-    '_stages': 'the cut of a timm model: tap lookup, detach hooks, small-input stem, build-time probe and ownership '
-               'check share private helpers over the same feature_info walk; splitting it would spread one mechanism',
-    '_model': 'HFFModel: one class carrying the forward modes, stage freezing, input checks and timm\'s model surface '
-              '(reset_classifier, group_matcher, forward_features/head/intermediates); the adaptive exit is already '
-              'the _adaptive mixin (just over the limit)',
-    'train._config': 'TrainConfig: every training setting, its documentation and its validation in one dataclass, '
-                     'as HFFConfig is for the model (just over the limit)',
-    'train._trainer': 'the Accelerate training loop with its schedules, evaluation, EMA and fault handling; it is '
-                      'under active change by the training work, whose split is its own task',
-}
-
 
 def _module_name(path: Path) -> str:
     parts = list(path.relative_to(PACKAGE).with_suffix('').parts)
@@ -167,12 +152,26 @@ def test_layers_import_downward_only():
         '/'.join(p or '__init__' for p in layer) for layer in LAYERS) + '):\n' + '\n'.join(upward)
 
 
+def size_problems(text: str) -> List[str]:
+    """What breaks the size rule in a module's source: its length, and each function over the limit."""
+    problems = []
+    if text.count('\n') > MAX_LINES:
+        problems.append(f'{text.count(chr(10))} lines (> {MAX_LINES}): split it by concept')
+    problems += [f'{n.name} has {n.end_lineno - n.lineno + 1} lines (> {MAX_FUNCTION_LINES}): split it into its steps'
+                 for n in ast.walk(ast.parse(text))
+                 if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+                 and n.end_lineno - n.lineno + 1 > MAX_FUNCTION_LINES]
+    return problems
+
+
 @pytest.mark.parametrize('name', sorted(_modules()))
 def test_module_size(name):
-    text = _modules()[name].read_text(encoding='utf-8')
-    lines = text.count('\n')
-    why = ast.get_docstring(ast.parse(text)) or ''
-    if name in LONG_MODULES or re.search(r'\bover \d+ lines because\b', why, re.I):
-        return
-    assert lines <= MAX_LINES, (f'{_modules()[name]} has {lines} lines (> {MAX_LINES}); split it by concept, or say '
-                                f'why in its docstring ("over {MAX_LINES} lines because ...") or in LONG_MODULES')
+    """No module over MAX_LINES and no function over MAX_FUNCTION_LINES, and no list of exceptions."""
+    problems = size_problems(_modules()[name].read_text(encoding='utf-8'))
+    assert not problems, f'{_modules()[name]}: ' + '; '.join(problems)
+
+
+def test_the_size_rule_can_fail():
+    body = '\n'.join(f'    x{i} = {i}' for i in range(MAX_FUNCTION_LINES))
+    assert size_problems(f'def f():\n{body}\n') and not size_problems(f'def f():\n{body[:-12]}\n')
+    assert size_problems('x = 1\n' * (MAX_LINES + 1)) and not size_problems('x = 1\n' * MAX_LINES)

@@ -118,6 +118,11 @@ class HFFConfig:
         if self.aux_size is not None:
             _check_int('aux_size', self.aux_size, 1)
         _check_int('pool_size', self.pool_size, 1)
+        if self.aux == 'none' and (self.aux_channels is not None or self.aux_depth != 1 or self.aux_size is not None):
+            given = [k for k, v in (('aux_channels', self.aux_channels), ('aux_size', self.aux_size)) if v is not None]
+            given += ['aux_depth'] if self.aux_depth != 1 else []
+            raise ValueError(f"{', '.join(given)} shape the aux block, but aux='none' has none; drop them or choose "
+                             f"aux='conv1x1' / 'conv3x3'")
         if not isinstance(self.head, str) or not self.head.isidentifier():
             raise ValueError(f"head must name a head type (e.g. 'prototype'), got {short_repr(self.head)}")
         if self.check_img_size is not None:

@@ -104,5 +104,8 @@ def create_model(
         cfg = hff_cfg
     else:
         cfg = HFFConfig(**hff_kwargs)
+    if cfg.balance is not None and cfg.stage_indices is not None:
+        raise ValueError(f'balance={cfg.balance!r} chooses the cut itself, but stage_indices '
+                         f'{list(cfg.stage_indices)} names one; give balance or stage_indices, not both')
     return create_from_timm(arch, cfg, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans,
                             pretrained_cfg_overlay=pretrained_cfg_overlay, display_name=name, **timm_kwargs)

@@ -106,6 +106,12 @@ class PrototypeHead(nn.Module):
         self.pool_kind = cfg.pool
         if cfg.pool == 'token' and layout == 'NLC' and num_prefix_tokens == 0:
             raise ValueError("pool='token' needs a model with a class token; use pool='avg'")
+        if cfg.pool == 'token' and layout in ('NCHW', 'NHWC'):
+            raise ValueError(f"pool='token' reads a class token, but this stage's output is a feature map ({layout}) "
+                             f"with none; use pool='avg' (the default) for a CNN")
+        if cfg.aux_size is not None and cfg.aux != 'none' and layout == 'NLC':
+            raise ValueError(f'aux_size={cfg.aux_size} pools a feature map before the aux block, but this stage '
+                             f'outputs tokens (NLC); drop aux_size for a token model')
         self.num_prototypes = cfg.prototypes_per_class
         self.scale = float(cfg.scale)
         self.margin = float(cfg.margin)
@@ -167,8 +173,10 @@ class PrototypeHead(nn.Module):
         return F.normalize(self.prototypes.float(), dim=-1)
 
     def class_scores(self, z: torch.Tensor) -> torch.Tensor:
-        """Smooth-max cosine s_c in [-1, 1] per class, shape (B, C), in fp32 (autocast off: a bf16 cosine has two
-        significant digits, too coarse for a margin of 0.2 at scale 16)."""
+        """Smooth-max cosine s_c per class, shape (B, C), in fp32 (autocast off: a bf16 cosine has two significant
+        digits, too coarse for a margin of 0.2 at scale 16). With one prototype per class it is a cosine, in [-1, 1];
+        with K the LogSumExp lies between the largest cosine and that plus ln(K) / scale, so in
+        [-1, 1 + ln(K) / scale]."""
         with _fp32(z):
             cos = z.float() @ self.unit_prototypes().t()
             if self.num_prototypes == 1:

@@ -107,6 +107,8 @@ class HFFModel(AdaptiveExit, nn.Module):
             raise ValueError(f'num_classes must be an integer >= 1, got {num_classes!r}')
         self.num_classes = num_classes
         self.pretrained_cfg['num_classes'] = num_classes
+        for key in ('label_names', 'label_descriptions'):   # the names of the old classes, whatever the count
+            self.pretrained_cfg.pop(key, None)
         for head in self.heads:
             head.reset_prototypes(num_classes)
         self._exit_flops.clear()   # the heads' cost depends on the class count

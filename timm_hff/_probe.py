@@ -150,10 +150,19 @@ def probe_split(backbone: nn.Module, split: StageSplit, in_chans: int, img_size:
     With ``check``, also assert that each tap equals ``forward_intermediates`` and that no parameter is
     reached from two stages. Raises SplitError naming the family when either fails.
     """
+    x = torch.randn(2, in_chans, img_size, img_size)
+    outs, refs = _probe_outputs(backbone, split, x, img_size, check)
+    _learn_layouts(backbone, split, outs, refs, img_size)
+    _learn_owners(backbone, split, outs, check)
+    split.probe_img_size = img_size
+
+
+def _probe_outputs(backbone: nn.Module, split: StageSplit, x: torch.Tensor, img_size: int, check: bool):
+    """(every stage's output on the probe batch, timm's ``forward_intermediates`` at the taps, or None when not
+    checked); a tuple-returning tap gets the element that equals timm's intermediate."""
     family = family_of(backbone)
     was_training = backbone.training
     backbone.eval()
-    x = torch.randn(2, in_chans, img_size, img_size)
     n_taps = len(split.tap_names)
     try:
         raw: List[object] = []
@@ -176,11 +185,14 @@ def probe_split(backbone: nn.Module, split: StageSplit, in_chans: int, img_size:
             for k in tuple_taps:
                 split.state.elements[k] = _pick_element(raw[k], refs[k] if refs is not None else None)
             outs = _probe_run(backbone, split, x, img_size, None)
-        if not check:
-            refs = None
+        return outs, (refs if check else None)
     finally:
         backbone.train(was_training)
 
+
+def _learn_layouts(backbone: nn.Module, split: StageSplit, outs, refs, img_size: int) -> None:
+    """Each stage output's layout, width and reduction (checked against timm's intermediate where there is one)."""
+    family = family_of(backbone)
     info = backbone.feature_info
     layouts, channels, reductions, prefix_tokens = [], [], [], 0
     for k, t in enumerate(outs):
@@ -211,7 +223,13 @@ def probe_split(backbone: nn.Module, split: StageSplit, in_chans: int, img_size:
         nominal = _nominal_reduction(backbone, split.feature_indices[k]) or 1
         reductions.append(_reduction(img_size, spatial, nominal) if spatial else nominal)
         prefix_tokens = max(prefix_tokens, prefix)
+    split.layouts, split.channels, split.reductions = layouts, channels, reductions
+    split.num_prefix_tokens = prefix_tokens
 
+
+def _learn_owners(backbone: nn.Module, split: StageSplit, outs, check: bool) -> None:
+    """Which parameters each stage's graph reaches; with ``check``, none may be reached from two stages."""
+    family = family_of(backbone)
     names = {id(p): n for n, p in backbone.named_parameters()}
     owner: Dict[int, int] = {}
     stage_params: List[List[str]] = []
@@ -229,9 +247,6 @@ def probe_split(backbone: nn.Module, split: StageSplit, in_chans: int, img_size:
         for i in reached:
             owner.setdefault(i, k)
         stage_params.append(sorted(names[i] for i in reached))
-    split.layouts, split.channels, split.reductions = layouts, channels, reductions
-    split.num_prefix_tokens = prefix_tokens
-    split.probe_img_size = img_size
     split.stage_param_names = stage_params
     split.unused_param_names = sorted(n for i, n in names.items() if i not in owner)
 

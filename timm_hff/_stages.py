@@ -77,9 +77,16 @@ def resolve_stage_indices(backbone: nn.Module, cfg: HFFConfig) -> Tuple[Union[in
         return tuple(c for _, c in sorted(zip(keys, out), key=lambda kc: finish_order(backbone, kc[0])))
     reductions = [f['reduction'] for f in info]
     if len(set(reductions)) == 1:   # isotropic (ViT-style): evenly spaced blocks
-        k = min(cfg.num_stages, n)
+        if cfg.num_stages > n:
+            raise ValueError(f'num_stages={cfg.num_stages}, but {type(backbone).__name__} has {n} blocks to cut '
+                             f'after; ask for at most {n}')
+        k = cfg.num_stages
         return tuple(sorted({round((s + 1) * n / k) - 1 for s in range(k)}))
     last_per_level = [i for i in range(n) if i == n - 1 or reductions[i + 1] != reductions[i]]
+    if cfg.num_stages > len(last_per_level):
+        raise ValueError(f'num_stages={cfg.num_stages}, but {type(backbone).__name__} has {len(last_per_level)} '
+                         f'reduction levels (one stage each); ask for at most {len(last_per_level)}, or cut finer at '
+                         f"block boundaries with stage_indices (e.g. 'layer1.0') or balance")
     return tuple(last_per_level[-cfg.num_stages:])
 
 
@@ -142,8 +149,11 @@ def stem_split(backbone: nn.Module, cfg: HFFConfig) -> StageSplit:
     would start from a stem tap, keep the stem's max-pool and train a network with a quarter of the FLOPs."""
     if cfg.balance is not None:
         from dataclasses import replace
+        info = getattr(backbone, 'feature_info', None) or [{}]
+        reductions = {f.get('reduction') for f in info}
+        levels = len(reductions) if len(reductions) > 1 else len(info)   # hierarchical levels, or isotropic blocks
         return build_split(backbone, replace(cfg, stage_indices=None, balance=None, check_split=False,
-                                             num_stages=HFFConfig().num_stages))
+                                             num_stages=min(HFFConfig().num_stages, levels)))
     return build_split(backbone, cfg)
 
 

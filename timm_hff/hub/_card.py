@@ -183,6 +183,45 @@ def build_model_card(config: Dict[str, Any], repo_id: Optional[str] = None,
     input_size = (config.get('pretrained_cfg') or {}).get('input_size')
     if not (isinstance(input_size, list) and len(input_size) == 3 and all(type(n) is int for n in input_size)):
         input_size = [hff['in_chans'] if type(hff.get('in_chans')) is int else 3, 224, 224]
+    stage_rows, table, has_val = _accuracy_table(stages, metrics, stage_top1, stage_top5, hff_cfg)
+    measures = [(k, v) for k, v in metrics.items() if k not in _NOT_MEASURES and v is not None
+                and not re.fullmatch(r'(val_)?(stage_)?top[15](_stage\d+)?', k)]
+    recipe = yaml.safe_dump(train_args, sort_keys=False, default_flow_style=None) if train_args else ''
+    kwargs = dict(
+        title=_md(model_name.split('/')[-1]),
+        paper=PAPER,
+        arch=_in_code(arch),
+        model_id=f'hf-hub:{repo_id}' if repo_id else 'local-dir:/path/to/this/folder',
+        in_chans=input_size[0],
+        img_size=input_size[-1],
+        num_classes=_md(config.get('num_classes')),
+        num_params=_count(hff.get('num_params')),
+        has_labels=bool(config.get('label_names') or hff.get('label_names')),
+        base_model=base_model,
+        dataset_name=_md(dataset_name) if dataset_name else None,
+        split=split,
+        has_val=has_val,
+        accuracy_table=table,
+        val_split=_md(metrics.get('val_split') or 'the validation split'),
+        settings=[(k, _in_code(v)) for k, v in _settings(hff_cfg, len(stages))],
+        has_accuracy=metrics.get('top1') is not None or any(v is not None for v in stage_top1),
+        has_top5=metrics.get('top5') is not None or any(v is not None for v in stage_top5),
+        stage_rows=stage_rows,
+        predict_from=_in_code(hff_cfg.get('predict_from', 'last')),
+        top1=_md(_pct(metrics.get('top1'))),
+        top5=_md(_pct(metrics.get('top5'))),
+        recipe=recipe,
+        fence=_fence(recipe),
+        cost=[(_md(k), _fmt(v)) for k, v in measures if any(w in k for w in _COST_WORDS)],
+        other=[(_md(k), _fmt(v)) for k, v in measures if not any(w in k for w in _COST_WORDS)],
+    )
+    if template_path:
+        return ModelCard.from_template(card_data, template_path=template_path, **kwargs)
+    return ModelCard.from_template(card_data, template_str=CARD_TEMPLATE, **kwargs)
+
+
+def _accuracy_table(stages, metrics, stage_top1, stage_top5, hff_cfg):
+    """(the template's stage rows, the markdown accuracy table, whether validation figures are shown)."""
     val_top1 = stage_values(metrics, 'val_top1', len(stages))
     has_val = metrics.get('val_top1') is not None
     stage_rows = [dict(name=f'Stage {k + 1}', module=_in_code(s.get('module', s.get('feature_index'))),
@@ -205,40 +244,7 @@ def build_model_card(config: Dict[str, Any], repo_id: Optional[str] = None,
     final += [f"**{_md(_pct(metrics.get('top1')))}**"] + (
         [f"**{_md(_pct(metrics.get('top5')))}**"] if 'Top-5 (%)' in headers else [])
     table.append(final + ([_md(_pct(metrics.get('val_top1')))] if has_val else []))
-    measures = [(k, v) for k, v in metrics.items() if k not in _NOT_MEASURES and v is not None
-                and not re.fullmatch(r'(val_)?(stage_)?top[15](_stage\d+)?', k)]
-    recipe = yaml.safe_dump(train_args, sort_keys=False, default_flow_style=None) if train_args else ''
-    kwargs = dict(
-        title=_md(model_name.split('/')[-1]),
-        paper=PAPER,
-        arch=_in_code(arch),
-        model_id=f'hf-hub:{repo_id}' if repo_id else 'local-dir:/path/to/this/folder',
-        in_chans=input_size[0],
-        img_size=input_size[-1],
-        num_classes=_md(config.get('num_classes')),
-        num_params=_count(hff.get('num_params')),
-        has_labels=bool(config.get('label_names') or hff.get('label_names')),
-        base_model=base_model,
-        dataset_name=_md(dataset_name) if dataset_name else None,
-        split=split,
-        has_val=has_val,
-        accuracy_table='\n'.join('| ' + ' | '.join(str(c) for c in row) + ' |' for row in table),
-        val_split=_md(metrics.get('val_split') or 'the validation split'),
-        settings=[(k, _in_code(v)) for k, v in _settings(hff_cfg, len(stages))],
-        has_accuracy=metrics.get('top1') is not None or any(v is not None for v in stage_top1),
-        has_top5=metrics.get('top5') is not None or any(v is not None for v in stage_top5),
-        stage_rows=stage_rows,
-        predict_from=_in_code(hff_cfg.get('predict_from', 'last')),
-        top1=_md(_pct(metrics.get('top1'))),
-        top5=_md(_pct(metrics.get('top5'))),
-        recipe=recipe,
-        fence=_fence(recipe),
-        cost=[(_md(k), _fmt(v)) for k, v in measures if any(w in k for w in _COST_WORDS)],
-        other=[(_md(k), _fmt(v)) for k, v in measures if not any(w in k for w in _COST_WORDS)],
-    )
-    if template_path:
-        return ModelCard.from_template(card_data, template_path=template_path, **kwargs)
-    return ModelCard.from_template(card_data, template_str=CARD_TEMPLATE, **kwargs)
+    return stage_rows, '\n'.join('| ' + ' | '.join(str(c) for c in row) + ' |' for row in table), has_val
 
 
 def stage_values(metrics: Dict[str, Any], key: str, num_stages: int) -> List[Any]:

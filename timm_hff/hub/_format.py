@@ -93,14 +93,7 @@ def parse_config(raw: Any, where: str = CONFIG_NAME) -> SavedConfig:
         raise ConfigError(f"{where} has no 'hff' section, so it is not a timm_hff model; load a plain timm "
                           f"checkpoint with timm.create_model(...) or wrap its architecture with "
                           f"timm_hff.create_model('<arch>', pretrained=True)")
-    version = hff.get('format_version')
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise ConfigError(f'{where}: hff.format_version must be an integer >= 1, got {short(version)}')
-    if version > MAX_INT:
-        raise ConfigError(f'{where}: hff.format_version {short(version)} is no format version')
-    if version > FORMAT_VERSION:
-        raise FormatVersionError(f'{where} uses HFF format version {version}, but timm_hff {__version__} reads up to '
-                                 f'version {FORMAT_VERSION}; upgrade with `pip install -U timm-hff`')
+    _check_version(where, hff.get('format_version'))
     _check_keys(where, '', raw, _TOP_KEYS)
     _check_keys(where, 'hff.', hff, _HFF_KEYS)
     missing = sorted(_HFF_REQUIRED - set(hff))
@@ -134,13 +127,7 @@ def parse_config(raw: Any, where: str = CONFIG_NAME) -> SavedConfig:
     if bad:
         raise ConfigError(f'{where}: hff.timm_kwargs may not set {bad} (they load files or are set by the loader)')
 
-    label_names = hff.get('label_names', raw.get('label_names'))
-    if label_names is not None:
-        check_names(where, 'label_names', label_names)
-        if len(label_names) != num_classes:
-            raise ConfigError(f'{where}: {len(label_names)} label_names for num_classes={num_classes}')
-        if raw.get('label_names') is not None and raw['label_names'] != label_names:
-            raise ConfigError(f'{where}: label_names and hff.label_names disagree; the file was edited by hand')
+    label_names = _label_names(where, raw, hff, num_classes)
     if raw.get('label_descriptions') is not None:
         check_descriptions(where, 'label_descriptions', raw['label_descriptions'])
     if raw.get('global_pool') is not None:
@@ -161,6 +148,28 @@ def parse_config(raw: Any, where: str = CONFIG_NAME) -> SavedConfig:
     return SavedConfig(arch=arch, num_classes=num_classes, in_chans=in_chans, cfg=cfg, timm_kwargs=dict(timm_kwargs),
                        label_names=label_names, pretrained_cfg=dict(pretrained_cfg), weights_sha256=sha,
                        stages=stages, metrics=metrics, train_args=train_args, base_model=base_model, raw=raw)
+
+
+def _check_version(where: str, version: Any) -> None:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ConfigError(f'{where}: hff.format_version must be an integer >= 1, got {short(version)}')
+    if version > MAX_INT:
+        raise ConfigError(f'{where}: hff.format_version {short(version)} is no format version')
+    if version > FORMAT_VERSION:
+        raise FormatVersionError(f'{where} uses HFF format version {version}, but timm_hff {__version__} reads up to '
+                                 f'version {FORMAT_VERSION}; upgrade with `pip install -U timm-hff`')
+
+
+def _label_names(where: str, raw: Dict[str, Any], hff: Dict[str, Any], num_classes: int):
+    """The class names (``hff.label_names``, or timm's top-level ``label_names``): one per class, both agreeing."""
+    label_names = hff.get('label_names', raw.get('label_names'))
+    if label_names is not None:
+        check_names(where, 'label_names', label_names)
+        if len(label_names) != num_classes:
+            raise ConfigError(f'{where}: {len(label_names)} label_names for num_classes={num_classes}')
+        if raw.get('label_names') is not None and raw['label_names'] != label_names:
+            raise ConfigError(f'{where}: label_names and hff.label_names disagree; the file was edited by hand')
+    return label_names
 
 
 def read_config(path: Union[str, Path], where: Optional[str] = None) -> SavedConfig:

@@ -22,6 +22,7 @@ def build_data(cfg, accelerator) -> Tuple[ImageData, ImageData, Optional[ImageDa
     with accelerator.main_process_first():   # one process fills the datasets cache, the others read it
         train = load_image_dataset(cfg.dataset, cfg.data_dir, cfg.train_split, num_classes=cfg.num_classes,
                                    num_samples=cfg.train_num_samples, **kw)
+        full = train   # every row of train_split: with val_fraction, the hold-out is carved from it
         if cfg.val_fraction > 0:
             train, val = carve_validation(train, cfg.val_fraction, cfg.split_seed)
             if cfg.val_num_samples is not None and cfg.val_num_samples < len(val):
@@ -33,10 +34,11 @@ def build_data(cfg, accelerator) -> Tuple[ImageData, ImageData, Optional[ImageDa
         test = None
         if cfg.test_split is not None:
             test = load_image_dataset(cfg.dataset, cfg.data_dir, cfg.test_split, num_classes=train.num_classes,
-                                      num_samples=cfg.val_num_samples, **kw)
-    for other in (val, test):
-        if other is not None and cfg.val_fraction == 0:
-            _check_disjoint(train, other)
+                                      **kw)   # the whole split: val_num_samples truncates validation only
+    if cfg.val_fraction == 0:
+        _check_disjoint(full, val)
+    if test is not None:
+        _check_disjoint(full, test)
     if cfg.label_names is not None:
         if len(cfg.label_names) != train.num_classes:
             raise ValueError(f'label_names lists {len(cfg.label_names)} names but {train.name} has '
