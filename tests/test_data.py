@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-datasets = pytest.importorskip('datasets')
+import datasets   # a hard dependency of timm_hff: a missing one is a failure, not a skip
 from PIL import Image
 
 from timm_hff.data import (

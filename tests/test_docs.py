@@ -96,11 +96,66 @@ def test_coverage_figures_match_the_coverage_run():
     assert {m.strip() for row in listed for m in row.split(',')} == refused
 
 
-def test_benchmark_tables_are_the_printed_ones():
-    printed = '\n'.join(_text(p) for p in sorted((REPO / 'benchmarks' / 'results').rglob('results.md')))
-    page = _text(REPO / 'docs' / 'results.md')
-    rows = [line for line in page[page.index('## Benchmarks'):].splitlines() if line.startswith('|')]
-    assert rows and not [r for r in rows if r not in printed], 'docs/results.md differs from benchmarks/results'
+def _stored_results() -> str:
+    """Everything the benchmarks and runs stored: tables, JSON, CSV, logs."""
+    root = REPO / 'benchmarks' / 'results'
+    return '\n'.join(p.read_text(encoding='utf-8', errors='ignore') for p in sorted(root.rglob('*'))
+                     if p.suffix in ('.md', '.json', '.csv', '.log', '.txt'))
+
+
+def _numbers(line: str):
+    return re.findall(r'(?<![\w.])\d+\.\d+(?![\w.])', line)
+
+
+def test_every_figure_of_the_results_page_is_stored():
+    """Every number in docs/results.md's tables (whatever the section) was printed or stored by a run or a
+    benchmark under benchmarks/results: none is typed in by hand."""
+    stored = _stored_results()
+    rows = [line for line in _text(REPO / 'docs' / 'results.md').splitlines() if line.startswith('|')]
+    missing = [(n, r[:80]) for r in rows for n in _numbers(r) if n not in stored]
+    assert rows and not missing, f'docs/results.md figures found in no stored result: {missing[:5]}'
+
+
+def _run_accuracies() -> set:
+    """Every accuracy a stored run or benchmark recorded, as printed to two decimals: the ``top1`` values of run
+    metrics (metrics.json, metrics.csv; percent) and benchmark JSON ``accuracy`` values (fractions)."""
+    import csv
+    found = set()
+
+    def walk(o, key=''):
+        if isinstance(o, dict):
+            for k, v in o.items():
+                walk(v, k)
+        elif isinstance(o, list):
+            for v in o:
+                walk(v, key)
+        elif isinstance(o, (int, float)) and not isinstance(o, bool):
+            if 'top1' in key:
+                found.add(f'{o:.2f}')
+            elif key.endswith('accuracy') and 0 <= o <= 1:
+                found.add(f'{100 * o:.2f}')
+    root = REPO / 'benchmarks' / 'results'
+    for p in root.rglob('*.json'):
+        try:
+            walk(json.loads(p.read_text(encoding='utf-8')))
+        except ValueError:
+            continue
+    for p in root.rglob('*metrics.csv'):
+        with open(p, newline='') as f:
+            for row in csv.DictReader(f):
+                found |= {f'{float(v):.2f}' for k, v in row.items() if k and 'top1' in k and v}
+    return found
+
+
+def test_readme_accuracy_figures_are_stored_run_metrics():
+    """Every accuracy figure of the README's headline tables is a value some stored run recorded (its metrics.json /
+    metrics.csv, or a benchmark's JSON), not a number copied by hand from a page."""
+    readme = _text(README)
+    section = readme[readme.index('## Headline results'):readme.index('## Documentation')]
+    rows = [line for line in section.splitlines() if line.startswith('|') and ('top-1' in line or 'transfer' in line)]
+    figures = {n for line in rows for cell in line.split('|')[2:] for n in re.findall(r'\b\d{2}\.\d{2}\b', cell)}
+    stored = _run_accuracies()
+    assert figures and not sorted(figures - stored), f'README accuracies in no stored run: {sorted(figures - stored)}'
 
 
 def test_readme_headline_numbers_come_from_the_results_page():

@@ -26,7 +26,7 @@ def wheel_file():
 
 @pytest.fixture(scope='module')
 def seeded(tmp_path_factory, wheel_file):
-    from timm_hff.hub._seed import seed_timm_cache
+    from timm_hff.hub import seed_timm_cache
     cache = tmp_path_factory.mktemp('hub_cache')
     return cache, seed_timm_cache(ARCH, wheel_file, cache_dir=cache)
 
@@ -92,7 +92,7 @@ def _one_line(excinfo, *words):
 
 def test_a_state_dict_of_another_architecture_is_refused(tmp_path):
     import timm
-    from timm_hff.hub._seed import seed_timm_cache
+    from timm_hff.hub import seed_timm_cache
     from timm_hff.hub import ShapeMismatchError
     path = tmp_path / 'resnet.pth'
     torch.save(timm.create_model('test_resnet').state_dict(), path)
@@ -104,7 +104,7 @@ def test_a_state_dict_of_another_architecture_is_refused(tmp_path):
 
 def test_a_reordered_or_shifted_state_dict_is_refused(tmp_path, wheel_file):
     """Same count, same shapes where it matters least: the per-pair name-suffix and shape checks catch both."""
-    from timm_hff.hub._seed import seed_timm_cache
+    from timm_hff.hub import seed_timm_cache
     from timm_hff.hub import ShapeMismatchError
     sd = torch.load(wheel_file, weights_only=True)
     keys = list(sd)
@@ -124,7 +124,7 @@ def test_a_reordered_or_shifted_state_dict_is_refused(tmp_path, wheel_file):
 @pytest.mark.parametrize('damage', ['truncated', 'garbled', 'empty'])
 def test_a_damaged_weights_file_is_refused_in_one_line(tmp_path, wheel_file, damage):
     from timm_hff.hub import CheckpointError
-    from timm_hff.hub._seed import seed_timm_cache
+    from timm_hff.hub import seed_timm_cache
     data = open(wheel_file, 'rb').read()
     data = {'truncated': data[:len(data) // 2], 'garbled': data[:64] + bytes(range(256)) * 64, 'empty': b''}[damage]
     path = tmp_path / 'w.pth'
@@ -142,7 +142,7 @@ class Payload:
 
 def test_a_pickle_with_code_is_never_run(tmp_path):
     from timm_hff.hub import UnsafeCheckpointError
-    from timm_hff.hub._seed import read_state_dict
+    from timm_hff.hub import read_state_dict
     path = tmp_path / 'evil.pth'
     with open(path, 'wb') as f:
         pickle.dump({'conv_stem.weight': Payload()}, f)
@@ -156,7 +156,7 @@ def test_a_pickle_with_code_is_never_run(tmp_path):
 
 def test_seeding_again_is_a_no_op_and_other_weights_need_overwrite(tmp_path, wheel_file):
     from timm_hff.hub import CheckpointError
-    from timm_hff.hub._seed import seed_timm_cache
+    from timm_hff.hub import seed_timm_cache
     first = seed_timm_cache(ARCH, wheel_file, cache_dir=tmp_path)
     again = seed_timm_cache(ARCH, wheel_file, cache_dir=tmp_path)
     assert first.written and not again.written and again.revision == first.revision
@@ -198,7 +198,7 @@ def test_hff_train_without_weights_says_how_to_get_them(monkeypatch, tmp_path, i
 
 def test_pretrained_file_loads_safetensors_and_refuses_a_pickle(tmp_path, seeded, wheel_file):
     from timm_hff._pretrained import PretrainedWeightsError, create_timm_model
-    from timm_hff.hub._seed import write_converted
+    from timm_hff.hub import write_converted
     from timm_hff.train import TrainConfig
     out = write_converted(seeded[1].path, tmp_path / 'lite0.safetensors')
     model = create_timm_model(ARCH, pretrained_file=out, num_classes=5)
@@ -332,7 +332,7 @@ def test_the_pretrained_path_of_other_families(arch, tmp_path, monkeypatch):
     import timm
     import timm_hff
     from huggingface_hub import constants
-    from timm_hff.hub._seed import seed_timm_cache
+    from timm_hff.hub import seed_timm_cache
     path = tmp_path / 'weights.pth'
     torch.manual_seed(0)
     torch.save(timm.create_model(arch).state_dict(), path)

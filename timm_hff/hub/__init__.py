@@ -16,6 +16,7 @@ The modules, in the order the data flows (each imports only those above it):
     _load           load_pretrained_hff: validate, check against the header, build, load
     _push           push_to_hub: verify, card, upload
     _export         export_timm: a stock timm classifier that loads without timm_hff
+    _seed           timm's pretrained weights from a plain state dict into the Hub cache (hff-seed-weights)
 
 Nothing here imports ``timm_hff._factory`` or ``timm_hff._registry``: they sit above the hub and call into it.
 """
@@ -34,3 +35,4 @@ from ._resolve import HUB_KWARGS
 from ._load import load_from_timm_source, load_pretrained_hff, load_state_checked
 from ._push import push_to_hub
 from ._export import ExportError, export_timm, fold_last_head
+from ._seed import SeededWeights, convert_state_dict, read_state_dict, seed_timm_cache, write_converted

@@ -24,7 +24,7 @@ import yaml
 from .checkpoint import RunInUseError
 from .config import _ALIASES, TrainConfig
 from .help import GROUPS, help_text
-from .registry import get_schedule, method_names
+from .registry import get_method, get_schedule, method_names
 
 
 class _Parser(argparse.ArgumentParser):
@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                'values are YAML: --hff \'{margin: 0.3}\', --freeze-stages \'[0, 1]\', --crop-pct null. Recipes: '
                'recipes/*.yaml.', formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--config', '-c', default=None, help='YAML recipe (e.g. recipes/fashion_mnist_quick.yaml)')
-    parser.add_argument('--baseline', choices=[m for m in method_names() if m != 'hff'], default=None,
+    parser.add_argument('--baseline', choices=[m for m in method_names() if get_method(m).baseline], default=None,
                         help="train the same backbone another way: 'bp' (timm's head, end to end) or 'ff' "
                              "(Forward-Forward at HFF's stage cut; its settings: --ff '{threshold: 2.0}')")
     parser.add_argument('--resume', nargs='?', const='auto', default=argparse.SUPPRESS, metavar='PATH',

@@ -19,7 +19,7 @@ import yaml
 from .._config import short_repr
 from ..data import AugConfig
 from .checks import MAPPING_SETTINGS, PRECISIONS, check_combinations, check_values, coerce
-from .registry import method_names
+from .registry import get_method, method_names
 
 __all__ = ['MAPPING_SETTINGS', 'PRECISIONS', 'TrainConfig', 'flat_config', 'merge_settings']
 
@@ -301,7 +301,8 @@ class TrainConfig:
         if not merged.get('experiment'):   # the recipe's name; a BP baseline of it gets its own folder
             stem = os.path.splitext(os.path.basename(path))[0]
             method = merged.get('method', 'hff')
-            merged['experiment'] = stem + (f'_{method}' if method in method_names() and method != 'hff' else '')
+            merged['experiment'] = stem + (f'_{method}' if method in method_names() and get_method(method).baseline
+                                           else '')
         return cls.from_dict(merged, where=path)
 
 

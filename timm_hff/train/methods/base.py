@@ -20,6 +20,7 @@ class Method:
     schedule_reason: str = ''                    # why another schedule does not apply, for the one-line refusal
     processes_reason: Optional[str] = None       # why several processes (DDP) do not apply; None: they do
     owns: Tuple[str, ...] = ()                   # mapping settings only this method reads (``ff``)
+    baseline: bool = True                        # a baseline of HFF (``hff-train --baseline``; own run folder name)
 
     # ----- settings -----
     def check(self, cfg) -> None:

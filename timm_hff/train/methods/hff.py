@@ -12,6 +12,7 @@ class HFFMethod(Method):
     name = 'hff'
     help = 'local prototype losses'
     exits = True
+    baseline = False
 
     def build_model(self, cfg, num_classes: int):
         """``timm_hff.create_model`` of the recipe: timm's (pretrained) backbone or saved HFF weights; new labels get
