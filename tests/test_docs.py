@@ -165,3 +165,16 @@ def test_readme_headline_numbers_come_from_the_results_page():
     numbers = {n for line in section.splitlines() if line.startswith('|')
                for n in re.findall(r'\d[\d,]*\.\d+|\d{3,}[\d,]*', line)}
     assert numbers and not sorted(n for n in numbers if n not in results)
+
+
+NAV = [('method', 'Method'), ('architecture', 'Architecture'), ('models', 'Models'), ('training', 'Training'),
+       ('hub', 'Hub'), ('inference', 'Inference'), ('results', 'Results'), ('errors', 'Errors')]
+
+
+@pytest.mark.parametrize('page', DOCS, ids=lambda p: p.name)
+def test_every_page_has_the_whole_navigation_bar(page):
+    """Line 3 of every page: the README, then every page in one order, the current one in bold."""
+    assert {n for n, _ in NAV} == {p.stem for p in DOCS}, 'a page was added or removed: update NAV'
+    want = ' · '.join(['[README](../README.md)'] + [f'**{t}**' if n == page.stem else f'[{t}]({n}.md)'
+                                                     for n, t in NAV])
+    assert _text(page).splitlines()[2] == want

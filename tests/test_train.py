@@ -618,3 +618,52 @@ def test_val_every_validates_every_n_epochs_and_after_the_last(idx_root, tmp_pat
         epochs = json.load(f)['epochs']
     assert [('top1' in r, 'ema_top1' in r) for r in epochs] == [(False, False), (True, True), (True, True)]
     assert all('train_loss' in r for r in epochs)
+
+
+@pytest.mark.parametrize('module', ['timm_hff.train.cli', 'timm_hff.validate', 'timm_hff.predict', 'timm_hff.hub_cli',
+                                    'timm_hff.seed_cli'])
+def test_cli_help_and_argument_errors_import_no_heavy_library(module):
+    """--help and a bad argument answer before torch, timm or datasets are imported (they take seconds)."""
+    code = textwrap.dedent(f'''
+        import sys
+        from {module} import main
+        for argv in (['--help'], ['--no-such-flag']):
+            try:
+                main(argv)
+            except SystemExit:
+                pass
+        print(sorted(m for m in ('torch', 'timm', 'datasets', 'accelerate') if m in sys.modules))
+    ''')
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == '[]', out.stdout + out.stderr
+
+
+def test_a_bad_setting_is_refused_before_any_heavy_import():
+    code = ("import sys\nfrom timm_hff.train.cli import main\n"
+            "rc = main(['--config', 'recipes/fashion_mnist_quick.yaml', '--lr', 'abc'])\n"
+            "print(rc, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.stdout.split() == ['2', 'False'] and 'lr must be a number' in out.stderr
+
+
+def test_a_launcher_that_started_fewer_processes_is_named(monkeypatch, caplog):
+    from timm_hff.train import trainer
+    launched = ['/usr/bin/python3', '/usr/local/bin/accelerate', 'launch', '--cpu', '--num_processes', '2', '-m',
+                'timm_hff.train', '--config', 'x.yaml']
+    monkeypatch.setattr(trainer, 'launcher_cmdline', lambda: launched)
+    with caplog.at_level('WARNING'):
+        line = trainer.fewer_processes_warning(1)
+    assert 'asked for 2 processes but 1 started' in line and line in caplog.text
+    assert trainer.fewer_processes_warning(2) is None
+    monkeypatch.setattr(trainer, 'launcher_cmdline', lambda: ['/usr/bin/python3', '-m', 'timm_hff.train'])
+    assert trainer.fewer_processes_warning(1) is None
+
+
+def test_every_run_folder_keeps_a_train_log_and_a_redirected_run_draws_no_bar(idx_root, tmp_path, capsys,
+                                                                              fresh_accelerate_state):
+    from conftest import tiny
+    from timm_hff.train import train
+    train(tiny(idx_root, tmp_path, epochs=2, progress=True, val_split='test'))   # stderr is not a terminal here
+    log = (tmp_path / 'run' / 'train.log').read_text()
+    assert 'HFF test_resnet' in log and 'epoch 1:' in log and 'epoch 2:' in log and 'weights:' in log
+    assert 'epoch 1/2' not in capsys.readouterr().err   # the bar's description: never drawn into a log

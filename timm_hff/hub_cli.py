@@ -6,13 +6,11 @@
 ``--card-out`` also writes the card to a file (``model_cards/<name>.md`` keeps published cards in the repo).
 """
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import List, Optional
 
-from .hub import CONFIG_NAME, CheckpointError, build_model_card, push_to_hub, read_config
+from .hub import CONFIG_NAME, CheckpointError
 
 
 def find_model_dir(run_dir: Path) -> Path:
@@ -32,25 +30,12 @@ def find_model_dir(run_dir: Path) -> Path:
 
 
 def _is_hff_config(path: Path) -> bool:
+    from .hub import read_config
     try:
         read_config(path)
         return True
     except CheckpointError:
         return False
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.tmp-', dir=path.parent)
-    try:
-        with os.fdopen(fd, 'w', encoding='utf-8') as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,13 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    from ._io import atomic_write_text   # after parsing: --help and argument errors answer at once
+    from .hub import build_model_card, push_to_hub, read_config
     try:
         model_dir = find_model_dir(args.run_dir)
         if args.card_out is not None or args.dry_run:
             saved = read_config(model_dir / CONFIG_NAME)
             card = str(build_model_card(saved.raw, repo_id=args.repo_id))
             if args.card_out is not None:
-                _write_text_atomic(args.card_out, card + '\n')
+                atomic_write_text(args.card_out, card + '\n')
             if args.dry_run:
                 print(card)
                 print(f'hff-push: dry run: {model_dir} is valid; nothing was uploaded', file=sys.stderr)

@@ -1,9 +1,9 @@
 """``hff-predict``: classify image files with a saved (or Hub) HFF model and print the top-k class names, like timm's
 inference.py.
 
-    hff-predict local-dir:output/fashion_mnist/model shoe.png
+    hff-predict local-dir:output/fashion_mnist_quick/model shoe.png
     hff-predict hf-hub:org/repo photos/ --top-k 3 --results-file predictions.json
-    hff-predict local-dir:output/fashion_mnist/model shoe.png --predict-from adaptive   # per-image early exit
+    hff-predict local-dir:output/fashion_mnist_quick/model shoe.png --predict-from adaptive   # per-image early exit
 
 Each image is read with PIL and preprocessed exactly as ``hff-validate`` and the trainer's evaluation do (the same
 ``SampleTransform`` + ``BatchTransform``: the model's channels, timm's eval resize / crop, normalisation) at the
@@ -16,8 +16,6 @@ import json
 import os
 import sys
 from typing import Any, Dict, List, Optional
-
-import torch
 
 IMG_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp', '.tif', '.tiff', '.ppm', '.pgm')
 
@@ -49,10 +47,16 @@ def load_image(path: str, transform):
         raise ValueError(f'{path}: not a readable image ({type(e).__name__}); pass image files or folders') from None
 
 
-@torch.no_grad()
-def predict(model: torch.nn.Module, files: List[str], top_k: int = 5, batch_size: int = 32,
+def predict(model, files: List[str], top_k: int = 5, batch_size: int = 32,
             device: str = 'cpu') -> List[Dict[str, Any]]:
     """Top-k (class index, name, probability) of every file, in order."""
+    import torch
+    with torch.no_grad():
+        return _predict(model, files, top_k, batch_size, device)
+
+
+def _predict(model, files: List[str], top_k: int, batch_size: int, device: str) -> List[Dict[str, Any]]:
+    import torch
     from .data import BatchTransform, SampleTransform, resolve_data_config
 
     data_cfg = resolve_data_config(model, model.in_chans)   # what hff-validate and the trainer's evaluation use
@@ -72,7 +76,7 @@ def predict(model: torch.nn.Module, files: List[str], top_k: int = 5, batch_size
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='hff-predict', description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(prog='hff-predict', description=__doc__.split('\n\n')[0].replace('\n', ' '),
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split('\n', 2)[2])
     p.add_argument('model', help="a saved model: 'local-dir:<folder>' or 'hf-hub:<org>/<repo>[@revision]'")
     p.add_argument('images', nargs='+', help='image files and / or folders of images')
@@ -88,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    import torch   # after parsing: --help and argument errors answer at once
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')

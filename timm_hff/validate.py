@@ -1,6 +1,6 @@
 """``hff-validate``: evaluate a saved (or Hub) HFF model on any data source the trainer reads, like timm's validate.py.
 
-    hff-validate local-dir:output/fashion_mnist/model --dataset idx --data-dir /usr/share/datasets/fashion-mnist
+    hff-validate local-dir:output/fashion_mnist_quick/model --dataset idx --data-dir /usr/share/datasets/fashion-mnist
     hff-validate hf-hub:org/repo --dataset hfds/uoft-cs/cifar10 --split test --results-file results.json
     python -m timm_hff.validate local-dir:runs/x/model_ema --dataset idx --data-dir ... --split 'train[54000:]'
 
@@ -15,17 +15,18 @@ import sys
 import time
 from typing import Any, Dict, List, Optional
 
-import torch
-
-from .data import create_image_loader, load_image_dataset, resolve_data_config
-
 _logger = logging.getLogger(__name__)
 
 
-@torch.no_grad()
-def validate(model: torch.nn.Module, loader, num_classes: int, device: str = 'cpu',
-             mixed_precision: str = 'no') -> Dict[str, Any]:
+def validate(model, loader, num_classes: int, device: str = 'cpu', mixed_precision: str = 'no') -> Dict[str, Any]:
     """Top-1 / top-5 of every stage, the ensemble and the prediction over every image the loader yields."""
+    import torch
+    with torch.no_grad():
+        return _validate(model, loader, num_classes, device, mixed_precision)
+
+
+def _validate(model, loader, num_classes: int, device: str, mixed_precision: str) -> Dict[str, Any]:
+    import torch
     from .train.evaluate import accuracy_row, prediction_heads, topk_hits
 
     model.eval()
@@ -49,7 +50,7 @@ def validate(model: torch.nn.Module, loader, num_classes: int, device: str = 'cp
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='hff-validate', description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(prog='hff-validate', description=__doc__.split('\n\n')[0].replace('\n', ' '),
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split('\n', 2)[2])
     p.add_argument('model', help="a saved model: 'local-dir:<folder>' or 'hf-hub:<org>/<repo>[@revision]'")
     g = p.add_argument_group('data')
@@ -89,6 +90,8 @@ def _parse_predict_from(value: Optional[str]):
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    import torch   # after parsing: --help and argument errors answer at once
+    from .data import create_image_loader, load_image_dataset, resolve_data_config
     logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
     if args.threads:
         torch.set_num_threads(args.threads)

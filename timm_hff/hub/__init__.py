@@ -20,19 +20,25 @@ The modules, in the order the data flows (each imports only those above it):
 
 Nothing here imports ``timm_hff._factory`` or ``timm_hff._registry``: they sit above the hub and call into it.
 """
-from ._errors import (
-    CheckpointError, CheckpointFileNotFoundError, ConfigError, CorruptCheckpointError, FormatVersionError,
-    ResourceLimitError, ShapeMismatchError, UnknownArchitectureError, UnsafeCheckpointError)
-from ._format import (
-    CARD_NAME, CONFIG_NAME, FORMAT_VERSION, GENERIC_ARCH, HUB_FILES, RUNTIME_SETTINGS, WEIGHTS_NAME, SavedConfig,
-    parse_config, read_config)
-from ._build_config import build_config, saved_timm_kwargs, unwrap_model
-from ._weights import PICKLE_SUFFIXES, file_sha256, read_weights
-from .._io import atomic_dir
-from ._card import CARD_TEMPLATE, build_model_card, hub_dataset_id
-from ._save import save_pretrained
-from ._resolve import HUB_KWARGS
-from ._load import load_from_timm_source, load_pretrained_hff, load_state_checked
-from ._push import push_to_hub
-from ._export import ExportError, export_timm, fold_last_head
-from ._seed import SeededWeights, convert_state_dict, read_state_dict, seed_timm_cache, write_converted
+from .._lazy import lazy_exports
+
+_EXPORTS = {
+    **dict.fromkeys(['CheckpointError', 'CheckpointFileNotFoundError', 'ConfigError',
+        'CorruptCheckpointError', 'FormatVersionError', 'ResourceLimitError', 'ShapeMismatchError',
+        'UnknownArchitectureError', 'UnsafeCheckpointError', 'one_line'], '._errors'),
+    **dict.fromkeys(['CARD_NAME', 'CONFIG_NAME', 'FORMAT_VERSION', 'GENERIC_ARCH', 'HUB_FILES',
+        'RUNTIME_SETTINGS', 'WEIGHTS_NAME', 'SavedConfig', 'parse_config', 'read_config'], '._format'),
+    **dict.fromkeys(['build_config', 'saved_timm_kwargs', 'unwrap_model'], '._build_config'),
+    **dict.fromkeys(['PICKLE_SUFFIXES', 'file_sha256', 'read_weights'], '._weights'),
+    **dict.fromkeys(['atomic_dir'], '.._io'),
+    **dict.fromkeys(['CARD_TEMPLATE', 'build_model_card', 'hub_dataset_id'], '._card'),
+    **dict.fromkeys(['save_pretrained'], '._save'),
+    **dict.fromkeys(['HUB_KWARGS'], '._resolve'),
+    **dict.fromkeys(['load_from_timm_source', 'load_pretrained_hff', 'load_state_checked'], '._load'),
+    **dict.fromkeys(['push_to_hub'], '._push'),
+    **dict.fromkeys(['ExportError', 'export_timm', 'fold_last_head'], '._export'),
+    **dict.fromkeys(['SeededWeights', 'convert_state_dict', 'read_state_dict', 'seed_timm_cache',
+        'write_converted'], '._seed'),
+}
+__all__ = list(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

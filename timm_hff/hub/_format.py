@@ -20,9 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
-import timm
-
 from .._config import HFFConfig
+from .._names import GENERIC_ARCH
 from ..version import __version__
 from ._errors import (
     CheckpointFileNotFoundError, ConfigError, FormatVersionError, UnknownArchitectureError, one_line)
@@ -53,7 +52,6 @@ RUNTIME_SETTINGS = ('predict_from', 'check_split', 'check_img_size', 'scale', 'm
 # The ``architecture`` that saved HFF configs name: one entrypoint for every wrapped timm architecture (the timm
 # arch is in ``model_args['arch']``), so ``timm.create_model('hf-hub:...')`` resolves any HFF checkpoint. The
 # registry (``timm_hff._registry``) registers an entrypoint under this name.
-GENERIC_ARCH = 'hff_timm'
 
 
 # ----- the parsed, validated config -----
@@ -100,6 +98,7 @@ def parse_config(raw: Any, where: str = CONFIG_NAME) -> SavedConfig:
     if missing:
         raise ConfigError(f'{where}: the hff section lacks {missing}; the file is incomplete, save the model again')
 
+    import timm   # here, not at import: reading the file names costs nothing
     architecture = raw.get('architecture', GENERIC_ARCH)
     if not isinstance(architecture, str) or not (
             architecture == GENERIC_ARCH or (architecture.startswith('hff_') and timm.is_model(architecture))):

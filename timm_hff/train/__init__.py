@@ -11,17 +11,19 @@
     run           RunSequence: set-up -> epochs (train, validate, checkpoint) -> test once -> final save
     trainer       the Accelerate engine of the run sequence (steps: its epoch loop); cli: hff-train
 """
-from . import methods, schedules   # the registries' entries, before anything reads them
+from . import methods, schedules   # the registries' entries, before anything reads them (both light)
 from .registry import get_method, get_schedule, method_names, register_method, register_schedule, schedule_names
 from .config import PRECISIONS, TrainConfig
 from .methods import Method, NoAccelerator
 from .schedules import Schedule
-from .run import RunSequence
-from .optim import build_optimizer, build_scheduler, param_groups
-from .trainer import Trainer, train
+from .._lazy import lazy_exports
 
 METHODS = method_names()
 SCHEDULES = schedule_names()
+_EXPORTS = {'RunSequence': '.run', 'build_optimizer': '.optim', 'build_scheduler': '.optim', 'param_groups': '.optim',
+            'Trainer': '.trainer', 'train': '.trainer',
+            'StageParallelTrainer': '.schedules.stage_parallel.trainer'}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 
 def build_model(cfg: TrainConfig, num_classes: int):
@@ -32,4 +34,3 @@ def build_model(cfg: TrainConfig, num_classes: int):
 def create_trainer(cfg: TrainConfig):
     """The trainer of a recipe: the schedule's own (stage_parallel: one process per stage), else the Accelerate one."""
     return get_schedule(cfg.schedule).create_trainer(cfg)
-from .schedules.stage_parallel.trainer import StageParallelTrainer

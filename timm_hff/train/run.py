@@ -8,6 +8,7 @@ Two engines fill it in: ``trainer.Trainer`` (HF Accelerate, one process or data-
 implements its step, its evaluation, its checkpoints and how it hands over the final model; the method and the
 schedule objects (``registry``) supply everything that differs between methods and schedules.
 """
+import logging
 import os
 import time
 from typing import Any, Dict, List, Optional
@@ -29,6 +30,8 @@ class RunSequence:
     (``train_loader``, ...), ``data_cfg`` and ``steps_per_epoch``.
     """
     exits: Dict[str, Any] = {}   # '' / 'ema_' -> the fitted ExitCalibration (calibrate_exits)
+    _log = None                  # the run folder's train.log (main process), open from start() to the end
+    _log_handler = None
 
     # ----- what an engine implements -----
     @property
@@ -89,7 +92,7 @@ class RunSequence:
             self.start()
             if self.resume_from and self.start_epoch >= self.total_epochs:
                 done = self.finished()
-                self.print(f'nothing left to train: {self.resume_from} completed all {self.total_epochs} epochs; to '
+                self.say(f'nothing left to train: {self.resume_from} completed all {self.total_epochs} epochs; to '
                            f'train longer, resume with --epochs N (N > {cfg.epochs})'
                            + ('' if done else '; finishing the run (test split, saved model)'))
                 if done:
@@ -104,12 +107,37 @@ class RunSequence:
             failed = False
             return {**last, **{k if k.startswith('test_') else f'test_{k}': v for k, v in (test or {}).items()}}
         finally:
+            self._close_log()
             self.close(failed)
 
     def start(self) -> None:
         if self.is_main:
+            self._open_log()
             atomic_write_text(os.path.join(self.out_dir, 'config.yaml'), config_yaml(self.cfg))
             self.print_plan()
+
+    def say(self, text: str) -> None:
+        """Print on the main process, and keep it in the run folder's ``train.log``."""
+        self.print(text)
+        if self._log is not None:
+            self._log.write(text + '\n')
+            self._log.flush()
+
+    def _open_log(self) -> None:
+        """``train.log`` in the run folder: what the run prints and the warnings it logs (appended on resume)."""
+        self._log = open(os.path.join(self.out_dir, 'train.log'), 'a', encoding='utf-8')
+        self._log_handler = logging.StreamHandler(self._log)
+        self._log_handler.setLevel(logging.WARNING)
+        self._log_handler.setFormatter(logging.Formatter('%(levelname)s %(name)s: %(message)s'))
+        logging.getLogger().addHandler(self._log_handler)
+
+    def _close_log(self) -> None:
+        if self._log_handler is not None:
+            logging.getLogger().removeHandler(self._log_handler)
+            self._log_handler = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
 
     def run_epoch(self, epoch: int) -> None:
         cfg = self.cfg
@@ -128,7 +156,7 @@ class RunSequence:
         self.history.append(row)
         if self.is_main:
             write_metrics(self.out_dir, self.history, run=self.run_info())
-            self.print(summary_line(row, self.num_stages, self.method.per_stage, self.val_data.split) if validated
+            self.say(summary_line(row, self.num_stages, self.method.per_stage, self.val_data.split) if validated
                        else f"epoch {epoch + 1}: loss {row['train_loss']:.4f}, {row['train_img_per_s']:.0f} img/s")
         self.log(row, epoch + 1)
         self.save_checkpoint(epoch)
@@ -146,10 +174,10 @@ class RunSequence:
         test['eval_time_s'] = time.time() - t
         if self.is_main:
             write_metrics(self.out_dir, self.history, run=self.run_info(), test=test)
-            self.print(summary_line(dict(test, epoch='test'), self.num_stages, self.method.per_stage,
+            self.say(summary_line(dict(test, epoch='test'), self.num_stages, self.method.per_stage,
                                     self.test_data.split))
             for line in lines:
-                self.print(line)
+                self.say(line)
         return test
 
     def finished(self) -> bool:
@@ -177,7 +205,7 @@ class RunSequence:
             self.method.save(models['ema_'], os.path.join(self.out_dir, 'model_ema'), cfg, self.train_data,
                              {**final_metrics(last, test, ema=True), **self._exit_metrics('ema_', test), **splits},
                              self.data_cfg)
-        self.print(f'weights: {saved}' if saved else 'weights: not saved (see the warning above)')
+        self.say(f'weights: {saved}' if saved else 'weights: not saved (see the warning above)')
 
     def _exit_metrics(self, prefix: str, test: Optional[Dict[str, Any]]) -> Dict[str, Any]:
         """The validation operating point of a model's fitted exits, named as ``final_metrics`` names validation
@@ -229,14 +257,14 @@ class RunSequence:
         at_end = (f'; test {test.split} ({self.test_loader.num_samples} images) once at the end' if test is not None
                   else '; no test split')
         every = 'every epoch' if cfg.val_every == 1 else f'every {cfg.val_every} epochs'
-        self.print(
+        self.say(
             f'{cfg.method.upper()} {cfg.model} ({self.num_stages} stage(s), schedule {cfg.schedule}{self.plan_detail()}'
             f') on {self.train_data.name}: train {self.train_data.split} ({tl.num_samples} images, {tl.kind} loader), '
             f'validation {self.val_data.split} ({vl.num_samples} images) {every}{at_end}; {self.num_classes} classes, '
             f'input {self.data_cfg["input_size"]}; {self.total_epochs} epochs x {self.steps_per_epoch} steps'
             f'{self.plan_processes()}, mixed precision {cfg.mixed_precision}; output {self.out_dir}')
         if self.profile is not None:
-            self.print('how local each stage is (backbone shares; FLOPs of one forward):\n'
+            self.say('how local each stage is (backbone shares; FLOPs of one forward):\n'
                        + format_profile(self.profile))
 
 

@@ -5,7 +5,7 @@ from typing import Any, Dict
 
 import torch
 
-__all__ = ['FINITE_CHECK_EVERY', 'take', 'train_steps']
+__all__ = ['FINITE_CHECK_EVERY', 'on_terminal', 'take', 'train_steps']
 
 # Stage losses are checked for NaN / inf at every step on the device; the host reads the verdict (one sync, and
 # one gather under DDP, so that every process stops together) every this many steps and at the end of an epoch.
@@ -32,7 +32,7 @@ def train_steps(run, epoch: int) -> Dict[str, Any]:
                                                    if k not in getattr(unwrapped, 'frozen_stages', [])])
     from tqdm.auto import tqdm
     bar = tqdm(total=run.steps_per_epoch, desc=f'epoch {epoch + 1}/{run.total_epochs}', leave=False,
-               disable=not (cfg.progress and acc.is_local_main_process), dynamic_ncols=True)
+               disable=not (cfg.progress and acc.is_local_main_process and on_terminal()), dynamic_ncols=True)
     loss_sum = torch.zeros((), device=acc.device)
     stage_sum = torch.zeros(run.num_stages, device=acc.device)
     first_bad = torch.full((len(trained),), -1, dtype=torch.long, device=acc.device)   # step of a NaN / inf
@@ -84,6 +84,12 @@ def train_steps(run, epoch: int) -> Dict[str, Any]:
     if stage is not None:
         row['active_stage'] = stage
     return row
+
+
+def on_terminal() -> bool:
+    """A progress bar is for a person watching: none in a redirected log (it would fill it with bar redraws)."""
+    import sys
+    return sys.stderr.isatty()
 
 
 def _targets(run, x, y):

@@ -56,6 +56,7 @@ class Trainer(RunSequence):
             **project)
         acc = self.accelerator
         self.num_processes = acc.num_processes
+        fewer_processes_warning(acc.num_processes)
         for reason_ in (self.method.processes_reason, self.schedule.processes_reason):
             if reason_ and acc.num_processes > 1:
                 raise ValueError(reason_)
@@ -289,8 +290,7 @@ class Trainer(RunSequence):
             self._sync_buffers(module)
             with acc.autocast():
                 self.exits[prefix] = calibrate(module, self._batches('val'), cfg.calibrate_exits, self._gather('val'))
-            acc.print(f'validation ({self.val_data.split}){" EMA" if prefix else ""}: '
-                      f'{self.exits[prefix].describe()}')
+            self.say(f'validation ({self.val_data.split}){" EMA" if prefix else ""}: {self.exits[prefix].describe()}')
         if acc.is_main_process:
             from .metrics import write_metrics
             write_metrics(self.out_dir, self.history, run=self.run_info())
@@ -326,6 +326,37 @@ class Trainer(RunSequence):
         if self.cfg.save_model and acc.is_main_process:
             self.save_final(dict(self._models()), last, test)
         acc.wait_for_everyone()
+
+
+def launcher_cmdline() -> List[str]:
+    """The command line of the process that started this one (``accelerate launch ...``), or []."""
+    try:
+        import psutil
+        return psutil.Process(os.getppid()).cmdline()
+    except Exception:   # no psutil, no parent, no permission: nothing to check against
+        return []
+
+
+def fewer_processes_warning(num_processes: int) -> Optional[str]:
+    """Warn (and return the line) when ``accelerate launch --num_processes N`` started fewer processes than N:
+    with ``--cpu`` it starts one unless MPI is set up, and the run would otherwise look data-parallel."""
+    cmd = launcher_cmdline()
+    if 'launch' not in cmd or not any('accelerate' in part for part in cmd[:3]):
+        return None
+    asked = None
+    for i, part in enumerate(cmd):
+        for flag in ('--num_processes', '--num-processes'):
+            if part == flag and i + 1 < len(cmd):
+                asked = cmd[i + 1]
+            elif part.startswith(flag + '='):
+                asked = part.split('=', 1)[1]
+    if asked is None or not asked.isdigit() or int(asked) <= num_processes:
+        return None
+    line = (f'accelerate launch asked for {asked} processes but {num_processes} started (with --cpu it starts one '
+            f'unless MPI is set up): this run trains on {num_processes}; for CPU data parallelism use '
+            f'ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes {asked} ...')
+    _logger.warning(line)
+    return line
 
 
 def train(cfg) -> Dict[str, Any]:

@@ -30,13 +30,13 @@ class BPMethod(Method):
         cut, so BP and HFF train the very same backbone; ``head_only`` freezes all but timm's classifier (a linear
         probe)."""
         from ...baselines.bp import create_bp_model
-        from ..._factory import parse_model_name
+        from ..._names import parse_model_name
         source, name = parse_model_name(cfg.model)
         hff = dict(cfg.hff)
         if source in ('hf-hub', 'local-dir'):
             raise ValueError(f"method 'bp' needs a timm architecture, not saved HFF weights ({cfg.model})")
         if source == 'hff':
-            from ..._registry import registered_defaults
+            from ..._names import registered_defaults
             name, defaults = registered_defaults(name)
             hff = {**defaults, **hff}
         stem = {k: hff[k] for k in ('small_input', 'num_stages', 'stage_indices', 'balance') if k in hff}

@@ -63,7 +63,7 @@ class FFMethod(Method):
         """``timm_hff.baselines.create_ff_model``: the recipe's backbone and stage cut, one extra input channel for
         the label plane, no prototype heads."""
         from ...baselines.ff import FFConfig, create_ff_model
-        from ..._factory import parse_model_name
+        from ..._names import parse_model_name
         if parse_model_name(cfg.model)[0] in ('hf-hub', 'local-dir'):
             raise ValueError(f"method 'ff' needs a timm architecture, not saved HFF weights ({cfg.model})")
         hff = dict(cfg.hff)

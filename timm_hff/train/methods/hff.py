@@ -17,7 +17,8 @@ class HFFMethod(Method):
     def build_model(self, cfg, num_classes: int):
         """``timm_hff.create_model`` of the recipe: timm's (pretrained) backbone or saved HFF weights; new labels get
         fresh prototypes; ``freeze_stages`` / ``head_only`` freeze backbone slices (fresh heads are re-fitted)."""
-        from ..._factory import create_model, parse_model_name
+        from ..._factory import create_model
+        from ..._names import parse_model_name
         hff = dict(cfg.hff)
         if cfg.img_size and 'check_img_size' not in hff:
             hff['check_img_size'] = cfg.img_size

@@ -13,7 +13,7 @@ import torch
 
 from ...._heads import log_probs_mean
 from ...evaluate import accuracy_row, topk_hits
-from ...steps import FINITE_CHECK_EVERY, take
+from ...steps import FINITE_CHECK_EVERY, on_terminal, take
 from ...targets import make_targets
 from .part import flatten
 
@@ -115,7 +115,7 @@ class StageSteps:
             f'{self._kept()}: lower lr, set clip_grad or check the data, then {self._go_on()}')
 
     def _bar(self, desc: str):
-        if not (self.cfg.progress and self.k == 0):
+        if not (self.cfg.progress and self.k == 0 and on_terminal()):
             return None
         from tqdm.auto import tqdm
         return tqdm(total=len(self.plan['train']), desc=desc, leave=False, dynamic_ncols=True)

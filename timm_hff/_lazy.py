@@ -1,0 +1,25 @@
+"""Package faces that load on use: ``from timm_hff import create_model`` imports the module that defines it then, not
+before, so ``import timm_hff`` (and every CLI's ``--help`` and argument errors) starts without torch, timm or
+``datasets``. timm's own ``timm/__init__`` is eager; ours are not, because our CLIs parse their arguments first.
+"""
+import importlib
+import sys
+from typing import Callable, Dict, List, Tuple
+
+__all__ = ['lazy_exports']
+
+
+def lazy_exports(package: str, exports: Dict[str, str]) -> Tuple[Callable, Callable]:
+    """(``__getattr__``, ``__dir__``) for ``package``: ``exports`` maps each public name to the submodule (relative,
+    e.g. ``'._factory'``) that defines it. A name resolved once is cached on the package."""
+    def __getattr__(name: str):
+        where = exports.get(name)
+        if where is None:
+            raise AttributeError(f'module {package!r} has no attribute {name!r}')
+        value = getattr(importlib.import_module(where, package), name)
+        setattr(sys.modules[package], name, value)
+        return value
+
+    def __dir__() -> List[str]:
+        return sorted(set(vars(sys.modules[package])) | set(exports))
+    return __getattr__, __dir__
