@@ -221,7 +221,7 @@ def build_for_method(method: str, spec: ModelSpec, num_classes: int, **kwargs: A
         if method in ('hff_me_ckpt', 'hff_balanced_ckpt'):   # checkpointing inside each stage; still freed one by one
             model.set_grad_checkpointing(True)
         if method == 'hff_compiled':   # block by block, the cuts stay eager (timm_hff._compile)
-            from timm_hff._compile import compile_model
+            from timm_hff import compile_model
             compile_model(model)
         return model
     if method.startswith('bp'):

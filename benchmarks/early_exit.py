@@ -23,8 +23,7 @@ from typing import Any, Dict, List
 import torch
 
 import timm_hff
-from timm_hff._exit import exit_stats, fit_exits
-from timm_hff._profile import stage_profile
+from timm_hff import exit_stats, fit_exits, stage_profile
 
 from ._common import (add_common_args, machine_info, machine_line, make_runtime, markdown_table, median, new_figure,
                       verdict, write_outputs)

@@ -178,3 +178,33 @@ def test_every_page_has_the_whole_navigation_bar(page):
     want = ' · '.join(['[README](../README.md)'] + [f'**{t}**' if n == page.stem else f'[{t}]({n}.md)'
                                                      for n, t in NAV])
     assert _text(page).splitlines()[2] == want
+
+
+def test_benchmarks_readme_indexes_every_benchmark_and_results_folder():
+    """Every benchmark module is in the index with its command, and every results folder says what made it."""
+    index = _text(REPO / 'benchmarks' / 'README.md')
+    modules = [p.stem for p in (REPO / 'benchmarks').glob('*.py') if not p.stem.startswith('_')]
+    scripts = [p.name for p in (REPO / 'benchmarks').glob('*.sh')]
+    missing = [m for m in modules if f'python -m benchmarks.{m.replace("accuracy_recipe", "accuracy --recipe")}'
+               not in index] + [s for s in scripts if f'benchmarks/{s}' not in index]
+    folders = [p.name for p in (REPO / 'benchmarks' / 'results').iterdir() if p.is_dir()]
+    unlisted = [f for f in folders if f'`{f}/`' not in index]
+    assert not missing and not unlisted, f'benchmarks/README.md lacks {missing + unlisted}'
+
+
+def test_architecture_page_lists_every_module_and_only_those():
+    """docs/architecture.md's module tree against the package: every module is listed, every listed one exists."""
+    page = _text(REPO / 'docs' / 'architecture.md')
+    tree = page[page.index('## Modules'):page.index('## Layers')]
+    listed = set(re.findall(r'^\s+(\w+\.py)\s', tree, flags=re.M))
+    package = REPO / 'timm_hff'
+    real = {p.name for p in package.rglob('*.py') if 'hub' not in p.relative_to(package).parts}
+    assert not sorted(real - listed), f'docs/architecture.md does not list {sorted(real - listed)}'
+    assert not sorted(listed - real), f'docs/architecture.md lists modules that do not exist: {sorted(listed - real)}'
+
+
+def test_hub_page_names_every_hub_module():
+    page = _text(REPO / 'docs' / 'hub.md')
+    hub = sorted(p.stem for p in (REPO / 'timm_hff' / 'hub').glob('_*.py') if p.stem != '__init__')
+    assert not [m for m in hub if f'`{m}`' not in page], 'docs/hub.md leaves out some of timm_hff/hub/'
+    assert '_atomic' not in re.sub(r'atomic_dir', '', page), 'docs/hub.md names a module that is gone'

@@ -667,3 +667,43 @@ def test_every_run_folder_keeps_a_train_log_and_a_redirected_run_draws_no_bar(id
     log = (tmp_path / 'run' / 'train.log').read_text()
     assert 'HFF test_resnet' in log and 'epoch 1:' in log and 'epoch 2:' in log and 'weights:' in log
     assert 'epoch 1/2' not in capsys.readouterr().err   # the bar's description: never drawn into a log
+
+
+SWEEP = '''
+from timm_hff.train.registry import register_schedule
+from timm_hff.train.schedules.base import Schedule
+
+
+@register_schedule
+class Sweep(Schedule):
+    """One stage per epoch, in turn."""
+    name, help = 'sweep', 'one stage per epoch, in turn'
+    unused_parameters = True
+
+    def active_stage(self, epoch, epochs, num_stages):
+        return epoch % num_stages
+'''
+
+
+def test_a_new_schedule_is_one_file(idx_root, tmp_path, monkeypatch, capsys, fresh_accelerate_state):
+    """The file docs/architecture.md shows, imported: the setting, --help, the errors and a whole run take it."""
+    from conftest import tiny
+    from timm_hff.train import registry, train
+    from timm_hff.train.cli import main as cli_main
+    (tmp_path / 'hff_test_sweep.py').write_text(SWEEP)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        import hff_test_sweep  # noqa: F401  (registers 'sweep')
+        with pytest.raises(SystemExit):
+            cli_main(['--help'])
+        assert "'sweep' (one stage per epoch, in turn)" in ' '.join(capsys.readouterr().out.split())
+        with pytest.raises(ValueError, match=r"schedule must be one of \[.*'sweep'\]"):
+            tiny(idx_root, tmp_path, schedule='swep')
+        train(tiny(idx_root, tmp_path, schedule='sweep', epochs=3, val_split='test'))
+        rows = json.loads((tmp_path / 'run' / 'metrics.json').read_text())['epochs']
+        assert [r['active_stage'] for r in rows] == [0, 1, 2]
+        assert all(set(k for k in r if k.startswith('train_loss_stage')) == {f"train_loss_stage{r['active_stage']}"}
+                   for r in rows)
+    finally:
+        registry._SCHEDULES.pop('sweep', None)
+        sys.modules.pop('hff_test_sweep', None)

@@ -15,6 +15,10 @@ from typing import Any, Dict, Optional, Tuple
 from .._io import atomic_write_text
 from .errors import os_error, reason
 
+__all__ = ['CKPT_DIR', 'EMA_FILE', 'LOCK_FILE', 'RunInUseError', 'RunLock', 'STATE_FILE', 'check_compatible',
+           'checkpoint_name', 'checkpoint_paths', 'commit_checkpoint', 'find_resume', 'list_checkpoints',
+           'open_run_folder', 'prune', 'read_state', 'resolve_resume', 'run_identity']
+
 CKPT_DIR = 'checkpoints'
 STATE_FILE = 'trainer_state.json'
 EMA_FILE = 'ema.safetensors'

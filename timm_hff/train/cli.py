@@ -26,6 +26,8 @@ from .config import _ALIASES, TrainConfig
 from .help import GROUPS, help_text
 from .registry import get_method, get_schedule, method_names
 
+__all__ = ['build_parser', 'main', 'one_line', 'parse_overrides', 'resolve_config']
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse, plus "did you mean" for a mistyped flag (timm users type --learning-rate, --num-epochs...)."""
@@ -62,14 +64,16 @@ def _type_label(tp) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    baselines = [m for m in method_names() if get_method(m).baseline]
     parser = _Parser(
         prog='hff-train', description='Train an HFF (or a BP baseline) model from a YAML recipe.',
-        usage='hff-train --config recipes/<name>.yaml [--<setting> VALUE ...] [--baseline bp|ff] [--resume [PATH]]',
+        usage=f"hff-train --config recipes/<name>.yaml [--<setting> VALUE ...] [--baseline {'|'.join(baselines)}] "
+              f"[--resume [PATH]]",
         epilog='Every setting can be given in the recipe or as --<setting> VALUE (--batch-size 64 or --batch_size 64); '
                'values are YAML: --hff \'{margin: 0.3}\', --freeze-stages \'[0, 1]\', --crop-pct null. Recipes: '
                'recipes/*.yaml.', formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--config', '-c', default=None, help='YAML recipe (e.g. recipes/fashion_mnist_quick.yaml)')
-    parser.add_argument('--baseline', choices=[m for m in method_names() if get_method(m).baseline], default=None,
+    parser.add_argument('--baseline', choices=baselines, default=None,
                         help="train the same backbone another way: 'bp' (timm's head, end to end) or 'ff' "
                              "(Forward-Forward at HFF's stage cut; its settings: --ff '{threshold: 2.0}')")
     parser.add_argument('--resume', nargs='?', const='auto', default=argparse.SUPPRESS, metavar='PATH',

@@ -87,7 +87,7 @@ class TrainConfig:
     Optimisation:
         schedule: 'simultaneous' (all stages each step), 'memory_efficient' (each stage's backward as soon as it
             has run; single process only), 'sequential' (greedy: stage k trains alone for ``epochs`` epochs),
-            'stage_parallel' (one process per stage, all training at once; see ``_stage_parallel``).
+            'stage_parallel' (one process per stage, all training at once; see ``schedules/stage_parallel``).
         stage_parallel_queue: Stage outputs in flight between two stage processes (each way bounded), so hand-offs
             overlap compute; 1 still overlaps one receive.
         stage_parallel_timeout: Seconds a stage process waits for another (set-up, a hand-off, a checkpoint) before

@@ -8,6 +8,8 @@ from typing import Any, Callable, Dict, Iterable, Optional
 
 from .._exit import ExitCalibration, exit_stats, fit_exits
 
+__all__ = ['adaptive_point', 'calibrate', 'describe_point']
+
 
 def calibrate(model, batches: Iterable, max_accuracy_drop: float, gather: Optional[Callable] = None
               ) -> ExitCalibration:

@@ -16,7 +16,7 @@ def train_steps(run, epoch: int) -> Dict[str, Any]:
     """``run``: a ``trainer.Trainer``. Returns the epoch's training row (loss, lr, time, per-stage losses)."""
     cfg, acc, method = run.cfg, run.accelerator, run.method
     model, unwrapped = run.model, acc.unwrap_model(run.model)
-    stage = run.schedule.active_stage(epoch, cfg.epochs)
+    stage = run.schedule.active_stage(epoch, cfg.epochs, run.num_stages)
     run.schedule.before_epoch(unwrapped, epoch, cfg.epochs, run.num_stages)
     if cfg.head_warmup_epochs:
         method.set_trainable(unwrapped, cfg, epoch)

@@ -30,7 +30,7 @@ class HFFMethod(Method):
             model.reset_classifier(num_classes)
         saved = parse_model_name(cfg.model)[0] in ('hf-hub', 'local-dir')
         trained_heads = cfg.pretrained and saved and not new_labels
-        if cfg.freeze_stages:   # a frozen stage's head is re-fitted when it is new (timm weights, new labels), else kept
+        if cfg.freeze_stages:   # a frozen stage's head is re-fitted when it is new (timm weights, new labels)
             model.freeze_stages(cfg.freeze_stages, heads=trained_heads)
         if cfg.head_only:
             for p in model.backbone.parameters():

@@ -31,8 +31,8 @@ class Schedule:
         """(epochs of one lr cycle, cycles) for timm's scheduler factory."""
         return epochs, 1
 
-    def active_stage(self, epoch: int, epochs: int) -> Optional[int]:
-        """The one stage trained in ``epoch``, or None when all train."""
+    def active_stage(self, epoch: int, epochs: int, num_stages: int) -> Optional[int]:
+        """The one stage trained in ``epoch`` (of ``epochs``, the setting), or None when all train."""
         return None
 
     def before_epoch(self, model, epoch: int, epochs: int, num_stages: int) -> None:

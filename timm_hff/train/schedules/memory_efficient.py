@@ -3,6 +3,8 @@ next stage runs (InfoPro-style memory: one stage's activations alive at a time).
 from ..registry import register_schedule
 from .base import Schedule
 
+__all__ = ['MemoryEfficient']
+
 
 @register_schedule
 class MemoryEfficient(Schedule):

@@ -5,6 +5,8 @@ from typing import Optional, Tuple
 from ..registry import register_schedule
 from .base import Schedule
 
+__all__ = ['Sequential']
+
 
 @register_schedule
 class Sequential(Schedule):
@@ -24,9 +26,9 @@ class Sequential(Schedule):
     def lr_cycles(self, epochs: int, num_stages: int) -> Tuple[int, int]:
         return epochs, num_stages
 
-    def active_stage(self, epoch: int, epochs: int) -> Optional[int]:
+    def active_stage(self, epoch: int, epochs: int, num_stages: int) -> Optional[int]:
         return epoch // epochs
 
     def before_epoch(self, model, epoch: int, epochs: int, num_stages: int) -> None:
         model.unfreeze_stages(range(num_stages))
-        model.freeze_stages(range(self.active_stage(epoch, epochs)))
+        model.freeze_stages(range(self.active_stage(epoch, epochs, num_stages)))

@@ -2,6 +2,8 @@
 from ..registry import register_schedule
 from .base import Schedule
 
+__all__ = ['Simultaneous']
+
 
 @register_schedule
 class Simultaneous(Schedule):

@@ -20,6 +20,8 @@ import torch.distributed as dist
 
 from .part import TensorSpec
 
+__all__ = ['Control', 'Inbox', 'Outbox', 'PeerLost', 'lost_message', 'who']
+
 
 class PeerLost(ConnectionError):
     """Another stage process died, hung or failed; the message names its rank."""

@@ -22,6 +22,8 @@ import torch.distributed as dist
 
 from .handoff import who
 
+__all__ = ['Group', 'check_devices', 'from_environment', 'join', 'leave', 'spawn', 'stop_children']
+
 _STORE_ENV = 'HFF_STAGE_PARALLEL_STORE'   # host:port of the store of a run that started its own processes
 
 

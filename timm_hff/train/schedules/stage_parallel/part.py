@@ -21,6 +21,8 @@ import torch.nn as nn
 
 from ...._cuts import run_stages
 
+__all__ = ['Layout', 'PROBE_BATCH', 'StagePart', 'TensorSpec', 'flatten', 'spec_of']
+
 PROBE_BATCH = 3   # not 2: a batch of two is too easily mistaken for another dimension of size two
 
 

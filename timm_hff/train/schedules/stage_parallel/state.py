@@ -23,6 +23,9 @@ from timm.utils import ModelEmaV3
 from ...checkpoint import checkpoint_paths, commit_checkpoint, read_state
 from ...errors import first_line, reason
 
+__all__ = ['StageEma', 'StageState', 'assemble', 'load_stage', 'owned_keys', 'owned_state', 'rng_state',
+           'save_stage', 'set_rng_state', 'stage_dir']
+
 MODEL_FILE, OPTIMIZER_FILE, SCHEDULER_FILE = 'model.safetensors', 'optimizer.bin', 'scheduler.bin'
 RNG_FILE, SCALER_FILE, EMA_FILE = 'random_states.pkl', 'scaler.pt', 'ema.safetensors'
 

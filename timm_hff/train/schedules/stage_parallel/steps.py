@@ -17,6 +17,8 @@ from ...steps import FINITE_CHECK_EVERY, on_terminal, take
 from ...targets import make_targets
 from .part import flatten
 
+__all__ = ['StageSteps']
+
 
 class StageSteps:
     """Mixin of ``StageParallelTrainer``: ``train_epoch`` and ``evaluate`` for this process's stage."""
