@@ -165,7 +165,7 @@ class StageState:
         state = read_state(ckpt)
         self.start_epoch, self.updates = int(state['epoch']) + 1, int(state['updates'])
         self.history = list(state['history'])
-        self._print(f'resumed from {ckpt} (epoch {state["epoch"] + 1} done)')
+        self.print(f'resumed from {ckpt} (epoch {state["epoch"] + 1} done)')
 
     def finish(self, last: Dict[str, Any], test: Optional[Dict[str, Any]]) -> None:
         """Assemble the model on rank 0 (each tensor from its owner) and save it as a single-process run would."""
