@@ -83,16 +83,11 @@ def test_split_equals_forward_intermediates(name, kwargs):
 
 def _training_grads(model, x, y, factors):
     """Gradients of the training forward ``model(x, y)`` with stage k's local loss scaled by ``factors[k]``."""
-    losses = [head.loss for head in model.heads]
-    try:
-        for k, head in enumerate(model.heads):
-            head.loss = (lambda f, c: (lambda logits, target: c * f(logits, target)))(losses[k], factors[k])
-        model.zero_grad(set_to_none=True)
-        torch.manual_seed(0)   # the same dropout / drop-path draws in every call
-        model(x, y).loss.backward()
-    finally:
-        for head, loss in zip(model.heads, losses):
-            head.loss = loss
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(0)   # the same dropout / drop-path draws in every call
+    out = model(x, y)
+    torch.testing.assert_close(out.loss_vector.sum(), out.loss)
+    (out.loss_vector * torch.tensor(factors)).sum().backward()
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
@@ -586,13 +581,13 @@ def test_memory_efficient_releases_each_stage_output():
     model = _build('resnet18', SMALL).train()
     x, y = _batch(model, b=4)
     refs, alive_later = [], []
-    head0 = model.heads[0]
+    head0 = model.heads[0].aux   # the first module of a head (a training step scores through forward_loss)
     hook = head0.register_forward_hook(lambda m, i, o: refs.append(weakref.ref(i[0])))
 
     def watch(m, i, o):
         gc.collect()
         alive_later.append(refs[0]() is not None)
-    late = model.heads[model.num_stages - 1].register_forward_hook(watch)
+    late = model.heads[model.num_stages - 1].proj.register_forward_hook(watch)
     try:
         model(x, y, mode='memory_efficient')
     finally:
@@ -603,7 +598,7 @@ def test_memory_efficient_releases_each_stage_output():
     refs.clear()
     alive_later.clear()
     hook = head0.register_forward_hook(lambda m, i, o: refs.append(weakref.ref(i[0])))
-    late = model.heads[model.num_stages - 1].register_forward_hook(watch)
+    late = model.heads[model.num_stages - 1].proj.register_forward_hook(watch)
     with torch.no_grad():
         model.eval().forward_stages(x)
     hook.remove()
@@ -696,3 +691,59 @@ def test_a_folder_given_as_model_name_points_to_local_dir(tmp_path):
         timm_hff.create_model(str(run))
     with pytest.raises(ValueError, match=f"load a saved model with 'local-dir:{run / 'model'}'$"):
         timm_hff.create_model(str(run / 'model'))
+
+
+@pytest.mark.parametrize('k', [1, 3])
+@pytest.mark.parametrize('soft', [False, True], ids=['hard', 'soft'])
+@pytest.mark.parametrize('layout', ['NC', 'NCHW'])
+def test_fused_head_equals_the_unfused_one(k, soft, layout):
+    """forward_loss (one fused scoring function) against forward + loss (autograd step by step): logits, loss and
+    every parameter's and the input's gradient within 1e-5."""
+    from timm_hff._heads import PrototypeHead
+    torch.manual_seed(0)
+    cfg = HFFConfig(prototypes_per_class=k, margin=0.3, scale=12.0, embed_dim=16)
+    head = PrototypeHead(8, layout, NUM_CLASSES, cfg).double().float()
+    x = torch.randn(5, 8, 4, 4) if layout == 'NCHW' else torch.randn(5, 8)
+    y = torch.randint(0, NUM_CLASSES, (5,))
+    target = F.softmax(torch.randn(5, NUM_CLASSES) * 3, -1) if soft else y
+
+    def grads(fused):
+        head.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_(True)
+        if fused:
+            loss, logits = head.forward_loss(xi, target)
+        else:
+            logits = head(xi)
+            loss = head.loss(logits, target)
+        loss.backward()
+        return loss.detach(), logits.detach(), xi.grad, {n: p.grad.clone() for n, p in head.named_parameters()}
+    (l1, z1, gx1, g1), (l0, z0, gx0, g0) = grads(True), grads(False)
+    torch.testing.assert_close(z1, z0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx1, gx0, rtol=1e-5, atol=1e-6)
+    assert g1.keys() == g0.keys()
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_fused_head_counts_fewer_ops():
+    """The reason for the fused head: fewer dispatched ops per local loss (forward and backward)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from timm_hff._heads import PrototypeHead
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+    head = PrototypeHead(8, 'NC', NUM_CLASSES, HFFConfig(embed_dim=16))
+    x, y = torch.randn(4, 8), torch.randint(0, NUM_CLASSES, (4,))
+    counts = []
+    for fused in (False, True):
+        Count.n = 0
+        with Count():
+            loss = head.forward_loss(x, y)[0] if fused else head.loss(head(x), y)
+            loss.backward()
+        counts.append(Count.n)
+    assert counts[1] < 0.6 * counts[0], counts

@@ -381,4 +381,4 @@ def test_the_hub_transfer_recipe_dry_runs_from_pretrained_weights(tmp_path, monk
     doc = json.loads((run / 'metrics.json').read_text())
     assert doc['test'] and doc['run']['test_images'] == 6 and doc['run']['num_stages'] == 4
     saved = json.loads((run / 'model' / 'config.json').read_text())
-    assert saved['pretrained_cfg']['backbone_pretrained']['hf_hub_id'] == 'timm/resnet50.a1_in1k'
+    assert saved['hff']['base_model'] == 'timm/resnet50.a1_in1k'   # the card: fine-tuned from timm's weights

@@ -181,14 +181,17 @@ DDP_WORKER = textwrap.dedent('''
         trainer = Trainer(TrainConfig.from_dict(dict(base, experiment=name, **over)))
         rank = trainer.accelerator.process_index
         if name == 'nan':   # a NaN on process 1 only, at its second step of epoch 2
-            head = trainer.accelerator.unwrap_model(trainer.model).heads[1]
-            real, calls = head.loss, [0]
+            model = trainer.accelerator.unwrap_model(trainer.model)
+            real, calls = model.local_losses, [0]
 
-            def loss(logits, target):
+            def local_losses(*args, **kwargs):   # stage 1's loss as the training forward returns it
                 calls[0] += 1
-                value = real(logits, target)
-                return value * float('nan') if rank == 1 and calls[0] == trainer.steps_per_epoch + 2 else value
-            head.loss = loss
+                out = real(*args, **kwargs)
+                if rank == 1 and calls[0] == trainer.steps_per_epoch + 2:
+                    out.stage_losses[1] = out.stage_losses[1] * float('nan')
+                    out.loss = out.loss * float('nan')
+                return out
+            model.local_losses = local_losses
         try:
             final = trainer.fit()
         except FloatingPointError as e:

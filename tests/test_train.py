@@ -90,6 +90,7 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
 
 
 # ----- recipes -----
+from timm_hff.data import load_idx_arrays  # noqa: E402
 def _stand_in(recipe, idx_root, folder_root, out, tmp_path):
     """Overrides that turn a recipe into a two-step run on local generated data, keeping everything else."""
     with open(recipe) as f:
@@ -159,7 +160,10 @@ def test_recipe_runs_two_steps(recipe, idx_root, folder_root, tmp_path, capsys):
     out = capsys.readouterr().out
     assert 'weights: ' in out and 'val top-1' in out
     if cfg.test_split:
-        assert json.loads((run_dir / 'metrics.json').read_text())['test']['test_images'] == 5
+        whole = (len(load_idx_arrays(idx_root, 'test')[1]) if over['dataset'] == 'idx'
+                 else len(glob.glob(os.path.join(folder_root, 'test', '*', '*.png'))))
+        # the whole test split, once: val_num_samples truncates the validation split only
+        assert json.loads((run_dir / 'metrics.json').read_text())['test']['test_images'] == whole
 
 
 # ----- schedules -----

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._config import HFFConfig
+from ._fused_head import fused_score_loss
 
 LAYOUTS = ('NCHW', 'NHWC', 'NLC', 'NC')
 
@@ -72,7 +73,8 @@ HEADS: Dict[str, type] = {}   # head type name -> class; HFFConfig.head chooses 
 def register_head(name: str):
     """Class decorator: ``HFFConfig(head=name)`` builds this head type. A new head is one file that defines
     ``__init__(in_chs, layout, num_classes, cfg, num_prefix_tokens)``, ``forward`` (class logits), ``loss(logits,
-    target)`` and ``reset_prototypes(num_classes)``, decorated with this, and imported by ``timm_hff/__init__.py``."""
+    target)`` and ``reset_prototypes(num_classes)`` (and, optionally, a fused ``forward_loss(x, target)`` returning
+    (loss, detached logits)), decorated with this, and imported by ``timm_hff/__init__.py``."""
     def register(cls):
         HEADS[name] = cls
         return cls
@@ -187,6 +189,22 @@ class PrototypeHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits ``scale * s_c``: a softmax over them is the head's class posterior."""
         return self.scale * self.class_scores(self.embed(x))
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """The stage output pooled and projected, before the sphere (what the fused scoring takes)."""
+        return self.proj(self.pool(self.aux(x)))
+
+    def forward_loss(self, x: torch.Tensor, target: torch.Tensor):
+        """(local loss, detached class logits) of a training step: ``loss(forward(x), target)`` and ``forward(x)``
+        from one fused scoring function (``_fused_head``: a third of the ops, the same values). Forward hooks on the
+        head's own modules (aux, proj) run; hooks on the head module itself do not (it is not called)."""
+        return fused_score_loss(self.project(x), self.prototypes, target, self.scale, self.margin, self.num_prototypes)
+
+    def fuses_with(self, other: nn.Module) -> bool:
+        """Whether ``other`` can be scored in the same fused call (``_fused_head.fused_stage_losses``)."""
+        return (type(other) is type(self) and other.embed_dim == self.embed_dim and other.scale == self.scale
+                and other.margin == self.margin and other.num_prototypes == self.num_prototypes
+                and other.num_classes == self.num_classes)
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Margin softmax loss in fp32; ``target`` is class indices (B,) or soft targets (B, C) from mixup / label

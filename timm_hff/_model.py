@@ -7,18 +7,14 @@
 ``model(x)`` predicts in one pass (``predict_from='adaptive'``: each image leaves at the first stage that is sure
 enough, see ``forward_adaptive``). ``model(x, target)`` returns every stage's local loss:
 
-- ``mode='simultaneous'``: the summed loss, for one ``backward()`` by the caller. Each stage's graph stays alive
-  until then, so this costs as much activation memory as backprop.
-- ``mode='memory_efficient'``: each stage's loss is backpropagated (through ``backward_fn``, e.g.
-  ``accelerator.backward``) as soon as the stage has run, freeing its graph before the next stage runs, as
-  InfoPro does. Gradients are the same as in simultaneous mode.
+``mode='simultaneous'`` (one backward of the summed, gradient-isolated losses) or ``'memory_efficient'`` (each
+stage's backward as soon as it has run): see ``_local_losses``.
 
 The model owns a private copy of its ``HFFConfig`` (``hff_cfg``): ``predict_from`` and the exit settings live there
 once, so two models built from one config never change each other, and what ``save_pretrained`` writes is what the
 model does. The adaptive exit lives in ``_adaptive``, the input checks in ``_inputs``, timm's cfg in ``_timm_cfg``.
 """
 import dataclasses
-from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Set, Union
 
 import torch
@@ -28,39 +24,16 @@ from ._config import HFFConfig
 from ._adaptive import AdaptiveExit
 from ._exit_rule import replay_exits
 from ._heads import create_head, log_probs_mean
+from ._local_losses import HFFOutput, LocalLosses
 from ._cuts import run_stages
 from ._stages import StageSplit, cut_name, stage_modules
 from ._stem_ckpt import set_stem_checkpointing, stem_containers
 from ._inputs import check_images, check_target
 from ._timm_cfg import hff_pretrained_cfg, prefix_spec
 
-MODES = ('simultaneous', 'memory_efficient')
 
 
-def _pass_through(t: torch.Tensor) -> torch.Tensor:
-    return t
-
-
-@dataclass
-class HFFOutput:
-    """What one training forward returns.
-
-    Attributes:
-        logits: The model's prediction (``predict_from``) for this batch, detached.
-        stage_logits: Each stage's class logits, detached.
-        stage_losses: Each stage's local loss, detached (for logging).
-        loss: Sum of the stage losses. In simultaneous mode it carries the graph (call backward on it); in
-            memory_efficient mode the backward has already run and it is detached.
-        backward_done: True when the model already ran the backward (memory_efficient mode).
-    """
-    logits: torch.Tensor
-    stage_logits: List[torch.Tensor]
-    stage_losses: List[torch.Tensor]
-    loss: torch.Tensor
-    backward_done: bool
-
-
-class HFFModel(AdaptiveExit, nn.Module):
+class HFFModel(AdaptiveExit, LocalLosses, nn.Module):
     """A timm backbone trained greedily, stage by stage, against unit-norm class prototypes.
 
     The backbone is a plain timm model (built with ``num_classes=0``) registered as ``self.backbone``, so its
@@ -232,53 +205,7 @@ class HFFModel(AdaptiveExit, nn.Module):
         """
         if target is None:
             return self._predict(x)
-        if mode not in MODES:
-            raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
-        self._check_input(x, target)
-        active = sorted({self._stage_index(k) for k in stages}) if stages is not None else list(range(self.num_stages))
-        active = [k for k in active if k not in self._frozen]
-        if not active:
-            raise ValueError('no stage left to train: all requested stages are frozen')
-        stage_logits: List[torch.Tensor] = []
-        losses: List[torch.Tensor] = []
-        memory_efficient = mode == 'memory_efficient'
-        backward_fn = backward_fn or (lambda loss: loss.backward())
-
-        def on_stage(k: int, h: torch.Tensor) -> None:
-            if not memory_efficient:
-                logits = self.heads[k](h)
-                if k in active:
-                    losses.append(self.heads[k].loss(logits, target))
-            elif k not in active:
-                with torch.no_grad():
-                    logits = self.heads[k](h)
-            else:
-                # With grad checkpointing this runs inside a checkpointed block's forward: the pass-through
-                # saved-tensor hooks keep the head's tensors out of the checkpoint, and the backward recomputes
-                # the stage's checkpointed blocks as any checkpoint backward would (the tap returns the same
-                # detached tensor in the recompute, so the graphs match). The backward consumes the head's
-                # graph at once, so the hooks' strong references to saved outputs cannot leak.
-                with torch.autograd.graph.saved_tensors_hooks(_pass_through, _pass_through):
-                    logits = self.heads[k](h)
-                    loss = self.heads[k].loss(logits, target)
-                    backward_fn(loss)
-                losses.append(loss.detach())
-            stage_logits.append(logits.detach())
-
-        self._check_checkpoint_mode(mode)
-        if memory_efficient:
-            self._run(x, on_stage=on_stage, stop_after=active[-1], keep=False)
-        else:   # heads run after the forward, outside any checkpointed region of the backbone
-            for k, h in enumerate(self._run(x, stop_after=active[-1])):
-                on_stage(k, h)
-        total = torch.stack(losses).sum()
-        return HFFOutput(
-            logits=self.predict_from_stages(stage_logits),
-            stage_logits=stage_logits,
-            stage_losses=[l.detach() for l in losses],
-            loss=total,
-            backward_done=memory_efficient,
-        )
+        return self.local_losses(x, target, mode, backward_fn, stages)
 
     def _check_checkpoint_mode(self, mode: str) -> None:
         """Training with grad checkpointing needs timm's non-reentrant checkpoint: a reentrant one runs its block
