@@ -268,3 +268,14 @@ def test_run_matching_ignores_only_what_does_not_train():
     bp = resolved(base + ['--baseline', 'bp'])
     assert same_training(bp, resolved(base + ['--baseline', 'bp', '--hff', '{margin: 0.3, embed_dim: 64}']))
     assert not same_training(bp, resolved(base + ['--baseline', 'bp', '--hff', '{small_input: false}']))
+
+
+def test_train_ops_counts_a_step_and_its_ratio_to_bp(tmp_path):
+    from benchmarks.train_ops import main
+    result = main(['--models', 'tiny_resnet_28', '--methods', 'hff_simultaneous', 'hff_memory_efficient',
+                   '--out', str(tmp_path)])
+    rows = {r['method']: r for r in result['rows']}
+    assert rows['bp']['vs_bp'] == 1.0 and rows['hff_simultaneous']['ops'] > rows['bp']['ops'] > 100
+    # the fused scoring of a simultaneous step: fewer ops than scoring stage by stage in memory_efficient
+    assert rows['hff_simultaneous']['ops'] < rows['hff_memory_efficient']['ops']
+    assert (tmp_path / 'train_ops.md').read_text().count('| tiny_resnet_28 |') == 3   # one row per method
