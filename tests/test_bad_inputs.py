@@ -96,9 +96,42 @@ def _(env):
     timm_hff.create_model('hrnet_w18_small', num_classes=3, check_img_size=64)
 
 
-@case('num_classes 0', ValueError, r'num_classes must be an integer >= 1 \(HFF needs class prototypes\), got 0')
+@case('num_classes negative', ValueError, r'num_classes must be an integer >= 1 \(the class prototypes\), or 0 for a '
+      r'model without heads \(a feature extractor\), got -1')
 def _(env):
-    timm_hff.create_model('test_resnet', num_classes=0, check_img_size=32)
+    timm_hff.create_model('test_resnet', num_classes=-1, check_img_size=32)
+
+
+@case('feature kwargs without features_only', ValueError, r"\['out_indices'\] only apply with features_only=True")
+def _(env):
+    timm_hff.create_model('test_resnet', num_classes=3, check_img_size=32, out_indices=(1, 2))
+
+
+@case('features_only with a hook extractor', ValueError, r"feature_cls='hook' is not supported for an HFF model: its "
+      r"features come from the backbone's forward_intermediates; use feature_cls='getter' \(the default\)")
+def _(env):
+    timm_hff.create_model('test_resnet', check_img_size=32, features_only=True, feature_cls='hook')
+
+
+@case('training a model without heads', ValueError, r'a training step \(model\(x, target\)\) needs the prototype '
+      r'heads, but this model has none: it was built with num_classes=0; reset_classifier\(num_classes\) adds fresh '
+      r'heads')
+def _(env):
+    model = timm_hff.create_model('test_resnet', num_classes=0, check_img_size=32)
+    model(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))
+
+
+@case('saving a model without heads', ValueError, r'save_pretrained writes an HFF model with its prototype heads, '
+      r'but this one has none \(num_classes=0 or pruned by features_only\)')
+def _(env):
+    model = timm_hff.create_model('test_resnet', num_classes=0, check_img_size=32)
+    timm_hff.save_pretrained(model, os.path.join(env.tmp, 'headless'))
+
+
+@case('global_pool with heads', ValueError, r"global_pool='' with num_classes=3: the last stage's head reads the "
+      r"backbone's own pooling \('avg'\); other pooling is for num_classes=0 \(a feature extractor\)")
+def _(env):
+    timm_hff.create_model('test_resnet', num_classes=3, check_img_size=32, global_pool='')
 
 
 @case('prototypes_per_class 0', ValueError, r'prototypes_per_class must be an integer >= 1, got 0')

@@ -366,7 +366,9 @@ def test_state_dict_keys_are_timms():
 def test_small_input_keeps_resolution():
     model = _build('resnet18', {}, small_input=True, in_chans=1)
     assert model.split.reductions == [1, 2, 4, 8]
-    assert [f['reduction'] for f in model.feature_info] == [1, 2, 4, 8]
+    assert [f['reduction'] for f in model.stage_info] == [1, 2, 4, 8]
+    # timm's feature_info (every level, what forward_intermediates returns) tells the adapted stem's strides too
+    assert [f['reduction'] for f in model.feature_info] == [1, 1, 2, 4, 8]
     with torch.no_grad():
         assert model(torch.randn(2, 1, 28, 28)).shape == (2, NUM_CLASSES)
     # cut after layer2: the stem and max-pool lose their strides, layer2 keeps its own (in its first block,
@@ -397,8 +399,8 @@ def test_reset_classifier_new_prototypes():
     assert model.num_classes == 3 and model.pretrained_cfg['num_classes'] == 3
     x, _ = _batch(model)
     assert model.eval()(x).shape == (3, 3)
-    with pytest.raises(ValueError, match='num_classes'):
-        model.reset_classifier(0)
+    with pytest.raises(ValueError, match='num_classes must be an integer >= 0'):
+        model.reset_classifier(-1)
 
 
 def test_registry_and_timm_create_model():
@@ -417,7 +419,7 @@ def test_registry_and_timm_create_model():
 def test_stage_indices_choose_boundaries_and_truncate():
     model = _build('resnet18', SMALL, stage_indices=(0, 2, 3))
     assert model.num_stages == 3 and not model.split.full_tail
-    assert [f['module'] for f in model.feature_info] == ['backbone.act1', 'backbone.layer2', 'backbone.layer3']
+    assert [f['module'] for f in model.stage_info] == ['backbone.act1', 'backbone.layer2', 'backbone.layer3']
     layer4 = {n for n, _ in model.backbone.layer4.named_parameters(prefix='layer4')}
     assert set(model.split.unused_param_names) >= layer4
     x, y = _batch(model)
@@ -430,7 +432,7 @@ def test_stage_indices_choose_boundaries_and_truncate():
 @pytest.mark.parametrize('kwargs,match', [
     (dict(model_name='not_a_model'), "unknown model 'not_a_model'"),
     (dict(model_name='resnet18x'), "unknown model 'resnet18x'.*close timm names: resnet18"),
-    (dict(num_classes=0), 'num_classes must be an integer >= 1'),
+    (dict(num_classes=-1), 'num_classes must be an integer >= 1'),
     (dict(prototypes_per_class=0), 'prototypes_per_class must be an integer >= 1'),
     (dict(stage_indices=(1, 9)), 'stage index 9 is out of range'),
     (dict(margin=-0.1), 'margin must be'),
@@ -536,7 +538,7 @@ def test_block_boundary_cuts(name, kwargs, cuts):
     model = _build(name, kwargs, stage_indices=cuts).eval()
     assert model.num_stages == len(cuts)
     named = [c for c in model.split.feature_indices if isinstance(c, str)]
-    assert named and all(model.feature_info[k]['module'] == f'backbone.{c}' if isinstance(c, str) else True
+    assert named and all(model.stage_info[k]['module'] == f'backbone.{c}' if isinstance(c, str) else True
                          for k, c in enumerate(model.split.feature_indices))
     x, y = _batch(model)
     with torch.no_grad():
@@ -651,7 +653,8 @@ def test_balanced_cut_finer_than_timms_levels_keeps_the_network():
     assert layout(balanced) == layout(default)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        assert balanced.backbone.forward_features(x).shape == default.backbone.forward_features(x).shape == (2, 512, 4, 4)
+        shapes = balanced.backbone.forward_features(x).shape, default.backbone.forward_features(x).shape
+        assert shapes == ((2, 512, 4, 4),) * 2
 
 
 @pytest.mark.parametrize('backend', ['eager', pytest.param('inductor', marks=pytest.mark.slow)])

@@ -18,7 +18,8 @@ from ._probe import check_shrink
 
 class AdaptiveExit:
     """HFFModel's adaptive-exit surface (a mixin, so the model module stays one concept). It uses the model's
-    ``heads``, ``split``, ``backbone``, ``hff_cfg``, ``_run``, ``_check_input`` and ``forward_stages``."""
+    ``heads``, ``split``, ``backbone``, ``hff_cfg``, ``_run``, ``_check_input``, ``_need_heads`` and
+    ``forward_stages``."""
 
     def forward_adaptive(self, x: torch.Tensor, return_flops: bool = False):
         """Predict with early exit: each image leaves at the first stage whose confidence passes that stage's
@@ -33,6 +34,7 @@ class AdaptiveExit:
             ``return_flops``, also the FLOPs spent on each image (B,), from ``torch.utils.flop_counter`` counts of
             one image (the backbone stages and the heads it went through).
         """
+        self._need_heads('adaptive exit')
         self._check_input(x)
         rule = self._exit_rule()
         n, batch = self.num_stages, x.shape[0]

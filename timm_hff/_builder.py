@@ -15,7 +15,7 @@ from ._model import HFFModel
 from ._pretrained import create_timm_model
 from ._balance import balance_cuts
 from ._probe import probe_split
-from ._small_input import adapt_small_input
+from ._small_input import adapt_small_input, measure_reductions
 from ._stages import build_split, stem_split
 
 _logger = logging.getLogger(__name__)
@@ -23,18 +23,25 @@ _logger = logging.getLogger(__name__)
 
 def build_hff_model(backbone: nn.Module, num_classes: int, cfg: HFFConfig, in_chans: int,
                     model_name: str = '', timm_img_size=None) -> HFFModel:
-    """Cut ``backbone`` (a timm model built with ``num_classes=0``) into HFF stages with prototype heads."""
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f'num_classes must be an integer >= 1 (HFF needs class prototypes), got {num_classes!r}')
-    if cfg.small_input:
-        adapt_small_input(backbone, stem_split(backbone, cfg), in_chans)
+    """Cut ``backbone`` (a timm model built with ``num_classes=0``) into HFF stages with prototype heads (none for
+    ``num_classes=0``: timm's feature-extractor convention; ``reset_classifier`` adds them later)."""
+    _check_num_classes(num_classes)
     img_size = cfg.check_img_size or _as_int_size(timm_img_size) or (32 if cfg.small_input else
                                                                     _default_img_size(backbone))
+    if cfg.small_input:
+        adapt_small_input(backbone, stem_split(backbone, cfg), in_chans)
+        measure_reductions(backbone, in_chans, img_size)   # timm's feature_info still has the 224 px stem's
     if cfg.balance is not None and cfg.stage_indices is None:   # measured once; the cut is kept in the model's config
         cfg = dataclasses.replace(cfg, stage_indices=tuple(balance_cuts(backbone, cfg, in_chans, img_size)))
     split = build_split(backbone, cfg)
     probe_split(backbone, split, in_chans, img_size, check=cfg.check_split)
     return HFFModel(backbone, split, num_classes, cfg, in_chans, model_name=model_name)
+
+
+def _check_num_classes(num_classes) -> None:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+        raise ValueError(f'num_classes must be an integer >= 1 (the class prototypes), or 0 for a model without '
+                         f'heads (a feature extractor), got {num_classes!r}')
 
 
 def _default_img_size(backbone: nn.Module) -> int:
@@ -58,11 +65,9 @@ def create_from_timm(arch: str, cfg: HFFConfig, pretrained: bool = False, num_cl
         hint = f"; close timm names: {', '.join(close)}" if close else "; list them with timm.list_models('*name*')"
         raise ValueError(f"unknown model {short_repr(display_name or arch, 120)}: not a timm architecture nor an hff_* "
                          f"name{hint}")
-    if 'num_classes' in timm_kwargs or 'features_only' in timm_kwargs:
-        raise ValueError('features_only is not supported: HFF cuts the full model itself')
     num_classes = 1000 if num_classes is None else num_classes
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f'num_classes must be an integer >= 1 (HFF needs class prototypes), got {num_classes!r}')
+    _check_num_classes(num_classes)
+    global_pool = timm_kwargs.pop('global_pool', None)   # applied once the cut is probed with timm's own pooling
     in_chans = 3 if in_chans is None else in_chans
     if isinstance(in_chans, bool) or not isinstance(in_chans, int) or in_chans < 1:
         raise ValueError(f'in_chans must be an integer >= 1, got {in_chans!r}')
@@ -70,6 +75,12 @@ def create_from_timm(arch: str, cfg: HFFConfig, pretrained: bool = False, num_cl
                                  pretrained_cfg_overlay=pretrained_cfg_overlay, **timm_kwargs)
     model = build_hff_model(backbone, num_classes, cfg, in_chans, model_name=arch,
                             timm_img_size=timm_kwargs.get('img_size'))
+    if global_pool is not None and global_pool != model._heads_pool:
+        if num_classes:
+            raise ValueError(f"global_pool={global_pool!r} with num_classes={num_classes}: the last stage's head "
+                             f"reads the backbone's own pooling ({model._heads_pool!r}); other pooling is for "
+                             f"num_classes=0 (a feature extractor)")
+        model.reset_classifier(0, global_pool)
     if pretrained:   # timm's backbone, but every prototype head is new: say so once, rather than predict at chance
         origin = {k: v for k, v in (backbone.pretrained_cfg or {}).items() if k in ('hf_hub_id', 'tag', 'architecture')}
         model.pretrained_cfg['backbone_pretrained'] = origin

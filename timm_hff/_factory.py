@@ -1,11 +1,14 @@
 """``create_model``: the one entry point, in the spirit of ``timm.create_model``."""
 import os
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional
+
+import torch.nn as nn
 
 from ._builder import create_from_timm
 from ._config import HFFConfig
+from ._features import as_feature_extractor, pop_feature_kwargs
 from ._model import HFFModel
-from ._names import HFF_DEFAULTS, HFF_PREFIX, parse_model_name, registered_defaults
+from ._names import HFF_DEFAULTS, parse_model_name, registered_defaults
 from .hub import load_pretrained_hff
 
 _DEFAULTS = HFF_DEFAULTS   # the registered hff_* names (timm_hff._names)
@@ -33,7 +36,7 @@ def create_model(
         pretrained_cfg_overlay: Optional[Dict[str, Any]] = None,
         hff_cfg: Optional[HFFConfig] = None,
         **kwargs: Any,
-) -> HFFModel:
+) -> nn.Module:
     """Create an HFF model from a timm architecture, an ``hff_*`` name, or saved HFF weights.
 
     Args:
@@ -47,8 +50,18 @@ def create_model(
         hff_cfg: All HFF settings at once; otherwise give them as keyword arguments (see ``HFFConfig``).
         **kwargs: HFF settings (``prototypes_per_class``, ``stage_indices``, ...) and timm kwargs
             (``drop_path_rate``, ``img_size``, ...). ``None`` values are dropped, as timm does.
+            ``features_only=True`` (with ``out_indices``, ``output_fmt``) returns timm's feature extractor over the
+            model's backbone (``_features``); ``num_classes=0`` a model without heads that returns pooled features.
     """
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    features = pop_feature_kwargs(kwargs)
+    model = _create(model_name, pretrained, num_classes, in_chans, pretrained_cfg_overlay, hff_cfg, kwargs)
+    return as_feature_extractor(model, **features) if features else model
+
+
+def _create(model_name: str, pretrained: bool, num_classes: Optional[int], in_chans: Optional[int],
+            pretrained_cfg_overlay: Optional[Dict[str, Any]], hff_cfg: Optional[HFFConfig],
+            kwargs: Dict[str, Any]) -> HFFModel:
     source, name = parse_model_name(model_name)
     if source in ('hf-hub', 'local-dir'):
         return load_pretrained_hff(model_name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans,

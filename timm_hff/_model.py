@@ -51,19 +51,38 @@ class HFFModel(AdaptiveExit, LocalLosses, nn.Module):
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.num_features = getattr(backbone, 'num_features', split.channels[-1])
-        self.head_hidden_size = split.channels[-1]   # width the last prototype head sees (timm's pre-logits)
-        self.heads = nn.ModuleList([create_head(cfg, split.channels[k], split.layouts[k], num_classes,
-                                                split.num_prefix_tokens) for k in range(split.num_stages)])
+        # timm's pre-logits width: what the last prototype head sees, and what num_classes=0 returns
+        self.head_hidden_size = getattr(backbone, 'head_hidden_size', None) or split.channels[-1]
+        self.heads = self._new_heads(num_classes)
         self._check_exit_settings(cfg)
         self._frozen: Set[int] = set()
         self._frozen_backbone: Set[int] = set()
         self._exit_flops: Dict[tuple, torch.Tensor] = {}   # (H, W) -> FLOPs per image of leaving after stage k
-        self.feature_info = [
+        self._pruned = False   # prune_intermediate_layers cut the backbone: a feature extractor from then on
+        self._heads_pool = _pool_type(backbone)   # the backbone's pooling, which the last stage's head reads
+        # timm's feature_info is the backbone's (what forward_intermediates and features_only return); the HFF stages,
+        # which may cut finer or coarser, are stage_info
+        self.feature_info = [dict(f, module=f"backbone.{f['module']}") for f in backbone.feature_info]
+        self.stage_info = [
             dict(num_chs=split.channels[k], reduction=split.reductions[k],
                  module=f'backbone.{cut_name(backbone, split.feature_indices[k])}', stage=k)
             for k in range(split.num_stages)
         ]
-        self.pretrained_cfg = hff_pretrained_cfg(getattr(backbone, 'pretrained_cfg', None), num_classes)
+        backbone_cfg = getattr(backbone, 'pretrained_cfg', None) or {}
+        size = split.probe_img_size if cfg.small_input else int(tuple(backbone_cfg.get('input_size', (3, 224)))[-1])
+        self.pretrained_cfg = hff_pretrained_cfg(backbone_cfg, num_classes, in_chans=in_chans, img_size=size,
+                                                 reduction=backbone.feature_info[-1].get('reduction'))
+
+    def _new_heads(self, num_classes: int) -> nn.ModuleList:
+        """One fresh prototype head per stage, on the backbone's device and dtype; none for ``num_classes=0`` (a
+        feature extractor, timm's convention)."""
+        split, ref = self.split, next(self.backbone.parameters(), None)
+        heads = nn.ModuleList([create_head(self.hff_cfg, split.channels[k], split.layouts[k], num_classes,
+                                           split.num_prefix_tokens) for k in range(split.num_stages)]
+                              if num_classes else [])
+        if ref is not None:
+            heads.to(device=ref.device, dtype=ref.dtype)
+        return heads.train(self.training)
 
     # ----- timm-compatible surface -----
     @property
@@ -75,24 +94,43 @@ class HFFModel(AdaptiveExit, LocalLosses, nn.Module):
         return self.pretrained_cfg
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """New class set: fresh prototypes in every head; the backbone and aux blocks are kept."""
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f'num_classes must be an integer >= 1, got {num_classes!r}')
-        self.num_classes = num_classes
+        """New class set: fresh prototypes in every head, the backbone and aux blocks kept. ``num_classes=0`` removes
+        the heads (timm's convention: the model then returns the backbone's pooled features, or with
+        ``global_pool=''`` its unpooled ones); a class count after that builds new heads."""
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f'num_classes must be an integer >= 0 (0 removes the heads), got {num_classes!r}')
+        if num_classes and self._pruned:
+            raise ValueError('this model was pruned to a feature extractor (prune_intermediate_layers): its later '
+                             'stages are gone, so it cannot get prototype heads again; build a new model')
+        if global_pool is not None and (not num_classes or global_pool == self._heads_pool):
+            self.backbone.reset_classifier(0, global_pool)
+        elif global_pool is not None:
+            raise ValueError(f"global_pool={global_pool!r} with num_classes={num_classes}: the last stage's head reads "
+                             f"the backbone's pooled features ({self._heads_pool!r} pooling), so other pooling is only "
+                             f"for num_classes=0 (the heads removed)")
+        if num_classes and _pool_type(self.backbone) != self._heads_pool:
+            raise ValueError(f"the backbone's pooling was changed to {_pool_type(self.backbone)!r}, but the heads read "
+                             f"its {self._heads_pool!r} pooling; pass global_pool={self._heads_pool!r} with the new "
+                             f"class count")
         self.pretrained_cfg['num_classes'] = num_classes
         for key in ('label_names', 'label_descriptions'):   # the names of the old classes, whatever the count
             self.pretrained_cfg.pop(key, None)
-        for head in self.heads:
-            head.reset_prototypes(num_classes)
+        if num_classes and self.num_classes:
+            for head in self.heads:
+                head.reset_prototypes(num_classes)
+        else:
+            self.heads = self._new_heads(num_classes)
+            self._frozen.clear()
+        self.num_classes = num_classes
         self._exit_flops.clear()   # the heads' cost depends on the class count
 
     def get_classifier(self) -> nn.Module:
-        return self.heads[self.num_stages - 1]
+        return self.heads[-1] if len(self.heads) else nn.Identity()
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
         """Prototypes live on the sphere: weight decay would only fight the normalisation."""
-        nwd = {f'heads.{k}.prototypes' for k in range(self.num_stages)}
+        nwd = {f'heads.{k}.prototypes' for k in range(len(self.heads))}
         if hasattr(self.backbone, 'no_weight_decay'):
             nwd |= {f'backbone.{n}' for n in self.backbone.no_weight_decay()}
         return nwd
@@ -121,19 +159,33 @@ class HFFModel(AdaptiveExit, LocalLosses, nn.Module):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Backbone head path (pooling, head norm) then the last stage's prototype head."""
         x = self.backbone.forward_head(x, pre_logits=True)
-        return x if pre_logits else self.heads[-1](x)
+        return x if pre_logits or not len(self.heads) else self.heads[-1](x)
 
     def forward_intermediates(self, x: torch.Tensor, **kwargs):
-        """timm's ``forward_intermediates`` of the backbone, unchanged."""
+        """timm's ``forward_intermediates`` of the backbone, unchanged (its levels are ``feature_info``'s)."""
         return self.backbone.forward_intermediates(x, **kwargs)
+
+    def prune_intermediate_layers(self, indices=1, prune_norm: bool = False, prune_head: bool = True):
+        """timm's pruning of the backbone to the levels ``forward_intermediates`` will return (``features_only``).
+        The HFF stages past them are gone, so the prototype heads go too: the model is a feature extractor from
+        then on (a prediction or a training step is refused)."""
+        take = self.backbone.prune_intermediate_layers(indices, prune_norm=prune_norm, prune_head=prune_head)
+        self.heads = self._new_heads(0)
+        self.num_classes = 0
+        self.pretrained_cfg['num_classes'] = 0
+        self._pruned = True
+        self._frozen.clear()
+        return take
 
     # ----- stages -----
     def stage_parameters(self, k: int, include_head: bool = True) -> List[nn.Parameter]:
         """Parameters that stage k's local loss trains: its slice of the backbone, and its head."""
         k = self._stage_index(k)
+        if self._pruned:
+            self._need_heads('stage_parameters')
         params = dict(self.backbone.named_parameters())
         out = [params[n] for n in self.split.stage_param_names[k]]
-        if include_head:
+        if include_head and len(self.heads):
             out += list(self.heads[k].parameters())
         return out
 
@@ -145,6 +197,7 @@ class HFFModel(AdaptiveExit, LocalLosses, nn.Module):
         otherwise stay random (at chance) and drag its exit and the stage ensemble down. Used by greedy sequential
         schedules (whole stages) and by transfer.
         """
+        self._need_heads('freeze_stages')
         for k in stages:
             k = self._stage_index(k)
             for p in self.stage_parameters(k, include_head=heads or not freeze):
@@ -180,6 +233,7 @@ class HFFModel(AdaptiveExit, LocalLosses, nn.Module):
     # ----- forward -----
     def forward_stages(self, x: torch.Tensor, stop_after: Optional[int] = None) -> List[torch.Tensor]:
         """Every stage's class logits (up to ``stop_after``) from one pass."""
+        self._need_heads('forward_stages')
         self._check_input(x)
         logits: List[torch.Tensor] = []
         self._run(x, on_stage=lambda k, h: logits.append(self.heads[k](h)), stop_after=stop_after, keep=False)
@@ -203,9 +257,20 @@ class HFFModel(AdaptiveExit, LocalLosses, nn.Module):
                 ``accelerator.backward`` so mixed-precision scaling applies.
             stages: Train only these stages (a greedy schedule); the forward stops after the last of them.
         """
+        if not len(self.heads):
+            if target is not None:
+                self._need_heads('a training step (model(x, target))')
+            self._check_input(x)
+            return self.backbone(x)   # timm's num_classes=0: the backbone's pooled (or unpooled) features
         if target is None:
             return self._predict(x)
         return self.local_losses(x, target, mode, backward_fn, stages)
+
+    def _need_heads(self, what: str) -> None:
+        if not len(self.heads):
+            how = ('it was pruned to a feature extractor (prune_intermediate_layers / features_only)' if self._pruned
+                   else 'it was built with num_classes=0; reset_classifier(num_classes) adds fresh heads')
+            raise ValueError(f'{what} needs the prototype heads, but this model has none: {how}')
 
     def _check_checkpoint_mode(self, mode: str) -> None:
         """Training with grad checkpointing needs timm's non-reentrant checkpoint: a reentrant one runs its block
@@ -309,3 +374,14 @@ class HFFModel(AdaptiveExit, LocalLosses, nn.Module):
         check_images(x, self.in_chans)
         if target is not None:
             check_target(target, x.shape[0], self.num_classes)
+
+
+def _pool_type(backbone: nn.Module) -> Optional[str]:
+    """The timm backbone's global pooling as ``reset_classifier`` names it ('avg', 'token', '' ...), None if unknown."""
+    for owner in (backbone, getattr(backbone, 'head', None)):   # ConvNeXt, RegNet: pooling in the head module
+        pool = getattr(owner, 'global_pool', None)
+        if isinstance(pool, str):
+            return pool
+        if pool is not None and hasattr(pool, 'pool_type'):
+            return pool.pool_type
+    return None

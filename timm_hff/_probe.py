@@ -10,7 +10,7 @@ import torch.nn as nn
 from ._cuts import run_stages
 from ._stages import SplitError, StageSplit, family_of, resolve_name
 
-__all__ = ['check_shrink', 'probe_split']
+__all__ = ['check_shrink', 'probe_split', 'stride_for']
 
 
 def _params_reached(t: torch.Tensor) -> set:
@@ -42,7 +42,7 @@ def _to_nchw(t: torch.Tensor, ref: torch.Tensor) -> Tuple[Optional[str], Optiona
     return None, None, 0
 
 
-def _reduction(img_size: int, spatial: int, nominal: int) -> int:
+def stride_for(img_size: int, spatial: int, nominal: int) -> int:
     """The stride that maps ``img_size`` to ``spatial``: timm's nominal one if it explains the size, else a power
     of two that does with padding (28 px -> 4 at stride 8), else the ratio."""
     for p in (nominal, *(2 ** i for i in range(8))):
@@ -221,7 +221,7 @@ def _learn_layouts(backbone: nn.Module, split: StageSplit, outs, refs, img_size:
         layouts.append(layout)
         channels.append(int(chs))
         nominal = _nominal_reduction(backbone, split.feature_indices[k]) or 1
-        reductions.append(_reduction(img_size, spatial, nominal) if spatial else nominal)
+        reductions.append(stride_for(img_size, spatial, nominal) if spatial else nominal)
         prefix_tokens = max(prefix_tokens, prefix)
     split.layouts, split.channels, split.reductions = layouts, channels, reductions
     split.num_prefix_tokens = prefix_tokens

@@ -57,7 +57,7 @@ def stage_profile(model: nn.Module, img_size: Union[int, Tuple[int, int], None] 
         layers = {n.rpartition('.')[0] for n in names if n.endswith('weight')
                   and isinstance(modules.get(n.rpartition('.')[0]), _LAYER_TYPES)}
         rows.append(dict(
-            stage=k, module=model.feature_info[k]['module'], params=stage_params[k],
+            stage=k, module=model.stage_info[k]['module'], params=stage_params[k],
             param_share=stage_params[k] / total_params, flops=int(flops[k]), flops_share=flops[k] / total_flops,
             layers=len(layers), head_params=sum(p.numel() for p in model.heads[k].parameters()),
             head_flops=int(head_flops[k])))

@@ -8,25 +8,37 @@ them, as soon as timm is imported (``_timm_hook``), and an entrypoint loads the 
 registering costs no more than timm's own import.
 """
 import fnmatch
-from typing import Any, List, Union
+from typing import Any, Dict, List, Union
 
-from ._names import GENERIC_ARCH, HFF_DEFAULTS, registered_defaults
+from ._names import CFG_OVERRIDES, GENERIC_ARCH, HFF_DEFAULTS, REGISTERED_PREDICT_FROM, registered_defaults
 
-__all__ = ['list_models', 'register_all']
+__all__ = ['default_cfgs', 'list_models', 'register_all']
+
+# timm's ``register_model`` reads the entrypoint module's ``default_cfgs``: each name's cfg (the architecture's
+# preprocessing, 1000 classes, no weights), so ``timm.models.get_pretrained_cfg('hff_resnet18')`` and the registry
+# filters (``name_matches_cfg``) know these names as they know timm's own
+default_cfgs: Dict[str, Dict[str, Any]] = {}
 
 
 def _make_entrypoint(name: str):
     def entrypoint(pretrained: bool = False, **kwargs):
         from ._factory import create_model
+        from ._features import as_feature_extractor, pop_feature_kwargs
         from .hub import load_from_timm_source
+        features = pop_feature_kwargs(kwargs)
         saved = load_from_timm_source(pretrained, kwargs)  # timm.create_model('hf-hub:...'/'local-dir:...')
         if saved is not None:
-            return saved
+            return as_feature_extractor(saved, **features) if features else saved
         kwargs.pop('pretrained_cfg', None)
-        if name == GENERIC_ARCH:
+        kwargs.update({'features_only': True, **features} if features else {})
+        if name == GENERIC_ARCH:   # any timm architecture, with the registered names' defaults
             arch = kwargs.pop('arch', None)
+            if arch is None:
+                arch = registered_defaults(name)[0]
             if not isinstance(arch, str) or not arch:
-                raise ValueError(f"{GENERIC_ARCH} wraps any timm architecture: pass arch='<timm model name>'")
+                raise ValueError(f"{GENERIC_ARCH} wraps any timm architecture: pass arch='<timm model name>', "
+                                 f"got {arch!r}")
+            kwargs.setdefault('predict_from', REGISTERED_PREDICT_FROM)
             return create_model(arch, pretrained=pretrained, **kwargs)
         return create_model(name, pretrained=pretrained, **kwargs)
     entrypoint.__name__ = name
@@ -34,6 +46,18 @@ def _make_entrypoint(name: str):
     entrypoint.__module__ = __name__
     entrypoint.__doc__ = f'HFF-wrapped {registered_defaults(name)[0]} (timm_hff).'
     return entrypoint
+
+
+def registered_cfg(name: str) -> Dict[str, Any]:
+    """The default pretrained cfg of a registered name: its timm architecture's, as an HFF model of it reports it
+    (``_timm_cfg.hff_pretrained_cfg``), with the name's own overrides."""
+    from timm.models import get_pretrained_cfg
+    from ._timm_cfg import hff_pretrained_cfg
+    arch = registered_defaults(name)[0]
+    base = get_pretrained_cfg(arch, allow_unregistered=True)
+    cfg = hff_pretrained_cfg(base.to_dict() if base is not None else None, 1000)
+    cfg.update(CFG_OVERRIDES.get(name, {}))
+    return cfg
 
 
 def register_all() -> None:
@@ -44,6 +68,7 @@ def register_all() -> None:
         if name not in timm.list_models('hff_*'):
             fn = _make_entrypoint(name)
             globals()[name] = fn
+            default_cfgs[name] = registered_cfg(name)
             register_model(fn)
 
 

@@ -5,9 +5,10 @@ from typing import List
 import torch
 import torch.nn as nn
 
+from ._probe import stride_for
 from ._stages import StageSplit, cut_name, resolve_name
 
-__all__ = ['adapt_small_input']
+__all__ = ['adapt_small_input', 'measure_reductions']
 
 
 class _StopForward(Exception):
@@ -69,3 +70,23 @@ def adapt_small_input(backbone: nn.Module, split: StageSplit, in_chans: int) -> 
 def _stride_of(m: nn.Module) -> int:
     s = m.stride if m.stride is not None else m.kernel_size
     return max(s) if isinstance(s, (tuple, list)) else int(s)
+
+
+def measure_reductions(backbone: nn.Module, in_chans: int, img_size: int) -> None:
+    """Rewrite the backbone's ``feature_info`` reductions to what its adapted stem gives (timm's describe the 224 px
+    stem: a small-input ResNet's layer4 is at stride 8, not 32), measured on one probe image; ``features_only``,
+    ``forward_intermediates`` users and the model's pool size read them."""
+    if not hasattr(backbone, 'forward_intermediates'):
+        return
+    was_training = backbone.training
+    try:
+        with torch.no_grad():
+            feats = backbone.eval().forward_intermediates(torch.zeros(1, in_chans, img_size, img_size),
+                                                          intermediates_only=True)
+    finally:
+        backbone.train(was_training)
+    info = backbone.feature_info
+    if len(feats) != len(info):
+        return
+    backbone.feature_info = [dict(f, reduction=stride_for(img_size, t.shape[-1], f['reduction'] or 1))
+                             for f, t in zip(info, feats)]

@@ -1,6 +1,7 @@
 """timm's model surface for an HFF model: its ``pretrained_cfg`` (the backbone's preprocessing, this model's classes
 and heads, never timm's checkpoint identity) and its ``group_matcher`` (the backbone's, re-rooted under
 ``backbone.``)."""
+import math
 from typing import Dict, Optional
 
 __all__ = ['hff_pretrained_cfg', 'prefix_spec']
@@ -13,11 +14,22 @@ _WEIGHT_IDENTITY = ('hf_hub_id', 'hf_hub_filename', 'url', 'file', 'tag', 'paper
                     'notes', 'license', 'source', 'state_dict', 'custom_load', 'architecture', 'label_names')
 
 
-def hff_pretrained_cfg(backbone_cfg: Optional[Dict], num_classes: int) -> Dict:
+def hff_pretrained_cfg(backbone_cfg: Optional[Dict], num_classes: int, in_chans: Optional[int] = None,
+                       img_size: Optional[int] = None, reduction: Optional[int] = None) -> Dict:
     """timm's ``pretrained_cfg`` for an HFF model: the backbone's preprocessing (so
     ``timm.data.resolve_model_data_config`` works) and this model's classes and heads, without timm's checkpoint
-    identity (hub id, tag, papers, licence of weights these heads are not)."""
+    identity (hub id, tag, papers, licence of weights these heads are not). Module names are this model's
+    (``backbone.conv1``). Given the model's input channels, image size and the last feature map's reduction, the
+    input and pool sizes are the model's own (a small-input stem keeps a 32 px image's resolution, so its unpooled
+    features are 4x4, not the architecture's 7x7 at 224)."""
     cfg = {k: v for k, v in (backbone_cfg or {}).items() if k not in _WEIGHT_IDENTITY}
+    first = cfg.get('first_conv')
+    if first:
+        cfg['first_conv'] = f'backbone.{first}' if isinstance(first, str) else tuple(f'backbone.{f}' for f in first)
+    if in_chans is not None and img_size is not None:
+        cfg['input_size'] = (in_chans, img_size, img_size)
+        if reduction and cfg.get('pool_size'):
+            cfg['pool_size'] = (math.ceil(img_size / reduction),) * 2
     cfg.update(num_classes=num_classes, classifier='heads')
     return cfg
 

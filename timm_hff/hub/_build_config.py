@@ -67,7 +67,7 @@ def build_config(model: HFFModel, label_names: Optional[Sequence[str]] = None,
         p = profile[k]
         cut = split.feature_indices[k]
         stages.append(dict(feature_index=cut if isinstance(cut, str) else int(cut),
-                           module=model.feature_info[k]['module'],
+                           module=model.stage_info[k]['module'],
                            channels=int(split.channels[k]), reduction=int(split.reductions[k]),
                            layout=split.layouts[k], params=int(n_params), backbone_params=p['params'],
                            param_share=round(p['param_share'], 6), flops=p['flops'],

@@ -37,6 +37,10 @@ def save_pretrained(model, save_dir: Union[str, Path], label_names: Optional[Seq
         The folder written, as a string.
     """
     model = unwrap_model(model)
+    if not len(getattr(model, 'heads', ())):
+        raise ValueError('save_pretrained writes an HFF model with its prototype heads, but this one has none '
+                         '(num_classes=0 or pruned by features_only); save it before removing them, or add heads '
+                         'with reset_classifier(num_classes)')
     config = build_config(model, label_names=label_names, metrics=metrics, train_args=train_args)
     tensors = state_tensors(model)
     with atomic_dir(save_dir) as tmp:
