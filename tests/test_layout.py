@@ -19,7 +19,7 @@ MAX_FUNCTION_LINES = 80
 # module in no layer counts as an entry point (the top layer): it may import anything, and nothing may import it.
 LAYERS = [
     ('version', '_config', '_lazy', '_names', 'data', '_io', '_pretrained', '_inputs', '_timm_cfg'),
-    ('_fused_head', '_heads', '_stages', '_cuts', '_probe', '_small_input', '_exit_rule', '_stem_ckpt'),
+    ('_meta', '_fused_head', '_heads', '_stages', '_cuts', '_probe', '_small_input', '_exit_rule', '_stem_ckpt'),
     ('_profile', '_adaptive', '_local_losses', '_model', '_balance', '_compile'),
     ('_builder', '_exit', '_compile', '_features'),
     ('hub',),

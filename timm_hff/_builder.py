@@ -8,10 +8,12 @@ import dataclasses
 import logging
 
 import timm
+import torch
 import torch.nn as nn
 
 from ._config import HFFConfig, short_repr
 from ._model import HFFModel
+from ._meta import MetaValues, on_meta
 from ._pretrained import create_timm_model
 from ._balance import balance_cuts
 from ._probe import probe_split
@@ -58,7 +60,22 @@ def _as_int_size(size):
 def create_from_timm(arch: str, cfg: HFFConfig, pretrained: bool = False, num_classes: Optional[int] = None,
                      in_chans: Optional[int] = None, pretrained_cfg_overlay: Optional[Dict[str, Any]] = None,
                      display_name: str = '', **timm_kwargs: Any) -> HFFModel:
-    """Build the timm backbone (headless) and wrap it."""
+    """Build the timm backbone (headless) and wrap it.
+
+    On the meta device (timm's ``create_model(..., device='meta')`` or a ``torch.device('meta')`` context, how timm
+    inspects a model's structure without allocating it) the probe forward runs on meta tensors too, its value
+    comparisons answered by shape (``_meta``)."""
+    if on_meta(timm_kwargs.get('device')):
+        with torch.device('meta'), MetaValues():
+            return _create_from_timm(arch, cfg, pretrained, num_classes, in_chans, pretrained_cfg_overlay,
+                                     display_name, **timm_kwargs)
+    return _create_from_timm(arch, cfg, pretrained, num_classes, in_chans, pretrained_cfg_overlay, display_name,
+                             **timm_kwargs)
+
+
+def _create_from_timm(arch: str, cfg: HFFConfig, pretrained: bool, num_classes: Optional[int],
+                      in_chans: Optional[int], pretrained_cfg_overlay: Optional[Dict[str, Any]], display_name: str,
+                      **timm_kwargs: Any) -> HFFModel:
     if not timm.is_model(arch):
         import difflib
         close = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.6)

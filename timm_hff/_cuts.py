@@ -35,6 +35,9 @@ class _CutState:
         self.elements: List[int] = [0] * num_taps
 
 
+_TENSOR = (torch.Tensor, torch.fx.Proxy)   # a Proxy while torch.fx traces the model (timm's fx feature extraction)
+
+
 class _TapHook:
     """Forward hook ending stage k: inside HFF's forward the downstream model sees a detached copy of the stage output.
 
@@ -57,10 +60,10 @@ class _TapHook:
                 return output
         else:
             st.hff_forward = True
-        if isinstance(output, torch.Tensor):
+        if isinstance(output, _TENSOR):
             main, cut = output, output.detach()
-        elif isinstance(output, (tuple, list)) and any(isinstance(o, torch.Tensor) for o in output):
-            cut = type(output)(o.detach() if isinstance(o, torch.Tensor) else o for o in output)
+        elif isinstance(output, (tuple, list)) and any(isinstance(o, _TENSOR) for o in output):
+            cut = type(output)(o.detach() if isinstance(o, _TENSOR) else o for o in output)
             main = output[self.state.elements[self.k]]
         else:
             raise SplitError(f"timm family '{self.family}': tap '{self.name}' returns {type(output).__name__}, "

@@ -14,13 +14,22 @@ With z a stage's projected embedding, w its prototypes, s the scale, m the margi
     u = z / |z|,  v = w / |w|,  cos = u v^T,  logits = s cos (K = 1) or logsumexp_k(s cos),
     a = logits - s m T,  loss = mean_b( -sum_c T_bc log_softmax(a)_bc )
 """
+from contextlib import nullcontext
 from typing import List, Tuple
 
 import torch
 
-__all__ = ['fused_score_loss', 'fused_stage_losses']
+__all__ = ['fp32', 'fused_score_loss', 'fused_stage_losses']
 
 EPS = 1e-12   # F.normalize's
+
+
+def fp32(t: torch.Tensor):
+    """A context with autocast off on ``t``'s device (the heads' scoring and loss run in fp32); none on the meta
+    device, which has no autocast (timm builds and inspects models there), nor while torch.fx traces."""
+    if isinstance(t, torch.fx.Proxy) or t.device.type == 'meta':   # torch.fx records no autocast state
+        return nullcontext()
+    return torch.autocast(t.device.type, enabled=False)
 
 
 class _ScoreLoss(torch.autograd.Function):
@@ -81,7 +90,7 @@ def fused_stage_losses(zs: List[torch.Tensor], prototypes: List[torch.Tensor], t
                        margin: float, prototypes_per_class: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """(losses (S,), detached logits (S, B, C)) of S prototype heads of one configuration from their projected
     embeddings (each (B, E)), in one call; the losses carry the gradient to every embedding and prototype."""
-    with torch.autocast(zs[0].device.type, enabled=False):
+    with fp32(zs[0]):
         target = target.float() if target.ndim == 2 else target
         z, w = torch.stack([t.float() for t in zs]), torch.stack([p.float() for p in prototypes])
         return _ScoreLoss.apply(z, w, target, float(scale), float(margin), int(prototypes_per_class))
@@ -90,7 +99,7 @@ def fused_stage_losses(zs: List[torch.Tensor], prototypes: List[torch.Tensor], t
 def fused_score_loss(z: torch.Tensor, prototypes: torch.Tensor, target: torch.Tensor, scale: float, margin: float,
                      prototypes_per_class: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """(loss, detached class logits (B, C)) of one prototype head from its projected embedding ``z`` (B, E)."""
-    with torch.autocast(z.device.type, enabled=False):
+    with fp32(z):
         target = target.float() if target.ndim == 2 else target
         return _ScoreLoss.apply(z.float(), prototypes.float(), target, float(scale), float(margin),
                                 int(prototypes_per_class))

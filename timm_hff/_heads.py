@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._config import HFFConfig
-from ._fused_head import fused_score_loss
+from ._fused_head import fp32, fused_score_loss
 
 LAYOUTS = ('NCHW', 'NHWC', 'NLC', 'NC')
 
@@ -168,7 +168,7 @@ class PrototypeHead(nn.Module):
         The aux block and projection follow autocast (bf16 / fp16 convs are where mixed precision pays); the
         normalisation runs in fp32 with autocast off, since autocast would otherwise re-cast it."""
         z = self.proj(self.pool(self.aux(x)))
-        with _fp32(z):
+        with fp32(z):
             return F.normalize(z.float(), dim=-1)
 
     def unit_prototypes(self) -> torch.Tensor:
@@ -179,7 +179,7 @@ class PrototypeHead(nn.Module):
         digits, too coarse for a margin of 0.2 at scale 16). With one prototype per class it is a cosine, in [-1, 1];
         with K the LogSumExp lies between the largest cosine and that plus ln(K) / scale, so in
         [-1, 1 + ln(K) / scale]."""
-        with _fp32(z):
+        with fp32(z):
             cos = z.float() @ self.unit_prototypes().t()
             if self.num_prototypes == 1:
                 return cos
@@ -187,8 +187,10 @@ class PrototypeHead(nn.Module):
             return torch.logsumexp(self.scale * cos, dim=-1) / self.scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Class logits ``scale * s_c``: a softmax over them is the head's class posterior."""
-        return self.scale * self.class_scores(self.embed(x))
+        """Class logits ``scale * s_c``: a softmax over them is the head's class posterior. Scored in fp32, returned
+        in the head's parameter dtype (fp32 under autocast; bf16 after ``model.to(torch.bfloat16)``, as timm's models
+        return their own dtype)."""
+        return (self.scale * self.class_scores(self.embed(x))).to(self.prototypes.dtype)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """The stage output pooled and projected, before the sphere (what the fused scoring takes)."""
@@ -215,18 +217,13 @@ class PrototypeHead(nn.Module):
         true class by 0.9 m and each other class by its small share). The loss stays linear in the target, so a
         mixup of two images is trained as the same mixture of their two margin losses' targets.
         """
-        with _fp32(logits):
+        with fp32(logits):
             logits = logits.float()
             soft = F.one_hot(target, self.num_classes).float() if target.ndim == 1 else target.float()
             return torch.sum(-soft * F.log_softmax(logits - self.scale * self.margin * soft, dim=-1), dim=-1).mean()
 
 
-def _fp32(t: torch.Tensor):
-    """A context with autocast off on ``t``'s device (the head's scoring and loss run in fp32)."""
-    return torch.autocast(t.device.type, enabled=False)
-
-
 def log_probs_mean(stage_logits) -> torch.Tensor:
-    """Ensemble of stages: the mean of their log-probabilities."""
-    return torch.stack([F.log_softmax(s.float(), dim=-1) for s in stage_logits]).mean(0)
+    """Ensemble of stages: the mean of their log-probabilities (in fp32, returned in the logits' dtype)."""
+    return torch.stack([F.log_softmax(s.float(), dim=-1) for s in stage_logits]).mean(0).to(stage_logits[0].dtype)
 

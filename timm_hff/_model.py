@@ -19,6 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Set, Union
 
 import torch
 import torch.nn as nn
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 from ._config import HFFConfig
 from ._adaptive import AdaptiveExit
@@ -93,10 +94,16 @@ class HFFModel(AdaptiveExit, LocalLosses, nn.Module):
     def default_cfg(self) -> Dict:
         return self.pretrained_cfg
 
+    @property
+    def output_fmt(self) -> str:
+        """The layout of ``forward_features`` (the backbone's: 'NHWC' for Swin, 'NCHW' for most CNNs)."""
+        return getattr(self.backbone, 'output_fmt', 'NCHW')
+
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         """New class set: fresh prototypes in every head, the backbone and aux blocks kept. ``num_classes=0`` removes
         the heads (timm's convention: the model then returns the backbone's pooled features, or with
-        ``global_pool=''`` its unpooled ones); a class count after that builds new heads."""
+        ``global_pool=''`` its unpooled ones); a class count after that builds new heads, and gives the backbone back
+        the pooling the cut was probed with (the last stage's head reads it)."""
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
             raise ValueError(f'num_classes must be an integer >= 0 (0 removes the heads), got {num_classes!r}')
         if num_classes and self._pruned:
@@ -108,10 +115,8 @@ class HFFModel(AdaptiveExit, LocalLosses, nn.Module):
             raise ValueError(f"global_pool={global_pool!r} with num_classes={num_classes}: the last stage's head reads "
                              f"the backbone's pooled features ({self._heads_pool!r} pooling), so other pooling is only "
                              f"for num_classes=0 (the heads removed)")
-        if num_classes and _pool_type(self.backbone) != self._heads_pool:
-            raise ValueError(f"the backbone's pooling was changed to {_pool_type(self.backbone)!r}, but the heads read "
-                             f"its {self._heads_pool!r} pooling; pass global_pool={self._heads_pool!r} with the new "
-                             f"class count")
+        if num_classes and _pool_type(self.backbone) != self._heads_pool:   # heads read the pooling they were cut at
+            self.backbone.reset_classifier(0, self._heads_pool)
         self.pretrained_cfg['num_classes'] = num_classes
         for key in ('label_names', 'label_descriptions'):   # the names of the old classes, whatever the count
             self.pretrained_cfg.pop(key, None)
@@ -168,8 +173,11 @@ class HFFModel(AdaptiveExit, LocalLosses, nn.Module):
     def prune_intermediate_layers(self, indices=1, prune_norm: bool = False, prune_head: bool = True):
         """timm's pruning of the backbone to the levels ``forward_intermediates`` will return (``features_only``).
         The HFF stages past them are gone, so the prototype heads go too: the model is a feature extractor from
-        then on (a prediction or a training step is refused)."""
+        then on (a prediction or a training step is refused). Kept whole when nothing is pruned (the last level
+        kept with its norm and head: timm's ``prune_head=False`` leaves the output as it was)."""
         take = self.backbone.prune_intermediate_layers(indices, prune_norm=prune_norm, prune_head=prune_head)
+        if not prune_head and not prune_norm and max(take, default=-1) == len(self.feature_info) - 1:
+            return take
         self.heads = self._new_heads(0)
         self.num_classes = 0
         self.pretrained_cfg['num_classes'] = 0
@@ -244,7 +252,7 @@ class HFFModel(AdaptiveExit, LocalLosses, nn.Module):
             x: torch.Tensor,
             target: Optional[torch.Tensor] = None,
             mode: str = 'simultaneous',
-            backward_fn: Optional[Callable[[torch.Tensor], None]] = None,
+            backward_fn: Optional[Callable[..., None]] = None,   # no [args] list: torch.fx writes annotations out
             stages: Optional[Sequence[int]] = None,
     ) -> Union[torch.Tensor, HFFOutput]:
         """Predict (no target) or compute the local losses (with target).
@@ -257,6 +265,8 @@ class HFFModel(AdaptiveExit, LocalLosses, nn.Module):
                 ``accelerator.backward`` so mixed-precision scaling applies.
             stages: Train only these stages (a greedy schedule); the forward stops after the last of them.
         """
+        if is_fx_symbolic_tracing():   # torch.fx makes every argument a Proxy: trace the prediction (timm's forward(x))
+            target = None
         if not len(self.heads):
             if target is not None:
                 self._need_heads('a training step (model(x, target))')
@@ -370,7 +380,10 @@ class HFFModel(AdaptiveExit, LocalLosses, nn.Module):
                              f"(img_size / check_img_size)") from None
 
     def _check_input(self, x: torch.Tensor, target: Optional[torch.Tensor] = None) -> None:
-        """The model's input boundary (``_inputs.check_images`` / ``check_target``)."""
+        """The model's input boundary (``_inputs.check_images`` / ``check_target``); none while torch.fx traces (a
+        Proxy has no shape to check, and the traced graph is for the inputs it was traced for)."""
+        if is_fx_symbolic_tracing():
+            return
         check_images(x, self.in_chans)
         if target is not None:
             check_target(target, x.shape[0], self.num_classes)

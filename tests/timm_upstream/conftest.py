@@ -26,3 +26,33 @@ def _with_hff(*args, **kwargs):
 
 
 timm.list_models = registry.list_models = _with_hff
+
+
+def wrapped_arch(name: str) -> str:
+    from timm_hff._names import registered_defaults
+    return registered_defaults(name)[0]
+
+
+def non_std(name: str) -> bool:
+    """Whether timm's file would route the wrapped architecture to its non-standard tests (ViT-like: token
+    outputs, no pool size). It routes by name pattern, which an ``hff_`` prefix defeats."""
+    import fnmatch
+    import test_models
+    return any(fnmatch.fnmatch(wrapped_arch(name), f) for f in test_models.NON_STD_FILTERS)
+
+
+def pytest_collection_modifyitems(config, items):
+    """An ``hff_*`` ViT goes where timm sends the ViT it wraps: out of ``test_model_default_cfgs`` (timm's own ViTs
+    are excluded from it by ``NON_STD_FILTERS``) and into ``test_model_default_cfgs_non_std``
+    (test_hff_non_std.py calls timm's test body for it)."""
+    keep, dropped = [], []
+    for item in items:
+        spec = getattr(item, 'callspec', None)
+        name = spec.params.get('model_name', '') if spec else ''
+        if item.originalname == 'test_model_default_cfgs' and name.startswith('hff_') and non_std(name):
+            dropped.append(item)
+        else:
+            keep.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep

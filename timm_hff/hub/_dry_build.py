@@ -23,11 +23,11 @@ from typing import Callable, Dict, Iterator, Tuple
 
 import torch
 import torch.nn as nn
-from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from .._config import short_repr
+from .._meta import MetaValues
 from .._model import HFFModel
 from ._errors import ConfigError, ResourceLimitError, ShapeMismatchError, one_line
 from ._format import CONFIG_NAME, WEIGHTS_NAME, SavedConfig
@@ -73,7 +73,7 @@ def check_prototypes(saved: SavedConfig, header: Header, where: str) -> None:
 def dry_build(build: Callable[[], HFFModel], header: Header, where: str) -> HFFModel:
     """``build()`` on the meta device, within the guard; returns the meta model once it matches the header."""
     guard = _Guard(header, probe_budget(header))
-    with translate_errors(where), guard.hooks(), torch.device('meta'), _MetaValues(), guard:
+    with translate_errors(where), guard.hooks(), torch.device('meta'), MetaValues(), guard:
         model = build()
     check_state(model, header, where)
     return model
@@ -199,17 +199,3 @@ class _Guard(TorchDispatchMode):
                                     f'{self.budget / 2 ** 20:,.0f} MiB, e.g. a huge check_img_size); if you trust '
                                     f'this model, raise {PROBE_ENV}')
         return out
-
-
-class _MetaValues(TorchFunctionMode):
-    """Answers value comparisons between meta tensors by their shapes.
-
-    The probe picks the tensor of a tuple-returning stage (pit, tnt, crossvit, ...) that equals timm's intermediate;
-    on the meta device there are no values, and the one of the right shape gives the same head shapes.
-    """
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in (torch.allclose, torch.equal) and len(args) >= 2 and all(
-                isinstance(a, torch.Tensor) and a.is_meta for a in args[:2]):
-            return tuple(args[0].shape) == tuple(args[1].shape)
-        return func(*args, **(kwargs or {}))
