@@ -80,7 +80,9 @@ def main(argv: List[str] = None) -> Dict[str, Any]:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    variants = {'recipe': {}, **{n: dict(hff=v) for n, v in args.variant}, 'bp': dict(method='bp')}
+    # BP trains the whole backbone end to end: a recipe's frozen stages are HFF's transfer setting, not BP's
+    variants = {'recipe': {}, **{n: dict(hff=v) for n, v in args.variant},
+                'bp': dict(method='bp', freeze_stages=[], head_only=False)}
     steps, cfgs = {}, {}
     for name, over in variants.items():
         steps[name], cfgs[name], model = build_step(args.recipe, over)

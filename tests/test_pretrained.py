@@ -382,3 +382,22 @@ def test_the_hub_transfer_recipe_dry_runs_from_pretrained_weights(tmp_path, monk
     assert doc['test'] and doc['run']['test_images'] == 6 and doc['run']['num_stages'] == 4
     saved = json.loads((run / 'model' / 'config.json').read_text())
     assert saved['hff']['base_model'] == 'timm/resnet50.a1_in1k'   # the card: fine-tuned from timm's weights
+
+
+@pytest.mark.slow
+def test_the_offline_recipe_runs_on_an_imagefolder(offline, tmp_path):
+    """recipes/transfer_imagenet_lite0.yaml as its comment says to run it on one's own images: the ImageNet weights
+    from the seeded cache, class names from the folders, RGB in, its frozen stages as shipped."""
+    from test_data import make_imagefolder
+    from timm_hff.train.cli import main
+    data = make_imagefolder(str(tmp_path / 'folder'), per_class=(10, 2), size=48)
+    reset_accelerate()
+    rc = main(['--config', 'recipes/transfer_imagenet_lite0.yaml', '--dataset', 'imagefolder', '--data_dir', data,
+               '--label_names', 'null', '--in_chans', '3', '--batch_size', '4', '--validation_batch_size', '4',
+               '--epochs', '1', '--warmup_epochs', '0', '--output', str(tmp_path / 'out'), '--progress', 'false'])
+    assert rc == 0
+    run = tmp_path / 'out' / 'transfer_imagenet_lite0'
+    doc = json.loads((run / 'metrics.json').read_text())
+    saved = json.loads((run / 'model' / 'config.json').read_text())
+    assert doc['test'] and saved['num_classes'] == len(saved['label_names']) >= 2
+    assert saved['hff']['base_model'] == 'timm/tf_efficientnet_lite0.in1k'
