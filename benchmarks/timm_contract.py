@@ -29,7 +29,8 @@ def run_upstream(tests: Optional[List[str]] = None, timeout: int = 3000, extra: 
     if tests and not any('torchscript' in t for t in tests):   # -k matches substrings: test_model_forward_torchscript
         select += ' and not torchscript'
     cmd = [sys.executable, '-m', 'pytest', '-c', os.devnull, '--rootdir', UPSTREAM, '--confcutdir', UPSTREAM,
-           '-p', 'no:cacheprovider', '-rA', '-q', '-W', 'ignore', '--tb=line', 'test_models.py', 'test_hff_non_std.py', '-k', select]
+           '-p', 'no:cacheprovider', '-rA', '-q', '-W', 'ignore', '--tb=line', 'test_models.py', 'test_hff_non_std.py',
+           '-k', select]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get('OMP_NUM_THREADS', '1'))
     done = subprocess.run(cmd + (extra or []), cwd=UPSTREAM, capture_output=True, text=True, timeout=timeout, env=env)
     out = done.stdout + done.stderr

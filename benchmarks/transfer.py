@@ -192,8 +192,9 @@ def main(argv=None) -> Dict[str, Any]:
                   f"{fmt(r['val_top1'])} | {fmt(r['val_ensemble_top1'])} | {fmt(r['test_top1'])} | "
                   f"{fmt(r['test_ensemble_top1'])} | "
                   f"{fmt(r['test_ema_top1'])} |")
-    if args.candidates and args.only is None:   # the choice: the best mean validation top-1 over the target sizes, predicting from the
-        # model's last stage or from the stage ensemble (both scored on the same runs)
+    if args.candidates and args.only is None:
+        # the choice: the best mean validation top-1 over the target sizes, predicting from the model's last stage or
+        # from the stage ensemble (both scored on the same runs)
         mean_val = {}
         for c in CANDIDATES:
             mine = [r for r in rows if r['method'] == f'candidate {c}']

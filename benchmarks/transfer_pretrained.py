@@ -275,8 +275,9 @@ def run_targets(args, common: List[str]) -> List[Dict[str, Any]]:
 # the full Fashion-MNIST (54,000 training images, 6,000 held out, the 10,000 test images once): the shipped recipe
 # (HFF from ImageNet, its settings chosen on the class split), and from the same base settings, data, epochs,
 # augmentation and EMA, BP fine-tuning from the same weights and HFF from scratch, each at its setting chosen there
+# (BP from scratch, 'BP from scratch', is not run here: a session's CPU time went to the three the issue asks for)
 FULL = {'full_hff_imagenet': None, 'full_bp_imagenet': 'BP from ImageNet, full fine-tune',
-        'full_hff_scratch': 'HFF from scratch', 'full_bp_scratch': 'BP from scratch'}
+        'full_hff_scratch': 'HFF from scratch'}
 
 
 def run_full(args, common: List[str]) -> List[Dict[str, Any]]:

@@ -138,8 +138,8 @@ def test_recipe_cost_times_the_trainers_models_side_by_side(tmp_path):
     recipe = tmp_path / 'r.yaml'
     recipe.write_text('model: test_resnet\nhff: {small_input: true, num_stages: 2}\nin_chans: 1\nimg_size: 28\n'
                       'num_classes: 10\nbatch_size: 4\nmodel_ema: true\n')
-    out = recipe_cost.main([str(recipe), '--variant', 'd2={aux: conv3x3, aux_depth: 2}', '--rounds', '2', '--steps', '1',
-                            '--out', str(tmp_path / 'rc')])
+    out = recipe_cost.main([str(recipe), '--variant', 'd2={aux: conv3x3, aux_depth: 2}', '--rounds', '2',
+                            '--steps', '1', '--out', str(tmp_path / 'rc')])
     by = {r['variant']: r for r in out['rows']}
     assert list(by) == ['recipe', 'd2', 'bp'] and by['bp']['method'] == 'bp' and by['d2']['hff'] == dict(
         aux='conv3x3', aux_depth=2)

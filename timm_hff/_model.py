@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Set, Union
 
 import torch
 import torch.nn as nn
-from torch.fx._symbolic_trace import is_fx_symbolic_tracing
+from torch.fx import _symbolic_trace as _fx
 
 from ._config import HFFConfig
 from ._adaptive import AdaptiveExit
@@ -32,6 +32,9 @@ from ._stem_ckpt import set_stem_checkpointing, stem_containers
 from ._inputs import check_images, check_target
 from ._timm_cfg import hff_pretrained_cfg, prefix_spec
 
+# fx symbolic tracing only (torch.compile and export trace too, and must see the training forward); older torch has
+# only is_fx_tracing
+is_fx_symbolic_tracing = getattr(_fx, 'is_fx_symbolic_tracing', _fx.is_fx_tracing)
 
 
 class HFFModel(AdaptiveExit, LocalLosses, nn.Module):

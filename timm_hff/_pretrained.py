@@ -72,8 +72,9 @@ def create_timm_model(arch: str, pretrained: bool = False, pretrained_file: Opti
         return timm.create_model(arch, pretrained=False, pretrained_cfg_overlay=overlay or None, **kwargs)
     cfg = _pretrained_cfg(arch, overlay)
     if not _has_source(cfg):
-        raise PretrainedWeightsError(f'timm has no pretrained weights for {arch} (its pretrained_cfg names no Hub repo, '
-                                     f'URL or file); drop pretrained, or give pretrained_file: <file>.safetensors')
+        raise PretrainedWeightsError(f'timm has no pretrained weights for {arch} (its pretrained_cfg names no Hub '
+                                     f'repo, URL or file); drop pretrained, or give '
+                                     f'pretrained_file: <file>.safetensors')
     try:
         return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=overlay or None, **kwargs)
     except RuntimeError as e:

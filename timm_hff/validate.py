@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split('\n', 2)[2])
     p.add_argument('model', help="a saved model: 'local-dir:<folder>' or 'hf-hub:<org>/<repo>[@revision]'")
     g = p.add_argument_group('data')
-    g.add_argument('--dataset', default='', help="'hfds/<hub id>', 'imagefolder', 'idx' (with --data-dir) or '' (infer)")
+    g.add_argument('--dataset', default='',
+                   help="'hfds/<hub id>', 'imagefolder', 'idx' (with --data-dir) or '' (infer)")
     g.add_argument('--data-dir', default=None, help="folder for 'imagefolder' / 'idx'")
     g.add_argument('--dataset-config', default=None, help='Hub configuration name')
     g.add_argument('--split', default='test', help="split name or slice, e.g. 'test', 'validation', 'train[54000:]'")
