@@ -11,7 +11,7 @@ import torch
 
 import timm_hff
 from timm_hff._names import HFF_DEFAULTS
-from timm_hff._model import _pool_type
+from timm_hff._timm_cfg import pool_type
 
 # tiny models of three families (a ResNet, a ConvNeXt whose pooling sits in its head, a ViT), plus a small-input stem
 MODELS = [
@@ -81,7 +81,7 @@ def test_reset_classifier_removes_and_rebuilds_the_heads(name, kwargs):
             unpooled = model(x)
             assert unpooled.ndim == 4 and unpooled.shape[1] == model.num_features
             model.reset_classifier(7)   # heads back: the backbone gets back the pooling the last head reads
-            assert _pool_type(model.backbone) == pool and model(x).shape == (2, 7)
+            assert pool_type(model.backbone) == pool and model(x).shape == (2, 7)
             model.reset_classifier(0, '')
             with pytest.raises(ValueError, match='other pooling is only for num_classes=0'):
                 model.reset_classifier(5, 'max' if pool != 'max' else 'avg')

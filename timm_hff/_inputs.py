@@ -4,8 +4,13 @@ Checks read metadata only, except the label range on CPU (where ``F.one_hot`` wo
 an accelerator were checked by the data loaders before the transfer.
 """
 import torch
+from torch.fx import _symbolic_trace as _fx
 
-__all__ = ['check_images', 'check_target']
+__all__ = ['check_images', 'check_target', 'is_fx_symbolic_tracing']
+
+# fx symbolic tracing only (torch.compile and export trace too, and must see the training forward and its checks);
+# older torch has only is_fx_tracing
+is_fx_symbolic_tracing = getattr(_fx, 'is_fx_symbolic_tracing', _fx.is_fx_tracing)
 
 
 def check_images(x: torch.Tensor, in_chans: int) -> None:

@@ -19,7 +19,6 @@ from typing import Callable, Dict, List, Optional, Sequence, Set, Union
 
 import torch
 import torch.nn as nn
-from torch.fx import _symbolic_trace as _fx
 
 from ._config import HFFConfig
 from ._adaptive import AdaptiveExit
@@ -29,12 +28,8 @@ from ._local_losses import HFFOutput, LocalLosses
 from ._cuts import run_stages
 from ._stages import StageSplit, cut_name, stage_modules
 from ._stem_ckpt import set_stem_checkpointing, stem_containers
-from ._inputs import check_images, check_target
-from ._timm_cfg import hff_pretrained_cfg, prefix_spec
-
-# fx symbolic tracing only (torch.compile and export trace too, and must see the training forward); older torch has
-# only is_fx_tracing
-is_fx_symbolic_tracing = getattr(_fx, 'is_fx_symbolic_tracing', _fx.is_fx_tracing)
+from ._inputs import check_images, check_target, is_fx_symbolic_tracing
+from ._timm_cfg import hff_pretrained_cfg, pool_type, prefix_spec
 
 
 class HFFModel(AdaptiveExit, LocalLosses, nn.Module):
@@ -63,7 +58,7 @@ class HFFModel(AdaptiveExit, LocalLosses, nn.Module):
         self._frozen_backbone: Set[int] = set()
         self._exit_flops: Dict[tuple, torch.Tensor] = {}   # (H, W) -> FLOPs per image of leaving after stage k
         self._pruned = False   # prune_intermediate_layers cut the backbone: a feature extractor from then on
-        self._heads_pool = _pool_type(backbone)   # the backbone's pooling, which the last stage's head reads
+        self._heads_pool = pool_type(backbone)   # the backbone's pooling, which the last stage's head reads
         # timm's feature_info is the backbone's (what forward_intermediates and features_only return); the HFF stages,
         # which may cut finer or coarser, are stage_info
         self.feature_info = [dict(f, module=f"backbone.{f['module']}") for f in backbone.feature_info]
@@ -118,7 +113,7 @@ class HFFModel(AdaptiveExit, LocalLosses, nn.Module):
             raise ValueError(f"global_pool={global_pool!r} with num_classes={num_classes}: the last stage's head reads "
                              f"the backbone's pooled features ({self._heads_pool!r} pooling), so other pooling is only "
                              f"for num_classes=0 (the heads removed)")
-        if num_classes and _pool_type(self.backbone) != self._heads_pool:   # heads read the pooling they were cut at
+        if num_classes and pool_type(self.backbone) != self._heads_pool:   # heads read the pooling they were cut at
             self.backbone.reset_classifier(0, self._heads_pool)
         self.pretrained_cfg['num_classes'] = num_classes
         for key in ('label_names', 'label_descriptions'):   # the names of the old classes, whatever the count
@@ -391,13 +386,3 @@ class HFFModel(AdaptiveExit, LocalLosses, nn.Module):
         if target is not None:
             check_target(target, x.shape[0], self.num_classes)
 
-
-def _pool_type(backbone: nn.Module) -> Optional[str]:
-    """The timm backbone's global pooling as ``reset_classifier`` names it ('avg', 'token', '' ...), None if unknown."""
-    for owner in (backbone, getattr(backbone, 'head', None)):   # ConvNeXt, RegNet: pooling in the head module
-        pool = getattr(owner, 'global_pool', None)
-        if isinstance(pool, str):
-            return pool
-        if pool is not None and hasattr(pool, 'pool_type'):
-            return pool.pool_type
-    return None

@@ -1,10 +1,12 @@
 """timm's model surface for an HFF model: its ``pretrained_cfg`` (the backbone's preprocessing, this model's classes
-and heads, never timm's checkpoint identity) and its ``group_matcher`` (the backbone's, re-rooted under
-``backbone.``)."""
+and heads, never timm's checkpoint identity), its ``group_matcher`` (the backbone's, re-rooted under
+``backbone.``) and the backbone's pooling type, which the last stage's head reads."""
 import math
 from typing import Dict, Optional
 
-__all__ = ['hff_pretrained_cfg', 'prefix_spec']
+import torch.nn as nn
+
+__all__ = ['hff_pretrained_cfg', 'pool_type', 'prefix_spec']
 
 
 # pretrained_cfg keys that say whose weights these are: timm's classifier checkpoint, not an HFF model's. They are
@@ -43,3 +45,14 @@ def prefix_spec(spec):
     if isinstance(spec, str):
         return prefix_regex(spec)
     return [(prefix_regex(r), suffix) for r, suffix in spec]
+
+
+def pool_type(backbone: nn.Module) -> Optional[str]:
+    """The timm backbone's global pooling as ``reset_classifier`` names it ('avg', 'token', '' ...), None if unknown."""
+    for owner in (backbone, getattr(backbone, 'head', None)):   # ConvNeXt, RegNet: pooling in the head module
+        pool = getattr(owner, 'global_pool', None)
+        if isinstance(pool, str):
+            return pool
+        if pool is not None and hasattr(pool, 'pool_type'):
+            return pool.pool_type
+    return None
