@@ -129,7 +129,7 @@ def _(env):
 
 
 @case('global_pool with heads', ValueError, r"global_pool='' with num_classes=3: the last stage's head reads the "
-      r"backbone's own pooling \('avg'\); other pooling is for num_classes=0 \(a feature extractor\)")
+      r"backbone's pooled features \('avg' pooling\), so other pooling is only for num_classes=0 \(the heads removed\)")
 def _(env):
     timm_hff.create_model('test_resnet', num_classes=3, check_img_size=32, global_pool='')
 

@@ -92,12 +92,8 @@ def _create_from_timm(arch: str, cfg: HFFConfig, pretrained: bool, num_classes: 
                                  pretrained_cfg_overlay=pretrained_cfg_overlay, **timm_kwargs)
     model = build_hff_model(backbone, num_classes, cfg, in_chans, model_name=arch,
                             timm_img_size=timm_kwargs.get('img_size'))
-    if global_pool is not None and global_pool != model._heads_pool:
-        if num_classes:
-            raise ValueError(f"global_pool={global_pool!r} with num_classes={num_classes}: the last stage's head "
-                             f"reads the backbone's own pooling ({model._heads_pool!r}); other pooling is for "
-                             f"num_classes=0 (a feature extractor)")
-        model.reset_classifier(0, global_pool)
+    if global_pool is not None and global_pool != model._heads_pool:   # refused with heads, as reset_classifier does
+        model.reset_classifier(num_classes, global_pool)
     if pretrained:   # timm's backbone, but every prototype head is new: say so once, rather than predict at chance
         origin = {k: v for k, v in (backbone.pretrained_cfg or {}).items() if k in ('hf_hub_id', 'tag', 'architecture')}
         model.pretrained_cfg['backbone_pretrained'] = origin
