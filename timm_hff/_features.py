@@ -4,8 +4,8 @@
 A trained HFF backbone is most useful downstream as a feature extractor (detection and segmentation necks, feature
 pyramids). timm's ``FeatureGetterNet`` wraps the HFF model: it prunes the backbone to the levels asked for (the
 prototype heads go with the stages past them) and returns ``forward_intermediates`` of the weights the model holds,
-so a saved HFF model loaded this way gives the features it learned. Only the getter is offered: the hook- and
-fx-based extractors rebuild the backbone's forward, which the HFF cut's hooks already sit on.
+so a saved HFF model loaded this way gives the features it learned. Only the getter is offered as ``feature_cls``
+(timm's hook and fx feature classes are not wired to the HFF model; torch.fx itself traces ``model(x)``).
 """
 from typing import Any, Dict
 

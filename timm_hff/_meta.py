@@ -12,7 +12,7 @@ __all__ = ['MetaValues', 'on_meta']
 
 def on_meta(device=None) -> bool:
     """Whether a build with timm's ``device`` argument (or, without one, the default device) lands on meta."""
-    return (torch.device(device).type if device is not None else torch.empty(0).device.type) == 'meta'
+    return (torch.device(device) if device is not None else torch.get_default_device()).type == 'meta'
 
 
 class MetaValues(TorchFunctionMode):

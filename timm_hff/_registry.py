@@ -25,22 +25,21 @@ def _make_entrypoint(name: str):
         from ._factory import create_model
         from ._features import as_feature_extractor, pop_feature_kwargs
         from .hub import load_from_timm_source
-        features = pop_feature_kwargs(kwargs)
-        saved = load_from_timm_source(pretrained, kwargs)  # timm.create_model('hf-hub:...'/'local-dir:...')
-        if saved is not None:
-            return as_feature_extractor(saved, **features) if features else saved
-        kwargs.pop('pretrained_cfg', None)
-        kwargs.update({'features_only': True, **features} if features else {})
-        if name == GENERIC_ARCH:   # any timm architecture, with the registered names' defaults
-            arch = kwargs.pop('arch', None)
-            if arch is None:
-                arch = registered_defaults(name)[0]
-            if not isinstance(arch, str) or not arch:
-                raise ValueError(f"{GENERIC_ARCH} wraps any timm architecture: pass arch='<timm model name>', "
-                                 f"got {arch!r}")
-            kwargs.setdefault('predict_from', REGISTERED_PREDICT_FROM)
-            return create_model(arch, pretrained=pretrained, **kwargs)
-        return create_model(name, pretrained=pretrained, **kwargs)
+        features = pop_feature_kwargs(kwargs)   # applied once, to whichever model comes back
+        model = load_from_timm_source(pretrained, kwargs)  # timm.create_model('hf-hub:...'/'local-dir:...')
+        if model is None:
+            kwargs.pop('pretrained_cfg', None)
+            arch = name
+            if name == GENERIC_ARCH:   # any timm architecture, with the registered names' defaults
+                arch = kwargs.pop('arch', None)
+                if arch is None:
+                    arch = registered_defaults(name)[0]
+                if not isinstance(arch, str) or not arch:
+                    raise ValueError(f"{GENERIC_ARCH} wraps any timm architecture: pass arch='<timm model name>', "
+                                     f"got {arch!r}")
+                kwargs.setdefault('predict_from', REGISTERED_PREDICT_FROM)
+            model = create_model(arch, pretrained=pretrained, **kwargs)
+        return as_feature_extractor(model, **features) if features else model
     entrypoint.__name__ = name
     entrypoint.__qualname__ = name
     entrypoint.__module__ = __name__
