@@ -608,13 +608,13 @@ def test_memory_efficient_releases_each_stage_output():
     assert alive_later == [False]
 
 
-@pytest.mark.parametrize('kind', ['memory', 'time'])
+@pytest.mark.parametrize('kind', ['memory', 'time', 'step'])
 def test_balanced_cut(kind, tmp_path):
     """balance= picks num_stages block-boundary cuts; the chosen cut is kept in stage_indices (a saved model rebuilds
     it without measuring), and the network is the default one (the small-input stem is that of the default cut)."""
     from timm_hff._balance import stage_costs
     kw = dict(small_input=True, check_img_size=32, num_stages=4)
-    balanced = _build('resnet18', kw, balance=kind)
+    balanced = _build('resnet18', dict(kw, balance_batch=4) if kind == 'step' else kw, balance=kind)
     default = _build('resnet18', kw)
     assert balanced.num_stages == 4 and balanced.hff_cfg.stage_indices is not None
     assert balanced.split.feature_indices[-1] == 4                         # the whole network

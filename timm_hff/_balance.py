@@ -1,5 +1,5 @@
-"""Balanced cuts: ``num_stages`` stages whose saved activations (``balance='memory'``) or step time
-(``balance='time'``) are as equal as the backbone's block boundaries allow.
+"""Balanced cuts: ``num_stages`` stages whose saved activations (``balance='memory'``), backbone time
+(``balance='time'``) or whole training step (``balance='step'``) are as equal as the backbone's block boundaries allow.
 
 timm's one-stage-per-level cut leaves most of a CNN's activations in its first, full-resolution stage, and that stage
 sets the peak of ``memory_efficient`` training (only one stage's graph is alive at a time) and the pace of a stage
@@ -8,11 +8,13 @@ pipeline (the slowest stage caps throughput). Cutting at block boundaries instea
 
 The costs are measured once, at build time, on a probe batch: bytes of the tensors autograd saves for backward in
 each block (memory), or each block's forward wall time with the backward's shared in proportion (time, the median of
-a few rounds). The chosen cut is written into ``stage_indices``, so a saved model rebuilds the same cut without
+a few rounds), or each block's training step and the head each boundary would carry (step: ``_step_cost``, what a
+stage process spends; a group costs its blocks plus the head at its end). The chosen cut is written into ``stage_indices``, so a saved model rebuilds the same cut without
 measuring again (a timing-based cut would otherwise differ from run to run).
 """
+import copy
 import time
-from typing import Dict, List, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -21,6 +23,7 @@ from ._config import HFFConfig
 from ._stages import SplitError, family_of, finish_order, hookable, plain_container, resolve_name
 
 Cut = Union[int, str]
+STEP_BATCH = 32   # balance='step' without balance_batch: small enough to probe quickly, big enough to be compute-bound
 
 
 def candidate_cuts(backbone: nn.Module) -> List[Cut]:
@@ -101,9 +104,12 @@ def _segment_costs(backbone: nn.Module, cuts: Sequence[Cut], x: torch.Tensor, ki
         backbone.train(was_training)
 
 
-def _partition(costs: Sequence[float], k: int) -> List[int]:
-    """Indices of the last piece of each of ``k`` contiguous groups minimising the largest group's sum (exact DP)."""
+def _partition(costs: Sequence[float], k: int, end_costs: Optional[Sequence[float]] = None) -> List[int]:
+    """Indices of the last piece of each of ``k`` contiguous groups minimising the largest group's cost (exact DP): the
+    sum of its pieces, plus ``end_costs[i]`` when the group ends at piece ``i`` (the head a stage ending there
+    carries)."""
     n = len(costs)
+    ends_at = list(end_costs) if end_costs is not None else [0.0] * n
     prefix = [0.0]
     for c in costs:
         prefix.append(prefix[-1] + c)
@@ -114,7 +120,7 @@ def _partition(costs: Sequence[float], k: int) -> List[int]:
     for g in range(1, k + 1):
         for i in range(g, n + 1):
             for j in range(g - 1, i):
-                v = max(best[g - 1][j], prefix[i] - prefix[j])
+                v = max(best[g - 1][j], prefix[i] - prefix[j] + ends_at[i - 1])
                 if v < best[g][i]:
                     best[g][i], back[g][i] = v, j
     ends, i = [], n
@@ -124,7 +130,8 @@ def _partition(costs: Sequence[float], k: int) -> List[int]:
     return sorted(ends)
 
 
-def balance_cuts(backbone: nn.Module, cfg: HFFConfig, in_chans: int, img_size: int, batch: int = 4) -> List[Cut]:
+def balance_cuts(backbone: nn.Module, cfg: HFFConfig, in_chans: int, img_size: int, num_classes: int = 10
+                 ) -> List[Cut]:
     """The ``cfg.num_stages`` cuts (``stage_indices`` entries) that balance ``cfg.balance`` over the backbone's blocks.
 
     The last cut is always the backbone's last tap (the full network is kept)."""
@@ -132,8 +139,16 @@ def balance_cuts(backbone: nn.Module, cfg: HFFConfig, in_chans: int, img_size: i
     if cfg.num_stages > len(cuts):
         raise ValueError(f'num_stages={cfg.num_stages} with balance={cfg.balance!r}, but '
                          f'{type(backbone).__name__} has only {len(cuts)} block boundaries to cut at')
-    x = torch.randn(batch if cfg.balance == 'time' else 2, in_chans, img_size, img_size,
+    if cfg.balance == 'step':
+        from ._step_cost import step_costs
+        blocks, heads = step_costs(backbone, cfg, cuts, in_chans, img_size, cfg.balance_batch or STEP_BATCH,
+                                   num_classes, channels_last=cfg.balance_channels_last)
+        return [cuts[i] for i in _partition(blocks, cfg.num_stages, heads)]
+    x = torch.randn(cfg.balance_batch or (4 if cfg.balance == 'time' else 2), in_chans, img_size, img_size,
                     device=next(backbone.parameters()).device)
+    if cfg.balance == 'time' and cfg.balance_channels_last:   # on a copy: the model keeps its own layout
+        backbone, x = copy.deepcopy(backbone).to(memory_format=torch.channels_last), x.contiguous(
+            memory_format=torch.channels_last)
     costs = _segment_costs(backbone, cuts, x, cfg.balance)
     return [cuts[i] for i in _partition(costs, cfg.num_stages)]
 

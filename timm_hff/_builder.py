@@ -34,7 +34,8 @@ def build_hff_model(backbone: nn.Module, num_classes: int, cfg: HFFConfig, in_ch
         adapt_small_input(backbone, stem_split(backbone, cfg), in_chans)
         measure_reductions(backbone, in_chans, img_size)   # timm's feature_info still has the 224 px stem's
     if cfg.balance is not None and cfg.stage_indices is None:   # measured once; the cut is kept in the model's config
-        cfg = dataclasses.replace(cfg, stage_indices=tuple(balance_cuts(backbone, cfg, in_chans, img_size)))
+        cuts = balance_cuts(backbone, cfg, in_chans, img_size, num_classes or 10)
+        cfg = dataclasses.replace(cfg, stage_indices=tuple(cuts))
     split = build_split(backbone, cfg)
     probe_split(backbone, split, in_chans, img_size, check=cfg.check_split)
     return HFFModel(backbone, split, num_classes, cfg, in_chans, model_name=model_name)

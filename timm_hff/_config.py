@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 AUX_KINDS = ('none', 'conv1x1', 'conv3x3')
-BALANCE_KINDS = ('memory', 'time')
+BALANCE_KINDS = ('memory', 'time', 'step')
 POOL_KINDS = ('avg', 'token')
 PROTOTYPE_INITS = ('normal', 'orthogonal')
 PREDICT_KINDS = ('last', 'ensemble', 'adaptive')
@@ -28,10 +28,17 @@ class HFFConfig:
             reduction level (the last ``num_stages`` levels; a stem tap joins stage 1); isotropic models (ViT)
             get ``num_stages`` evenly spaced blocks.
         balance: With ``stage_indices`` None, cut ``num_stages`` stages at block boundaries so that their saved
-            activations ('memory': what bounds memory_efficient training) or step times ('time': what paces a stage
+            activations ('memory': what bounds memory_efficient training), backbone times ('time') or whole training
+            steps ('step': each stage's blocks and head, forward, backward and AdamW step: what paces a stage
             pipeline) are as equal as possible, instead of timm's one stage per level. Measured once at build time;
             the chosen cut is stored in ``stage_indices``. ``small_input`` adapts the stem of the default cut at
             the default stage count, so every balanced cut of a model, whatever ``num_stages``, re-cuts one network.
+        balance_batch: The probe batch ``balance`` measures on; None: 2 ('memory': bytes scale with the batch), 4
+            ('time'), 32 ('step'). ``hff-train`` sets the run's ``batch_size`` for 'step', since per-layer overheads
+            weigh less at a larger batch and so move the cut.
+        balance_channels_last: Measure 'time' and 'step' in channels_last memory format, as a run that trains in it
+            (``hff-train`` sets the run's ``channels_last`` for 'step'): a CNN's early, wide-resolution blocks run at another
+            speed there, which moves the cut.
         stage_indices: Where stages end: indices into the backbone's ``feature_info`` (``out_indices``-style, negative
             from the end) and/or module names of the backbone for cuts finer than timm's levels (block boundaries
             such as ``'layer1.0'`` or ``'stages.2.blocks.3'``). If the last cut is not the backbone's last tap, the
@@ -75,6 +82,8 @@ class HFFConfig:
     """
     num_stages: int = 4
     balance: Optional[str] = None
+    balance_batch: Optional[int] = None
+    balance_channels_last: bool = False
     stage_indices: Optional[Tuple[Union[int, str], ...]] = None
     prototypes_per_class: int = 1
     embed_dim: Optional[int] = 128
@@ -118,6 +127,10 @@ class HFFConfig:
         if self.aux_size is not None:
             _check_int('aux_size', self.aux_size, 1)
         _check_int('pool_size', self.pool_size, 1)
+        if self.balance_batch is not None:
+            _check_int('balance_batch', self.balance_batch, 1)
+        if not isinstance(self.balance_channels_last, bool):
+            raise ValueError(f'balance_channels_last must be true or false, got {short_repr(self.balance_channels_last)}')
         if self.aux == 'none' and (self.aux_channels is not None or self.aux_depth != 1 or self.aux_size is not None):
             given = [k for k, v in (('aux_channels', self.aux_channels), ('aux_size', self.aux_size)) if v is not None]
             given += ['aux_depth'] if self.aux_depth != 1 else []

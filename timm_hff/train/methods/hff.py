@@ -22,6 +22,9 @@ class HFFMethod(Method):
         hff = dict(cfg.hff)
         if cfg.img_size and 'check_img_size' not in hff:
             hff['check_img_size'] = cfg.img_size
+        if hff.get('balance') == 'step':   # the cut is timed as this run will train: its batch and memory format
+            hff.setdefault('balance_batch', cfg.batch_size)
+            hff.setdefault('balance_channels_last', bool(cfg.channels_last))
         weights = dict(pretrained_cfg_overlay=dict(file=cfg.pretrained_file)) if cfg.pretrained_file else {}
         model = create_model(cfg.model, pretrained=cfg.pretrained or bool(cfg.pretrained_file),
                              num_classes=num_classes, in_chans=cfg.in_chans, **weights, **cfg.model_kwargs, **hff)
