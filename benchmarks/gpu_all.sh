@@ -4,6 +4,8 @@
 #
 #     bash benchmarks/gpu_all.sh                 # writes benchmarks/results/gpu/<name>/, prints all tables last
 #     ACC_EPOCHS=2 bash benchmarks/gpu_all.sh    # shorter accuracy run
+#     EXIT_MODEL=local-dir:output/greedy25/c64/model bash benchmarks/gpu_all.sh   # + early exit on a saved model
+#       (batch 1 and 256, bf16; thresholds fitted on its validation hold-out; the Fashion-MNIST IDX files needed)
 #
 # Each step's output goes to $OUT/<name>.log; the tables are printed together at the end.
 set -euo pipefail
@@ -32,10 +34,15 @@ status=0
 step inference || status=1
 step train_cost || status=1
 step accuracy --epochs "$ACC_EPOCHS" || status=1
+names="inference train_cost accuracy"
+if [ -n "${EXIT_MODEL:-}" ]; then
+    step early_exit --model "$EXIT_MODEL" --batch-sizes 1 256 --rounds 3 || status=1
+    names="$names early_exit"
+fi
 
 echo
 echo "# GPU benchmark results ($(( $(date +%s) - start ))s in all)"
-for name in inference train_cost accuracy; do
+for name in $names; do
     echo
     if [ -f "$OUT/$name/results.md" ]; then cat "$OUT/$name/results.md"; else echo "### $name: FAILED (see $OUT/$name.log)"; fi
 done

@@ -368,4 +368,68 @@ def test_benchmark_at_toy_size(idx_root, tmp_path):
     assert names[:4] == ['full', 'stage 1', 'stage 2', 'stage 3'] and 'adaptive (val drop 0.2)' in names
     full = saved['points'][0]
     assert full['mean_flops'] == res['full_flops'] and full['flops_ratio'] == 1.0
-    assert 'cpu_speedup_b256' not in saved['targets']   # judged at batch 256 only
+    assert 'cpu_speedup_b256' not in saved['targets']   # judged at batch 256 and 1 only
+    assert saved['targets']['cpu_speedup_b1'] > 0 and 'cpu_speedup_b1_met' in saved['targets']
+
+
+def test_a_closed_exit_runs_no_head_and_costs_none(model_and_x):
+    """Threshold 1 at a stage: nobody can leave there, so the shrinking forward skips that head (its FLOPs are not
+    charged) and the exits are those of the replay, whose costs say the same."""
+    from timm_hff._exit import ExitStats
+    from timm_hff._exit_rule import scored_stages
+    model, x = model_and_x
+    with torch.no_grad():
+        full = model.forward_stages(x)
+    thresholds = _middle_thresholds(full)
+    thresholds[0] = 1.0   # stage 1 closed
+    model.set_exits(rule='max_prob', thresholds=thresholds)
+    calls = []
+    hook = model.heads[0].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with torch.no_grad():
+            logits, exit_stage = model.forward_adaptive(x)
+    finally:
+        hook.remove()
+    assert not calls and 0 not in exit_stage.tolist()
+    with torch.no_grad():   # (counting FLOPs runs every head once, on one image, so not under the hook)
+        logits_again, _, flops = model.forward_adaptive(x, return_flops=True)
+    torch.testing.assert_close(logits_again, logits)
+    scored = scored_stages('max_prob', model.num_stages, thresholds)
+    assert scored == [False] + [True] * (model.num_stages - 1)
+    open_costs, closed_costs = exit_flops(model, x.shape[-1]), exit_flops(model, x.shape[-1], scored)
+    head0 = open_costs[0] - (exit_flops(model, x.shape[-1], [False] * model.num_stages)[0])
+    assert head0 > 0 and all(o - c == head0 for o, c in zip(open_costs[1:], closed_costs[1:]))
+    assert flops.tolist() == [closed_costs[k] for k in exit_stage.tolist()]
+    rows = timm_hff.stage_profile(model, x.shape[-1])
+    stats = ExitStats([lg.float() for lg in full], full[-1].argmax(-1), open_costs, full_flops(model, x.shape[-1]),
+                      tuple(x.shape[-2:]), [r['flops'] for r in rows], [r['head_flops'] for r in rows])
+    point = stats.point('max_prob', thresholds)
+    assert point['mean_flops'] == pytest.approx(flops.double().mean().item())
+    assert stats.exits('max_prob', thresholds).tolist() == exit_stage.tolist()
+
+
+def _two_exit_stats(head1_flops):
+    """3 stages, 100 images of class 0: stage 1 is sure and right on the first half, unsure and wrong on the rest;
+    stage 2 is sure and right on all; every stage's backbone costs 10, heads 1, 1 (or ``head1_flops``) and 1."""
+    from timm_hff._exit import ExitStats
+    sure, unsure = torch.tensor([5.0, 0.0]), torch.tensor([0.0, 0.1])
+    s0 = torch.stack([sure] * 50 + [unsure] * 50)
+    s1 = torch.stack([sure] * 100)
+    heads = [1, head1_flops, 1]
+    return ExitStats([s0, s1, s1.clone()], torch.zeros(100, dtype=torch.long), [11, 21 + head1_flops, 32 + head1_flops],
+                     31, (28, 28), [10, 10, 10], heads)
+
+
+@pytest.mark.parametrize('head1, opened', [(1, True), (100, False)])
+def test_fit_closes_an_exit_whose_head_costs_more_than_it_saves(head1, opened):
+    """Opening stage 2's exit saves its stage 3 for half the images (10 FLOPs each) but charges its head to all of
+    them: worth it at a head of 1, not at 100. The fit keeps every image right (drop 0) either way."""
+    from timm_hff._exit import fit_exits
+    stats = _two_exit_stats(head1)
+    model = _model(num_classes=2, stage_indices=(1, 2, 3))   # any 3-stage model: fit_exits stores the setting in it
+    cal = fit_exits(model, stats, max_accuracy_drop=0.0)
+    assert cal.thresholds[0] < 1 and (cal.thresholds[1] < 1) == opened
+    assert cal.top1 == 100.0
+    expected = (50 * 11 + 50 * 22) / 100 if opened else (50 * 11 + 50 * 32) / 100
+    assert cal.mean_flops == pytest.approx(expected)
+    assert model.hff_cfg.exit_thresholds == cal.thresholds

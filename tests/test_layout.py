@@ -20,7 +20,7 @@ MAX_FUNCTION_LINES = 80
 LAYERS = [
     ('version', '_config', '_lazy', '_names', 'data', '_io', '_pretrained', '_inputs', '_timm_cfg'),
     ('_meta', '_fused_head', '_heads', '_stages', '_cuts', '_probe', '_small_input', '_exit_rule', '_stem_ckpt'),
-    ('_profile', '_adaptive', '_local_losses', '_model', '_balance', '_compile'),
+    ('_profile', '_adaptive', '_local_losses', '_model', '_step_cost', '_balance', '_compile'),
     ('_builder', '_exit', '_compile', '_features'),
     ('hub',),
     ('_factory', '_registry'),

@@ -11,7 +11,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from ._config import HFFConfig
-from ._exit_rule import ExitRule, replay_exits
+from ._exit_rule import ExitRule, replay_exits, scored_stages
 from ._profile import exit_flops
 from ._probe import check_shrink
 
@@ -32,7 +32,8 @@ class AdaptiveExit:
         Returns:
             ``(logits, exit_stage)``: logits (B, num_classes) and each image's 0-based exit stage (B,); with
             ``return_flops``, also the FLOPs spent on each image (B,), from ``torch.utils.flop_counter`` counts of
-            one image (the backbone stages and the heads it went through).
+            one image (the backbone stages and the heads it went through; a stage whose threshold is 1 runs no
+            head, as nobody may leave there).
         """
         self._need_heads('adaptive exit')
         self._check_input(x)
@@ -62,7 +63,11 @@ class AdaptiveExit:
             out[0].index_copy_(0, idx, (logits if rows is None else logits[rows]).to(out[0].dtype))
             exit_stage.index_fill_(0, idx, k)
 
+        scored = scored_stages(rule.rule, n, rule.thresholds)
+
         def route(k: int, h: torch.Tensor) -> Optional[torch.Tensor]:
+            if not scored[k]:   # threshold 1: no image can leave here, so its head is not run
+                return None
             logits = self.heads[k](h)
             leave = rule.leave(k, logits)
             leaving = int(leave.sum())
@@ -83,7 +88,7 @@ class AdaptiveExit:
 
         self._run(x, on_stage=last_stage, route=route, keep=False)   # keep=False: no stage output outlives its use
         logits = out[0] if out[0] is not None else x.new_empty(0, self.num_classes)
-        return (logits, exit_stage, self._flops_of(x, exit_stage)) if return_flops else (logits, exit_stage)
+        return (logits, exit_stage, self._flops_of(x, exit_stage, scored)) if return_flops else (logits, exit_stage)
 
     def _exit_rule(self) -> ExitRule:
         cfg = self.hff_cfg
@@ -115,8 +120,9 @@ class AdaptiveExit:
                              f'stages, so it needs {self.num_stages - 1} (one per stage but the last); refit them '
                              f'with timm_hff.calibrate_exits, or set exit_thresholds to null')
 
-    def _flops_of(self, x: torch.Tensor, exit_stage: torch.Tensor) -> torch.Tensor:
-        size = tuple(x.shape[-2:])
-        if size not in self._exit_flops:
-            self._exit_flops[size] = torch.tensor(exit_flops(self, size), dtype=torch.long)
-        return self._exit_flops[size].to(exit_stage.device)[exit_stage]
+    def _flops_of(self, x: torch.Tensor, exit_stage: torch.Tensor, scored: Optional[Sequence[bool]] = None
+                  ) -> torch.Tensor:
+        key = (tuple(x.shape[-2:]), tuple(scored) if scored is not None else None)
+        if key not in self._exit_flops:
+            self._exit_flops[key] = torch.tensor(exit_flops(self, key[0], scored), dtype=torch.long)
+        return self._exit_flops[key].to(exit_stage.device)[exit_stage]

@@ -8,19 +8,26 @@ threshold 1), each step lowering the one threshold whose move saves the most FLO
 long as accuracy stays within ``max_accuracy_drop`` points of the full model; with ``flops_budget`` it goes on until
 the mean cost fits the budget, at the least accuracy lost per FLOP saved (MSDNet fits its exits the same way, on a
 validation split under a budget).
+
+A stage left at threshold 1 runs no head in the adaptive forward (nobody may leave there), so opening an exit costs
+its head for every image that reaches it: on a model whose early heads cost as much as the stages between them, the
+cheapest setting uses only some exits. The descent therefore runs once per set of open exits (every set for up to
+``EXHAUSTIVE`` exits, else all of them open), each charged its heads from the start, and the best end point wins.
 """
 import math
 from dataclasses import asdict, dataclass, field
+import itertools
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
 from ._config import EXIT_RULES
-from ._exit_rule import ExitRule, confidence, replay_exits
+from ._exit_rule import ExitRule, confidence, replay_exits, scored_stages
 from ._model import HFFModel
-from ._profile import exit_flops, full_flops
+from ._profile import exit_costs, exit_flops, full_flops, stage_profile
 
 GRID = 200   # candidate thresholds per stage: quantiles of that stage's confidence on the calibration data
+EXHAUSTIVE = 6   # up to this many early exits, every subset of them is tried as the set of open exits
 
 
 @dataclass
@@ -32,6 +39,8 @@ class ExitStats:
     exit_flops: List[int]                 # FLOPs per image of leaving after stage k
     full_flops: int                       # FLOPs per image of the full-depth prediction (predict_from='last')
     img_size: Tuple[int, int]
+    stage_flops: Optional[List[int]] = None   # per stage: backbone FLOPs per image (None: every head is paid)
+    head_flops: Optional[List[int]] = None    # per stage: its head's FLOPs per image
 
     @property
     def num_images(self) -> int:
@@ -53,11 +62,24 @@ class ExitStats:
         """Each image's exit stage under a setting (the rule of the adaptive forward, replayed)."""
         return replay_exits(ExitRule(rule, self.num_stages, thresholds, patience), self.stage_logits)[1]
 
-    def score(self, exit_stage: torch.Tensor) -> Dict[str, Any]:
-        """Top-1 (%), mean FLOPs per image and the share leaving at each stage, for given exit stages."""
+    def costs(self, rule: str = 'max_prob', thresholds: Optional[Sequence[float]] = None) -> List[int]:
+        """FLOPs per image of leaving after each stage under a setting: the heads of stages at threshold 1 are not
+        run (``_exit_rule.scored_stages``)."""
+        if self.stage_flops is None or self.head_flops is None:
+            return list(self.exit_flops)
+        return exit_costs(self.stage_flops, self.head_flops, scored_stages(rule, self.num_stages, thresholds))
+
+    def point(self, rule: str = 'max_prob', thresholds: Optional[Sequence[float]] = None,
+              patience: int = 2) -> Dict[str, Any]:
+        """``score`` of a setting: its exits, at its own cost."""
+        return self.score(self.exits(rule, thresholds, patience), self.costs(rule, thresholds))
+
+    def score(self, exit_stage: torch.Tensor, costs: Optional[Sequence[int]] = None) -> Dict[str, Any]:
+        """Top-1 (%), mean FLOPs per image and the share leaving at each stage, for given exit stages (``costs``:
+        FLOPs of leaving after each stage; default every head paid, ``exit_flops``)."""
         n = max(self.num_images, 1)
         correct = self.correct().gather(1, exit_stage.view(-1, 1)).sum().item()
-        costs = torch.tensor(self.exit_flops, dtype=torch.float64)
+        costs = torch.tensor(self.exit_flops if costs is None else costs, dtype=torch.float64)
         mean_flops = costs[exit_stage].mean().item() if self.num_images else 0.0
         counts = torch.bincount(exit_stage, minlength=self.num_stages).tolist()
         return dict(top1=100.0 * correct / n, mean_flops=mean_flops, flops_ratio=mean_flops / self.full_flops,
@@ -135,8 +157,10 @@ def exit_stats(model: HFFModel, loader: Iterable, gather: Optional[Callable] = N
     if not labels:
         raise ValueError('the calibration loader yielded no images; pass the validation split (batches of (images, '
                          'labels) ready for the model)')
+    rows = stage_profile(model, size)
     return ExitStats([torch.cat(lg) for lg in logits], torch.cat(labels), exit_flops(model, size),
-                     full_flops(model, size), size)
+                     full_flops(model, size), size, stage_flops=[r['flops'] for r in rows],
+                     head_flops=[r['head_flops'] for r in rows])
 
 
 def calibrate_exits(model: HFFModel, loader: Iterable, max_accuracy_drop: Optional[float] = None,
@@ -170,11 +194,11 @@ def fit_exits(model: HFFModel, stats: ExitStats, max_accuracy_drop: Optional[flo
                          f'which every image pays; raise the budget')
     if rule == 'patience':
         patience, thresholds = _fit_patience(stats, max_accuracy_drop, flops_budget), None
-        point = stats.score(stats.exits('patience', patience=patience))
+        point = stats.point('patience', patience=patience)
         model.set_exits(rule='patience', patience=patience)
     else:
         thresholds, patience = _fit_thresholds(stats, rule, max_accuracy_drop, flops_budget), None
-        point = stats.score(stats.exits(rule, thresholds))
+        point = stats.point(rule, thresholds)
         model.set_exits(thresholds=thresholds, rule=rule)
     target = dict(max_accuracy_drop=max_accuracy_drop) if flops_budget is None else dict(flops_budget=flops_budget)
     return ExitCalibration(rule=rule, thresholds=thresholds, patience=patience, top1=point['top1'],
@@ -210,17 +234,51 @@ def _check_target(model: HFFModel, max_accuracy_drop: Optional[float], flops_bud
 
 def _fit_thresholds(stats: ExitStats, rule: str, max_drop: Optional[float],
                     budget: Optional[float]) -> Tuple[float, ...]:
-    """Greedy descent from all thresholds at 1 over per-stage quantile grids (see the module docstring)."""
+    """The best end point of a greedy descent per set of open exits (see the module docstring)."""
     n = stats.num_stages
     if n == 1:
         return ()
     conf = stats.confidences(rule)                                # (N, n-1)
     correct = stats.correct()                                     # (N, n)
-    costs = torch.tensor(stats.exit_flops, dtype=torch.float64)
     levels = torch.linspace(1, 0, GRID + 1, dtype=torch.float64)
     grids = [[1.0] + [t for t in torch.quantile(conf[:, k].double(), levels).unique().flip(0).tolist()
                       if 0 < t < 1] for k in range(n - 1)]
-    pos = [0] * (n - 1)
+    full_correct = int(correct[:, -1].sum())
+    floor = full_correct - (max_drop or 0) / 100 * stats.num_images - 1e-9
+    limit = None if budget is None else budget * stats.num_images
+    exits = [k for k in range(n - 1) if len(grids[k]) > 1]
+    if stats.stage_flops is None or len(exits) > EXHAUSTIVE:
+        open_sets = [tuple(exits)] if exits else []
+    else:
+        open_sets = [c for r in range(1, len(exits) + 1) for c in itertools.combinations(exits, r)]
+    all_closed = [0] * (n - 1)
+    best = (all_closed, full_correct, float(stats.costs(rule, [1.0] * (n - 1))[-1]) * stats.num_images)
+    for opened in open_sets:
+        got = _descend(stats, rule, conf, correct, grids, opened, floor, limit)
+        if got is not None and _better(got, best, floor, limit):
+            best = got
+    return tuple(float(grids[k][best[0][k]]) for k in range(n - 1))
+
+
+def _better(a, b, floor: float, limit: Optional[float]) -> bool:
+    """Is end point ``a`` (positions, correct, total cost) better than ``b``: without a budget the cheaper one within
+    the accuracy floor; with one, the more accurate one within the budget (else the cheaper)."""
+    if limit is None:
+        return a[1] >= floor and (a[2], -a[1]) < (b[2], -b[1])
+    fits_a, fits_b = a[2] <= limit, b[2] <= limit
+    if fits_a != fits_b:
+        return fits_a
+    return (-a[1], a[2]) < (-b[1], b[2]) if fits_a else a[2] < b[2]
+
+
+def _descend(stats: ExitStats, rule: str, conf: torch.Tensor, correct: torch.Tensor, grids: List[List[float]],
+             opened: Sequence[int], floor: float, limit: Optional[float]):
+    """Greedy descent with the exits ``opened`` open (their heads charged from the start, the rest at 1): each step
+    lowers the open threshold that saves the most FLOPs per image right lost. (positions, correct, total cost), or
+    None when even the first step below 1 breaks the accuracy floor."""
+    n = stats.num_stages
+    thresholds = [1.0 if k not in opened else grids[k][1] for k in range(n - 1)]
+    costs = torch.tensor(stats.costs(rule, thresholds), dtype=torch.float64)
 
     def score(p: List[int]) -> Tuple[int, float]:
         t = torch.tensor([grids[k][p[k]] for k in range(n - 1)], dtype=torch.float32)
@@ -229,13 +287,13 @@ def _fit_thresholds(stats: ExitStats, rule: str, max_drop: Optional[float],
         exit_stage = leave.to(torch.uint8).argmax(1)
         return int(correct.gather(1, exit_stage.view(-1, 1)).sum()), costs[exit_stage].sum().item()
 
-    full_correct = int(correct[:, -1].sum())
-    floor = full_correct - (max_drop or 0) / 100 * stats.num_images - 1e-9
+    pos = [1 if k in opened else 0 for k in range(n - 1)]
     cur_correct, cur_cost = score(pos)
-    limit = None if budget is None else budget * stats.num_images
+    if limit is None and cur_correct < floor:
+        return None
     while limit is None or cur_cost > limit:
         best = None
-        for k in range(n - 1):
+        for k in opened:
             if pos[k] + 1 >= len(grids[k]):
                 continue
             trial = pos[:k] + [pos[k] + 1] + pos[k + 1:]
@@ -249,12 +307,12 @@ def _fit_thresholds(stats: ExitStats, rule: str, max_drop: Optional[float],
         if best is None:
             break
         _, pos, cur_correct, cur_cost = best
-    return tuple(float(grids[k][pos[k]]) for k in range(n - 1))
+    return pos, cur_correct, cur_cost
 
 
 def _fit_patience(stats: ExitStats, max_drop: Optional[float], budget: Optional[float]) -> int:
     """The smallest patience within the accuracy drop; with a budget, the largest (most accurate) that fits it."""
-    points = [(p, stats.score(stats.exits('patience', patience=p))) for p in range(1, stats.num_stages + 1)]
+    points = [(p, stats.point('patience', patience=p)) for p in range(1, stats.num_stages + 1)]
     if budget is None:
         floor = stats.full_top1() - max_drop - 1e-9
         return min([p for p, s in points if s['top1'] >= floor], default=stats.num_stages)

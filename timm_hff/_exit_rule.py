@@ -16,7 +16,7 @@ A threshold of 1 means "never leave here" rather than "leave at probability 1.0"
 confident predictions to exactly 1, and an all-ones setting must reproduce the last stage exactly.
 """
 import math
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -68,6 +68,15 @@ class ExitRule:
     def keep(self, rows: torch.Tensor) -> None:
         if self._last is not None:
             self._last, self._streak = self._last[rows], self._streak[rows]
+
+
+def scored_stages(rule: str, num_stages: int, thresholds: Optional[Sequence[float]]) -> List[bool]:
+    """Which stages' heads the adaptive forward must run: all for 'patience' (every stage votes), else those whose
+    threshold lets an image leave (< 1) and the last. A head that cannot let anyone leave is skipped, so a stage
+    worth no exit costs no head: the fit (``_exit``) may switch a stage off to save its head."""
+    if rule == 'patience' or thresholds is None:
+        return [True] * num_stages
+    return [k == num_stages - 1 or (k < len(thresholds) and thresholds[k] < 1) for k in range(num_stages)]
 
 
 def replay_exits(rule: ExitRule, stage_logits: Sequence[torch.Tensor]):

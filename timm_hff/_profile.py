@@ -3,7 +3,7 @@
 A cut that leaves most of the network inside one stage is close to backprop by construction, so every accuracy
 this library reports sits beside these shares (run header, ``metrics.json``, model card).
 """
-from typing import Any, Dict, List, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -74,12 +74,22 @@ def format_profile(rows: List[Dict[str, Any]]) -> str:
     return '\n'.join(lines)
 
 
-def exit_flops(model: nn.Module, img_size: Union[int, Tuple[int, int], None] = None) -> List[int]:
-    """FLOPs per image of leaving after stage k (adaptive exit): the backbone stages up to k and their heads, as
-    the early-exit forward spends them (every stage it passes is scored by its head)."""
-    total, out = 0, []
-    for row in stage_profile(model, img_size):
-        total += row['flops'] + row['head_flops']
+def exit_flops(model: nn.Module, img_size: Union[int, Tuple[int, int], None] = None,
+               scored: Optional[Sequence[bool]] = None) -> List[int]:
+    """FLOPs per image of leaving after stage k (adaptive exit): the backbone stages up to k and the heads the
+    early-exit forward scores them with on the way: all of them, or those ``scored`` marks (a stage whose
+    threshold is 1 lets no image leave, so its head is not run; ``_exit_rule.scored_stages``)."""
+    rows = stage_profile(model, img_size)
+    return exit_costs([r['flops'] for r in rows], [r['head_flops'] for r in rows], scored)
+
+
+def exit_costs(stage_flops: Sequence[int], head_flops: Sequence[int], scored: Optional[Sequence[bool]] = None
+               ) -> List[int]:
+    """``exit_flops`` from per-stage backbone and head FLOPs: cumulative, a head counted where ``scored`` (and the
+    last stage's always: every image left by then is scored by it)."""
+    total, out, last = 0, [], len(stage_flops) - 1
+    for k, (f, h) in enumerate(zip(stage_flops, head_flops)):
+        total += f + (h if scored is None or k == last or scored[k] else 0)
         out.append(total)
     return out
 

@@ -22,7 +22,7 @@ def adaptive_point(model, batches: Iterable, gather: Optional[Callable] = None, 
     full-depth figures they save against."""
     stats = exit_stats(model, batches, gather=gather)
     cfg = model.hff_cfg
-    point = stats.score(stats.exits(cfg.exit_rule, cfg.exit_thresholds, cfg.exit_patience))
+    point = stats.point(cfg.exit_rule, cfg.exit_thresholds, cfg.exit_patience)
     return {f'{prefix}adaptive_top1': point['top1'], f'{prefix}adaptive_full_top1': stats.full_top1(),
             f'{prefix}adaptive_mean_mflops': point['mean_flops'] / 1e6,
             f'{prefix}adaptive_full_mflops': stats.full_flops / 1e6,
