@@ -137,7 +137,7 @@ def run(args, runtime) -> Dict[str, Any]:
     points = [dict(kind='full', name='full', top1=full_top1, mean_flops=full_flops, flops_ratio=1.0)]
     correct = test.correct()
     for k in range(n - 1):
-        points.append(dict(kind='fixed', name=f'stage {k + 1}', top1=100 * correct[:, k].float().mean().item(),
+        points.append(dict(kind='fixed', name=f'stage {k + 1}', top1=100 * int(correct[:, k].sum()) / len(yt),
                            mean_flops=fixed_flops[k], flops_ratio=fixed_flops[k] / full_flops))
     for q in SWEEP:
         s = test.point(args.rule, (q,) * (n - 1))

@@ -433,3 +433,18 @@ def test_fit_closes_an_exit_whose_head_costs_more_than_it_saves(head1, opened):
     expected = (50 * 11 + 50 * 22) / 100 if opened else (50 * 11 + 50 * 32) / 100
     assert cal.mean_flops == pytest.approx(expected)
     assert model.hff_cfg.exit_thresholds == cal.thresholds
+
+
+def test_full_top1_is_exact():
+    """An exact 0.2-point drop must compare equal to 0.2: top-1 comes from counts, not a float32 mean."""
+    stats = _two_exit_stats(1)
+    stats.stage_logits[-1][:3] = torch.tensor([0.0, 5.0])   # 97 of 100 right
+    assert stats.full_top1() == 97.0
+    big = _two_exit_stats(1)
+    n = 10000
+    labels = torch.zeros(n, dtype=torch.long)
+    last = torch.zeros(n, 2)
+    last[:9354, 0] = 1.0
+    last[9354:, 1] = 1.0
+    big.stage_logits, big.labels = [last, last, last], labels
+    assert big.full_top1() - 93.34 <= 0.2 + 1e-9 and big.full_top1() == 93.54
