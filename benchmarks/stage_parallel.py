@@ -15,7 +15,8 @@ Targets: stage_parallel >= 1.35x the 2-thread process; against the 1-thread proc
 
 Also measured, in this process with 1 thread: one training step of each stage alone (its slice of the backbone, its
 head, backward, AdamW step; stage 1 also the batch transform) for the recipe's cut and for the cuts ``balance='time'``
-and ``balance='step'`` choose, since the slowest stage caps a pipeline: balanced stages are the precondition of the speed-up.
+and ``balance='step'`` choose, since the slowest stage caps a pipeline: balanced stages are the precondition of the
+speed-up.
 
 ``--equivalence`` trains ``recipes/fashion_mnist_quick.yaml`` (4 stages, full Fashion-MNIST) with ``simultaneous``
 and with ``stage_parallel`` (4 processes), without and with per-stage randomness (``drop_path_rate`` 0.1), reusing

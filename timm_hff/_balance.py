@@ -9,8 +9,9 @@ pipeline (the slowest stage caps throughput). Cutting at block boundaries instea
 The costs are measured once, at build time, on a probe batch: bytes of the tensors autograd saves for backward in
 each block (memory), or each block's forward wall time with the backward's shared in proportion (time, the median of
 a few rounds), or each block's training step and the head each boundary would carry (step: ``_step_cost``, what a
-stage process spends; a group costs its blocks plus the head at its end). The chosen cut is written into ``stage_indices``, so a saved model rebuilds the same cut without
-measuring again (a timing-based cut would otherwise differ from run to run).
+stage process spends; a group costs its blocks plus the head at its end). The chosen cut is written into
+``stage_indices``, so a saved model rebuilds the same cut without measuring again (a timing-based cut would otherwise
+differ from run to run).
 """
 import copy
 import time

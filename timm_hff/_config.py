@@ -37,8 +37,8 @@ class HFFConfig:
             ('time'), 32 ('step'). ``hff-train`` sets the run's ``batch_size`` for 'step', since per-layer overheads
             weigh less at a larger batch and so move the cut.
         balance_channels_last: Measure 'time' and 'step' in channels_last memory format, as a run that trains in it
-            (``hff-train`` sets the run's ``channels_last`` for 'step'): a CNN's early, wide-resolution blocks run at another
-            speed there, which moves the cut.
+            (``hff-train`` sets the run's ``channels_last`` for 'step'): a CNN's early, wide-resolution blocks run at
+            another speed there, which moves the cut.
         stage_indices: Where stages end: indices into the backbone's ``feature_info`` (``out_indices``-style, negative
             from the end) and/or module names of the backbone for cuts finer than timm's levels (block boundaries
             such as ``'layer1.0'`` or ``'stages.2.blocks.3'``). If the last cut is not the backbone's last tap, the
@@ -130,7 +130,8 @@ class HFFConfig:
         if self.balance_batch is not None:
             _check_int('balance_batch', self.balance_batch, 1)
         if not isinstance(self.balance_channels_last, bool):
-            raise ValueError(f'balance_channels_last must be true or false, got {short_repr(self.balance_channels_last)}')
+            raise ValueError(f'balance_channels_last must be true or false, got '
+                             f'{short_repr(self.balance_channels_last)}')
         if self.aux == 'none' and (self.aux_channels is not None or self.aux_depth != 1 or self.aux_size is not None):
             given = [k for k, v in (('aux_channels', self.aux_channels), ('aux_size', self.aux_size)) if v is not None]
             given += ['aux_depth'] if self.aux_depth != 1 else []
