@@ -62,7 +62,7 @@ def step_costs(backbone: nn.Module, cfg: HFFConfig, cuts: Sequence, in_chans: in
             loss, _ = head_loss(model.heads[k], held, y)
             loss.backward()
             spent[k] = time.perf_counter() - t
-            if h.requires_grad:
+            if h.requires_grad and held.grad is not None:   # the blocks' backward, from the head's gradient
                 h.backward(held.grad)
             marks.append(time.perf_counter())
 
