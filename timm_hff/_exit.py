@@ -24,7 +24,7 @@ import torch
 from ._config import EXIT_RULES
 from ._exit_rule import ExitRule, confidence, replay_exits, scored_stages
 from ._model import HFFModel
-from ._profile import exit_costs, exit_flops, full_flops, stage_profile
+from ._profile import exit_costs, exit_flops, full_cost, stage_profile
 
 GRID = 200   # candidate thresholds per stage: quantiles of that stage's confidence on the calibration data
 EXHAUSTIVE = 6   # up to this many early exits, every subset of them is tried as the set of open exits
@@ -159,10 +159,10 @@ def exit_stats(model: HFFModel, loader: Iterable, gather: Optional[Callable] = N
     if not labels:
         raise ValueError('the calibration loader yielded no images; pass the validation split (batches of (images, '
                          'labels) ready for the model)')
-    rows = stage_profile(model, size)
-    return ExitStats([torch.cat(lg) for lg in logits], torch.cat(labels), exit_flops(model, size),
-                     full_flops(model, size), size, stage_flops=[r['flops'] for r in rows],
-                     head_flops=[r['head_flops'] for r in rows])
+    rows = stage_profile(model, size)   # once: every cost below derives from it
+    stage, heads = [r['flops'] for r in rows], [r['head_flops'] for r in rows]
+    return ExitStats([torch.cat(lg) for lg in logits], torch.cat(labels), exit_costs(stage, heads), full_cost(rows),
+                     size, stage_flops=stage, head_flops=heads)
 
 
 def calibrate_exits(model: HFFModel, loader: Iterable, max_accuracy_drop: Optional[float] = None,

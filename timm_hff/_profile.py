@@ -97,5 +97,9 @@ def exit_costs(stage_flops: Sequence[int], head_flops: Sequence[int], scored: Op
 def full_flops(model: nn.Module, img_size: Union[int, Tuple[int, int], None] = None) -> int:
     """FLOPs per image of the full-depth prediction (``predict_from='last'``): the whole cut backbone and the last
     head only (the reference that adaptive exit saves against)."""
-    rows = stage_profile(model, img_size)
+    return full_cost(stage_profile(model, img_size))
+
+
+def full_cost(rows: List[Dict[str, Any]]) -> int:
+    """``full_flops`` from ``stage_profile`` rows already taken."""
     return sum(r['flops'] for r in rows) + rows[-1]['head_flops']
