@@ -301,6 +301,18 @@ def _(env, capsys):
     env.cli(cli_args(settings) + ['--resume', env.run_dir], capsys)
 
 
+@case('cuda_graphs on a machine without a GPU', CliError,
+      r'cuda_graphs: true captures the training step as CUDA graphs, but this run is on cpu: drop cuda_graphs')
+def _(env, capsys):
+    env.cli(cli_args(tiny_settings(env.idx, env.tmp, cuda_graphs=True)), capsys)
+
+
+@case('cuda_graphs with an optimizer that has no fused step', ValueError,
+      r"cuda_graphs: opt 'lamb' has no device-side \(fused\) step; use one of \['sgd', 'momentum', 'adam', 'adamw'\]")
+def _(env):
+    tiny(env.idx, env.tmp, cuda_graphs=True, opt='lamb')
+
+
 @case('--resume pointing at a folder without checkpoints', CliError,
       r"--resume '.*model' holds no complete checkpoint \(checkpoints/epoch_NNNN with trainer_state\.json\)")
 def _(env, capsys):

@@ -81,6 +81,10 @@ class TrainConfig:
         channels_last: Channels-last memory format.
         torchcompile / torchcompile_mode: timm train.py's flags: ``torch.compile`` backend (e.g. 'inductor'; bare
             ``--torchcompile`` means 'inductor') and mode. HFF compiles each block and head, keeping the cuts eager.
+        cuda_graphs: Capture the whole training step (forward, local losses, backward, optimizer step) as a CUDA
+            graph and replay it per batch (``train/cuda_graphs.py``): a step bound by kernel launches, as HFF's
+            many small head kernels make it, then costs one launch. One CUDA process; the optimizer's fused step
+            (sgd, momentum, adam, adamw); bf16 or fp32, no gradient accumulation, checkpointing or torchcompile.
         grad_checkpointing: timm's gradient checkpointing (recompute each block in backward). With schedule
             'memory_efficient' it also applies inside each stage, the lowest-memory way to train.
 
@@ -164,6 +168,7 @@ class TrainConfig:
     grad_checkpointing: bool = False
     torchcompile: Optional[str] = None
     torchcompile_mode: Optional[str] = None
+    cuda_graphs: bool = False
     # optimisation
     schedule: str = 'simultaneous'
     stage_parallel_queue: int = 2

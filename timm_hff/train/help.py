@@ -53,6 +53,8 @@ HELP: Dict[str, Tuple[str, str]] = {
     'torchcompile': ('Model', "torch.compile backend, e.g. 'inductor' (bare --torchcompile: inductor); HFF compiles "
                               "block by block, the cuts stay eager"),
     'torchcompile_mode': ('Model', "torch.compile mode, e.g. 'max-autotune' (null: the default)"),
+    'cuda_graphs': ('Model', 'capture the whole training step as a CUDA graph and replay it (one GPU; fused sgd / '
+                             'adam / adamw; not fp16)'),
     # Optimizer
     'stage_parallel_queue': ('Optimizer', 'stage_parallel: stage outputs in flight between two stage processes'),
     'stage_parallel_timeout': ('Optimizer', 'stage_parallel: seconds to wait for another stage process before stopping '

@@ -50,13 +50,19 @@ class Trainer(RunSequence):
         needs_unused = self.schedule.unused_parameters or cfg.head_warmup_epochs > 0   # parameters with no gradient
         self._ddp_kwargs = DistributedDataParallelKwargs(find_unused_parameters=needs_unused)
         project = dict(project_dir=self.out_dir) if cfg.log_with else {}
+        handlers = [self._ddp_kwargs]
+        if cfg.cuda_graphs:   # a weight cast cached by autocast must not outlive a captured region
+            from accelerate.utils import AutocastKwargs
+            handlers.append(AutocastKwargs(cache_enabled=False))
         self.accelerator = Accelerator(
             mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum_steps,
-            log_with=cfg.log_with, kwargs_handlers=[self._ddp_kwargs], step_scheduler_with_optimizer=False,
-            **project)
+            log_with=cfg.log_with, kwargs_handlers=handlers, step_scheduler_with_optimizer=False, **project)
         acc = self.accelerator
         self.num_processes = acc.num_processes
         fewer_processes_warning(acc.num_processes)
+        if cfg.cuda_graphs:
+            from . import cuda_graphs
+            cuda_graphs.check_device(acc.device, acc.num_processes)
         for reason_ in (self.method.processes_reason, self.schedule.processes_reason):
             if reason_ and acc.num_processes > 1:
                 raise ValueError(reason_)
@@ -96,7 +102,7 @@ class Trainer(RunSequence):
                              'spreads over the processes; run on one process, or calibrate the saved model afterwards '
                              'with timm_hff.calibrate_exits')
         self.exits = {}
-        optimizer = build_optimizer(cfg, model, self.method.head_parameter_names(model))
+        optimizer = build_optimizer(cfg, model, self.method.head_parameter_names(model), acc.device.type)
         loaders = [self.train_loader, self.val_loader] + ([self.test_loader] if self.test_loader else [])
         prepared = acc.prepare(model, optimizer, *[ld.loader for ld in loaders if not ld.sharded])
         self.model, self.optimizer = prepared[0], prepared[1]
@@ -117,6 +123,11 @@ class Trainer(RunSequence):
         if cfg.torchcompile:   # after the EMA copy (which stays eager: it only evaluates), in place under DDP
             self.method.compile(acc.unwrap_model(self.model), cfg)
         self.mixup = build_mixup(cfg, self.num_classes)
+        self.captured = None   # cuda_graphs: the step as a replayed CUDA graph
+        if cfg.cuda_graphs:
+            from . import cuda_graphs
+            self.captured = cuda_graphs.CapturedStep(self.optimizer, list(acc.unwrap_model(self.model).parameters()),
+                                                     acc.device)
         set_seed(cfg.seed, device_specific=True)   # from here on, each process draws its own augmentation
         self.start_epoch, self.updates, self.history = 0, 0, []
         if self.resume_from:
