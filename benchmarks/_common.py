@@ -32,6 +32,9 @@ METHOD_LABELS = {
     'hff_balanced_ckpt': 'HFF memory_efficient, balanced cut + checkpointing',
     'hff_balanced_cheap': 'HFF memory_efficient, balanced cut, aux on a 7x7 map',
     'hff_compiled': 'HFF simultaneous, torch.compile',
+    'hff_simultaneous_graphed': 'HFF simultaneous, CUDA graph',
+    'hff_balanced_graphed': 'HFF memory_efficient, balanced cut, CUDA graph',
+    'bp_graphed': 'BP, CUDA graph',
     'bp': 'BP',
     'bp_ckpt': 'BP + checkpointing',
     'bp_accum': 'BP + accumulation',
@@ -83,6 +86,7 @@ class Runtime:
     device: torch.device
     amp: bool
     channels_last: bool
+    autocast_cache: bool = True   # off for a step captured as a CUDA graph (a cached cast must not outlive it)
 
     @property
     def is_cuda(self) -> bool:
@@ -91,7 +95,7 @@ class Runtime:
     def autocast(self):
         if not self.amp:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=self.autocast_cache)
 
     def no_autocast(self):
         """For backward passes that run inside a forward (memory_efficient, accumulation): autocast off."""

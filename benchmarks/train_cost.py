@@ -12,6 +12,12 @@ equal effective batch). One optimiser (SGD, momentum 0.9) for all. Two memory-on
 trained alone (the floor of ``memory_efficient``'s peak, since that mode holds one stage's graph at a time), and
 ``memory_efficient`` with ``aux='none'`` (heads pool first, so no full-resolution aux activations).
 
+``--cuda-graphs`` (CUDA only) adds three time-only rows whose whole step (zero_grad, forward, backward, SGD step) is
+captured once as a CUDA graph and replayed (``timm_hff.train.cuda_graphs.CapturedStep``, what ``hff-train
+cuda_graphs: true`` uses): HFF simultaneous, HFF memory_efficient on the balanced cut, and BP. Their SGD is torch's
+fused one (a graph needs the optimizer step on the device) and autocast runs without its weight-cast cache; each is
+compared with BP's captured step.
+
 Step time: every method's model is built in one process and timed in interleaved rounds (so load from other
 processes hits all alike); the fastest step is reported (load only adds time), the median is in the JSON.
 Peak memory: on CPU each method runs in a fresh subprocess (glibc told to mmap every allocation >= 64 KiB, so
@@ -21,6 +27,7 @@ alive at a time. Set-up = model, optimiser state and batch in memory, one warm-u
 so the peak counts activations, gradients and workspaces.
 """
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -48,6 +55,12 @@ MAX_ROUNDS = 12
 METHODS = ('hff_simultaneous', 'hff_memory_efficient', 'hff_me_ckpt', 'hff_balanced', 'hff_balanced_ckpt',
            'hff_balanced_cheap', 'hff_compiled', 'bp', 'bp_ckpt', 'bp_accum')
 DIAGNOSTICS = ('hff_stage1', 'hff_me_noaux')   # memory only: HFF's stage 1 alone; memory_efficient with aux='none'
+# --cuda-graphs: time-only rows, the whole step (zero_grad, forward, backward, fused SGD step) captured as one CUDA
+# graph and replayed (timm_hff.train.cuda_graphs.CapturedStep); BP captured the same way: their ratio is like with
+# like
+GRAPHED = {'hff_simultaneous_graphed': 'hff_simultaneous', 'hff_balanced_graphed': 'hff_balanced',
+           'bp_graphed': 'bp'}
+GRAPHED_TARGETS = {'hff_simultaneous_graphed': 1.15, 'hff_balanced_graphed': 1.3}   # x BP's captured step
 ACCUM_STEPS = 4
 TIME_TARGET = 1.15        # HFF simultaneous (and balanced memory_efficient) step time <= 1.15x BP
 MEMORY_TARGET = 0.45      # HFF memory_efficient peak <= 0.45x BP (4+ stages), and below BP + checkpointing
@@ -58,11 +71,16 @@ MALLOC_ENV = dict(MALLOC_MMAP_THRESHOLD_='65536', MALLOC_TRIM_THRESHOLD_='0')
 def _setup(method: str, preset: str, batch: int, runtime, seed: int):
     spec = get_spec(preset)
     torch.manual_seed(seed)
-    base = 'hff_memory_efficient' if method in DIAGNOSTICS else method
+    base = 'hff_memory_efficient' if method in DIAGNOSTICS else GRAPHED.get(method, method)
     extra = dict(aux='none') if method == 'hff_me_noaux' else {}
     model = runtime.model(build_for_method(base, spec, num_classes=10, **extra).train())
     import timm.optim
-    opt = timm.optim.create_optimizer_v2(model, 'sgd', lr=0.01, momentum=0.9, weight_decay=1e-4)
+    fused = {}
+    if method in GRAPHED:   # the fused SGD step, which a graph can hold; autocast without its weight-cast cache
+        from timm_hff.train.cuda_graphs import optimizer_kwargs
+        fused = optimizer_kwargs('sgd', runtime.device.type)
+        runtime = dataclasses.replace(runtime, autocast_cache=False)
+    opt = timm.optim.create_optimizer_v2(model, 'sgd', lr=0.01, momentum=0.9, weight_decay=1e-4, **fused)
     x = runtime.input(torch.randn(batch, spec.in_chans, spec.img_size, spec.img_size))
     y = torch.randint(0, 10, (batch,), device=runtime.device)
     if method == 'hff_stage1':
@@ -73,6 +91,12 @@ def _setup(method: str, preset: str, batch: int, runtime, seed: int):
             opt.step()
     else:
         step = make_train_step(base, model, opt, runtime, accum_steps=ACCUM_STEPS)
+    if method in GRAPHED:
+        from timm_hff.train.cuda_graphs import CapturedStep
+        captured, eager = CapturedStep(opt, list(model.parameters()), runtime.device), step
+
+        def step(x, y):   # warm-up steps, then the capture, then replays
+            return captured(eager, (x, y))
     return model, opt, step, x, y
 
 
@@ -262,9 +286,9 @@ def run_model(preset: str, batch: int, methods: List[str], runtime, args, mode: 
     print(f'  {preset}: timing {len(methods)} methods ...', file=sys.stderr, flush=True)
     timing_s = TIMING_S[mode] if args.timing_seconds is None else args.timing_seconds
     times = measure_times(methods, preset, batch, runtime, args.seed, mode, timing_s)
-    flops = {m: train_flops_per_image(m, preset, runtime, args.seed) for m in methods}
+    flops = {m: train_flops_per_image(GRAPHED.get(m, m), preset, runtime, args.seed) for m in methods}
     rows = []
-    all_methods = methods + list(DIAGNOSTICS)
+    all_methods = [m for m in methods if m not in GRAPHED] + list(DIAGNOSTICS)   # captured rows: time only
     print(f'  {preset}: memory of {len(all_methods)} configurations ...', file=sys.stderr, flush=True)
     if runtime.is_cuda:   # one process, one method alive at a time
         mems = [measure_memory(m, preset, batch, runtime, args.seed) for m in all_methods]
@@ -272,7 +296,10 @@ def run_model(preset: str, batch: int, methods: List[str], runtime, args, mode: 
         from concurrent.futures import ThreadPoolExecutor
         with ThreadPoolExecutor(max_workers=args.memory_jobs) as pool:
             mems = list(pool.map(lambda m: memory_in_subprocess(m, preset, batch, args), all_methods))
-    for m, mem in zip(all_methods, mems):
+    mems = dict(zip(all_methods, mems))
+    for m in [m for m in methods if m in GRAPHED]:
+        mems[m] = dict(peak_mib=None, total_peak_mib=None, base_mib=None, how='not measured (captured step)')
+    for m, mem in mems.items():
         rows.append(dict(model=preset, spec=spec.describe(), method=m, label=_label(m), batch=batch,
                          micro_batch=batch // ACCUM_STEPS if m == 'bp_accum' else batch,
                          step_s=times[m][0] if m in times else None, median_step_s=times[m][1] if m in times else None,
@@ -280,12 +307,13 @@ def run_model(preset: str, batch: int, methods: List[str], runtime, args, mode: 
                          train_gflops_per_image=flops[m] / 1e9 if m in flops else None, **mem))
     profile = saved_activation_profile(preset, batch, runtime, args.seed)
     by = {r['method']: r for r in rows}
-    bp = by.get('bp')
-    for r in rows:
-        r['time_vs_bp'] = r['step_s'] / bp['step_s'] if bp and r['step_s'] else None
+    for r in rows:   # a captured row against BP's captured step
+        bp = by.get('bp_graphed' if r['method'] in GRAPHED else 'bp')
+        r['time_vs_bp'] = r['step_s'] / bp['step_s'] if bp and r['step_s'] and bp['step_s'] else None
         r['flops_vs_bp'] = (r['train_gflops_per_image'] / bp['train_gflops_per_image']
                             if bp and r['train_gflops_per_image'] else None)
-        r['memory_vs_bp'] = r['peak_mib'] / bp['peak_mib'] if bp and bp['peak_mib'] > 0 else None
+        r['memory_vs_bp'] = (r['peak_mib'] / bp['peak_mib'] if bp and r['peak_mib'] is not None and bp['peak_mib']
+                             and bp['peak_mib'] > 0 else None)
     return rows, profile
 
 
@@ -308,6 +336,11 @@ def targets(rows: List[Dict[str, Any]], num_stages: Dict[str, int]) -> List[Dict
             ratio, fl = by['hff_compiled']['time_vs_bp'], by['hff_compiled']['flops_vs_bp']
             out.append(dict(model=model, target=f'HFF simultaneous, torch.compile step time <= {TIME_TARGET}x BP',
                             value=f'{ratio:.2f}x', met=ratio <= TIME_TARGET, flops_ratio=fl))
+        for g, limit in GRAPHED_TARGETS.items():
+            if g in by and 'bp_graphed' in by and by[g]['time_vs_bp']:
+                ratio = by[g]['time_vs_bp']
+                out.append(dict(model=model, target=f"{METHOD_LABELS[g]} step time <= {limit}x BP's captured step",
+                                value=f'{ratio:.2f}x', met=ratio <= limit, flops_ratio=by[g]['flops_vs_bp']))
         for me in ('hff_balanced', 'hff_balanced_cheap'):
             if me in by:
                 ratio, fl = by[me]['time_vs_bp'], by[me]['flops_vs_bp']
@@ -337,7 +370,8 @@ def render(rows, tgts, info, command, stage_share, profiles) -> str:
          f"{r['step_s'] * 1000:.1f}" if r['step_s'] else '-',
          f"{r['images_per_s']:.1f}" if r['images_per_s'] else '-',
          f"{r['time_vs_bp']:.2f}x" if r['time_vs_bp'] else '-',
-         f"{r['flops_vs_bp']:.2f}x" if r['flops_vs_bp'] else '-', f"{r['peak_mib']:.1f}",
+         f"{r['flops_vs_bp']:.2f}x" if r['flops_vs_bp'] else '-',
+         f"{r['peak_mib']:.1f}" if r['peak_mib'] is not None else '-',
          f"{r['memory_vs_bp']:.2f}x" if r['memory_vs_bp'] is not None else '-'] for r in rows])
     ttable = markdown_table(['model', 'target', 'measured', 'verdict'],
                             [[t['model'], t['target'], t['value'], verdict(t['met'])] for t in tgts])
@@ -374,7 +408,15 @@ def _why(missed, cuda: bool = False, bp_ms=None):
             continue
         what = f"{t['model']}, {t['target'].split(' step time')[0]}"
         bp = f" (BP's whole step: {bp_ms[t['model']]:.1f} ms)" if bp_ms and t['model'] in bp_ms else ''
-        if cuda and 'torch.compile' in t['target']:
+        if 'CUDA graph' in t['target']:
+            out.append(f"- Step time ({what}): {t['value']} of BP's captured step (eager FLOPs "
+                       f"{t['flops_ratio']:.2f}x): "
+                       f"with both steps replayed as one graph the launch cost is gone from both, so what is left is "
+                       f"the kernels themselves: HFF's heads are small kernels at the stages' resolutions that keep "
+                       f"the GPU below full occupancy, and they run one after another. What would close it: running "
+                       f"stages on their own CUDA streams inside the graph (stage k's backward beside stage k+1's "
+                       f"forward), or fewer, larger head kernels; not built.")
+        elif cuda and 'torch.compile' in t['target']:
             out.append(f"- Step time ({what}): {t['value']} (eager FLOPs {t['flops_ratio']:.2f}x BP): compiled "
                        f"block by block (the cuts stay eager, timm_hff._compile), so each block and head is its own "
                        f"small graph with its own guards and launches, and a step this short{bp} is bound by launches, "
@@ -439,7 +481,7 @@ def plot(rows):
     models = list(dict.fromkeys(r['model'] for r in rows))
     fig, axes = new_figure(ncols=len(models), width=6.0)
     for ax, model in zip(axes, models):
-        rs = [r for r in rows if r['model'] == model and r['step_s']]
+        rs = [r for r in rows if r['model'] == model and r['step_s'] and r['peak_mib'] is not None]
         for r in rs:
             ax.scatter(r['step_s'] * 1000, r['peak_mib'], s=40)
             ax.annotate(r['label'], (r['step_s'] * 1000, r['peak_mib']), fontsize=7, xytext=(4, 2),
@@ -455,16 +497,24 @@ def main(argv=None) -> Dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser, 'train_cost')
     parser.add_argument('--models', nargs='+', default=None, help="presets as NAME or NAME:BATCH")
-    parser.add_argument('--methods', nargs='+', default=list(METHODS), choices=list(METHODS) + ['ff'])
+    parser.add_argument('--methods', nargs='+', default=list(METHODS), choices=list(METHODS) + ['ff'] + list(GRAPHED))
     parser.add_argument('--timing-seconds', type=float, default=None,
                         help="keep adding timing rounds until this long per model (default: the mode's)")
     parser.add_argument('--memory-jobs', type=int, default=2,
                         help='CPU memory workers run side by side (each measures only its own process)')
+    parser.add_argument('--cuda-graphs', action='store_true',
+                        help="add rows with the whole step captured as a CUDA graph: HFF simultaneous, balanced "
+                             "memory_efficient and BP (fused SGD; CUDA only)")
     parser.add_argument('--worker', default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker is not None:
         _worker(args.worker)
         return {}
+    if args.cuda_graphs:
+        args.methods = list(dict.fromkeys(list(args.methods) + list(GRAPHED)))
+    if any(m in GRAPHED for m in args.methods) and args.device.split(':')[0] != 'cuda':
+        parser.error(f'--cuda-graphs captures the step as CUDA graphs, but --device is {args.device}: add '
+                     f'--device cuda or drop --cuda-graphs')
     if args.memory_jobs < 1:
         parser.error(f'--memory-jobs must be >= 1, got {args.memory_jobs}')
     runtime = make_runtime(args)

@@ -84,6 +84,7 @@ SLOW_TESTS = {
     'test_a_hung_rank_is_named_after_the_timeout', 'test_benchmark_runs_and_judges_its_target',
     # benchmarks' smoke runs, FF training, torch.compile, early-exit calibration runs
     'test_train_cost_memory_and_targets', 'test_train_steps_in_gpu_runtime_settings_on_cpu',
+    'test_train_cost_captured_rows',
     'test_inference_speedup_and_verdicts', 'test_accuracy_smoke', 'test_benchmark_at_toy_size',
     'test_ff_learns_a_simple_task', 'test_torchcompile_trains_like_eager', 'test_recipe_runs_two_steps',
     'test_compiled_model_gives_eager_losses_and_gradients',

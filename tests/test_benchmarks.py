@@ -48,6 +48,36 @@ def test_inference_in_gpu_runtime_settings_on_cpu():
     assert rows[0]['images_per_s']['ff'] > 0 and rows[0]['ff_images'] == 4
 
 
+def test_train_cost_captured_rows(monkeypatch, capsys):
+    """--cuda-graphs: refused off CUDA in one line; on CUDA its rows are the captured steps (CapturedStep with the
+    replaying stand-in of tests/test_cuda_graphs.py here), timed against BP's captured step, memory not measured."""
+    import argparse
+    from timm_hff.train import cuda_graphs
+    from test_cuda_graphs import ReplayGraph
+    with pytest.raises(SystemExit):
+        train_cost.main(['--quick', '--cuda-graphs', '--out', 'unused'])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.endswith('--cuda-graphs captures the step as CUDA graphs, but --device is cpu: add --device cuda or '
+                        'drop --cuda-graphs'), err
+    monkeypatch.setattr(cuda_graphs, 'CudaGraph', ReplayGraph)
+    runtime = Runtime(torch.device('cpu'), amp=False, channels_last=False)
+    args = argparse.Namespace(timing_seconds=0.0, seed=0, memory_jobs=2, threads=None)
+    methods = ['bp', 'hff_simultaneous', 'bp_graphed', 'hff_simultaneous_graphed', 'hff_balanced_graphed']
+    rows, _ = train_cost.run_model('tiny_resnet_28', 16, methods, runtime, args, 'quick')
+    by = {r['method']: r for r in rows}
+    for m in ('bp_graphed', 'hff_simultaneous_graphed', 'hff_balanced_graphed'):
+        assert by[m]['step_s'] > 0 and by[m]['peak_mib'] is None and by[m]['memory_vs_bp'] is None
+        assert by[m]['time_vs_bp'] == pytest.approx(by[m]['step_s'] / by['bp_graphed']['step_s'])
+        if train_cost.GRAPHED[m] in by:   # the eager method's FLOPs
+            assert by[m]['train_gflops_per_image'] == by[train_cost.GRAPHED[m]]['train_gflops_per_image']
+    tgts = {t['target']: t for t in train_cost.targets(rows, {'tiny_resnet_28': 4})}
+    assert "HFF simultaneous, CUDA graph step time <= 1.15x BP's captured step" in tgts
+    assert "HFF memory_efficient, balanced cut, CUDA graph step time <= 1.3x BP's captured step" in tgts
+    info = dict(_common.machine_info(runtime), memory_protocol='x')
+    md = train_cost.render(rows, list(tgts.values()), info, 'cmd', {}, {})
+    assert '| BP, CUDA graph |' in md.replace('tiny_resnet_28 | ', '')
+
+
 def test_train_cost_memory_and_targets(tmp_path):
     out = str(tmp_path / 'tc')
     train_cost.main(['--quick', '--models', 'tiny_resnet_28:16', '--methods', 'bp', 'bp_accum', 'hff_memory_efficient',

@@ -27,7 +27,7 @@ LAYERS = [
     ('baselines',),
     # the training package, bottom to top: registries; settings; the run's parts; methods; the run sequence; its
     # engines (Accelerate, stage-parallel); the schedules (which name their engine); the CLI and the package face
-    ('train.registry', 'train.errors'),
+    ('train.registry', 'train.errors', 'train.cuda_graphs'),
     ('train.checks', 'train.help'),
     ('train.config',),
     ('train.checkpoint', 'train.metrics', 'train.evaluate', 'train.exits', 'train.optim', 'train.targets',

@@ -42,7 +42,10 @@ def check_target(target: torch.Tensor, batch: int, n: int) -> None:
     if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
         raise ValueError(f'class-index targets must be integers, got {target.dtype}; use target.long()')
     if target.device.type == 'cpu' and target.numel():
-        lo, hi = int(target.min()), int(target.max())
-        if lo < 0 or hi >= n:
+        try:   # one check op; the labels are read (for the message) only when it fails
+            torch._assert_async(((target >= 0) & (target < n)).all(), 'label out of range')
+        except RuntimeError:
+            lo, hi = int(target.min()), int(target.max())
             raise ValueError(f'target holds class {lo if lo < 0 else hi}, outside [0, {n}) for this model\'s {n} '
-                             f'classes; fix the labels or build the model with num_classes >= {max(hi + 1, n)}')
+                             f'classes; fix the labels or build the model with num_classes >= {max(hi + 1, n)}'
+                             ) from None
