@@ -265,8 +265,9 @@ def measure_times(methods: List[str], preset: str, batch: int, runtime, seed: in
     warmup, rounds, per_round = STEPS[mode]
     setups = {m: _setup(m, preset, batch, runtime, seed) for m in methods}
     fns = {m: (lambda s=s: s[2](s[3], s[4])) for m, s in setups.items()}
-    for fn in fns.values():
-        for _ in range(warmup):
+    from timm_hff.train.cuda_graphs import WARMUP_STEPS
+    for m, fn in fns.items():   # a captured row: its warm-up steps, the capture and a replay before timing
+        for _ in range(max(warmup, WARMUP_STEPS + 2) if m in GRAPHED else warmup):
             fn()
     times: Dict[str, List[float]] = {m: [] for m in methods}
     start, done = time.perf_counter(), 0

@@ -148,6 +148,29 @@ def test_a_step_with_a_host_read_stops_before_capture():
     assert '\n' not in str(e.value)
 
 
+def test_the_graph_is_captured_on_the_warm_up_shape():
+    """A smaller batch while warming up runs eagerly and never becomes the graph; no capture without a warm-up step
+    (the optimizer's lazy state would be captured, re-initialised at every replay)."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 3)
+    opt = torch.optim.SGD(lin.parameters(), lr=0.1, momentum=0.9, fused=True)
+
+    def step(x, y):
+        loss = torch.nn.functional.cross_entropy(lin(x), y)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    captured = CapturedStep(opt, list(lin.parameters()), torch.device('cpu'), backend=ReplayGraph, warmup=2)
+    full, small = (torch.randn(8, 4), torch.randint(0, 3, (8,))), (torch.randn(5, 4), torch.randint(0, 3, (5,)))
+    for batch in (full, small, full, small, full, full, small):
+        captured(step, batch)
+    assert captured.counts == dict(warmup=2, capture=1, replay=1, eager=3), captured.counts
+    assert captured.static_inputs[0].shape == (8, 4)
+    with pytest.raises(ValueError, match='at least one warm-up step before capture'):
+        CapturedStep(opt, list(lin.parameters()), torch.device('cpu'), warmup=0)
+
+
 # ----- refusals -----
 @pytest.mark.parametrize('settings, pattern', [
     (dict(mixed_precision='fp16'), r"fp16's loss scaler reads an overflow flag on the host every step; use "
@@ -220,15 +243,17 @@ def test_replayed_steps_train_as_eager_ones(idx_root, tmp_path, monkeypatch, opt
 
 
 # ----- real graphs -----
-@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+
+
+@needs_cuda
 @pytest.mark.parametrize('method', ['hff_simultaneous', 'hff_memory_efficient', 'bp'])
 @pytest.mark.parametrize('opt', ['sgd', 'adamw'])
 def test_captured_step_equals_eager_on_cuda(method, opt):
-    """Eight steps, the lr changed before each: captured and eager give the same losses and weights (fp32,
-    deterministic cuDNN)."""
+    """Eight steps, the lr changed before each (values exact in float32, as the graph's lr tensors hold them):
+    captured and eager give the same losses and weights (fp32, deterministic cuDNN)."""
     import copy
     from timm_hff.baselines.bp import create_bp_model
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     device = torch.device('cuda')
     torch.manual_seed(0)
     if method == 'bp':
@@ -260,14 +285,33 @@ def test_captured_step_equals_eager_on_cuda(method, opt):
 
     captured = CapturedStep(opts[1], list(models[1].parameters()), device)
     eager_step, graph_step = make_step(models[0], opts[0]), make_step(models[1], opts[1])
-    for i, (x, y) in enumerate(batches):
-        for o in opts:
-            for g in o.param_groups:
-                g['lr'] = 0.05 * (1 - i / 8)
-        opts[0].zero_grad(set_to_none=True)
-        a = [t.clone() for t in eager_step(x, y)]
-        b = [t.clone() for t in captured(graph_step, (x, y))]
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f'step {i}')
+    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True):
+        for i, (x, y) in enumerate(batches):
+            for o in opts:
+                for g in o.param_groups:
+                    g['lr'] = (8 - i) / 128
+            opts[0].zero_grad(set_to_none=True)
+            a = [t.clone() for t in eager_step(x, y)]
+            b = [t.clone() for t in captured(graph_step, (x, y))]
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f'step {i}')
     assert captured.counts['capture'] == 1 and captured.counts['replay'] == 8 - cuda_graphs.WARMUP_STEPS - 1
     for (n, pa), pb in zip(models[0].state_dict().items(), models[1].state_dict().values()):
         torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-5, msg=n)
+
+
+@needs_cuda
+@pytest.mark.parametrize('schedule', ['simultaneous', 'memory_efficient'])
+def test_hff_train_with_cuda_graphs_on_cuda(idx_root, tmp_path, schedule):
+    """A whole run as a user starts it (Accelerate, bf16, channels_last, clipping, EMA, the partial last batch):
+    it replays, and trains as the eager run does (to bf16 and kernel-order noise)."""
+    settings = dict(train_num_samples=44, epochs=2, mixed_precision='bf16', channels_last=True, clip_grad=1.0,
+                    model_ema=True, schedule=schedule, save_model=False)
+    reset_accelerate()
+    plain = Trainer(tiny(idx_root, tmp_path / 'eager', **settings))
+    eager = plain.fit()
+    reset_accelerate()
+    trainer = Trainer(tiny(idx_root, tmp_path / 'graphed', cuda_graphs=True, **settings))
+    graphed = trainer.fit()
+    assert trainer.captured.counts['capture'] == 1 and trainer.captured.counts['replay'] == 2 * 5 - 3 - 1
+    assert trainer.captured.counts['eager'] == 2   # each epoch's 4-image batch
+    assert graphed['train_loss'] == pytest.approx(eager['train_loss'], rel=0.05)

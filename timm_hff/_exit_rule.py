@@ -87,9 +87,9 @@ def replay_exits(rule: ExitRule, stage_logits: Sequence[torch.Tensor]):
     out = first.clone()
     exit_stage = torch.full((first.shape[0],), n - 1, dtype=torch.long, device=first.device)
     done = torch.zeros(first.shape[0], dtype=torch.bool, device=first.device)
-    for k, logits in enumerate(stage_logits):
+    for k, logits in enumerate(stage_logits):   # torch.where, not boolean indexing: no host sync (CUDA graphs)
         now = rule.leave(k, logits, last=n - 1) & ~done
-        out[now] = logits[now].to(out.dtype)
-        exit_stage[now] = k
+        out = torch.where(now.unsqueeze(-1), logits.to(out.dtype), out)
+        exit_stage = torch.where(now, k, exit_stage)
         done |= now
     return out, exit_stage

@@ -30,7 +30,6 @@ scaler (it reads an overflow flag on the host), gradient accumulation, ``torchco
 import contextlib
 import os
 import traceback
-import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -125,11 +124,21 @@ def _sync_reason(func, args, kwargs) -> Optional[str]:
         return _SYNC_OPS[name]
     if name in ('aten::index', 'aten::index_put', 'aten::index_put_') and _bool_index(args):
         return 'indexes with a boolean mask (its size depends on the values)'
-    if name == 'aten::repeat_interleave' and 'output_size' not in kwargs and func._overloadname.startswith('Tensor'):
+    if (name == 'aten::repeat_interleave' and kwargs.get('output_size') is None
+            and func._overloadname in ('Tensor', 'self_Tensor')):
         return 'sizes a tensor by its values (repeat_interleave without output_size)'
     if _crosses_devices(func, args, kwargs):
         return 'copies between host and device'
+    if _mixes_devices(args):
+        return 'mixes host and device tensors (a hidden copy, e.g. an index tensor on the CPU)'
     return None
+
+
+def _mixes_devices(args) -> bool:
+    """A device tensor beside a CPU tensor that is more than a scalar (0-d CPU tensors pass as numbers, uncopied)."""
+    flat = [t for a in args for t in (a if isinstance(a, (list, tuple)) else (a,)) if isinstance(t, torch.Tensor)]
+    return (any(t.device.type not in ('cpu', 'meta') for t in flat)
+            and any(t.device.type == 'cpu' and t.ndim > 0 for t in flat))
 
 
 def _where() -> str:
@@ -145,7 +154,9 @@ def _where() -> str:
 def host_syncs(fn: Callable[[], Any]) -> Tuple[Any, List[Tuple[str, str, str]]]:
     """Run ``fn`` once, noting every op that would make the host wait for the device (or size a tensor by its
     values): (its result, [(op, why, where)]). Found on any device, so a CPU run tells whether a step can be
-    captured on a GPU (copies between host and device show only where there is a device)."""
+    captured on a GPU (copies between host and device show only where there is a device). Not seen: tensors made
+    from Python data (``torch.tensor(..., device='cuda')`` dispatches no op) and reads inside a kernel; a capture then
+    fails with torch's own error."""
     from torch.utils._python_dispatch import TorchDispatchMode
     found: List[Tuple[str, str, str]] = []
 
@@ -178,10 +189,11 @@ class CudaGraph:
         return out
 
     def capture(self, fn: Callable[[], Any], step: 'CapturedStep') -> Any:
-        """Record ``fn`` and run it once (capture alone runs nothing)."""
+        """Record ``fn`` on the warm-up stream (as torch's own graphed callables do) and run it once (capture alone
+        runs nothing)."""
         self.graph = torch.cuda.CUDAGraph()
         # thread_local: the loader's pin-memory thread may call CUDA while the step is being captured
-        with torch.cuda.graph(self.graph, capture_error_mode='thread_local'):
+        with torch.cuda.graph(self.graph, stream=self.stream, capture_error_mode='thread_local'):
             out = fn()
         self.graph.replay()
         return out
@@ -204,14 +216,6 @@ def _momentum_buffers(optimizer, params) -> None:
                 inner.state[p]['momentum_buffer'] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
-@contextlib.contextmanager
-def _quiet_capturable():
-    """An eager step of a ``capturable`` optimizer warns that it was not captured: here that is intended."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings('ignore', message='.*capturable=True.*')
-        yield
-
-
 class CapturedStep:
     """A training step as a replayed CUDA graph.
 
@@ -229,6 +233,8 @@ class CapturedStep:
         self.optimizer, self.params, self.device = optimizer, list(params), torch.device(device)
         self.make_backend = backend or CudaGraph
         self.warmup = WARMUP_STEPS if warmup is None else warmup
+        if self.warmup < 1:   # the optimizer's lazy state (Adam's moments, SGD's buffers) must exist before capture
+            raise ValueError(f'CapturedStep needs at least one warm-up step before capture, got warmup={self.warmup}')
         self.counts = dict(warmup=0, capture=0, replay=0, eager=0)
         self.lrs: List[torch.Tensor] = []   # each group's lr on the device, kept for every graph of the run
         self._reset(None)
@@ -247,9 +253,12 @@ class CapturedStep:
 
     def __call__(self, fn: Callable[..., Any], inputs: Sequence[torch.Tensor], key: Any = ()) -> Any:
         shapes = self._shapes(inputs)
+        key = (key, len(self.optimizer.param_groups))   # a new group would read no lr tensor of the graph
         if key != self.key:   # the step itself changed: drop the graph (and its memory pool), warm up again
             self._reset(key)
-        if self.backend is not None and shapes != self.shapes:
+        if self.shapes is None:   # the graph is for the shape of the key's first batch (an epoch's full one)
+            self.shapes = shapes
+        if shapes != self.shapes:
             return self._eager(fn, inputs)
         if self.warmed < self.warmup:
             return self._warm(fn, inputs)
@@ -269,7 +278,7 @@ class CapturedStep:
         if self._warming is None:
             self._warming = self.make_backend(self.device)
         backend, first = self._warming, self.warmed == 0
-        with _quiet_capturable(), self._device_lrs():
+        with self._device_lrs():
             if first:   # what cannot be captured is found here, before the capture fails on it
                 out, found = host_syncs(lambda: backend.warm(lambda: fn(*inputs), self))
                 if found:
@@ -287,6 +296,7 @@ class CapturedStep:
         backend = self._warming or self.make_backend(self.device)
         self.static_inputs = [t.clone() for t in inputs]
         self.optimizer.zero_grad(set_to_none=True)   # the captured backward then writes, not accumulates
+        _momentum_buffers(self.optimizer, self.params)
         with self._device_lrs():
             self.static_outputs = backend.capture(lambda: fn(*self.static_inputs), self)
         self.grads = [p.grad for p in self.params]
@@ -297,7 +307,7 @@ class CapturedStep:
     def _eager(self, fn, inputs):
         """A batch of another shape beside a graph: an ordinary step, then the graph's gradient tensors back."""
         self.optimizer.zero_grad(set_to_none=True)
-        with _quiet_capturable(), self._device_lrs():
+        with self._device_lrs():
             out = fn(*inputs)
         for p, g in zip(self.params, self.grads):
             p.grad = g
