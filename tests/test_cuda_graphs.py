@@ -227,6 +227,9 @@ def test_replayed_steps_train_as_eager_ones(idx_root, tmp_path, monkeypatch, opt
     # epoch 1 (heads only): 2 warm-up steps, the capture, 2 replays, the 4-image batch eager beside the graph; epoch 2
     # (everything trains: a new capture) the same; epoch 3 (the same step) replays its five full batches
     assert counts == dict(warmup=4, capture=2, replay=9, eager=3), counts
+    # each epoch's row says how its steps ran (metrics.json / csv)
+    assert [r['cuda_graph_replay'] for r in graphed.history] == [2, 2, 5]
+    assert [r['cuda_graph_capture'] for r in graphed.history] == [1, 1, 0]
     assert eager.captured is None or eager.captured.counts['capture'] == 0
     step = graphed.captured   # after an eager step the gradients are the graph's tensors again (the eager ones freed)
     assert all(p.grad is g for p, g in zip(step.params, step.grads)) and any(g is not None for g in step.grads)

@@ -262,7 +262,8 @@ class RunSequence:
             f') on {self.train_data.name}: train {self.train_data.split} ({tl.num_samples} images, {tl.kind} loader), '
             f'validation {self.val_data.split} ({vl.num_samples} images) {every}{at_end}; {self.num_classes} classes, '
             f'input {self.data_cfg["input_size"]}; {self.total_epochs} epochs x {self.steps_per_epoch} steps'
-            f'{self.plan_processes()}, mixed precision {cfg.mixed_precision}; output {self.out_dir}')
+            f'{self.plan_processes()}, mixed precision {cfg.mixed_precision}'
+            f'{", the step replayed as a CUDA graph" if cfg.cuda_graphs else ""}; output {self.out_dir}')
         if self.profile is not None:
             self.say('how local each stage is (backbone shares; FLOPs of one forward):\n'
                        + format_profile(self.profile))

@@ -40,6 +40,8 @@ def train_steps(run, epoch: int) -> Dict[str, Any]:
     seen, steps, start, last_print = 0, 0, time.time(), time.time()
     batches = take(run.train_iterable, run.steps_per_epoch, restart=run.train_loader.kind == 'stream')
     batch_step = _batch_step(run, unwrapped, stage, clip_groups)
+    captured = getattr(run, 'captured', None)
+    counts = dict(captured.counts) if captured is not None else None
     for step, (x, y) in enumerate(batches):
         x, y = x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True)
         x, target = _targets(run, transform(x), y)
@@ -77,6 +79,8 @@ def train_steps(run, epoch: int) -> Dict[str, Any]:
             row[f'train_loss_stage{k}'] = totals[1 + k].item()
     if stage is not None:
         row['active_stage'] = stage
+    if captured is not None:   # this epoch's steps by how they ran: did the graph replay?
+        row.update({f'cuda_graph_{k}': captured.counts[k] - counts[k] for k in counts})
     return row
 
 
