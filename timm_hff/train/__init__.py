@@ -10,6 +10,7 @@
     evaluate      top-1 / top-5 of every head; exits: adaptive exits fitted at the end of a run
     run           RunSequence: set-up -> epochs (train, validate, checkpoint) -> test once -> final save
     trainer       the Accelerate engine of the run sequence (steps: its epoch loop); cli: hff-train
+    cuda_graphs   cuda_graphs: the whole step as a replayed CUDA graph (CapturedStep, for any training loop)
 """
 from . import methods, schedules   # the registries' entries, before anything reads them (both light)
 from .registry import get_method, get_schedule, method_names, register_method, register_schedule, schedule_names
@@ -21,7 +22,7 @@ from .._lazy import lazy_exports
 METHODS = method_names()
 SCHEDULES = schedule_names()
 _EXPORTS = {'RunSequence': '.run', 'build_optimizer': '.optim', 'build_scheduler': '.optim', 'param_groups': '.optim',
-            'Trainer': '.trainer', 'train': '.trainer',
+            'Trainer': '.trainer', 'train': '.trainer', 'CapturedStep': '.cuda_graphs',
             'StageParallelTrainer': '.schedules.stage_parallel.trainer'}
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
