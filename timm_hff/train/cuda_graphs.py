@@ -305,8 +305,10 @@ class CapturedStep:
         return self.static_outputs
 
     def _eager(self, fn, inputs):
-        """A batch of another shape beside a graph: an ordinary step, then the graph's gradient tensors back."""
+        """A batch of another shape than the graph's (before or after its capture): an ordinary step, then the
+        graph's gradient tensors back where there is a graph."""
         self.optimizer.zero_grad(set_to_none=True)
+        _momentum_buffers(self.optimizer, self.params)
         with self._device_lrs():
             out = fn(*inputs)
         for p, g in zip(self.params, self.grads):

@@ -39,9 +39,9 @@ def train_steps(run, epoch: int) -> Dict[str, Any]:
     bad_value = torch.zeros(len(trained), device=acc.device)
     seen, steps, start, last_print = 0, 0, time.time(), time.time()
     batches = take(run.train_iterable, run.steps_per_epoch, restart=run.train_loader.kind == 'stream')
-    batch_step = _batch_step(run, unwrapped, stage, clip_groups)
-    captured = getattr(run, 'captured', None)
+    captured = getattr(run, 'captured', None)   # cuda_graphs
     counts = dict(captured.counts) if captured is not None else None
+    batch_step = _batch_step(run, unwrapped, stage, clip_groups, captured)
     for step, (x, y) in enumerate(batches):
         x, y = x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True)
         x, target = _targets(run, transform(x), y)
@@ -84,24 +84,20 @@ def train_steps(run, epoch: int) -> Dict[str, Any]:
     return row
 
 
-def _batch_step(run, unwrapped, stage, clip_groups):
+def _batch_step(run, unwrapped, stage, clip_groups, captured):
     """One batch's step, ``(x, target) -> (loss, stage losses)``: eager under ``accelerator.accumulate``, or with
     ``cuda_graphs`` one replay of the captured whole step (one process, no accumulation: the refusals)."""
     cfg, acc, method, model = run.cfg, run.accelerator, run.method, run.model
 
-    def clip():
-        acc.unscale_gradients()
-        for params in clip_groups:   # each stage's own gradient norm: their losses are separate
-            torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], cfg.clip_grad)
-
     def whole_step(x, target):   # what cuda_graphs captures: forward, backward, clipping, optimizer step
         out = method.step(acc, model, unwrapped, x, target, stage, run.schedule.forward_mode)
-        if cfg.clip_grad:
-            clip()
+        if acc.sync_gradients and cfg.clip_grad:
+            acc.unscale_gradients()
+            for params in clip_groups:   # each stage's own gradient norm: their losses are separate
+                torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], cfg.clip_grad)
         run.optimizer.step()
         return out
 
-    captured = getattr(run, 'captured', None)
     if captured is not None:
         # what the captured step does depends on the epoch's trained stage, trainable parameters, train / eval modes
         key = (stage, tuple(p.requires_grad for p in unwrapped.parameters()),
@@ -110,12 +106,9 @@ def _batch_step(run, unwrapped, stage, clip_groups):
 
     def eager(x, target):
         with acc.accumulate(model):
-            loss, stage_losses = method.step(acc, model, unwrapped, x, target, stage, run.schedule.forward_mode)
-            if acc.sync_gradients and cfg.clip_grad:
-                clip()
-            run.optimizer.step()
+            out = whole_step(x, target)
             run.optimizer.zero_grad(set_to_none=True)
-        return loss, stage_losses
+        return out
     return eager
 
 
