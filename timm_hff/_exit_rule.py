@@ -84,7 +84,7 @@ def replay_exits(rule: ExitRule, stage_logits: Sequence[torch.Tensor]):
     each image's exit is the first stage that ``rule`` lets it leave; the last given stage takes the rest)."""
     first = stage_logits[0]
     n = len(stage_logits)
-    out = first.clone()
+    out = first   # torch.where below makes new tensors: nothing is written in place
     exit_stage = torch.full((first.shape[0],), n - 1, dtype=torch.long, device=first.device)
     done = torch.zeros(first.shape[0], dtype=torch.bool, device=first.device)
     for k, logits in enumerate(stage_logits):   # torch.where, not boolean indexing: no host sync (CUDA graphs)

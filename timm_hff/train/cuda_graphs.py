@@ -22,10 +22,11 @@ What a graph needs, and how it is met here:
   parameters (``head_warmup_epochs``), other train / eval modes. A batch of another shape (an epoch's last, smaller
   batch) runs eagerly and keeps the graph.
 
-Autocast's weight-cast cache is off under ``cuda_graphs`` (the trainer's ``AutocastKwargs``), as torch requires for
-captured autocast regions. What refuses it (one line each): no CUDA device, several processes (DDP), fp16's loss
-scaler (it reads an overflow flag on the host), gradient accumulation, ``torchcompile``, gradient checkpointing,
-``stage_parallel``, and optimizers without a device-side step.
+Autocast's weight-cast cache is off under ``cuda_graphs`` (the trainer's ``AutocastKwargs``), as torch asks of
+autocast inside graphed callables: a cached cast would outlive the region it was captured in. What refuses it (one
+line each): no CUDA device, several processes (DDP), fp16's loss scaler (it reads an overflow flag on the host),
+gradient accumulation, ``torchcompile``, gradient checkpointing, ``stage_parallel``, and optimizers without a
+device-side step.
 """
 import contextlib
 import os
@@ -175,7 +176,8 @@ def host_syncs(fn: Callable[[], Any]) -> Tuple[Any, List[Tuple[str, str, str]]]:
 
 # ----- the graph -----
 class CudaGraph:
-    """The device side: warm-up on a side stream, capture (``torch.cuda.graph``), replay."""
+    """The device side: warm-up on a side stream, capture (``torch.cuda.graph``), replay. Each method also gets the
+    ``CapturedStep`` (unused here), so a stand-in backend (tests) can act on its buffers as a graph would."""
 
     def __init__(self, device: torch.device):
         self.stream = torch.cuda.Stream(device)
