@@ -68,6 +68,11 @@ CANDIDATES = {
     # 0.8 (it lowers the early lrs, as the backbone lr scale did), a deeper HFF freeze (stages 1-4) and BP from
     # scratch at 3e-3 (BP from scratch has one lr)
     'bp_finetune_lr3e-3': dict(BP, lr=0.003),
+    # issue 32: BP with the very blocks HFF's recipe keeps frozen (hff-train's freeze_stages for BP: the usual partial
+    # fine-tune), over the lr grid; BP's full fine-tune one lr step past 3e-3, where it was still gaining
+    **{f'bp_freeze_0_2{tag}': dict(BP, freeze_stages=[0, 1, 2], **lr) for tag, lr in (
+        ('', {}), ('_lr3e-3', dict(lr=0.003)), ('_lr1e-2', dict(lr=0.01)), ('_lr3e-4', dict(lr=0.0003)))},
+    'bp_finetune_lr1e-2': dict(BP, lr=0.01),
 }
 # the table's rows: each a family of candidates, the one with the best mean validation top-1 over the two target sizes
 # chosen (HFF also between predicting from the last stage and from the stage ensemble); test read once per run
@@ -77,7 +82,10 @@ FAMILIES = {
                                                   'hff_finetune_rgb', 'hff_finetune_balanced'],
     'HFF from ImageNet, early stages frozen (their heads re-fitted)': ['hff_freeze_0_2'],
     'HFF from ImageNet, heads only': ['hff_head_only'],
-    'BP from ImageNet, full fine-tune': ['bp_finetune', 'bp_finetune_backbone_lr0.1', 'bp_finetune_lr3e-3'],
+    'BP from ImageNet, full fine-tune': ['bp_finetune', 'bp_finetune_backbone_lr0.1', 'bp_finetune_lr3e-3',
+                                         'bp_finetune_lr1e-2'],
+    'BP from ImageNet, same frozen blocks as HFF (stages 1-3)': ['bp_freeze_0_2', 'bp_freeze_0_2_lr3e-3',
+                                                                  'bp_freeze_0_2_lr1e-2', 'bp_freeze_0_2_lr3e-4'],
     'BP from ImageNet, linear probe': ['bp_linear_probe'],
     'HFF from scratch': ['hff_scratch', 'hff_scratch_lr3e-3'],
     'BP from scratch': ['bp_scratch'],

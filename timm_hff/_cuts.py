@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from ._stages import SplitError, StageSplit, family_of
 
-__all__ = ['install_cuts', 'run_stages', 'take_rows']
+__all__ = ['install_cuts', 'run_stages', 'run_stages_checked', 'take_rows']
 
 
 class _StopForward(Exception):
@@ -165,3 +165,38 @@ def run_stages(
         raise SplitError(f"timm family '{family_of(backbone)}': stage {len(outputs)} (tap '{missing}') never ran "
                          f"in forward_features, so the model cannot be cut there")
     return outputs
+
+
+def run_stages_checked(backbone: nn.Module, split: StageSplit, x: torch.Tensor, model_name: str = '',
+                       **kwargs) -> List[torch.Tensor]:
+    """``run_stages``, with a one-line ValueError when the backbone cannot take this input size.
+
+    Which sizes a backbone accepts (a fixed-size patch embedding, a stem larger than a tiny image) is only
+    known by running it, so the backbone's own error is translated here, at the model's input boundary,
+    instead of being predicted up front. Only failures of the backbone at a size other than the one the build
+    checked are translated; errors raised by ``on_stage`` (a head, a backward) and out-of-memory pass as is.
+    """
+    failed_in_callback = []
+
+    def guard(fn):
+        def guarded(k: int, h: torch.Tensor):
+            try:
+                return fn(k, h)
+            except BaseException:
+                failed_in_callback.append(k)
+                raise
+        return guarded if fn is not None else None
+
+    for key in ('on_stage', 'route'):
+        kwargs[key] = guard(kwargs.get(key))
+    try:
+        return run_stages(backbone, split, x, **kwargs)
+    except (RuntimeError, AssertionError) as e:
+        checked = split.probe_img_size
+        if failed_in_callback or isinstance(e, torch.OutOfMemoryError) or tuple(x.shape[-2:]) == (checked,) * 2:
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{model_name or type(backbone).__name__} cannot take a "
+                         f"{x.shape[-2]}x{x.shape[-1]} input ({msg}); it was built and checked at "
+                         f"{checked}x{checked}: resize the images, or build the model for this size "
+                         f"(img_size / check_img_size)") from None

@@ -223,6 +223,18 @@ class PrototypeHead(nn.Module):
             return torch.sum(-soft * F.log_softmax(logits - self.scale * self.margin * soft, dim=-1), dim=-1).mean()
 
 
+def pool_stage(x: torch.Tensor, layout: str, num_prefix_tokens: int = 0) -> torch.Tensor:
+    """A stage output average-pooled to (B, C) in its layout (prefix tokens left out): timm's pre-logits of a model
+    whose cut ends before the backbone's own pooling."""
+    if layout == 'NCHW':
+        return x.mean((2, 3))
+    if layout == 'NHWC':
+        return x.mean((1, 2))
+    if layout == 'NLC':
+        return x[:, num_prefix_tokens:].mean(1)
+    return x
+
+
 def log_probs_mean(stage_logits) -> torch.Tensor:
     """Ensemble of stages: the mean of their log-probabilities (in fp32, returned in the logits' dtype)."""
     return torch.stack([F.log_softmax(s.float(), dim=-1) for s in stage_logits]).mean(0).to(stage_logits[0].dtype)

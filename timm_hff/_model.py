@@ -7,12 +7,8 @@
 ``model(x)`` predicts in one pass (``predict_from='adaptive'``: each image leaves at the first stage that is sure
 enough, see ``forward_adaptive``). ``model(x, target)`` returns every stage's local loss:
 
-``mode='simultaneous'`` (one backward of the summed, gradient-isolated losses) or ``'memory_efficient'`` (each
-stage's backward as soon as it has run): see ``_local_losses``.
-
-The model owns a private copy of its ``HFFConfig`` (``hff_cfg``): ``predict_from`` and the exit settings live there
-once, so two models built from one config never change each other, and what ``save_pretrained`` writes is what the
-model does. The adaptive exit lives in ``_adaptive``, the input checks in ``_inputs``, timm's cfg in ``_timm_cfg``.
+``mode='simultaneous'`` (one summed backward) or ``'memory_efficient'`` (each stage's backward as soon as it has run).
+The model owns a private copy of its ``HFFConfig`` (``hff_cfg``), so what ``save_pretrained`` writes is what it does.
 """
 import dataclasses
 from typing import Callable, Dict, List, Optional, Sequence, Set, Union
@@ -23,13 +19,13 @@ import torch.nn as nn
 from ._config import HFFConfig
 from ._adaptive import AdaptiveExit
 from ._exit_rule import replay_exits
-from ._heads import create_head, log_probs_mean
+from ._heads import create_head, log_probs_mean, pool_stage
 from ._local_losses import HFFOutput, LocalLosses
-from ._cuts import run_stages
+from ._cuts import run_stages_checked
 from ._stages import StageSplit, cut_name, stage_modules
 from ._stem_ckpt import set_stem_checkpointing, stem_containers
 from ._inputs import check_images, check_target, is_fx_symbolic_tracing
-from ._timm_cfg import hff_pretrained_cfg, pool_type, prefix_spec
+from ._timm_cfg import first_convs, hff_pretrained_cfg, pool_type, prefix_spec, settle_cfg
 
 
 class HFFModel(AdaptiveExit, LocalLosses, nn.Module):
@@ -49,9 +45,12 @@ class HFFModel(AdaptiveExit, LocalLosses, nn.Module):
         self.model_name = model_name
         self.in_chans = in_chans
         self.num_classes = num_classes
-        self.num_features = getattr(backbone, 'num_features', split.channels[-1])
-        # timm's pre-logits width: what the last prototype head sees, and what num_classes=0 returns
-        self.head_hidden_size = getattr(backbone, 'head_hidden_size', None) or split.channels[-1]
+        # timm's widths: what forward_features gives, and what the last prototype head sees and num_classes=0 returns
+        # (a cut that ends before the last level: the last trained stage's, not those of layers it never trains)
+        self.num_features = getattr(backbone, 'num_features', split.channels[-1]) if split.full_tail \
+            else split.channels[-1]
+        self.head_hidden_size = (getattr(backbone, 'head_hidden_size', None) if split.full_tail else None) or \
+            split.channels[-1]
         self.heads = self._new_heads(num_classes)
         self._check_exit_settings(cfg)
         self._frozen: Set[int] = set()
@@ -70,7 +69,8 @@ class HFFModel(AdaptiveExit, LocalLosses, nn.Module):
         backbone_cfg = getattr(backbone, 'pretrained_cfg', None) or {}
         size = split.probe_img_size if cfg.small_input else int(tuple(backbone_cfg.get('input_size', (3, 224)))[-1])
         self.pretrained_cfg = hff_pretrained_cfg(backbone_cfg, num_classes, in_chans=in_chans, img_size=size,
-                                                 reduction=backbone.feature_info[-1].get('reduction'))
+                                                 reduction=self.output_reduction,
+                                                 first_conv=first_convs(backbone, in_chans))
 
     def _new_heads(self, num_classes: int) -> nn.ModuleList:
         """One fresh prototype head per stage, on the backbone's device and dtype; none for ``num_classes=0`` (a
@@ -91,6 +91,17 @@ class HFFModel(AdaptiveExit, LocalLosses, nn.Module):
     @property
     def default_cfg(self) -> Dict:
         return self.pretrained_cfg
+
+    @property
+    def output_reduction(self) -> Optional[int]:
+        """The backbone's last feature map's stride (what ``pool_size`` follows from the input size)."""
+        return self.backbone.feature_info[-1].get('reduction')
+
+    def settle_pretrained_cfg(self) -> Dict:
+        """Make ``pretrained_cfg`` tell this model's truth after its fields were replaced (a saved config.json's,
+        written before they were kept true, or with lists for tuples): ``_timm_cfg.settle_cfg``."""
+        return settle_cfg(self.pretrained_cfg, reduction=self.output_reduction, in_chans=self.in_chans,
+                          first_conv=first_convs(self.backbone, self.in_chans))
 
     @property
     def output_fmt(self) -> str:
@@ -155,12 +166,19 @@ class HFFModel(AdaptiveExit, LocalLosses, nn.Module):
         return {name: prefix_spec(spec) for name, spec in self.backbone.group_matcher(coarse).items()}
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The backbone's own unpooled features (the whole backbone, as in timm)."""
+        """The backbone's own unpooled features (the whole backbone, as in timm); for a cut that ends before the
+        backbone's last level, the last trained stage's output (the layers after it are never trained)."""
         self._check_input(x)
+        if not self.split.full_tail:
+            return self._run(x)[-1]
         return self.backbone.forward_features(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Backbone head path (pooling, head norm) then the last stage's prototype head."""
+        """Backbone head path (pooling, head norm) then the last stage's prototype head; after a truncated cut's
+        ``forward_features``, that stage's head (``pre_logits``: the stage output average-pooled)."""
+        if not self.split.full_tail:
+            return pool_stage(x, self.split.layouts[-1], self.split.num_prefix_tokens) \
+                if pre_logits or not len(self.heads) else self.heads[-1](x)
         x = self.backbone.forward_head(x, pre_logits=True)
         return x if pre_logits or not len(self.heads) else self.heads[-1](x)
 
@@ -268,6 +286,8 @@ class HFFModel(AdaptiveExit, LocalLosses, nn.Module):
         if not len(self.heads):
             if target is not None:
                 self._need_heads('a training step (model(x, target))')
+            if not self.split.full_tail:   # the last trained stage's pooled features, not untrained layers'
+                return self.forward_head(self.forward_features(x), pre_logits=True)
             self._check_input(x)
             return self.backbone(x)   # timm's num_classes=0: the backbone's pooled (or unpooled) features
         if target is None:
@@ -312,12 +332,28 @@ class HFFModel(AdaptiveExit, LocalLosses, nn.Module):
         return None, [n - 1], lambda ls: ls[0]   # 'last' (or an index beyond the stages at hand)
 
     def _predict(self, x: torch.Tensor) -> torch.Tensor:
+        if self._plain_loss_trains_every_stage():
+            return self._train_prediction(x)
         if self.predict_from == 'adaptive':
             return self.forward_adaptive(x)[0]
         self._check_input(x)
         stop, picked, combine = self._prediction()
         outs = self._run(x, stop_after=stop)
         return combine([self.heads[k](outs[k]) for k in picked])   # only the heads the prediction reads
+
+    def _plain_loss_trains_every_stage(self) -> bool:
+        """``model(x)`` in training mode with gradients on (timm's train.py: a plain loss on the output) reaches every
+        stage that trains, each through its own head; the cuts detach, so the last stage alone would train only
+        itself. Evaluation (eval mode, or no gradient) predicts as ``predict_from`` says."""
+        return self.training and torch.is_grad_enabled() and len(self._frozen) < self.num_stages
+
+    def _train_prediction(self, x: torch.Tensor) -> torch.Tensor:
+        """The mean log-probabilities of every stage that trains (the stage ensemble): a loss on it sends each stage's
+        head a gradient; frozen stages are left out, so they neither train nor weigh on the others."""
+        self._check_input(x)
+        stages = [k for k in range(self.num_stages) if k not in self._frozen]
+        outs = self._run(x, stop_after=stages[-1])
+        return log_probs_mean([self.heads[k](outs[k]) for k in stages])
 
     def predict_from_stages(self, stage_logits: List[torch.Tensor]) -> torch.Tensor:
         """The model's prediction (``predict_from``) from the stages' logits of one forward (all, or the first ones
@@ -346,36 +382,10 @@ class HFFModel(AdaptiveExit, LocalLosses, nn.Module):
              stop_after: Optional[int] = None,
              route: Optional[Callable[[int, torch.Tensor], Optional[torch.Tensor]]] = None,
              keep: bool = True) -> List[torch.Tensor]:
-        """``run_stages``, with a one-line ValueError when the backbone cannot take this input size.
-
-        Which sizes a backbone accepts (a fixed-size patch embedding, a stem larger than a tiny image) is only
-        known by running it, so the backbone's own error is translated here, at the model's input boundary,
-        instead of being predicted up front. Only failures of the backbone at a size other than the one the build
-        checked are translated; errors raised by ``on_stage`` (a head, a backward) and out-of-memory pass as is.
-        """
-        failed_in_callback = []
-
-        def guard(fn):
-            def guarded(k: int, h: torch.Tensor):
-                try:
-                    return fn(k, h)
-                except BaseException:
-                    failed_in_callback.append(k)
-                    raise
-            return guarded if fn is not None else None
-
-        try:
-            return run_stages(self.backbone, self.split, x, on_stage=guard(on_stage), stop_after=stop_after,
-                              route=guard(route), keep=keep)
-        except (RuntimeError, AssertionError) as e:
-            checked = self.split.probe_img_size
-            if failed_in_callback or isinstance(e, torch.OutOfMemoryError) or tuple(x.shape[-2:]) == (checked,) * 2:
-                raise
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"{self.model_name or type(self.backbone).__name__} cannot take a "
-                             f"{x.shape[-2]}x{x.shape[-1]} input ({msg}); it was built and checked at "
-                             f"{checked}x{checked}: resize the images, or build the model for this size "
-                             f"(img_size / check_img_size)") from None
+        """``run_stages``, with a one-line ValueError when the backbone cannot take this input size
+        (``_cuts.run_stages_checked``)."""
+        return run_stages_checked(self.backbone, self.split, x, self.model_name, on_stage=on_stage,
+                                  stop_after=stop_after, route=route, keep=keep)
 
     def _check_input(self, x: torch.Tensor, target: Optional[torch.Tensor] = None) -> None:
         """The model's input boundary (``_inputs.check_images`` / ``check_target``); none while torch.fx traces (a

@@ -51,12 +51,12 @@ def registered_cfg(name: str) -> Dict[str, Any]:
     """The default pretrained cfg of a registered name: its timm architecture's, as an HFF model of it reports it
     (``_timm_cfg.hff_pretrained_cfg``), with the name's own overrides."""
     from timm.models import get_pretrained_cfg
-    from ._timm_cfg import hff_pretrained_cfg
+    from ._timm_cfg import hff_pretrained_cfg, settle_cfg
     arch = registered_defaults(name)[0]
     base = get_pretrained_cfg(arch, allow_unregistered=True)
     cfg = hff_pretrained_cfg(base.to_dict() if base is not None else None, 1000)
     cfg.update(CFG_OVERRIDES.get(name, {}))
-    return cfg
+    return settle_cfg(cfg)
 
 
 def register_all() -> None:

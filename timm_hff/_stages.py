@@ -203,9 +203,28 @@ def plain_container(module: nn.Module) -> bool:
 
 
 def stage_modules(backbone: nn.Module, param_names: Sequence[str]) -> List[nn.Module]:
-    """The submodules that directly hold any of ``param_names`` (to put a frozen stage's norms in eval)."""
-    mods = {}
-    for pname in param_names:
-        mod_name = pname.rpartition('.')[0]
-        mods[mod_name] = backbone.get_submodule(mod_name) if mod_name else backbone
-    return list(mods.values())
+    """Every submodule wholly inside the stage that owns ``param_names`` (to put a frozen stage wholly in eval mode):
+    those whose parameters all belong to it, and the parameterless ones (Dropout, DropPath, activations) inside such
+    a module. A parameterless module of a shared parent (a ViT's ``pos_drop`` beside ``blocks``) goes with the module
+    defined just before it, as timm defines modules in forward order. A module shared with another stage stays out."""
+    mine = set(param_names)
+    owners = {}   # module name -> whether every parameter under it is the stage's
+    for pname, _ in backbone.named_parameters():
+        parts = pname.split('.')[:-1]
+        for i in range(len(parts) + 1):
+            name = '.'.join(parts[:i])
+            owners[name] = owners.get(name, True) and pname in mine
+    out, previous = [], False
+    for name, mod in backbone.named_modules():
+        probe = name
+        while probe and probe not in owners:
+            probe = probe.rpartition('.')[0]
+        if name in owners:
+            inside = previous = owners[name]
+        elif owners.get(probe):
+            inside = True
+        else:   # parameterless, under a parent shared between stages: the module defined before it decides
+            inside = previous
+        if inside:
+            out.append(mod)
+    return out

@@ -10,6 +10,7 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 
 from .._model import HFFModel
+from .._timm_cfg import settle_cfg
 from .._profile import stage_profile
 from ..version import __version__
 from ._errors import one_line
@@ -131,17 +132,17 @@ def _pretrained_cfg(model: HFFModel, train_args: Optional[Dict[str, Any]]) -> Di
     args = {k: train_args[k] for k in _DATA_KEYS if train_args and train_args.get(k) is not None}
     if 'img_size' not in args and 'input_size' not in args and model.hff_cfg.small_input:
         args['img_size'] = getattr(model.split, 'probe_img_size', 0) or 32
-    try:
-        data = resolve_input_data_config(model.backbone, args=args)
+    try:   # the model's own cfg: a loaded model's trained preprocessing, a built one's size and channels
+        data = resolve_input_data_config(model, args=args)
     except (TypeError, ValueError) as e:
         warnings.warn(f'train_args preprocessing {args} does not fit the model ({one_line(e)}); saving the '
-                      f"backbone's default preprocessing instead", stacklevel=2)
-        data = resolve_input_data_config(model.backbone)
-    source = model.backbone.pretrained_cfg or {}
+                      f"model's default preprocessing instead", stacklevel=2)
+        data = resolve_input_data_config(model)
+    source = model.pretrained_cfg or {}
     cfg = {k: source[k] for k in ('fixed_input_size', 'first_conv') if source.get(k) is not None}
     cfg.update({k: v for k, v in data.items() if v is not None})
     cfg.update(num_classes=model.num_classes, classifier='heads')
-    return jsonable(cfg)
+    return jsonable(settle_cfg(cfg, reduction=model.output_reduction, in_chans=model.in_chans))
 
 
 def _base_model(model: HFFModel, train_args: Optional[Dict[str, Any]]) -> Optional[str]:

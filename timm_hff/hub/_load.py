@@ -71,6 +71,7 @@ def load_pretrained_hff(model_name: str, pretrained: bool = True, num_classes: O
     if saved.label_names:
         pcfg['label_names'] = list(saved.label_names)
     model.pretrained_cfg.update(pcfg)
+    model.settle_pretrained_cfg()   # folders saved before the fields were kept true load with the same truth
     if num_classes is not None and num_classes != saved.num_classes:
         if pretrained:
             warnings.warn(f'{files.where} was trained for {saved.num_classes} classes; num_classes={num_classes} '
@@ -142,9 +143,10 @@ def _check_stages(model: HFFModel, saved: SavedConfig, where: str) -> None:
 
 def _adapt_first_conv(model: HFFModel, state: Dict[str, torch.Tensor], in_chans: int, saved_chans: int) -> None:
     from timm.models import adapt_input_conv
-    first = (model.backbone.pretrained_cfg or {}).get('first_conv')
+    from .._timm_cfg import first_convs
+    first = first_convs(model.backbone, in_chans)   # a deep stem's conv1.0, not timm's cfg's conv1
     for name in ((first,) if isinstance(first, str) else tuple(first or ())):
-        key = f'backbone.{name}.weight'
+        key = f'{name}.weight'
         if key in state:
             state[key] = adapt_input_conv(in_chans, state[key], base_chans=saved_chans)
 

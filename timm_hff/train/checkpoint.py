@@ -13,11 +13,11 @@ import weakref
 from typing import Any, Dict, Optional, Tuple
 
 from .._io import atomic_write_text
-from .errors import os_error, reason
+from .errors import first_line, os_error, reason
 
 __all__ = ['CKPT_DIR', 'EMA_FILE', 'LOCK_FILE', 'RunInUseError', 'RunLock', 'STATE_FILE', 'check_compatible',
            'checkpoint_name', 'checkpoint_paths', 'commit_checkpoint', 'find_resume', 'list_checkpoints',
-           'open_run_folder', 'prune', 'read_state', 'resolve_resume', 'run_identity']
+           'open_run_folder', 'prune', 'read_state', 'resolve_resume', 'run_identity', 'unloadable']
 
 CKPT_DIR = 'checkpoints'
 STATE_FILE = 'trainer_state.json'
@@ -47,11 +47,15 @@ def list_checkpoints(run_dir: str):
 def resolve_resume(resume: str, run_dir: str) -> Optional[str]:
     """The checkpoint folder to continue from.
 
-    ``resume`` may be a checkpoint folder, a run folder (its latest checkpoint), or 'auto' (this run's latest
-    checkpoint, or None to start fresh).
+    ``resume`` may be a checkpoint folder, a run folder (its latest checkpoint), 'latest' (bare ``--resume``: this
+    run's latest checkpoint, refused when there is none) or 'auto' (this run's latest checkpoint, or None to start
+    fresh: for job scripts that always pass it).
     """
-    if resume == 'auto':
+    if resume in ('auto', 'latest'):
         found = list_checkpoints(run_dir)
+        if not found and resume == 'latest':
+            raise FileNotFoundError(f'--resume: {run_dir} holds no checkpoint to continue (this run never completed '
+                                    f'an epoch); drop --resume to start it, or name a run folder: --resume PATH')
         return found[-1] if found else None
     if not os.path.isdir(resume):
         raise FileNotFoundError(f'--resume {resume!r}: no such folder')
@@ -84,7 +88,24 @@ def check_compatible(state: Dict[str, Any], identity: Dict[str, Any], ckpt: str)
     for key, mine in identity.items():
         if key in theirs and theirs[key] != mine:
             raise ValueError(f'--resume {ckpt}: the checkpoint was made with {key}={theirs[key]!r} but this run has '
-                             f'{key}={mine!r}; resume with the same settings or start a new experiment')
+                             f'{key}={mine!r}; resume with {key}: {json.dumps(theirs[key])} or start a new experiment')
+
+
+# torch's words when an optimizer state has other parameter groups than the optimizer it is loaded into
+_OTHER_GROUPS = ("doesn't match the size of optimizer's group", 'different number of parameter groups')
+
+
+def unloadable(ckpt: str, e: BaseException) -> Exception:
+    """The one-line error of a checkpoint that did not load: one made with other optimizer-shaping settings (before
+    identities named them) is not called damaged; anything else is (``CorruptCheckpointError``)."""
+    from .optim import OPTIMIZER_SHAPE
+    if any(words in str(e) for words in _OTHER_GROUPS):
+        return ValueError(f"--resume {ckpt}: the checkpoint's optimizer has other parameter groups than this run's "
+                          f"({first_line(e)}): one of {', '.join(OPTIMIZER_SHAPE)} differs from the run that wrote it "
+                          f"(its config.yaml); resume with those settings or start a new experiment")
+    from ..hub import CorruptCheckpointError
+    return CorruptCheckpointError(f'--resume {ckpt}: the checkpoint cannot be loaded ({type(e).__name__}: '
+                                  f'{first_line(e)}); resume from an earlier checkpoint or start a new experiment')
 
 
 def find_resume(cfg, run_dir: str) -> Optional[str]:
@@ -100,10 +121,12 @@ def find_resume(cfg, run_dir: str) -> Optional[str]:
 
 def run_identity(cfg, num_classes: int, num_processes: int, extra: Dict[str, Any]) -> Dict[str, Any]:
     """What a checkpoint must match to be resumed by a run (``extra``: the method's own settings)."""
+    from .optim import OPTIMIZER_SHAPE   # what trains and the optimizer's groups: its saved state fits only these
     return dict(model=cfg.model, method=cfg.method, schedule=cfg.schedule, num_classes=num_classes, hff=cfg.hff,
                 model_kwargs=cfg.model_kwargs, in_chans=cfg.in_chans, **extra, num_processes=num_processes,
                 batch_size=cfg.batch_size, grad_accum_steps=cfg.grad_accum_steps, train_split=cfg.train_split,
-                val_fraction=cfg.val_fraction, split_seed=cfg.split_seed)
+                val_fraction=cfg.val_fraction, split_seed=cfg.split_seed,
+                **{k: getattr(cfg, k) for k in OPTIMIZER_SHAPE})
 
 
 def checkpoint_paths(run_dir: str, epoch: int) -> Tuple[str, str, str]:

@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--baseline', choices=baselines, default=None,
                         help="train the same backbone another way: 'bp' (timm's head, end to end) or 'ff' "
                              "(Forward-Forward at HFF's stage cut; its settings: --ff '{threshold: 2.0}')")
-    parser.add_argument('--resume', nargs='?', const='auto', default=argparse.SUPPRESS, metavar='PATH',
+    parser.add_argument('--resume', nargs='?', const='latest', default=argparse.SUPPRESS, metavar='PATH',
                         help='continue from a checkpoint or run folder; bare --resume: this run\'s latest')
     parser.add_argument('--torchcompile', nargs='?', const='inductor', default=argparse.SUPPRESS, metavar='BACKEND',
                         help="torch.compile the model (backend, default 'inductor'; HFF: block by block, the cuts stay "

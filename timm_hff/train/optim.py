@@ -1,8 +1,15 @@
 """The optimizer and the lr schedule of a run: timm's factories, with the fine-tuning lr factors as timm's
 ``lr_scale``, so every timm scheduler honours them."""
+import contextlib
 from typing import Dict, Set, Tuple
 
-__all__ = ['build_optimizer', 'build_scheduler', 'param_groups']
+__all__ = ['OPTIMIZER_SHAPE', 'build_optimizer', 'build_scheduler', 'param_groups', 'run_settings_kept', 'say_changes']
+
+# settings that decide the optimizer's kind and its parameter groups (what trains, at which lr factor): a checkpoint's
+# optimizer state fits only the same ones, so resume refuses a change of them (``checkpoint.run_identity``); every
+# other optimizer setting (weight_decay, momentum, opt_eps, opt_betas, cuda_graphs' fused step) is re-applied
+OPTIMIZER_SHAPE = ('opt', 'freeze_stages', 'head_only', 'head_warmup_epochs', 'layer_decay', 'backbone_lr_scale',
+                   'stage_lr')
 
 
 def param_groups(model, cfg, heads: Set[str]) -> list:
@@ -68,3 +75,35 @@ def build_scheduler(cfg, optimizer, updates_per_epoch: int, epochs: int, cycles:
         **decay, min_lr=cfg.min_lr, warmup_lr=cfg.warmup_lr, warmup_epochs=cfg.warmup_epochs, cycle_limit=cycles,
         cycle_decay=1.0, step_on_epochs=not cfg.sched_on_updates, updates_per_epoch=updates_per_epoch)
     return scheduler
+
+
+# param-group keys the run's schedule owns (timm's scheduler writes lr from initial_lr): kept as the checkpoint has them
+_SCHEDULE_KEYS = ('params', 'lr', 'initial_lr')
+
+
+@contextlib.contextmanager
+def run_settings_kept(optimizer, changes: list):
+    """Around a checkpoint's ``optimizer.load_state_dict``: torch restores every group hyper-parameter of the
+    checkpoint (weight decay, betas, eps, momentum, the fused / capturable flags a CUDA graph needs), so this run's are
+    written back from the freshly built optimizer afterwards, and step counters move where a fused or capturable step
+    reads them. ``changes`` gets one ``(setting, checkpoint's value, this run's)`` per change, for the run to say."""
+    import torch
+    fresh = [{k: v for k, v in g.items() if k not in _SCHEDULE_KEYS} for g in optimizer.param_groups]
+    yield
+    seen = set()
+    for group, mine in zip(optimizer.param_groups, fresh):
+        for key, value in mine.items():
+            if group.get(key) != value and key not in seen:
+                seen.add(key)
+                changes.append((key, group.get(key), value))
+            group[key] = value
+        if group.get('fused') or group.get('capturable'):
+            for p in group['params']:
+                step = optimizer.state.get(p, {}).get('step')
+                if isinstance(step, torch.Tensor):
+                    optimizer.state[p]['step'] = step.to(device=p.device, dtype=torch.float32)
+
+
+def say_changes(changes: list) -> str:
+    """'; weight_decay 0.05 -> 0.1' for the resume line ('' when nothing changed)."""
+    return ''.join(f'; {k} {old!r} -> {new!r} (this run\'s)' for k, old, new in changes)

@@ -18,12 +18,12 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import check_compatible, checkpoint_paths, commit_checkpoint, find_resume, open_run_folder, read_state
-from .checkpoint import EMA_FILE
+from .checkpoint import EMA_FILE, unloadable
 from .data import build_data, build_loaders, steps_per_epoch
-from .errors import first_line, os_error, reason
+from .errors import os_error, reason
 from .evaluate import accuracy_row, topk_hits
 from .exits import adaptive_point, calibrate, describe_point
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, run_settings_kept, say_changes
 from .registry import get_method, get_schedule
 from .run import RunSequence
 from .steps import train_steps
@@ -208,14 +208,12 @@ class Trainer(RunSequence):
         return final
 
     def _load(self, ckpt: str) -> None:
-        state = read_state(ckpt)
+        state, changes = read_state(ckpt), []
         try:
-            self.accelerator.load_state(ckpt)
-        except Exception as e:   # truncated or foreign files; the identity was already checked
-            from ..hub import CorruptCheckpointError
-            raise CorruptCheckpointError(f'--resume {ckpt}: the checkpoint cannot be loaded ({type(e).__name__}: '
-                                         f'{first_line(e)}); resume from an earlier checkpoint or start a new '
-                                         f'experiment') from None
+            with run_settings_kept(self.optimizer, changes):
+                self.accelerator.load_state(ckpt)
+        except Exception as e:   # truncated or foreign files, or (before identities named them) other settings
+            raise unloadable(ckpt, e) from None
         if self.ema is not None:
             path = os.path.join(ckpt, EMA_FILE)
             if not os.path.isfile(path):
@@ -225,7 +223,7 @@ class Trainer(RunSequence):
         self.start_epoch = int(state['epoch']) + 1
         self.updates = int(state['updates'])
         self.history = list(state['history'])
-        self.accelerator.print(f'resumed from {ckpt} (epoch {state["epoch"] + 1} done)')
+        self.accelerator.print(f'resumed from {ckpt} (epoch {state["epoch"] + 1} done){say_changes(changes)}')
 
     # ----- one epoch -----
     def _sync_buffers(self, module: nn.Module) -> None:

@@ -1,10 +1,14 @@
 """``method: bp``: the same timm backbone with timm's own classifier, trained end to end (the baseline)."""
+import weakref
 from typing import Any, Dict, Optional
 
 from ..registry import register_method
 from .base import Method
 
-__all__ = ['BPMethod']
+__all__ = ['BPMethod', 'stage_param_names']
+
+# BP models with frozen blocks (``freeze_stages``): the parameter names kept frozen through the run
+_FROZEN: 'weakref.WeakKeyDictionary' = weakref.WeakKeyDictionary()
 
 
 @register_method
@@ -21,9 +25,11 @@ class BPMethod(Method):
         if cfg.calibrate_exits is not None:
             raise ValueError("calibrate_exits fits the exits of HFF stages; method 'bp' has one exit (drop it)")
         super().check(cfg)
-        if cfg.freeze_stages or cfg.reset_prototypes:
-            raise ValueError("freeze_stages / reset_prototypes apply to HFF models; not with method 'bp' (its "
-                             "linear probe is head_only: true)")
+        if cfg.reset_prototypes:   # a recipe's prototype setting: BP's classifier is new whatever it says
+            import logging
+            logging.getLogger(__name__).warning("reset_prototypes draws fresh HFF prototypes; method 'bp' has none "
+                                                "(timm's classifier starts fresh for the run's classes): dropped")
+            cfg.reset_prototypes = False
 
     def build_model(self, cfg, num_classes: int):
         """``baselines.create_bp_model``: timm's classifier with HFF's small-input stem adaptation at HFF's own stage
@@ -46,7 +52,28 @@ class BPMethod(Method):
             head = {id(p) for p in model.get_classifier().parameters()}
             for p in model.parameters():
                 p.requires_grad_(id(p) in head)
+        if cfg.freeze_stages:   # the usual partial fine-tune: the very blocks HFF's freeze_stages keeps
+            frozen = stage_param_names(name, cfg, hff, num_classes, cfg.freeze_stages)
+            for n, p in model.named_parameters():
+                if n in frozen:
+                    p.requires_grad_(False)
+            _FROZEN[model] = frozen
         return model
+
+    def set_trainable(self, model, cfg, epoch: int) -> None:
+        """The heads-only warm-up, then every layer but the blocks ``freeze_stages`` keeps frozen."""
+        super().set_trainable(model, cfg, epoch)
+        for n, p in model.named_parameters():
+            if n in _FROZEN.get(model, ()):
+                p.requires_grad_(False)
+
+    def train_mode(self, model, cfg, epoch: int) -> None:
+        """Frozen blocks keep their norm statistics (and no dropout), as HFF's frozen stages do."""
+        super().train_mode(model, cfg, epoch)
+        if _FROZEN.get(model):
+            from ..._stages import stage_modules
+            for m in stage_modules(model, sorted(_FROZEN[model])):
+                m.eval()
 
     def num_stages(self, model) -> int:
         return 1
@@ -67,6 +94,22 @@ class BPMethod(Method):
             save_for_hf(model, str(tmp), model_config=dict(label_names=data.label_names, hff_small_input=small),
                         model_args=dict(cfg.model_kwargs), data_config=data_cfg, safe_serialization=True)
         return path
+
+
+def stage_param_names(arch: str, cfg, hff: Dict[str, Any], num_classes: int, stages) -> frozenset:
+    """The timm parameter names of HFF stages ``stages`` of the same architecture, cut and stem (an HFF model built
+    on the meta device: nothing allocated; its backbone's names are the BP model's)."""
+    from ..._factory import create_model
+    hff = {k: v for k, v in hff.items() if k not in ('predict_from',)}
+    if cfg.img_size and 'check_img_size' not in hff:
+        hff['check_img_size'] = cfg.img_size
+    twin = create_model(arch, num_classes=num_classes, in_chans=cfg.in_chans, device='meta', **cfg.model_kwargs,
+                        **hff)
+    n = twin.num_stages
+    bad = [k for k in stages if isinstance(k, bool) or not isinstance(k, int) or not -n <= k < n]
+    if bad:
+        raise ValueError(f'freeze_stages {bad}: the HFF cut of {arch} has {n} stages (0..{n - 1})')
+    return frozenset(name for k in stages for name in twin.split.stage_param_names[k % n])
 
 
 def bp_loss(logits, target):

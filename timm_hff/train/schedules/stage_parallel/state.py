@@ -20,7 +20,8 @@ import torch
 import torch.nn as nn
 from timm.utils import ModelEmaV3
 
-from ...checkpoint import checkpoint_paths, commit_checkpoint, read_state
+from ...checkpoint import checkpoint_paths, commit_checkpoint, read_state, unloadable
+from ...optim import run_settings_kept, say_changes
 from ...errors import first_line, reason
 
 __all__ = ['StageEma', 'StageState', 'assemble', 'load_stage', 'owned_keys', 'owned_state', 'rng_state',
@@ -95,7 +96,8 @@ def load_stage(path: str, trainer) -> None:
     if not os.path.isdir(path):
         raise FileNotFoundError(f'{path} is missing')
     trainer.model.load_state_dict(_checked(load_file(os.path.join(path, MODEL_FILE)), trainer.keys, path), strict=False)
-    trainer.optimizer.load_state_dict(torch.load(os.path.join(path, OPTIMIZER_FILE), weights_only=False))
+    with run_settings_kept(trainer.optimizer, getattr(trainer, 'resume_changes', [])):
+        trainer.optimizer.load_state_dict(torch.load(os.path.join(path, OPTIMIZER_FILE), weights_only=False))
     trainer.scheduler.load_state_dict(torch.load(os.path.join(path, SCHEDULER_FILE), weights_only=False))
     if trainer.scaler is not None:
         trainer.scaler.load_state_dict(torch.load(os.path.join(path, SCALER_FILE), weights_only=False))
@@ -150,6 +152,7 @@ class StageState:
         return final
 
     def _load(self, ckpt: str) -> None:
+        self.resume_changes = []
         try:
             load_stage(stage_dir(ckpt, self.k), self)
             error = None
@@ -159,13 +162,11 @@ class StageState:
         if errors:
             if not self.is_main:
                 raise _Quiet(errors[0])
-            from ..hub import CorruptCheckpointError
-            raise CorruptCheckpointError(f'--resume {ckpt}: the checkpoint cannot be loaded ({errors[0]}); resume '
-                                         f'from an earlier checkpoint or start a new experiment')
+            raise unloadable(ckpt, RuntimeError(errors[0]))
         state = read_state(ckpt)
         self.start_epoch, self.updates = int(state['epoch']) + 1, int(state['updates'])
         self.history = list(state['history'])
-        self.print(f'resumed from {ckpt} (epoch {state["epoch"] + 1} done)')
+        self.print(f'resumed from {ckpt} (epoch {state["epoch"] + 1} done){say_changes(self.resume_changes)}')
 
     def finish(self, last: Dict[str, Any], test: Optional[Dict[str, Any]]) -> None:
         """Assemble the model on rank 0 (each tensor from its owner) and save it as a single-process run would."""
