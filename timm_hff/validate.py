@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group('data')
     g.add_argument('--dataset', default='',
                    help="'hfds/<hub id>', 'imagefolder', 'idx' (with --data-dir) or '' (infer)")
-    g.add_argument('--data-dir', default=None, help="folder for 'imagefolder' / 'idx'")
+    g.add_argument('--data-dir', '--data_dir', default=None, help="folder for 'imagefolder' / 'idx'")
     g.add_argument('--dataset-config', default=None, help='Hub configuration name')
     g.add_argument('--split', default='test', help="split name or slice, e.g. 'test', 'validation', 'train[54000:]'")
     g.add_argument('--input-key', default=None, help='image column (inferred when omitted)')
@@ -89,6 +89,21 @@ def _parse_predict_from(value: Optional[str]):
         return value
 
 
+def _check_device(device: str) -> None:
+    """A device this machine has, or one line saying which it has."""
+    import torch
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device name; use 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == 'cuda' and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        raise ValueError(f'--device {device}: this machine has {have} CUDA device(s); use --device cpu'
+                         + (f' or cuda:0..cuda:{have - 1}' if have else ''))
+    if dev.type not in ('cpu', 'cuda') and not getattr(torch, dev.type, None):
+        raise ValueError(f"--device {device!r}: use 'cpu', 'cuda' or 'cuda:N'")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     import torch   # after parsing: --help and argument errors answer at once
@@ -98,9 +113,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     try:
+        _check_device(device)
         if not args.model.startswith(('local-dir:', 'hf-hub:')):
             raise ValueError(f"model {args.model!r} is not a saved model; pass 'local-dir:<folder>' (a folder with "
                              f"config.json and model.safetensors) or 'hf-hub:<org>/<repo>'")
+        print(f"hff-validate: loading {args.model} and {args.dataset or args.data_dir or 'the data'}:{args.split}, "
+              f"then scoring on {device}", file=sys.stderr, flush=True)   # data loading can take a while: say so
         from ._factory import create_model
         model = create_model(args.model, pretrained=True)
         if args.predict_from is not None:

@@ -157,6 +157,11 @@ def load_image_dataset(
     if num_classes is not None and num_classes < n_label:
         raise ValueError(f"{name}:{split} column '{label_key}' has {n_label} classes but num_classes={num_classes}: "
                          f"labels would fall outside [0, {num_classes}); raise num_classes or leave it unset")
+    if num_classes is not None and class_label is not None and num_classes > n_label:   # never phantom classes
+        raise ValueError(f"{name}:{split} column '{label_key}' has {n_label} classes "
+                         f"({', '.join(map(str, class_label.names[:5]))}{', ...' if n_label > 5 else ''}) but "
+                         f"num_classes={num_classes}: the model would predict classes no image has; set num_classes: "
+                         f"{n_label}, or null to follow the data")
     n = num_classes or n_label
     names = list(class_label.names) if class_label is not None else []
     names += [str(i) for i in range(len(names), n)]

@@ -27,9 +27,9 @@ _EXPORTS = {'RunSequence': '.run', 'build_optimizer': '.optim', 'build_scheduler
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 
-def build_model(cfg: TrainConfig, num_classes: int):
+def build_model(cfg: TrainConfig, num_classes: int, label_names=None):
     """The model a run of ``cfg`` trains (the method's ``build_model``): HFF, BP's timm classifier, or FF."""
-    return get_method(cfg.method).build_model(cfg, num_classes)
+    return get_method(cfg.method).build_model(cfg, num_classes, label_names)
 
 
 def create_trainer(cfg: TrainConfig):

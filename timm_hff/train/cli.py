@@ -38,6 +38,11 @@ class _Parser(argparse.ArgumentParser):
             for word in message.split(':', 1)[1].split():
                 if word.startswith('--'):
                     key = word[2:].split('=')[0].replace('-', '_')
+                    if key == 'device':   # not a setting: Accelerate places the run
+                        message += ('; hff-train has no --device: Accelerate trains on CUDA when it is available, '
+                                    "else on the CPU (CUDA_VISIBLE_DEVICES='' for the CPU; accelerate launch for "
+                                    'several GPUs)')
+                        break
                     close = ([f'--{_ALIASES[key]}'] if key in _ALIASES
                              else difflib.get_close_matches(word.split('=')[0], flags, n=1))
                     if close:

@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from .checkpoint import check_compatible, checkpoint_paths, commit_checkpoint, find_resume, open_run_folder, read_state
 from .checkpoint import EMA_FILE, unloadable
+from .checks import check_device_precision
 from .data import build_data, build_loaders, steps_per_epoch
 from .errors import os_error, reason
 from .evaluate import accuracy_row, topk_hits
@@ -58,6 +59,7 @@ class Trainer(RunSequence):
             mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum_steps,
             log_with=cfg.log_with, kwargs_handlers=handlers, step_scheduler_with_optimizer=False, **project)
         acc = self.accelerator
+        check_device_precision(cfg.mixed_precision, acc.device)
         self.num_processes = acc.num_processes
         fewer_processes_warning(acc.num_processes)
         if cfg.cuda_graphs:
@@ -84,7 +86,7 @@ class Trainer(RunSequence):
         self.num_classes = self.train_data.num_classes
         if self.resume_from:   # refuse another run's checkpoint before building anything
             check_compatible(read_state(self.resume_from), self.identity, self.resume_from)
-        model = self.method.build_model(cfg, self.num_classes)
+        model = self.method.build_model(cfg, self.num_classes, self.train_data.label_names)
         if self.method.unused_parameters(model) and not needs_unused:
             self._ddp_kwargs.find_unused_parameters = True
         self.num_stages = self.method.num_stages(model)

@@ -34,7 +34,8 @@ class Method:
         return {}
 
     # ----- the model -----
-    def build_model(self, cfg, num_classes: int):
+    def build_model(self, cfg, num_classes: int, label_names: Optional[List[str]] = None):
+        """The run's model for ``num_classes`` classes named ``label_names`` (the training data's)."""
         raise NotImplementedError
 
     def num_stages(self, model) -> int:
@@ -124,3 +125,14 @@ def dataset_id(data) -> str:
     if data.source == 'idx' and 'fashion' in data.name.lower():
         return 'zalando-datasets/fashion_mnist'
     return os.path.basename(data.name.rstrip('/')) or data.name
+
+
+def warn_frozen_random(cfg) -> None:
+    """``freeze_stages`` / ``head_only`` keep weights as they start: from scratch those are random layers, which is
+    rarely meant (a random-features baseline aside), so it is said in one line."""
+    import logging
+    if (cfg.freeze_stages or cfg.head_only) and not (cfg.pretrained or cfg.pretrained_file):
+        which = 'head_only' if cfg.head_only else f'freeze_stages {list(cfg.freeze_stages)}'
+        logging.getLogger(__name__).warning(f'{which} with pretrained: false freezes randomly initialised layers '
+                                            f'(nothing is loaded); set pretrained: true (or pretrained_file) to '
+                                            f'freeze trained weights')

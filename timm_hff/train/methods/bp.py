@@ -3,12 +3,14 @@ import weakref
 from typing import Any, Dict, Optional
 
 from ..registry import register_method
-from .base import Method
+from .base import Method, warn_frozen_random
 
 __all__ = ['BPMethod', 'stage_param_names']
 
 # BP models with frozen blocks (``freeze_stages``): the parameter names kept frozen through the run
 _FROZEN: 'weakref.WeakKeyDictionary' = weakref.WeakKeyDictionary()
+# BP models taken from a saved HFF model: the timm kwargs that rebuild them (the recipe has none of its own)
+_SAVED_ARGS: 'weakref.WeakKeyDictionary' = weakref.WeakKeyDictionary()
 
 
 @register_method
@@ -31,16 +33,17 @@ class BPMethod(Method):
                                                 "(timm's classifier starts fresh for the run's classes): dropped")
             cfg.reset_prototypes = False
 
-    def build_model(self, cfg, num_classes: int):
+    def build_model(self, cfg, num_classes: int, label_names=None):
         """``baselines.create_bp_model``: timm's classifier with HFF's small-input stem adaptation at HFF's own stage
         cut, so BP and HFF train the very same backbone; ``head_only`` freezes all but timm's classifier (a linear
         probe)."""
         from ...baselines.bp import create_bp_model
         from ..._names import parse_model_name
+        warn_frozen_random(cfg)
         source, name = parse_model_name(cfg.model)
         hff = dict(cfg.hff)
         if source in ('hf-hub', 'local-dir'):
-            raise ValueError(f"method 'bp' needs a timm architecture, not saved HFF weights ({cfg.model})")
+            return self._from_saved_hff(cfg, num_classes)
         if source == 'hff':
             from ..._names import registered_defaults
             name, defaults = registered_defaults(name)
@@ -56,6 +59,30 @@ class BPMethod(Method):
             frozen = stage_param_names(name, cfg, hff, num_classes, cfg.freeze_stages)
             for n, p in model.named_parameters():
                 if n in frozen:
+                    p.requires_grad_(False)
+            _FROZEN[model] = frozen
+        return model
+
+    def _from_saved_hff(self, cfg, num_classes: int):
+        """BP from a saved HFF model (``transfer_hff.yaml``'s baseline): its backbone, with its trained weights when
+        ``pretrained``, under timm's fresh classifier; the same freezing as from timm's weights. The backbone's cut
+        passes everything through outside HFF's forward, so it trains end to end (``_cuts``)."""
+        from ..._factory import create_model
+        from ...hub import saved_timm_kwargs
+        hff = create_model(cfg.model, pretrained=cfg.pretrained, in_chans=cfg.in_chans)
+        model = hff.backbone
+        model.reset_classifier(num_classes)
+        model.pretrained_cfg = dict(model.pretrained_cfg or {}, architecture=hff.model_name)
+        _SAVED_ARGS[model] = (saved_timm_kwargs(model), hff.hff_cfg.small_input)
+        if cfg.head_only:
+            head = {id(p) for p in model.get_classifier().parameters()}
+            for p in model.parameters():
+                p.requires_grad_(id(p) in head)
+        if cfg.freeze_stages:
+            n = hff.num_stages
+            frozen = frozenset(name for k in cfg.freeze_stages for name in hff.split.stage_param_names[k % n])
+            for name, p in model.named_parameters():
+                if name in frozen:
                     p.requires_grad_(False)
             _FROZEN[model] = frozen
         return model
@@ -88,11 +115,12 @@ class BPMethod(Method):
         import torch
         from timm.models import save_for_hf
         from ..._io import atomic_dir
-        small = bool(cfg.hff.get('small_input'))
+        args, small = _SAVED_ARGS.get(model, (cfg.model_kwargs, bool(cfg.hff.get('small_input'))))
         model = model.to(memory_format=torch.contiguous_format)   # safetensors stores contiguous tensors only
         with atomic_dir(path, carry_over=False) as tmp:
             save_for_hf(model, str(tmp), model_config=dict(label_names=data.label_names, hff_small_input=small),
-                        model_args=dict(cfg.model_kwargs), data_config=data_cfg, safe_serialization=True)
+                        model_args=dict(args), data_config=data_cfg,
+                        safe_serialization=True)
         return path
 
 

@@ -59,7 +59,7 @@ class FFMethod(Method):
         ff.pop('chunk_size')
         return dict(ff=ff)
 
-    def build_model(self, cfg, num_classes: int):
+    def build_model(self, cfg, num_classes: int, label_names=None):
         """``timm_hff.baselines.create_ff_model``: the recipe's backbone and stage cut, one extra input channel for
         the label plane, no prototype heads."""
         from ...baselines.ff import FFConfig, create_ff_model

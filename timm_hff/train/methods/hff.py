@@ -2,7 +2,7 @@
 from typing import Any, Dict, List, Optional, Set
 
 from ..registry import register_method
-from .base import Method, card_metrics
+from .base import Method, card_metrics, warn_frozen_random
 
 __all__ = ['HFFMethod']
 
@@ -14,11 +14,12 @@ class HFFMethod(Method):
     exits = True
     baseline = False
 
-    def build_model(self, cfg, num_classes: int):
+    def build_model(self, cfg, num_classes: int, label_names=None):
         """``timm_hff.create_model`` of the recipe: timm's (pretrained) backbone or saved HFF weights; new labels get
         fresh prototypes; ``freeze_stages`` / ``head_only`` freeze backbone slices (fresh heads are re-fitted)."""
         from ..._factory import create_model
         from ..._names import parse_model_name
+        warn_frozen_random(cfg)
         hff = dict(cfg.hff)
         if cfg.img_size and 'check_img_size' not in hff:
             hff['check_img_size'] = cfg.img_size
@@ -29,6 +30,8 @@ class HFFMethod(Method):
         model = create_model(cfg.model, pretrained=cfg.pretrained or bool(cfg.pretrained_file),
                              num_classes=num_classes, in_chans=cfg.in_chans, **weights, **cfg.model_kwargs, **hff)
         new_labels = model.num_classes != num_classes or cfg.reset_prototypes
+        if not new_labels:
+            check_same_labels(model, cfg, label_names)
         if new_labels:   # a new label set: fresh prototypes
             model.reset_classifier(num_classes)
         saved = parse_model_name(cfg.model)[0] in ('hf-hub', 'local-dir')
@@ -99,3 +102,15 @@ class HFFMethod(Method):
         except NotImplementedError as e:
             logging.getLogger(__name__).warning(f'final model not saved: {e}')
             return None
+
+
+def check_same_labels(model, cfg, label_names) -> None:
+    """Saved prototypes are the saved classes': data whose class names differ (the same count, other classes or
+    another order) is a new label set, which must be said (``reset_prototypes``), not trained on the old prototypes."""
+    saved = model.pretrained_cfg.get('label_names')
+    if not saved or not label_names or [str(n) for n in saved] == [str(n) for n in label_names]:
+        return
+    show = (lambda names: ', '.join(map(str, names[:4])) + (', ...' if len(names) > 4 else ''))
+    raise ValueError(f'{cfg.model} was trained on the classes [{show(saved)}], the data has [{show(label_names)}]: '
+                     f'for a new label set set reset_prototypes: true (fresh prototypes in every stage, frozen ones '
+                     f'fitted too); for the same classes give label_names in the saved order')

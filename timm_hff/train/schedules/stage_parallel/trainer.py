@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn as nn
 
+from ...checks import check_device_precision
 from ...checkpoint import check_compatible, find_resume, open_run_folder, read_state
 from ...data import build_data, build_loaders
 from ...optim import build_optimizer, build_scheduler
@@ -110,7 +111,7 @@ class StageParallelTrainer(StageSteps, StageState, RunSequence):
         set_seed(cfg.seed)
         self.train_data, self.val_data, self.test_data = build_data(cfg, solo)
         self.num_classes = self.train_data.num_classes
-        model = self.method.build_model(cfg, self.num_classes)
+        model = self.method.build_model(cfg, self.num_classes, self.train_data.label_names)
         k = self.num_processes = model.num_stages
         if self.resume_from:
             check_compatible(read_state(self.resume_from), self.identity, self.resume_from)
@@ -150,6 +151,7 @@ class StageParallelTrainer(StageSteps, StageState, RunSequence):
         for p in model.parameters():
             p.requires_grad_(id(p) in owned)
         self.model = model
+        check_device_precision(cfg.mixed_precision, g.device)
         self.autocast = _autocast(cfg.mixed_precision, g.device)
         self.ema = None
         if cfg.model_ema:   # before the stubs: the EMA copy gets its own
