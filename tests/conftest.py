@@ -11,7 +11,7 @@ import pytest
 from test_data import make_idx
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
-collect_ignore = ['timm_upstream']   # timm's own model tests: run by tests/test_timm_contract.py (slow)
+collect_ignore = ['timm_upstream', 'timm_scripts']   # timm's model tests (test_timm_contract.py) and scripts
 REPO = os.path.dirname(TESTS)
 
 

@@ -329,6 +329,52 @@ def _(env):
     Trainer(tiny(env.idx, env.tmp / 'out', resume=str(run)))
 
 
+@case('--resume with another optimizer', CliError,
+      r"--resume .*epoch_0000: the checkpoint was made with opt='sgd' but this run has opt='adamw'; resume with "
+      r'opt: "sgd" or start a new experiment')
+def _(env, capsys):
+    env.cli(cli_args(tiny_settings(env.idx, env.tmp, opt='adamw')) + ['--resume', env.run_dir], capsys)
+
+
+@case('bare --resume of a run that never ran', CliError,
+      r'--resume: .*never-ran holds no checkpoint to continue .*; drop --resume to start it')
+def _(env, capsys):
+    env.cli(cli_args(tiny_settings(env.idx, env.tmp, experiment='never-ran')) + ['--resume'], capsys)
+
+
+@case('mixed_precision fp16 on a CPU', CliError,
+      r"mixed_precision 'fp16' needs a CUDA device, but this run is on the CPU, where it would change nothing")
+def _(env, capsys):
+    env.cli(cli_args(tiny_settings(env.idx, env.tmp, mixed_precision='fp16')), capsys)
+
+
+@case('a recipe num_classes above the data\'s classes', ValueError,
+      r"column 'label' has 3 classes \(a, b, c\) but num_classes=10: the model would predict classes no image has")
+def _(env):
+    from test_data import make_imagefolder
+    data = make_imagefolder(str(env.tmp / 'folder'), classes=('a', 'b', 'c'), per_class=(4, 2), size=28, mode='L')
+    Trainer(tiny(None, env.tmp, dataset='imagefolder', data_dir=data, num_classes=10, train_num_samples=None))
+
+
+@case('a saved model trained on other classes (same count)', ValueError,
+      r'local-dir:.* was trained on the classes \[.*\], the data has \[0, 1, 2, 3, ...\]: for a new label set set '
+      r'reset_prototypes: true')
+def _(env):
+    d = env.copy_model()
+    names = [f'class{i}' for i in range(10)]
+    env.edit_config(d, lambda c: (c['hff'].update(label_names=names), c.update(label_names=names)))
+    Trainer(tiny(env.idx, env.tmp, model=f'local-dir:{d}', pretrained=True, hff={}))
+
+
+@case('hff-train --device', CliError, r'unrecognized arguments: --device cuda; hff-train has no --device: Accelerate')
+def _(env, capsys):
+    with pytest.raises(SystemExit):   # argparse's own exit: a usage line, then the one-line error
+        main(cli_args(tiny_settings(env.idx, env.tmp)) + ['--device', 'cuda'])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith('hff-train: error: '), err
+    raise CliError(err[len('hff-train: error: '):], 2)
+
+
 @case('new run into a folder that holds checkpoints', ValueError,
       r'run already holds checkpoints of a run; pass --resume to continue it')
 def _(env):
