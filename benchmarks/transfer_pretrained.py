@@ -73,6 +73,11 @@ CANDIDATES = {
     **{f'bp_freeze_0_2{tag}': dict(BP, freeze_stages=[0, 1, 2], **lr) for tag, lr in (
         ('', {}), ('_lr3e-3', dict(lr=0.003)), ('_lr1e-2', dict(lr=0.01)), ('_lr3e-4', dict(lr=0.0003)))},
     'bp_finetune_lr1e-2': dict(BP, lr=0.01),
+    # HFF's recipe (stages 1-3 frozen) over the same lr grid, and layer decay tried for BP as it was for HFF
+    **{f'hff_freeze_0_2{tag}': dict(freeze_stages=[0, 1, 2], **lr) for tag, lr in (
+        ('_lr3e-3', dict(lr=0.003)), ('_lr1e-2', dict(lr=0.01)), ('_lr3e-4', dict(lr=0.0003)))},
+    'bp_finetune_layer_decay0.8': dict(BP, layer_decay=0.8),
+    'bp_freeze_0_2_layer_decay0.8': dict(BP, freeze_stages=[0, 1, 2], layer_decay=0.8),
 }
 # the table's rows: each a family of candidates, the one with the best mean validation top-1 over the two target sizes
 # chosen (HFF also between predicting from the last stage and from the stage ensemble); test read once per run
@@ -80,12 +85,14 @@ FAMILIES = {
     'HFF from ImageNet, every stage fine-tuned': ['hff_finetune', 'hff_finetune_backbone_lr0.1',
                                                   'hff_finetune_layer_decay0.8', 'hff_finetune_head_warmup',
                                                   'hff_finetune_rgb', 'hff_finetune_balanced'],
-    'HFF from ImageNet, early stages frozen (their heads re-fitted)': ['hff_freeze_0_2'],
+    'HFF from ImageNet, early stages frozen (their heads re-fitted)': ['hff_freeze_0_2', 'hff_freeze_0_2_lr3e-3',
+                                                                       'hff_freeze_0_2_lr1e-2', 'hff_freeze_0_2_lr3e-4'],
     'HFF from ImageNet, heads only': ['hff_head_only'],
     'BP from ImageNet, full fine-tune': ['bp_finetune', 'bp_finetune_backbone_lr0.1', 'bp_finetune_lr3e-3',
-                                         'bp_finetune_lr1e-2'],
+                                         'bp_finetune_lr1e-2', 'bp_finetune_layer_decay0.8'],
     'BP from ImageNet, same frozen blocks as HFF (stages 1-3)': ['bp_freeze_0_2', 'bp_freeze_0_2_lr3e-3',
-                                                                  'bp_freeze_0_2_lr1e-2', 'bp_freeze_0_2_lr3e-4'],
+                                                                  'bp_freeze_0_2_lr1e-2', 'bp_freeze_0_2_lr3e-4',
+                                                                  'bp_freeze_0_2_layer_decay0.8'],
     'BP from ImageNet, linear probe': ['bp_linear_probe'],
     'HFF from scratch': ['hff_scratch', 'hff_scratch_lr3e-3'],
     'BP from scratch': ['bp_scratch'],

@@ -87,6 +87,7 @@ SLOW_TESTS = {
     'test_train_cost_captured_rows',
     'test_inference_speedup_and_verdicts', 'test_accuracy_smoke', 'test_benchmark_at_toy_size',
     'test_ff_learns_a_simple_task', 'test_torchcompile_trains_like_eager', 'test_recipe_runs_two_steps',
+    'test_recipe_runs_two_steps_as_bp_baseline',
     'test_compiled_model_gives_eager_losses_and_gradients',
     'test_train_calibrates_on_validation_and_reports_test', 'test_calibrate_to_a_flops_budget',
     'test_calibrate_within_accuracy_drop', 'test_thresholds_round_trip_through_save_load_and_the_hub',

@@ -168,6 +168,27 @@ def test_recipe_runs_two_steps(recipe, idx_root, folder_root, tmp_path, capsys):
         assert json.loads((run_dir / 'metrics.json').read_text())['test']['test_images'] == whole
 
 
+@pytest.mark.parametrize('recipe', RECIPES, ids=[os.path.basename(r)[:-5] for r in RECIPES])
+def test_recipe_runs_two_steps_as_bp_baseline(recipe, idx_root, folder_root, tmp_path, capsys, caplog):
+    """``--baseline bp`` runs every shipped recipe: BP freezes the blocks HFF's freeze_stages names, takes a saved HFF
+    model's backbone, and drops HFF-only settings (a schedule, reset_prototypes) with one line each."""
+    import logging
+    import yaml
+    with open(recipe) as f:
+        d = yaml.safe_load(f)
+    over = _stand_in(recipe, idx_root, folder_root, tmp_path / 'out', tmp_path)
+    with caplog.at_level(logging.WARNING):
+        assert main(['--config', recipe, '--baseline', 'bp'] + _cli_args(over)) == 0
+    run_dir = tmp_path / 'out' / (os.path.basename(recipe)[:-5] + '_bp')
+    assert json.loads((run_dir / 'metrics.json').read_text())['run']['method'] == 'bp'
+    said = ' '.join(r.getMessage() for r in caplog.records)
+    if d.get('schedule') not in (None, 'simultaneous'):
+        assert f"the recipe's schedule '{d['schedule']}' is HFF's" in said
+    if d.get('reset_prototypes'):
+        assert 'reset_prototypes draws fresh HFF prototypes' in said
+    assert os.path.isfile(run_dir / 'model' / 'model.safetensors') and 'weights: ' in capsys.readouterr().out
+
+
 # ----- schedules -----
 def test_memory_efficient_equals_simultaneous(idx_root, tmp_path):
     _, a = run(tiny(idx_root, tmp_path, experiment='sim', schedule='simultaneous', save_model=False))

@@ -108,7 +108,26 @@ def resolve_config(ns: argparse.Namespace) -> TrainConfig:
     overrides = parse_overrides(ns)
     if ns.baseline:
         overrides['method'] = ns.baseline
+        _baseline_schedule(ns, overrides)
     return TrainConfig.from_yaml(ns.config, overrides) if ns.config else TrainConfig.from_dict(overrides)
+
+
+def _baseline_schedule(ns: argparse.Namespace, overrides: Dict[str, Any]) -> None:
+    """``--baseline`` on a recipe whose schedule is HFF's own (stage_parallel, sequential, ...): the baseline trains as
+    it can (its first schedule), said in one line; a schedule given on the command line is kept (and refused)."""
+    method = get_method(ns.baseline)
+    if 'schedule' in overrides or not ns.config or method.schedules is None:
+        return
+    try:
+        with open(ns.config) as f:
+            schedule = (yaml.safe_load(f) or {}).get('schedule')
+    except (OSError, yaml.YAMLError, AttributeError):
+        return   # TrainConfig.from_yaml reports the recipe's own problem
+    if isinstance(schedule, str) and schedule not in method.schedules:
+        logging.getLogger(__name__).warning(f"--baseline {ns.baseline}: the recipe's schedule {schedule!r} is HFF's; "
+                                            f"method {ns.baseline!r} {method.schedule_reason}, so it runs with "
+                                            f"schedule {method.schedules[0]!r}")
+        overrides['schedule'] = method.schedules[0]
 
 
 def parse_overrides(ns: argparse.Namespace) -> Dict[str, Any]:
