@@ -208,3 +208,16 @@ def test_hub_page_names_every_hub_module():
     hub = sorted(p.stem for p in (REPO / 'timm_hff' / 'hub').glob('_*.py') if p.stem != '__init__')
     assert not [m for m in hub if f'`{m}`' not in page], 'docs/hub.md leaves out some of timm_hff/hub/'
     assert '_atomic' not in re.sub(r'atomic_dir', '', page), 'docs/hub.md names a module that is gone'
+
+
+def test_the_package_page_works_on_a_package_index():
+    """PYPI.md is the wheel's description: no link into the source tree (a package index cannot follow one), and every
+    recipe it names by name ships inside the package."""
+    from timm_hff.train.config import packaged_recipes
+    page = _text(REPO / 'PYPI.md')
+    assert not _links(REPO / 'PYPI.md'), 'PYPI.md links into the source tree'
+    named = set(re.findall(r'`([a-z0-9_]+)`', page)) & {n for n in re.findall(r'[a-z0-9_]+', page) if '_' in n}
+    shipped = set(packaged_recipes())
+    assert 'fashion_mnist_quick' in shipped and {n for n in named if n in shipped or n.startswith(('fashion', 'transfer'))
+                                                 } <= shipped
+    assert 'readme = "PYPI.md"' in _text(REPO / 'pyproject.toml')

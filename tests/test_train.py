@@ -573,7 +573,7 @@ def test_cli_help_lists_every_setting_and_suggests_flags(capsys):
         main(['--config', 'x.yaml', '--learning-rate', '0.1'])
     assert "did you mean '--lr'?" in capsys.readouterr().err
     assert main([]) == 2
-    assert 'pass --config recipes/<name>.yaml' in capsys.readouterr().err
+    assert "pass --config <recipe>.yaml or a shipped recipe's name (" in capsys.readouterr().err
 
 
 def test_resuming_a_finished_run_says_so(idx_root, tmp_path, capsys):

@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Union
 import yaml
 
 from .checkpoint import RunInUseError
-from .config import _ALIASES, TrainConfig
+from .config import _ALIASES, TrainConfig, packaged_recipes, recipe_path
 from .help import GROUPS, help_text
 from .registry import get_method, get_schedule, method_names
 
@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog='Every setting can be given in the recipe or as --<setting> VALUE (--batch-size 64 or --batch_size 64); '
                'values are YAML: --hff \'{margin: 0.3}\', --freeze-stages \'[0, 1]\', --crop-pct null. Recipes: '
                'recipes/*.yaml.', formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--config', '-c', default=None, help='YAML recipe (e.g. recipes/fashion_mnist_quick.yaml)')
+    parser.add_argument('--config', '-c', default=None, help='YAML recipe, or a shipped recipe by name (e.g. '
+                        'fashion_mnist_quick)')
     parser.add_argument('--baseline', choices=baselines, default=None,
                         help="train the same backbone another way: 'bp' (timm's head, end to end) or 'ff' "
                              "(Forward-Forward at HFF's stage cut; its settings: --ff '{threshold: 2.0}')")
@@ -119,7 +120,7 @@ def _baseline_schedule(ns: argparse.Namespace, overrides: Dict[str, Any]) -> Non
     if 'schedule' in overrides or not ns.config or method.schedules is None:
         return
     try:
-        with open(ns.config) as f:
+        with open(recipe_path(ns.config)) as f:
             schedule = (yaml.safe_load(f) or {}).get('schedule')
     except (OSError, yaml.YAMLError, AttributeError):
         return   # TrainConfig.from_yaml reports the recipe's own problem
@@ -158,8 +159,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     for noisy in ('httpx', 'urllib3', 'datasets', 'accelerate.checkpointing', 'accelerate.accelerator'):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if not ns.config and len(argv if argv is not None else sys.argv[1:]) == 0:
-        print('hff-train: error: no recipe given; pass --config recipes/<name>.yaml (see recipes/, e.g. '
-              'recipes/fashion_mnist_quick.yaml), or --help for every setting', file=sys.stderr)
+        print(f"hff-train: error: no recipe given; pass --config <recipe>.yaml or a shipped recipe's name "
+              f"({', '.join(packaged_recipes())}), or --help for every setting", file=sys.stderr)
         return 2
     try:
         cfg = resolve_config(ns)

@@ -283,9 +283,9 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str, overrides: Optional[Dict[str, Any]] = None) -> 'TrainConfig':
-        """A recipe file plus overrides (CLI flags win). The experiment name defaults to the recipe's file name."""
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f'recipe {path!r} not found')
+        """A recipe file (or a shipped recipe's name: ``recipe_path``) plus overrides (CLI flags win). The experiment
+        name defaults to the recipe's file name."""
+        path = recipe_path(path)
         if os.path.getsize(path) > MAX_RECIPE_BYTES:
             raise ValueError(f'{path} is {os.path.getsize(path) / 2 ** 20:.1f} MiB, far too large for a recipe')
         with open(path, encoding='utf-8') as f:
@@ -312,6 +312,29 @@ class TrainConfig:
 
 
 MAX_RECIPE_BYTES = 2 ** 20     # a recipe is a few hundred bytes
+# the recipes shipped inside the package (a source checkout's top-level recipes/ is a link to this folder)
+RECIPES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'recipes')
+
+
+def packaged_recipes() -> List[str]:
+    """The names of the recipes shipped with timm_hff (``hff-train --config NAME``)."""
+    if not os.path.isdir(RECIPES_DIR):
+        return []
+    return sorted(n[:-len('.yaml')] for n in os.listdir(RECIPES_DIR) if n.endswith('.yaml'))
+
+
+def recipe_path(name: str) -> str:
+    """The recipe file ``name`` stands for: a path that exists, else a shipped recipe by its name
+    (``fashion_mnist_quick``, also written ``fashion_mnist_quick.yaml`` or, from a folder without the source tree,
+    ``recipes/fashion_mnist_quick.yaml``, as the docs write it). Anything else is one line listing the names."""
+    if os.path.isfile(name):
+        return name
+    folder, base = os.path.split(os.path.normpath(name))
+    stem = base[:-len('.yaml')] if base.endswith('.yaml') else base
+    if folder in ('', 'recipes') and stem in packaged_recipes():
+        return os.path.join(RECIPES_DIR, stem + '.yaml')
+    raise FileNotFoundError(f"recipe {name!r} not found: give a YAML file, or the name of a recipe shipped with "
+                            f"timm_hff: {', '.join(packaged_recipes()) or '(none installed)'}")
 
 
 def merge_settings(base: Dict[str, Any], overrides: Dict[str, Any]) -> Dict[str, Any]:
