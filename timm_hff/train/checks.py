@@ -23,7 +23,8 @@ def check_values(cfg) -> None:
     _choice('mixed_precision', cfg.mixed_precision, PRECISIONS)
     _choice('aug', cfg.aug, AUG_KINDS)
     _choice('mixup_mode', cfg.mixup_mode, ('batch', 'pair', 'elem'))
-    for name in ('workers', 'warmup_epochs', 'cooldown_epochs', 'crop_padding', 'split_seed', 'head_warmup_epochs'):
+    for name in ('workers', 'warmup_epochs', 'cooldown_epochs', 'crop_padding', 'split_seed', 'head_warmup_epochs',
+                 'min_steps'):
         _at_least(name, getattr(cfg, name), 0)
     for name in ('epochs', 'batch_size', 'grad_accum_steps', 'checkpoint_hist', 'recount', 'shuffle_buffer',
                  'val_every', 'in_chans', 'stage_parallel_queue'):

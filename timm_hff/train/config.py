@@ -107,6 +107,9 @@ class TrainConfig:
         sched, warmup_epochs, warmup_lr, min_lr, cooldown_epochs, decay_epochs, decay_rate, sched_on_updates: timm
             ``create_scheduler_v2`` (with 'sequential', one cosine cycle per stage).
         epochs: Epochs (per stage with 'sequential').
+        min_steps: At least this many optimizer steps, whatever the data size: a small folder's epochs are stretched
+            by a whole factor, and every epoch-counted setting with them (warmup, cooldown, decay, heads-only warm-up,
+            val_every), so the schedule keeps its shape; 0: off. The run header says the factor.
         batch_size: Per-process batch size; validation_batch_size defaults to it.
         grad_accum_steps: Gradient accumulation steps.
         mixed_precision: 'no', 'bf16' or 'fp16'.
@@ -185,6 +188,7 @@ class TrainConfig:
     backbone_lr_scale: float = 1.0
     sched: str = 'cosine'
     epochs: int = 10
+    min_steps: int = 0
     warmup_epochs: int = 0
     warmup_lr: float = 1e-5
     min_lr: float = 0.0

@@ -76,6 +76,8 @@ HELP: Dict[str, Tuple[str, str]] = {
     # Learning rate schedule
     'sched': ('Learning rate schedule', "timm scheduler ('cosine', 'step', 'plateau', ...)"),
     'epochs': ('Learning rate schedule', "epochs (per stage with schedule 'sequential')"),
+    'min_steps': ('Learning rate schedule', 'at least this many optimizer steps: a small data set\'s epochs (and every '
+                  'epoch-counted setting) stretched by a whole factor; 0: off'),
     'warmup_epochs': ('Learning rate schedule', 'linear warm-up epochs'),
     'warmup_lr': ('Learning rate schedule', 'learning rate at the start of the warm-up'),
     'min_lr': ('Learning rate schedule', 'lowest learning rate of the schedule'),

@@ -3,7 +3,8 @@
 import contextlib
 from typing import Dict, Set, Tuple
 
-__all__ = ['OPTIMIZER_SHAPE', 'build_optimizer', 'build_scheduler', 'param_groups', 'run_settings_kept', 'say_changes']
+__all__ = ['OPTIMIZER_SHAPE', 'build_optimizer', 'build_scheduler', 'param_groups', 'run_settings_kept', 'say_changes',
+           'stretch_to_min_steps']
 
 # settings that decide the optimizer's kind and its parameter groups (what trains, at which lr factor): a checkpoint's
 # optimizer state fits only the same ones, so resume refuses a change of them (``checkpoint.run_identity``); every
@@ -107,3 +108,26 @@ def run_settings_kept(optimizer, changes: list):
 def say_changes(changes: list) -> str:
     """'; weight_decay 0.05 -> 0.1' for the resume line ('' when nothing changed)."""
     return ''.join(f'; {k} {old!r} -> {new!r} (this run\'s)' for k, old, new in changes)
+
+
+# settings counted in epochs, stretched with ``epochs`` by ``min_steps`` so the schedule keeps its shape
+_EPOCH_COUNTED = ('epochs', 'warmup_epochs', 'cooldown_epochs', 'head_warmup_epochs', 'val_every', 'decay_epochs')
+
+
+def stretch_to_min_steps(cfg, updates_per_epoch: int, stages: int = 1) -> str:
+    """``min_steps``: a recipe's epochs were chosen on some data size; on a small folder they are a handful of optimizer
+    steps. Every epoch-counted setting is multiplied by the smallest whole factor that gives at least ``min_steps``
+    updates (``stages``: the epochs' multiple a schedule trains, 'sequential'), in place. Returns what the run header
+    says ('' when nothing changed)."""
+    have = cfg.epochs * updates_per_epoch * stages
+    if not cfg.min_steps or have >= cfg.min_steps:
+        return ''
+    factor = -(-cfg.min_steps // max(have, 1))
+    before = cfg.epochs
+    for name in _EPOCH_COUNTED:
+        value = getattr(cfg, name)
+        if value:
+            setattr(cfg, name, value * factor)
+    return (f'min_steps {cfg.min_steps}: {before} epochs of {updates_per_epoch} optimizer steps are {have}, so every '
+            f'epoch-counted setting is stretched x{factor} (epochs {cfg.epochs}, warmup_epochs {cfg.warmup_epochs}, '
+            f'val_every {cfg.val_every})')

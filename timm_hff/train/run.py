@@ -264,6 +264,8 @@ class RunSequence:
             f'input {self.data_cfg["input_size"]}; {self.total_epochs} epochs x {self.steps_per_epoch} steps'
             f'{self.plan_processes()}, mixed precision {cfg.mixed_precision}'
             f'{", the step replayed as a CUDA graph" if cfg.cuda_graphs else ""}; output {self.out_dir}')
+        if getattr(self, 'stretched', ''):
+            self.say(self.stretched)
         if self.profile is not None:
             self.say('how local each stage is (backbone shares; FLOPs of one forward):\n'
                        + format_profile(self.profile))

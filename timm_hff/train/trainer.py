@@ -24,7 +24,7 @@ from .data import build_data, build_loaders, steps_per_epoch
 from .errors import os_error, reason
 from .evaluate import accuracy_row, topk_hits
 from .exits import adaptive_point, calibrate, describe_point
-from .optim import build_optimizer, build_scheduler, run_settings_kept, say_changes
+from .optim import build_optimizer, build_scheduler, run_settings_kept, say_changes, stretch_to_min_steps
 from .registry import get_method, get_schedule
 from .run import RunSequence
 from .steps import train_steps
@@ -115,6 +115,9 @@ class Trainer(RunSequence):
         # batches per process: known only once Accelerate has sharded the loader
         self.steps_per_epoch = steps_per_epoch(self.train_loader, self.train_iterable, cfg, acc.num_processes)
         self.updates_per_epoch = math.ceil(self.steps_per_epoch / cfg.grad_accum_steps)
+        self.stretched = stretch_to_min_steps(cfg, self.updates_per_epoch,
+                                              self.schedule.total_epochs(1, self.num_stages))
+        self.total_epochs = self.schedule.total_epochs(cfg.epochs, self.num_stages)
         self.scheduler = build_scheduler(cfg, optimizer, self.updates_per_epoch,
                                          *self.schedule.lr_cycles(cfg.epochs, self.num_stages))
         self.ema = None

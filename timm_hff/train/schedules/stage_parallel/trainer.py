@@ -25,7 +25,7 @@ import torch.nn as nn
 from ...checks import check_device_precision
 from ...checkpoint import check_compatible, find_resume, open_run_folder, read_state
 from ...data import build_data, build_loaders
-from ...optim import build_optimizer, build_scheduler
+from ...optim import build_optimizer, build_scheduler, stretch_to_min_steps
 from ...registry import get_method, get_schedule
 from ...run import RunSequence
 from ...targets import build_mixup
@@ -168,6 +168,7 @@ class StageParallelTrainer(StageSteps, StageState, RunSequence):
         self.optimizer = build_optimizer(cfg, model, self.method.head_parameter_names(model))
         self.steps_per_epoch = len(plan['train'])
         self.updates_per_epoch = math.ceil(self.steps_per_epoch / cfg.grad_accum_steps)
+        self.stretched = stretch_to_min_steps(cfg, self.updates_per_epoch)
         self.total_epochs = self.schedule.total_epochs(cfg.epochs, self.num_stages)
         self.scheduler = build_scheduler(cfg, self.optimizer, self.updates_per_epoch,
                                          *self.schedule.lr_cycles(cfg.epochs, self.num_stages))
