@@ -217,5 +217,5 @@ def _at_least(name: str, value: int, minimum: int) -> None:
 def check_device_precision(mixed_precision: str, device) -> None:
     """fp16 is CUDA's (autocast to half and loss scaling): on a CPU it would be accepted, logged and do nothing."""
     if mixed_precision == 'fp16' and getattr(device, 'type', str(device)) == 'cpu':
-        raise ValueError("mixed_precision 'fp16' needs a CUDA device, but this run is on the CPU, where it would change "
-                         "nothing; use mixed_precision: bf16 (CPU autocast) or no")
+        raise ValueError("mixed_precision 'fp16' needs a CUDA device, but this run is on the CPU, where it would "
+                         "change nothing; use mixed_precision: bf16 (CPU autocast) or no")

@@ -46,7 +46,8 @@ HELP: Dict[str, Tuple[str, str]] = {
     'hff': ('Model', "HFF settings, a mapping merged key by key (e.g. '{num_stages: 4, margin: 0.3}')"),
     'ff': ('Model', 'Forward-Forward settings (FFConfig: threshold, label_mode, label_res, ...); method ff only'),
     'reset_prototypes': ('Model', 'fresh prototypes in every head (a new label set with the same class count)'),
-    'freeze_stages': ('Model', "HFF stages whose backbone slice stays frozen (transfer), e.g. '[0, 1]'; BP: same blocks"),
+    'freeze_stages': ('Model', "HFF stages whose backbone slice stays frozen (transfer), e.g. '[0, 1]'; BP: "
+                      "the same blocks"),
     'head_only': ('Model', "train only the heads (BP: timm's classifier, a linear probe); the backbone stays frozen"),
     'channels_last': ('Model', 'channels-last memory format'),
     'grad_checkpointing': ('Model', "timm's gradient checkpointing (with memory_efficient: inside each stage too)"),
