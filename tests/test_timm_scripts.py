@@ -1,7 +1,7 @@
 """timm's own scripts (vendored unedited under tests/timm_scripts/) on a model trained and saved by hff-train, run as a
 timm user runs them: validate.py agrees with hff-validate, ONNX agrees with validate.py, benchmark.py runs at the
-trained size, inference.py names the labels, train.py fine-tunes every stage of a ``local-dir:`` model, and the output of
-avg_checkpoints.py / clean_checkpoint.py validates. Slow (about a minute): a real training run and eight scripts.
+trained size, inference.py names the labels, train.py fine-tunes every stage of a ``local-dir:`` model, and the output
+of avg_checkpoints.py / clean_checkpoint.py validates. Slow (about a minute): a real training run and eight scripts.
 
 The model: ``recipes/fashion_mnist_quick.yaml`` on a three-class imagefolder of Fashion-MNIST (28 px, one channel),
 the issue's setting; generated images where the IDX files are not installed.
