@@ -262,3 +262,23 @@ def test_bp_from_a_saved_hff_model_fine_tunes_its_backbone(idx_root, tmp_path):
     assert not torch.equal(saved[last], src.backbone.get_parameter(last))              # the rest trained end to end
     again = timm.create_model(f'local-dir:{tmp_path / "bp" / "model"}', pretrained=True, in_chans=1)
     assert type(again).__name__ == type(bp.accelerator.unwrap_model(bp.model)).__name__
+
+
+def test_resume_gives_a_fused_step_its_flags_back():
+    """cuda_graphs resumed from an eager run: torch's load_state_dict would restore the checkpoint's fused=None (and
+    capturable=False), and the capture would stop on a host read; the run's flags are written back instead."""
+    from timm_hff.train.optim import run_settings_kept
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    eager = torch.optim.AdamW([w], lr=0.1, weight_decay=0.05)
+    w.grad = torch.randn_like(w)
+    eager.step()
+    fused = torch.optim.AdamW([w], lr=0.1, weight_decay=0.2, fused=True)
+    changes = []
+    with run_settings_kept(fused, changes):
+        fused.load_state_dict(eager.state_dict())
+    group = fused.param_groups[0]
+    assert group['fused'] is True and group['weight_decay'] == 0.2
+    assert {k for k, _, _ in changes} == {'fused', 'weight_decay'}
+    assert fused.state[w]['step'].dtype == torch.float32 and int(fused.state[w]['step']) == 1   # the count kept
+    fused.step()   # the fused kernel takes the restored state
+    assert int(fused.state[w]['step']) == 2
