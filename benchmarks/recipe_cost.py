@@ -80,9 +80,13 @@ def main(argv: List[str] = None) -> Dict[str, Any]:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    # BP trains the whole backbone end to end: a recipe's frozen stages are HFF's transfer setting, not BP's
+    # BP end to end (every layer), and, when the recipe freezes stages, BP with the very same blocks frozen (hff-train's
+    # freeze_stages for BP): the saving of a freeze that BP could use as well is not HFF's
     variants = {'recipe': {}, **{n: dict(hff=v) for n, v in args.variant},
                 'bp': dict(method='bp', freeze_stages=[], head_only=False)}
+    with open(args.recipe) as f:
+        if (yaml.safe_load(f) or {}).get('freeze_stages'):
+            variants['bp_same_frozen_blocks'] = dict(method='bp', head_only=False)
     steps, cfgs = {}, {}
     for name, over in variants.items():
         steps[name], cfgs[name], model = build_step(args.recipe, over)
@@ -96,21 +100,25 @@ def main(argv: List[str] = None) -> Dict[str, Any]:
                 steps[name]()
             times[name].append((time.perf_counter() - t0) / args.steps)
     bp = median(times['bp'])
+    frozen = median(times['bp_same_frozen_blocks']) if 'bp_same_frozen_blocks' in times else None
     rows = []
     for name in variants:
         cfg = cfgs[name]
         t = median(times[name])
         rows.append(dict(variant=name, method=cfg.method, hff=variants[name].get('hff', {}),
                          step_ms=round(1000 * t, 1), img_per_s=round(cfg.batch_size / t, 1),
-                         time_vs_bp=round(t / bp, 3), rounds_ms=[round(1000 * v, 1) for v in times[name]]))
+                         time_vs_bp=round(t / bp, 3), rounds_ms=[round(1000 * v, 1) for v in times[name]],
+                         **({} if frozen is None else dict(time_vs_bp_same_frozen=round(t / frozen, 3)))))
     info = machine_info(make_runtime(argparse.Namespace(device='cpu', threads=args.threads, seed=0, no_amp=True,
                                                         no_channels_last=True)))
     command = 'python -m benchmarks.recipe_cost ' + ' '.join(
         [args.recipe] + [f"--variant {n}='{yaml.safe_dump(v, default_flow_style=True).strip()}'"
                          for n, v in args.variant])
-    table = markdown_table(['variant', 'method', 'HFF changes', 'step (ms)', 'images/s', 'step time vs BP'],
+    extra = ['vs BP, same frozen blocks'] if frozen is not None else []
+    table = markdown_table(['variant', 'method', 'HFF changes', 'step (ms)', 'images/s', 'step time vs BP'] + extra,
                            [[r['variant'], r['method'], r['hff'] or '', r['step_ms'], r['img_per_s'],
-                             f"{r['time_vs_bp']:.2f}x"] for r in rows])
+                             f"{r['time_vs_bp']:.2f}x"] + ([f"{r['time_vs_bp_same_frozen']:.2f}x"] if extra else [])
+                            for r in rows])
     md = (f'# Training step time of {args.recipe} vs BP, side by side\n\n`{command}`\n\n'
           f'{machine_line(info)}; batch {cfgs["bp"].batch_size}; '
           f'{args.rounds} interleaved rounds of {args.steps} steps; median per variant.\n\n{table}\n')

@@ -9,8 +9,8 @@ __all__ = ['OPTIMIZER_SHAPE', 'build_optimizer', 'build_scheduler', 'param_group
 # settings that decide the optimizer's kind and its parameter groups (what trains, at which lr factor): a checkpoint's
 # optimizer state fits only the same ones, so resume refuses a change of them (``checkpoint.run_identity``); every
 # other optimizer setting (weight_decay, momentum, opt_eps, opt_betas, cuda_graphs' fused step) is re-applied
-OPTIMIZER_SHAPE = ('opt', 'freeze_stages', 'head_only', 'head_warmup_epochs', 'layer_decay', 'backbone_lr_scale',
-                   'stage_lr')
+# (head_warmup_epochs is not one: the optimizer is built over every parameter, and the warm-up only holds some back)
+OPTIMIZER_SHAPE = ('opt', 'freeze_stages', 'head_only', 'layer_decay', 'backbone_lr_scale', 'stage_lr')
 
 
 def param_groups(model, cfg, heads: Set[str]) -> list:
