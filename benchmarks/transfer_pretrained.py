@@ -335,8 +335,8 @@ def run_full(args, common: List[str]) -> List[Dict[str, Any]]:
     if any(FULL[name] for name in FULL if args.only is None or name in args.only):
         with open(table) as f:
             chosen = json.load(f)['chosen']
-    with open(os.path.join(REPO, RECIPE)) as f:
-        epochs = ['--epochs', str(yaml.safe_load(f)['epochs'])]
+    with open(os.path.join(REPO, RECIPE)) as f:   # the stored full-set runs: 3 epochs, before the recipe's min_steps
+        epochs = ['--epochs', str(yaml.safe_load(f)['epochs']), '--min_steps', '0']
     runs = {}
     for name, family in FULL.items():
         if args.only is not None and name not in args.only:

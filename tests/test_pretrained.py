@@ -395,7 +395,8 @@ def test_the_offline_recipe_runs_on_an_imagefolder(offline, tmp_path):
     reset_accelerate()
     rc = main(['--config', 'recipes/transfer_imagenet_lite0.yaml', '--dataset', 'imagefolder', '--data_dir', data,
                '--label_names', 'null', '--in_chans', '3', '--batch_size', '4', '--validation_batch_size', '4',
-               '--epochs', '1', '--warmup_epochs', '0', '--output', str(tmp_path / 'out'), '--progress', 'false'])
+               '--epochs', '1', '--min_steps', '0', '--warmup_epochs', '0', '--output', str(tmp_path / 'out'),
+               '--progress', 'false'])
     assert rc == 0
     run = tmp_path / 'out' / 'transfer_imagenet_lite0'
     doc = json.loads((run / 'metrics.json').read_text())

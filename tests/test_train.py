@@ -96,7 +96,7 @@ def _stand_in(recipe, idx_root, folder_root, out, tmp_path):
     with open(recipe) as f:
         import yaml
         d = yaml.safe_load(f)
-    over = dict(train_num_samples=4, val_num_samples=5, batch_size=2, validation_batch_size=3, epochs=1,
+    over = dict(train_num_samples=4, val_num_samples=5, batch_size=2, validation_batch_size=3, epochs=1, min_steps=0,
                 workers=0, output=str(out), progress=False, warmup_epochs=0, pretrained=False,
                 data_in_memory=None, dataset_config=None, input_key=None, target_key=None, train_split='train',
                 val_split='test')
