@@ -5,7 +5,7 @@ from typing import Any, Dict, Optional
 from ..registry import register_method
 from .base import Method, warn_frozen_random
 
-__all__ = ['BPMethod', 'stage_param_names']
+__all__ = ['BPMethod']
 
 # BP models with frozen blocks (``freeze_stages``): the parameter names kept frozen through the run
 _FROZEN: 'weakref.WeakKeyDictionary' = weakref.WeakKeyDictionary()
@@ -51,17 +51,7 @@ class BPMethod(Method):
         stem = {k: hff[k] for k in ('small_input', 'num_stages', 'stage_indices', 'balance') if k in hff}
         model = create_bp_model(name, num_classes=num_classes, in_chans=cfg.in_chans, pretrained=cfg.pretrained,
                                 pretrained_file=cfg.pretrained_file, **stem, **cfg.model_kwargs)
-        if cfg.head_only:
-            head = {id(p) for p in model.get_classifier().parameters()}
-            for p in model.parameters():
-                p.requires_grad_(id(p) in head)
-        if cfg.freeze_stages:   # the usual partial fine-tune: the very blocks HFF's freeze_stages keeps
-            frozen = stage_param_names(name, cfg, hff, num_classes, cfg.freeze_stages)
-            for n, p in model.named_parameters():
-                if n in frozen:
-                    p.requires_grad_(False)
-            _FROZEN[model] = frozen
-        return model
+        return _freeze(model, cfg, lambda: _twin(name, cfg, hff, num_classes).split)
 
     def _from_saved_hff(self, cfg, num_classes: int):
         """BP from a saved HFF model (``transfer_hff.yaml``'s baseline): its backbone, with its trained weights when
@@ -74,18 +64,7 @@ class BPMethod(Method):
         model.reset_classifier(num_classes)
         model.pretrained_cfg = dict(model.pretrained_cfg or {}, architecture=hff.model_name)
         _SAVED_ARGS[model] = (saved_timm_kwargs(model), hff.hff_cfg.small_input)
-        if cfg.head_only:
-            head = {id(p) for p in model.get_classifier().parameters()}
-            for p in model.parameters():
-                p.requires_grad_(id(p) in head)
-        if cfg.freeze_stages:
-            n = hff.num_stages
-            frozen = frozenset(name for k in cfg.freeze_stages for name in hff.split.stage_param_names[k % n])
-            for name, p in model.named_parameters():
-                if name in frozen:
-                    p.requires_grad_(False)
-            _FROZEN[model] = frozen
-        return model
+        return _freeze(model, cfg, lambda: hff.split)
 
     def set_trainable(self, model, cfg, epoch: int) -> None:
         """The heads-only warm-up, then every layer but the blocks ``freeze_stages`` keeps frozen."""
@@ -124,20 +103,36 @@ class BPMethod(Method):
         return path
 
 
-def stage_param_names(arch: str, cfg, hff: Dict[str, Any], num_classes: int, stages) -> frozenset:
-    """The timm parameter names of HFF stages ``stages`` of the same architecture, cut and stem (an HFF model built
-    on the meta device: nothing allocated; its backbone's names are the BP model's)."""
+def _twin(arch: str, cfg, hff: Dict[str, Any], num_classes: int):
+    """The HFF model of the same architecture, cut and stem, built on the meta device (nothing allocated): its
+    backbone's parameter names are the BP model's, so its stages say which blocks ``freeze_stages`` means."""
     from ..._factory import create_model
-    hff = {k: v for k, v in hff.items() if k not in ('predict_from',)}
+    hff = {k: v for k, v in hff.items() if k != 'predict_from'}
     if cfg.img_size and 'check_img_size' not in hff:
         hff['check_img_size'] = cfg.img_size
-    twin = create_model(arch, num_classes=num_classes, in_chans=cfg.in_chans, device='meta', **cfg.model_kwargs,
+    return create_model(arch, num_classes=num_classes, in_chans=cfg.in_chans, device='meta', **cfg.model_kwargs,
                         **hff)
-    n = twin.num_stages
-    bad = [k for k in stages if isinstance(k, bool) or not isinstance(k, int) or not -n <= k < n]
-    if bad:
-        raise ValueError(f'freeze_stages {bad}: the HFF cut of {arch} has {n} stages (0..{n - 1})')
-    return frozenset(name for k in stages for name in twin.split.stage_param_names[k % n])
+
+
+def _freeze(model, cfg, split_of):
+    """``head_only``: all but timm's classifier frozen (a linear probe). ``freeze_stages``: the very blocks of those HFF
+    stages (``split_of()``, the cut's split), the usual partial fine-tune; kept frozen through the run."""
+    if cfg.head_only:
+        head = {id(p) for p in model.get_classifier().parameters()}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in head)
+    if cfg.freeze_stages:
+        split = split_of()
+        n = split.num_stages
+        bad = [k for k in cfg.freeze_stages if isinstance(k, bool) or not isinstance(k, int) or not -n <= k < n]
+        if bad:
+            raise ValueError(f'freeze_stages {bad}: the HFF cut of {cfg.model} has {n} stages (0..{n - 1})')
+        frozen = frozenset(name for k in cfg.freeze_stages for name in split.stage_param_names[k % n])
+        for name, p in model.named_parameters():
+            if name in frozen:
+                p.requires_grad_(False)
+        _FROZEN[model] = frozen
+    return model
 
 
 def bp_loss(logits, target):
