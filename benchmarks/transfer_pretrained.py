@@ -410,22 +410,19 @@ def curves(args) -> List[Dict[str, Any]]:
     runs_dir = os.path.join(args.work, 'runs')
     rows = []
     for label, family in CURVES.items():
-        done = [name for name in FAMILIES[family] if all(_finished(os.path.join(runs_dir, f'n{n}_{name}'))
-                                                         for n in args.sizes)]
-        if not done:
+        try:
+            best = chosen_candidate(runs_dir, family, args.sizes)
+        except ValueError:   # none of the family's runs has finished
             continue
-        best = chosen_candidate(runs_dir, family, args.sizes)
-        finals = {best: float(np.mean([read(os.path.join(runs_dir, f'n{n}_{best}'))['val_top1'] for n in args.sizes]))}
+        mean_val = float(np.mean([read(os.path.join(runs_dir, f'n{n}_{best}'))['val_top1'] for n in args.sizes]))
         for n in args.sizes:
-            with open(os.path.join(runs_dir, f'n{n}_{best}', 'metrics.json')) as f:
-                epochs = json.load(f)['epochs']
             seconds, points = 0.0, []
-            for r in epochs:
+            for r in _epochs(os.path.join(runs_dir, f'n{n}_{best}')):
                 seconds += r['train_time_s']
                 if 'top1' in r:
                     points.append((round(seconds, 1), r['top1']))
-            rows.append(dict(n=n, method=label, candidate=best, mean_val_top1=finals[best], points=points,
-                             candidates=sorted(done)))
+            rows.append(dict(n=n, method=label, candidate=best, mean_val_top1=mean_val, points=points,
+                             candidates=sorted(finished_candidates(runs_dir, family, args.sizes))))
     for n in args.sizes:
         fig, ax = plt.subplots(figsize=(6, 4))
         for r in (r for r in rows if r['n'] == n):
@@ -444,9 +441,14 @@ def curves(args) -> List[Dict[str, Any]]:
 SEEDS = (42, 1, 2)   # 42: the candidates' own runs
 
 
+def finished_candidates(runs_dir: str, family: str, sizes: List[int]) -> List[str]:
+    """A family's candidates whose runs at every target size have finished."""
+    return [name for name in FAMILIES[family] if all(_finished(os.path.join(runs_dir, f'n{n}_{name}')) for n in sizes)]
+
+
 def chosen_candidate(runs_dir: str, family: str, sizes: List[int]) -> str:
     """A family's candidate with the best mean validation top-1 over the target sizes, among its finished runs."""
-    done = [name for name in FAMILIES[family] if all(_finished(os.path.join(runs_dir, f'n{n}_{name}')) for n in sizes)]
+    done = finished_candidates(runs_dir, family, sizes)
     if not done:
         raise ValueError(f'no finished run of {family!r}: run --phase candidates first')
     return max(done, key=lambda name: np.mean([read(os.path.join(runs_dir, f'n{n}_{name}'))['val_top1']
@@ -507,13 +509,16 @@ def fair_rows(args) -> List[Dict[str, Any]]:
                              val={n: got[n]['val_top1'] for n in args.sizes},
                              val_mean=float(np.mean([got[n]['val_top1'] for n in args.sizes])),
                              test={n: got[n]['test_top1'] for n in args.sizes},
-                             train_seconds={n: round(sum(r['train_time_s'] for r in json.load(open(os.path.join(
-                                 dirs[n], 'metrics.json')))['epochs']), 1) for n in args.sizes}))
-    for label in CURVES:
-        mine = [r for r in rows if r['method'] == label]
-        if mine:
-            max(mine, key=lambda r: r['val_mean'])['chosen'] = True
+                             train_seconds={n: round(sum(r['train_time_s'] for r in _epochs(dirs[n])), 1)
+                                            for n in args.sizes},
+                             chosen=name == chosen_candidate(runs_dir, family, args.sizes)))
     return rows
+
+
+def _epochs(run_dir: str) -> List[Dict[str, Any]]:
+    """A run's per-epoch rows (metrics.json)."""
+    with open(os.path.join(run_dir, 'metrics.json')) as f:
+        return json.load(f)['epochs']
 
 
 def fair_md(rows) -> List[str]:
