@@ -320,7 +320,8 @@ def _(env, capsys):
 
 
 @case('--resume at a checkpoint with truncated weights', CorruptCheckpointError,
-      r'--resume .*epoch_0000: the checkpoint cannot be loaded \(.*\); resume from an earlier checkpoint')
+      r'--resume: .*epoch_0000/model\.safetensors differs from the file trainer_state\.json recorded \(truncated, '
+      r'.*resume from an earlier checkpoint')
 def _(env):
     run = env.tmp / 'copy'
     shutil.copytree(env.run_dir, run)

@@ -5,6 +5,11 @@ process) plus ``trainer_state.json`` (epoch, update count, metric history, ident
 ``ema.safetensors``. It is written into ``checkpoints/.tmp-epoch_NNNN`` and renamed to ``checkpoints/epoch_NNNN``
 only when complete, so a crash at any moment leaves the previous checkpoint intact and loses at most the
 current epoch.
+
+A checkpoint folder handed to ``--resume`` is untrusted input, like a model folder: ``trainer_state.json`` is checked
+value by value and records every other file's sha256, so a damaged, swapped or replaced file is refused by name before
+anything reads it, and no file of it is ever unpickled (``state_files``; Accelerate's own files load with
+``weights_only=True``).
 """
 import json
 import os
@@ -15,14 +20,18 @@ from typing import Any, Dict, Optional, Tuple
 from .._io import atomic_write_text
 from .errors import first_line, os_error, reason
 
-__all__ = ['CKPT_DIR', 'EMA_FILE', 'LOCK_FILE', 'RunInUseError', 'RunLock', 'STATE_FILE', 'check_compatible',
-           'checkpoint_name', 'checkpoint_paths', 'commit_checkpoint', 'find_resume', 'list_checkpoints',
-           'open_run_folder', 'prune', 'read_state', 'resolve_resume', 'run_identity', 'unloadable']
+__all__ = ['CKPT_DIR', 'EMA_FILE', 'FILES_KEY', 'LOCK_FILE', 'RunInUseError', 'RunLock', 'STATE_FILE',
+           'check_compatible', 'check_files', 'checkpoint_name', 'checkpoint_paths', 'commit_checkpoint',
+           'find_resume', 'list_checkpoints', 'open_run_folder', 'prune', 'read_state', 'resolve_resume',
+           'run_identity', 'unloadable']
 
 CKPT_DIR = 'checkpoints'
 STATE_FILE = 'trainer_state.json'
 EMA_FILE = 'ema.safetensors'
 LOCK_FILE = '.lock'
+FILES_KEY = 'files'              # trainer_state.json: every other file of the checkpoint -> its sha256
+_MAX_STATE_BYTES = 64 * 2 ** 20
+_MAX_EPOCHS = 10 ** 7
 _PREFIX = 'epoch_'
 
 
@@ -69,17 +78,66 @@ def resolve_resume(resume: str, run_dir: str) -> Optional[str]:
 
 
 def read_state(ckpt: str) -> Dict[str, Any]:
-    """A checkpoint's ``trainer_state.json``; a damaged one is a one-line error, not a JSON traceback."""
+    """A checkpoint's ``trainer_state.json``, checked as untrusted input: a damaged or foreign one is one line (the
+    file named), never a JSON traceback or a run that silently starts at another epoch."""
     path = os.path.join(ckpt, STATE_FILE)
     try:
-        with open(path) as f:
+        if os.path.getsize(path) > _MAX_STATE_BYTES:
+            raise _damaged(path, f'is over {_MAX_STATE_BYTES >> 20} MiB, far more than a run state')
+        with open(path, encoding='utf-8') as f:
             state = json.load(f)
-    except ValueError as e:
-        raise ValueError(f'{path} is not valid JSON ({e}); the checkpoint is damaged: resume from an earlier one') \
-            from None
+    except (ValueError, RecursionError) as e:   # not JSON, not UTF-8, an int of 5,000 digits, nested too deep
+        raise _damaged(path, f'is not valid JSON ({first_line(e)[:80]})') from None
     if not isinstance(state, dict) or not {'epoch', 'updates', 'history'} <= set(state):
         raise ValueError(f'{path} lacks epoch / updates / history; it is not a timm_hff training checkpoint')
+    for key, limit in (('epoch', _MAX_EPOCHS), ('updates', 2 ** 53)):
+        value = state[key]
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < limit:
+            raise _damaged(path, f'holds {key} = {str(value)[:30]}, not a count from 0 to {limit:,}')
+    if not isinstance(state['history'], list) or not all(isinstance(r, dict) for r in state['history']):
+        raise _damaged(path, 'holds a history that is not a list of metric rows')
+    if len(state['history']) > state['epoch'] + 1:
+        raise _damaged(path, f"holds {len(state['history'])} epochs of history for {state['epoch'] + 1} epochs run")
+    if not isinstance(state.get('identity', {}), dict) or not isinstance(state.get(FILES_KEY, {}), dict):
+        raise _damaged(path, f'holds an identity or {FILES_KEY} that is not a mapping')
     return state
+
+
+def check_files(ckpt: str, state: Dict[str, Any]) -> None:
+    """Every file of the checkpoint is the one its ``trainer_state.json`` recorded (sha256): a truncated file, one
+    swapped between stages or epochs, or one added or replaced is refused, naming it, before anything reads it.
+    Checkpoints written before the record existed are read without it (their files are still checked as read)."""
+    recorded = state.get(FILES_KEY)
+    if recorded is None:
+        return
+    from ..hub import file_sha256
+    path = os.path.join(ckpt, STATE_FILE)
+    present = set(_checkpoint_files(ckpt))
+    for name, digest in recorded.items():
+        if not (isinstance(name, str) and isinstance(digest, str) and name in present):
+            raise _damaged(os.path.join(ckpt, str(name)[:80]), f'is listed in {STATE_FILE} but missing')
+    for name in sorted(present):
+        if name not in recorded:
+            raise _damaged(os.path.join(ckpt, name), f'is not listed in {STATE_FILE} (added or swapped in)')
+        if file_sha256(os.path.join(ckpt, name)) != recorded[name]:
+            raise _damaged(os.path.join(ckpt, name), f'differs from the file {STATE_FILE} recorded (truncated, '
+                                                     f'changed, or swapped with another stage\'s or epoch\'s)')
+
+
+def _checkpoint_files(ckpt: str):
+    """The checkpoint's files but its state, as '/'-separated paths relative to it."""
+    for root, dirs, files in os.walk(ckpt):
+        dirs.sort()
+        for name in sorted(files):
+            rel = os.path.relpath(os.path.join(root, name), ckpt).replace(os.sep, '/')
+            if rel != STATE_FILE:
+                yield rel
+
+
+def _damaged(path: str, what: str) -> Exception:
+    from ..hub import CorruptCheckpointError
+    return CorruptCheckpointError(f'--resume: {path} {what}; the checkpoint is damaged or not this run\'s: resume '
+                                  f'from an earlier checkpoint or start a new experiment')
 
 
 def check_compatible(state: Dict[str, Any], identity: Dict[str, Any], ckpt: str) -> None:
@@ -138,6 +196,8 @@ def checkpoint_paths(run_dir: str, epoch: int) -> Tuple[str, str, str]:
 def commit_checkpoint(tmp: str, final: str, state: Dict[str, Any], run_dir: str, keep: int) -> None:
     """Complete a checkpoint written into ``tmp``: its ``trainer_state.json``, the rename to ``final`` (only now is
     it listed), and the pruning of the oldest beyond ``keep``."""
+    from ..hub import file_sha256
+    state = {**state, FILES_KEY: {n: file_sha256(os.path.join(tmp, n)) for n in _checkpoint_files(tmp)}}
     atomic_write_text(os.path.join(tmp, STATE_FILE), json.dumps(state, indent=1) + '\n')
     if os.path.exists(final):
         shutil.rmtree(final)

@@ -17,7 +17,8 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn as nn
 
-from .checkpoint import check_compatible, checkpoint_paths, commit_checkpoint, find_resume, open_run_folder, read_state
+from .checkpoint import (check_compatible, check_files, checkpoint_paths, commit_checkpoint, find_resume,
+                         open_run_folder, read_state)
 from .checkpoint import EMA_FILE, unloadable
 from .checks import check_device_precision
 from .data import build_data, build_loaders, steps_per_epoch
@@ -27,6 +28,7 @@ from .exits import adaptive_point, calibrate, describe_point
 from .optim import build_optimizer, build_scheduler, run_settings_kept, say_changes, stretch_to_min_steps
 from .registry import get_method, get_schedule
 from .run import RunSequence
+from .state_files import check_accelerate_state, load_tensors_file
 from .steps import train_steps
 from .targets import build_mixup
 
@@ -84,8 +86,10 @@ class Trainer(RunSequence):
         set_seed(cfg.seed)   # the same initial weights on every process (DDP also broadcasts rank 0's)
         self.train_data, self.val_data, self.test_data = build_data(cfg, acc)
         self.num_classes = self.train_data.num_classes
-        if self.resume_from:   # refuse another run's checkpoint before building anything
-            check_compatible(read_state(self.resume_from), self.identity, self.resume_from)
+        if self.resume_from:   # refuse another run's or a damaged checkpoint before building anything
+            state = read_state(self.resume_from)
+            check_compatible(state, self.identity, self.resume_from)
+            check_files(self.resume_from, state)
         model = self.method.build_model(cfg, self.num_classes, self.train_data.label_names)
         if self.method.unused_parameters(model) and not needs_unused:
             self._ddp_kwargs.find_unused_parameters = True
@@ -214,6 +218,7 @@ class Trainer(RunSequence):
 
     def _load(self, ckpt: str) -> None:
         state, changes = read_state(ckpt), []
+        check_accelerate_state(ckpt, self.model, self.optimizer.optimizer, self.num_processes)
         try:
             with run_settings_kept(self.optimizer, changes):
                 self.accelerator.load_state(ckpt)
@@ -223,8 +228,7 @@ class Trainer(RunSequence):
             path = os.path.join(ckpt, EMA_FILE)
             if not os.path.isfile(path):
                 raise ValueError(f'--resume {ckpt}: model_ema is on but the checkpoint has no {EMA_FILE}')
-            from safetensors.torch import load_file
-            self.ema.module.load_state_dict(load_file(path))
+            self.ema.module.load_state_dict(load_tensors_file(path, self.ema.module.state_dict()))
         self.start_epoch = int(state['epoch']) + 1
         self.updates = int(state['updates'])
         self.history = list(state['history'])

@@ -5,8 +5,10 @@ modules that run inside the stage (norm statistics; from the probe's record of w
 prototype head. Only the owner's copy of a tensor is current, so checkpoints, the EMA and the final model take each
 tensor from its owner.
 
-A stage's part of a checkpoint is ``stage_K/`` in Accelerate's file names: ``model.safetensors`` (its tensors),
-``optimizer.bin``, ``scheduler.bin``, ``random_states.pkl``, and ``scaler.pt`` / ``ema.safetensors`` when used.
+A stage's part of a checkpoint is ``stage_K/``: ``model.safetensors`` (its tensors), ``optimizer.safetensors``,
+``scheduler.safetensors``, ``random_states.safetensors``, and ``scaler.safetensors`` / ``ema.safetensors`` when used:
+safetensors only (``state_files``), because a checkpoint folder may come from elsewhere and a pickle can run code.
+Each is matched against what this stage expects before it is used.
 Every rank writes its part into the checkpoint's temporary folder; rank 0 adds ``trainer_state.json`` and renames the
 folder only once every rank has reported success, so a rank killed at any moment leaves the last checkpoint whole.
 """
@@ -21,14 +23,19 @@ import torch.nn as nn
 from timm.utils import ModelEmaV3
 
 from ...checkpoint import checkpoint_paths, commit_checkpoint, read_state, unloadable
+from ...state_files import (check_optimizer_state, load_state_file, load_tensors_file, match_state, save_state_file,
+                            state_error)
 from ...optim import run_settings_kept, say_changes
 from ...errors import first_line, reason
+from ....hub import CheckpointError, CorruptCheckpointError
 
-__all__ = ['StageEma', 'StageState', 'assemble', 'load_stage', 'owned_keys', 'owned_state', 'rng_state',
-           'save_stage', 'set_rng_state', 'stage_dir']
+__all__ = ['PICKLED', 'StageEma', 'StageState', 'assemble', 'load_stage', 'owned_keys', 'owned_state',
+           'rng_state', 'save_stage', 'set_rng_state', 'stage_dir']
 
-MODEL_FILE, OPTIMIZER_FILE, SCHEDULER_FILE = 'model.safetensors', 'optimizer.bin', 'scheduler.bin'
-RNG_FILE, SCALER_FILE, EMA_FILE = 'random_states.pkl', 'scaler.pt', 'ema.safetensors'
+MODEL_FILE, OPTIMIZER_FILE, SCHEDULER_FILE = 'model.safetensors', 'optimizer.safetensors', 'scheduler.safetensors'
+RNG_FILE, SCALER_FILE, EMA_FILE = 'random_states.safetensors', 'scaler.safetensors', 'ema.safetensors'
+# the pickles of timm_hff 0.1-0.4's stage-parallel checkpoints: never opened, the checkpoint refused in one line
+PICKLED = ('optimizer.bin', 'scheduler.bin', 'random_states.pkl', 'scaler.pt')
 
 
 def stage_dir(ckpt: str, k: int) -> str:
@@ -78,11 +85,11 @@ def save_stage(path: str, trainer) -> None:
     from safetensors.torch import save_file
     os.makedirs(path, exist_ok=True)
     save_file(owned_state(trainer.model, trainer.keys), os.path.join(path, MODEL_FILE))
-    torch.save(trainer.optimizer.state_dict(), os.path.join(path, OPTIMIZER_FILE))
-    torch.save(trainer.scheduler.state_dict(), os.path.join(path, SCHEDULER_FILE))
-    torch.save(rng_state(), os.path.join(path, RNG_FILE))
+    save_state_file(trainer.optimizer.state_dict(), os.path.join(path, OPTIMIZER_FILE))
+    save_state_file(trainer.scheduler.state_dict(), os.path.join(path, SCHEDULER_FILE))
+    save_state_file(rng_state(), os.path.join(path, RNG_FILE))
     if trainer.scaler is not None:
-        torch.save(trainer.scaler.state_dict(), os.path.join(path, SCALER_FILE))
+        save_state_file(trainer.scaler.state_dict(), os.path.join(path, SCALER_FILE))
     if trainer.ema is not None:
         save_file(owned_state(trainer.ema.module, trainer.keys), os.path.join(path, EMA_FILE))
     for name in os.listdir(path):   # on disk before rank 0 declares the checkpoint complete
@@ -91,30 +98,42 @@ def save_stage(path: str, trainer) -> None:
 
 
 def load_stage(path: str, trainer) -> None:
-    """Restore stage ``trainer.k`` from its part of a checkpoint; a missing or damaged file raises."""
-    from safetensors.torch import load_file
+    """Restore stage ``trainer.k`` from its part of a checkpoint; a missing, damaged or foreign file raises one line
+    naming it (``state_files.state_error``), before this stage's state is touched where the check can come first."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f'{path} is missing')
-    trainer.model.load_state_dict(_checked(load_file(os.path.join(path, MODEL_FILE)), trainer.keys, path), strict=False)
-    with run_settings_kept(trainer.optimizer, getattr(trainer, 'resume_changes', [])):
-        trainer.optimizer.load_state_dict(torch.load(os.path.join(path, OPTIMIZER_FILE), weights_only=False))
-    trainer.scheduler.load_state_dict(torch.load(os.path.join(path, SCHEDULER_FILE), weights_only=False))
-    if trainer.scaler is not None:
-        trainer.scaler.load_state_dict(torch.load(os.path.join(path, SCALER_FILE), weights_only=False))
+    old = [n for n in PICKLED if os.path.exists(os.path.join(path, n))]
+    if old:
+        raise state_error(os.path.join(path, old[0]), 'is a pickle written by timm_hff 0.4 or earlier, which is never '
+                                                      'opened (unpickling can run any code); start a new experiment, '
+                                                      'or finish the run with the version that wrote it')
+    mine = owned_state(trainer.model, trainer.keys)
+    model = load_tensors_file(os.path.join(path, MODEL_FILE), mine)
+    optimizer = load_state_file(os.path.join(path, OPTIMIZER_FILE))
+    check_optimizer_state(optimizer, trainer.optimizer, os.path.join(path, OPTIMIZER_FILE))
+    scheduler = load_state_file(os.path.join(path, SCHEDULER_FILE), like=trainer.scheduler.state_dict())
+    scaler = None if trainer.scaler is None else load_state_file(os.path.join(path, SCALER_FILE),
+                                                                 like=trainer.scaler.state_dict())
+    ema = None
     if trainer.ema is not None:
-        ema = os.path.join(path, EMA_FILE)
-        if not os.path.isfile(ema):
-            raise FileNotFoundError(f'model_ema is on but {ema} is missing')
-        trainer.ema.module.load_state_dict(_checked(load_file(ema), trainer.keys, path), strict=False)
-    set_rng_state(torch.load(os.path.join(path, RNG_FILE), weights_only=False))
-
-
-def _checked(tensors: Dict[str, torch.Tensor], keys: List[str], path: str) -> Dict[str, torch.Tensor]:
-    if sorted(tensors) != sorted(keys):
-        missing = sorted(set(keys) - set(tensors))
-        raise ValueError(f'{path} holds other tensors than this stage owns (missing {missing[:3]}); it is another '
-                         f"model's checkpoint")
-    return tensors
+        if not os.path.isfile(os.path.join(path, EMA_FILE)):
+            raise FileNotFoundError(f'model_ema is on but {os.path.join(path, EMA_FILE)} is missing')
+        ema = load_tensors_file(os.path.join(path, EMA_FILE), mine)
+    rng = load_state_file(os.path.join(path, RNG_FILE))
+    like = rng_state()
+    if not isinstance(rng, dict) or not set(like) - {'cuda'} <= set(rng) <= set(like) | {'cuda'}:
+        raise state_error(os.path.join(path, RNG_FILE), 'is not an RNG state (random / numpy / torch)')
+    match_state({k: rng[k] for k in like if k != 'cuda'}, {k: v for k, v in like.items() if k != 'cuda'},
+                os.path.join(path, RNG_FILE))
+    trainer.model.load_state_dict(model, strict=False)
+    with run_settings_kept(trainer.optimizer, getattr(trainer, 'resume_changes', [])):
+        trainer.optimizer.load_state_dict(optimizer)
+    trainer.scheduler.load_state_dict(scheduler)
+    if scaler is not None:
+        trainer.scaler.load_state_dict(scaler)
+    if ema is not None:
+        trainer.ema.module.load_state_dict(ema, strict=False)
+    set_rng_state(rng)
 
 
 class _Quiet(Exception):
@@ -156,12 +175,16 @@ class StageState:
         try:
             load_stage(stage_dir(ckpt, self.k), self)
             error = None
-        except Exception as e:   # truncated or foreign files; the identity was already checked
+        except CheckpointError as e:   # a file refused by name (state_files): its line as it is
+            error = first_line(e)
+        except Exception as e:   # anything else a foreign file causes; the identity was already checked
             error = f'{type(e).__name__}: {first_line(e)}'
         errors = [e for e in self.ctl.all_gather(error, 'loading the checkpoint') if e]
         if errors:
             if not self.is_main:
                 raise _Quiet(errors[0])
+            if errors[0].startswith('--resume: '):
+                raise CorruptCheckpointError(errors[0])
             raise unloadable(ckpt, RuntimeError(errors[0]))
         state = read_state(ckpt)
         self.start_epoch, self.updates = int(state['epoch']) + 1, int(state['updates'])

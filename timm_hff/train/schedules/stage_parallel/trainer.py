@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from ...checks import check_device_precision
-from ...checkpoint import check_compatible, find_resume, open_run_folder, read_state
+from ...checkpoint import check_compatible, check_files, find_resume, open_run_folder, read_state
 from ...data import build_data, build_loaders
 from ...optim import build_optimizer, build_scheduler, stretch_to_min_steps
 from ...registry import get_method, get_schedule
@@ -114,7 +114,9 @@ class StageParallelTrainer(StageSteps, StageState, RunSequence):
         model = self.method.build_model(cfg, self.num_classes, self.train_data.label_names)
         k = self.num_processes = model.num_stages
         if self.resume_from:
-            check_compatible(read_state(self.resume_from), self.identity, self.resume_from)
+            state = read_state(self.resume_from)
+            check_compatible(state, self.identity, self.resume_from)
+            check_files(self.resume_from, state)
         world = self.group.world if self.group is not None else k
         if world != k or k < 2:
             raise ValueError(_count_error(k, world))
