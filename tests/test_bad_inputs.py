@@ -330,6 +330,43 @@ def _(env):
     Trainer(tiny(env.idx, env.tmp / 'out', resume=str(run)))
 
 
+@case('--resume at a checkpoint whose optimizer state is a pickle that runs code', CorruptCheckpointError,
+      r'--resume: .*epoch_0000/optimizer\.bin cannot be loaded without unpickling code or is damaged \(UnpicklingError\)')
+def _(env):
+    from timm_hff.hub import file_sha256
+    run = env.tmp / 'copy'
+    shutil.copytree(env.run_dir, run)
+    ckpt = run / 'checkpoints' / 'epoch_0000'
+    marker = env.tmp / 'unpickled'
+    torch.save({'state': {0: _Boom(str(marker))}, 'param_groups': []}, ckpt / 'optimizer.bin')
+    state = json.loads((ckpt / 'trainer_state.json').read_text())   # re-signed, as a deliberate editor would
+    state['files']['optimizer.bin'] = file_sha256(ckpt / 'optimizer.bin')
+    (ckpt / 'trainer_state.json').write_text(json.dumps(state))
+    try:
+        Trainer(tiny(env.idx, env.tmp / 'out', resume=str(run)))
+    finally:
+        assert not marker.exists()
+
+
+class _Boom:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.makedirs, (self.marker,)
+
+
+@case('--resume at a checkpoint whose trainer_state.json says epoch 10**30', CorruptCheckpointError,
+      r'--resume: .*trainer_state\.json holds epoch = 10000000000\d*\.\.\. \(31 chars\), not a count from 0 to 10,000,000; the '
+      r'checkpoint is damaged')
+def _(env):
+    run = env.tmp / 'copy'
+    shutil.copytree(env.run_dir, run)
+    path = run / 'checkpoints' / 'epoch_0000' / 'trainer_state.json'
+    path.write_text(json.dumps({**json.loads(path.read_text()), 'epoch': 10 ** 30}))
+    Trainer(tiny(env.idx, env.tmp / 'out', resume=str(run)))
+
+
 @case('--resume with another optimizer', CliError,
       r"--resume .*epoch_0000: the checkpoint was made with opt='sgd' but this run has opt='adamw'; resume with "
       r'opt: "sgd" or start a new experiment')

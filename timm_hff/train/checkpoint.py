@@ -93,14 +93,25 @@ def read_state(ckpt: str) -> Dict[str, Any]:
     for key, limit in (('epoch', _MAX_EPOCHS), ('updates', 2 ** 53)):
         value = state[key]
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < limit:
-            raise _damaged(path, f'holds {key} = {str(value)[:30]}, not a count from 0 to {limit:,}')
-    if not isinstance(state['history'], list) or not all(isinstance(r, dict) for r in state['history']):
-        raise _damaged(path, 'holds a history that is not a list of metric rows')
+            shown = str(value) if len(str(value)) <= 24 else f'{str(value)[:20]}... ({len(str(value))} chars)'
+            raise _damaged(path, f'holds {key} = {shown}, not a count from 0 to {limit:,}')
+    if not isinstance(state['history'], list) or not all(_metric_row(r) for r in state['history']):
+        raise _damaged(path, 'holds a history that is not a list of metric rows (names -> numbers)')
     if len(state['history']) > state['epoch'] + 1:
         raise _damaged(path, f"holds {len(state['history'])} epochs of history for {state['epoch'] + 1} epochs run")
     if not isinstance(state.get('identity', {}), dict) or not isinstance(state.get(FILES_KEY, {}), dict):
         raise _damaged(path, f'holds an identity or {FILES_KEY} that is not a mapping')
     return state
+
+
+def _metric_row(row: Any) -> bool:
+    """One epoch's metrics as the run wrote them: names -> numbers (or short strings, or lists of numbers)."""
+    def plain(v):
+        return v is None or isinstance(v, (bool, float)) or (isinstance(v, int) and abs(v) < 2 ** 63) or (
+            isinstance(v, str) and len(v) <= 200)
+    return isinstance(row, dict) and len(row) <= 1000 and all(
+        isinstance(k, str) and len(k) <= 200 and (plain(v) or (isinstance(v, list) and len(v) <= 1000 and all(
+            plain(x) for x in v))) for k, v in row.items())
 
 
 def check_files(ckpt: str, state: Dict[str, Any]) -> None:

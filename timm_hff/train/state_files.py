@@ -227,6 +227,8 @@ def _check_value(v: Any, shape, path: str, at: str, depth: int = 0) -> None:
             _check_value(x, shape, path, at, depth + 1)
     elif isinstance(v, float) and not math.isfinite(v):
         raise state_error(path, f'holds {at} = {v}, which is not finite')
+    elif isinstance(v, int) and not isinstance(v, bool) and abs(v) >= _MAX_INT:
+        raise state_error(path, f'holds {at} = {str(v)[:30]}..., beyond what an optimizer counts')
     elif isinstance(v, torch.Tensor):
         _check_tensor(v, shape, path, at)
     elif not (v is None or isinstance(v, (bool, int, float, str))):

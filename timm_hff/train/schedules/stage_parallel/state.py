@@ -34,7 +34,7 @@ __all__ = ['PICKLED', 'StageEma', 'StageState', 'assemble', 'load_stage', 'owned
 
 MODEL_FILE, OPTIMIZER_FILE, SCHEDULER_FILE = 'model.safetensors', 'optimizer.safetensors', 'scheduler.safetensors'
 RNG_FILE, SCALER_FILE, EMA_FILE = 'random_states.safetensors', 'scaler.safetensors', 'ema.safetensors'
-# the pickles of timm_hff 0.1-0.4's stage-parallel checkpoints: never opened, the checkpoint refused in one line
+# the pickles of timm_hff 0.1's stage-parallel checkpoints: never opened, the checkpoint refused in one line
 PICKLED = ('optimizer.bin', 'scheduler.bin', 'random_states.pkl', 'scaler.pt')
 
 
@@ -104,8 +104,8 @@ def load_stage(path: str, trainer) -> None:
         raise FileNotFoundError(f'{path} is missing')
     old = [n for n in PICKLED if os.path.exists(os.path.join(path, n))]
     if old:
-        raise state_error(os.path.join(path, old[0]), 'is a pickle written by timm_hff 0.4 or earlier, which is never '
-                                                      'opened (unpickling can run any code); start a new experiment, '
+        raise state_error(os.path.join(path, old[0]), 'is a pickle written by timm_hff 0.1, which is never opened '
+                                                      '(unpickling can run any code); start a new experiment, '
                                                       'or finish the run with the version that wrote it')
     mine = owned_state(trainer.model, trainer.keys)
     model = load_tensors_file(os.path.join(path, MODEL_FILE), mine)
