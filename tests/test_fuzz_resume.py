@@ -316,6 +316,38 @@ def test_a_pickle_in_an_accelerate_checkpoint_never_runs(accelerate_run, tmp_pat
     assert not marker.exists()
 
 
+@pytest.mark.parametrize('damage_kind', ['pickle', 'swap', 'epoch'])
+def test_hff_train_refuses_a_damaged_resume_in_one_line_and_leaves_the_run_folder(idx_root, tmp_path, capsys,
+                                                                                  damage_kind):
+    """The whole CLI path: ``hff-train ... --resume`` on the damaged run's own folder exits with one line naming the
+    file, and the run folder (checkpoints, config, logs) is byte for byte as it was."""
+    from timm_hff.train.cli import main
+    settings = tiny_settings(idx_root, tmp_path, epochs=2, checkpoint_hist=2, threads=1)
+    reset_accelerate()
+    assert main(cli_args(settings)) == 0
+    capsys.readouterr()
+    run = tmp_path / 'run'
+    last, first = sorted((run / 'checkpoints').iterdir())[::-1]
+    if damage_kind == 'pickle':
+        torch.save({'state': {0: Boom(str(tmp_path / 'ran'))}, 'param_groups': []}, last / 'optimizer.bin')
+        resign(last)
+        named = 'optimizer.bin'
+    elif damage_kind == 'swap':
+        shutil.copyfile(first / 'model.safetensors', last / 'model.safetensors')
+        named = 'model.safetensors'
+    else:
+        state = json.loads((last / STATE_FILE).read_text())
+        (last / STATE_FILE).write_text(json.dumps({**state, 'epoch': -3}))
+        named = STATE_FILE
+    before = tree_hash(run)
+    reset_accelerate()
+    rc = main(cli_args(settings) + ['--resume'])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and '\n' not in err and err.startswith('hff-train: error: --resume: ') and named in err, err
+    assert tree_hash(run) == before
+    assert not (tmp_path / 'ran').exists()
+
+
 def test_a_stage_parallel_checkpoint_of_pickles_is_refused_unopened(tmp_path):
     """timm_hff 0.1 wrote a stage's optimizer, scheduler and RNG state with torch.save: refused by name, unopened."""
     from timm_hff.hub import CorruptCheckpointError
