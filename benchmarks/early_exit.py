@@ -24,15 +24,16 @@ from typing import Any, Dict, List
 import torch
 
 import timm_hff
-from timm_hff import exit_stats, fit_exits, stage_profile
+from timm_hff import ExitStats, exit_stats, fit_exits, stage_profile
 
 from ._common import (add_common_args, machine_info, machine_line, make_runtime, markdown_table, median, new_figure,
                       verdict, write_outputs)
 
 SWEEP = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999)   # one threshold for every stage
-DROPS = (0.0, 0.1, 0.2, 0.5, 1.0)                              # calibrated on validation, top-1 points
+DROPS = (0.0, 0.1, 0.2, 0.5, 1.0)                              # fitted on validation, top-1 points (no guarantee)
+STUDY_DROPS = (0.5, 0.2)                                       # the split study's bounds (top-1 points)
 TIMED_SWEEP = (0.9, 0.99, 0.999)                               # uniform thresholds that are also timed
-TARGET_DROP, TARGET_RATIO, TARGET_SPEEDUP = 0.2, 0.6, 1.3
+TARGET_RATIO, TARGET_SPEEDUP = 0.6, 1.3
 PROTOCOL = (
     'Thresholds fitted on the validation hold-out only; every figure below is on the test split, evaluated once. '
     'Accuracy and mean FLOPs per image: the exit rule replayed on one full forward of the test split (exact: the '
@@ -72,13 +73,17 @@ def fixed_exit_flops(model, img_size: int) -> List[int]:
     return [sum(r['flops'] for r in rows[:k + 1]) + rows[k]['head_flops'] for k in range(len(rows))]
 
 
-def settings_to_time(model, fitted: Dict[float, tuple], main_drop: float) -> Dict[str, tuple]:
+def main_name(drop: float, confidence: float) -> str:
+    return f'adaptive (guaranteed drop {drop:g}, confidence {confidence:g})'
+
+
+def settings_to_time(model, fitted: Dict[float, tuple], main: str, guaranteed: tuple) -> Dict[str, tuple]:
     """name -> (predict_from, exit thresholds or None): the settings whose wall time is measured."""
     n = model.num_stages
     out = {'full': ('last', None)}
     out.update({f'stage {k + 1}': (k, None) for k in range(n - 1)})
-    out[f'adaptive (val drop {main_drop:g})'] = ('adaptive', fitted[main_drop])
-    out.update({f'adaptive (val drop {d:g})': ('adaptive', fitted[d]) for d in fitted if d != main_drop})
+    out[main] = ('adaptive', guaranteed)
+    out.update({f'adaptive (val drop {d:g})': ('adaptive', fitted[d]) for d in fitted})
     out.update({f'adaptive (all {q:g})': ('adaptive', (q,) * (n - 1)) for q in TIMED_SWEEP})
     return out
 
@@ -130,6 +135,9 @@ def run(args, runtime) -> Dict[str, Any]:
     for drop in sorted(set(DROPS) | {args.max_accuracy_drop}):
         c = fit_exits(model, val, max_accuracy_drop=drop, rule=args.rule)
         fitted[drop], cal[drop] = c.thresholds, c
+    main = main_name(args.max_accuracy_drop, args.confidence)
+    guaranteed = fit_exits(model, val, max_accuracy_drop=args.max_accuracy_drop, rule=args.rule,
+                           confidence=args.confidence)
     n = model.num_stages
     full_top1 = test.full_top1()
     full_flops = test.full_flops
@@ -146,23 +154,26 @@ def run(args, runtime) -> Dict[str, Any]:
         s = test.point(args.rule, thresholds)
         points.append(dict(kind='fitted', name=f'adaptive (val drop {drop:g})', thresholds=list(thresholds),
                            val_top1=cal[drop].top1, val_flops_ratio=cal[drop].flops_ratio, **s))
+    points.append(dict(kind='guaranteed', name=main, thresholds=list(guaranteed.thresholds),
+                       val_top1=guaranteed.top1, val_flops_ratio=guaranteed.flops_ratio,
+                       **test.point(args.rule, guaranteed.thresholds)))
+    study = split_study(model, val, test, args)
 
-    # the fitted setting through the real shrinking forward, on the whole test split
-    model.set_exits(thresholds=fitted[args.max_accuracy_drop], rule=args.rule)
+    # the chosen setting through the real shrinking forward, on the whole test split
+    model.set_exits(thresholds=guaranteed.thresholds, rule=args.rule)
     hits, spent = 0, 0
     with torch.inference_mode(), runtime.autocast():
         for x, y in batches(xt, yt, 256, runtime):
             logits, _, flops = model.forward_adaptive(x, return_flops=True)
             hits += int((logits.argmax(-1).cpu() == y).sum())
             spent += int(flops.sum())
-    main = next(p for p in points if p['name'] == f'adaptive (val drop {args.max_accuracy_drop:g})')
+    main_point = next(p for p in points if p['name'] == main)
     check = dict(top1=100 * hits / len(yt), mean_flops=spent / len(yt))
-    check['matches_replay'] = abs(check['top1'] - main['top1']) < 1e-9 and abs(check['mean_flops'] -
-                                                                              main['mean_flops']) < 1e-3
+    check['matches_replay'] = abs(check['top1'] - main_point['top1']) < 1e-9 and abs(
+        check['mean_flops'] - main_point['mean_flops']) < 1e-3
 
     # wall time, per memory layout and batch size
-    settings = settings_to_time(model, fitted, args.max_accuracy_drop)
-    main_name = f'adaptive (val drop {args.max_accuracy_drop:g})'
+    settings = settings_to_time(model, fitted, main, guaranteed.thresholds)
     timing = {}
     for layout in args.layouts:
         fmt = torch.channels_last if layout == 'channels_last' else torch.contiguous_format
@@ -173,8 +184,8 @@ def run(args, runtime) -> Dict[str, Any]:
             print(f'  timing {layout}, batch {bs} on {count} images, {args.rounds} rounds x {len(settings)} settings',
                   file=sys.stderr, flush=True)
             times, cpu = time_settings(model, settings, xb, args.rounds, runtime)
-            speedups = [f / a for f, a in zip(times['full'], times[main_name])]
-            cpu_speedups = [f / a for f, a in zip(cpu['full'], cpu[main_name])]
+            speedups = [f / a for f, a in zip(times['full'], times[main])]
+            cpu_speedups = [f / a for f, a in zip(cpu['full'], cpu[main])]
             timing[f'{layout} b{bs}'] = dict(
                 layout=layout, batch=bs, images=count, seconds_per_image={k: median(v) / count for k, v in
                                                                           times.items()},
@@ -185,20 +196,52 @@ def run(args, runtime) -> Dict[str, Any]:
         for key, t in timing.items():
             if p['name'] in t['seconds_per_image']:
                 p[f'ms_per_image {key}'] = 1e3 * t['seconds_per_image'][p['name']]
-    drop = full_top1 - main['top1']
-    targets = dict(accuracy_drop=drop, accuracy_met=drop <= TARGET_DROP + 1e-9, flops_ratio=main['flops_ratio'],
-                   flops_met=main['flops_ratio'] <= TARGET_RATIO)
+    drop = full_top1 - main_point['top1']
+    targets = dict(accuracy_drop=drop, accuracy_met=drop <= args.max_accuracy_drop + 1e-9,
+                   flops_ratio=main_point['flops_ratio'], flops_met=main_point['flops_ratio'] <= TARGET_RATIO)
     for bs in (256, 1):   # each in its fastest layout: no layout choice flatters either
         at = [t for t in timing.values() if t['batch'] == bs]
         if at and runtime.device.type == 'cpu':
             best_full = min(t['seconds_per_image']['full'] for t in at)
-            best_adaptive = min(t['seconds_per_image'][main_name] for t in at)
+            best_adaptive = min(t['seconds_per_image'][main] for t in at)
             targets.update({f'cpu_speedup_b{bs}': best_full / best_adaptive,
                             f'cpu_speedup_b{bs}_met': best_full / best_adaptive >= TARGET_SPEEDUP})
     return dict(model=args.model, rule=args.rule, max_accuracy_drop=args.max_accuracy_drop, splits=split_names,
-                val_images=len(yv), test_images=len(yt), img_size=img, exit_flops=test.exit_flops,
-                full_flops=full_flops, fixed_exit_flops=fixed_flops, points=points, check=check, timing=timing,
-                targets=targets, fitted=cal[args.max_accuracy_drop].to_dict())
+                confidence=args.confidence, main=main, val_images=len(yv), test_images=len(yt), img_size=img,
+                exit_flops=test.exit_flops, full_flops=full_flops, fixed_exit_flops=fixed_flops, points=points,
+                check=check, timing=timing, targets=targets, fitted=cal[args.max_accuracy_drop].to_dict(),
+                guaranteed=guaranteed.to_dict(), study=study)
+
+
+def split_study(model, val, test, args) -> Dict[str, Any]:
+    """Calibrate on one part, measure on another, over ``args.splits`` random splits of validation + test pooled
+    (the calibration part as large as the validation split): the out-of-sample drop of the guaranteed choice and of
+    the best fit, at each bound of ``STUDY_DROPS`` (and the main one)."""
+    pooled = ExitStats([torch.cat([a, b]) for a, b in zip(val.stage_logits, test.stage_logits)],
+                       torch.cat([val.labels, test.labels]), val.exit_flops, val.full_flops, val.img_size,
+                       val.stage_flops, val.head_flops)
+    n_cal, rows = val.num_images, []
+    for drop in sorted(set(STUDY_DROPS) | {args.max_accuracy_drop}, reverse=True):
+        for method, confidence in (('guaranteed', args.confidence), ('best fit', None)):
+            drops, ratios, closed = [], [], 0
+            for s in range(args.splits):
+                perm = torch.randperm(pooled.num_images, generator=torch.Generator().manual_seed(10_000 + s))
+                cal, held = pooled.subset(perm[:n_cal]), pooled.subset(perm[n_cal:])
+                c = fit_exits(model, cal, max_accuracy_drop=drop, rule=args.rule, confidence=confidence)
+                point = held.point(args.rule, c.thresholds)
+                drops.append(held.full_top1() - point['top1'])
+                ratios.append(point['flops_ratio'])
+                closed += all(t >= 1 for t in c.thresholds)
+            d = torch.tensor(drops, dtype=torch.float64)
+            rows.append(dict(method=method, max_accuracy_drop=drop, confidence=confidence, splits=args.splits,
+                             mean_drop=d.mean().item(), p95_drop=torch.quantile(d, 0.95).item(),
+                             max_drop=d.max().item(),
+                             share_above=(d > drop + 1e-9).double().mean().item(),
+                             mean_flops_ratio=float(sum(ratios) / len(ratios)), never_exit_splits=closed, drops=drops))
+            print(f"  split study: {method} drop {drop:g}: mean {rows[-1]['mean_drop']:.3f}, p95 "
+                  f"{rows[-1]['p95_drop']:.3f}, share above {rows[-1]['share_above']:.2f}, FLOPs "
+                  f"{rows[-1]['mean_flops_ratio']:.3f}x", file=sys.stderr, flush=True)
+    return dict(calibration_images=n_cal, evaluation_images=pooled.num_images - n_cal, rows=rows)
 
 
 def render(res: Dict[str, Any], info: Dict[str, Any], command: str) -> str:
@@ -213,13 +256,13 @@ def render(res: Dict[str, Any], info: Dict[str, Any], command: str) -> str:
                      f"{p['mean_flops'] / 1e6:.2f}", f"{p['flops_ratio']:.3f}", shares]
                     + [f"{p[f'ms_per_image {k}']:.3f}" if f'ms_per_image {k}' in p else '–' for k in keys])
     t = res['targets']
-    main = f"adaptive (val drop {res['max_accuracy_drop']:g})"
+    main = res['main']
     lines = [f'### Anytime inference (`{command}`)', '', f'Machine: {machine_line(info)}; load average '
              f"{info['load_average']} at the start on {info['cpu_count']} cores", '',
              f"Model `{res['model']}`; thresholds ({res['rule']}) fitted on {res['splits'][0]} ({res['val_images']} "
              f"images), evaluated on {res['splits'][1]} ({res['test_images']} images), {res['img_size']} px.", '',
              markdown_table(headers, rows), '',
-             f"Targets for `{main}`: test top-1 within {TARGET_DROP} points of the full model: "
+             f"Targets for `{main}`: test top-1 within {res['max_accuracy_drop']:g} points of the full model: "
              f"{t['accuracy_drop']:+.2f} points lost, {verdict(t['accuracy_met'])}; mean FLOPs <= {TARGET_RATIO}x: "
              f"{t['flops_ratio']:.3f}x, {verdict(t['flops_met'])}"]
     for bs in (256, 1):
@@ -235,6 +278,7 @@ def render(res: Dict[str, Any], info: Dict[str, Any], command: str) -> str:
                      f"{tm['cpu_speedup_vs_full']:.2f}x; stage 1 with its head, which every image pays, takes "
                      f"{cpu['stage 1'] / cpu['full']:.0%} of the full model's CPU time for "
                      f"{res['fixed_exit_flops'][0] / res['full_flops']:.0%} of its FLOPs.")
+    lines += [''] + study_md(res)
     c = res['check']
     lines += ['', f"Check: the shrinking forward on the whole test split gives top-1 {c['top1']:.2f}% at "
               f"{c['mean_flops'] / 1e6:.3f} MFLOPs per image ({'equal to' if c['matches_replay'] else 'DIFFERS from'} "
@@ -244,14 +288,35 @@ def render(res: Dict[str, Any], info: Dict[str, Any], command: str) -> str:
     return '\n'.join(lines)
 
 
+def study_md(res: Dict[str, Any]) -> List[str]:
+    st = res['study']
+    g = res['guaranteed']['guarantee']
+    lines = [f"Guarantee of `{res['main']}`: Learn-then-Test on the {g['calibration_images']} validation images "
+             f"({g['ordering_images']} order the candidate settings, {g['testing_images']} test them; "
+             f"{g['candidates_tested']} of {g['candidates']} tested, p-value of the chosen one "
+             f"{g['p_value'] if g['p_value'] is None else round(g['p_value'], 4)}).", '',
+             f"Out of sample, over {st['rows'][0]['splits']} random splits of validation + test pooled (calibrate on "
+             f"{st['calibration_images']} images, measure on the other {st['evaluation_images']}): the top-1 points "
+             f"lost against full depth on the measured part.", '',
+             '| method | bound (pts) | confidence | mean drop | 95th percentile | largest | share of splits above the '
+             'bound | mean FLOPs (x full) | splits that never exit early |', '|---|---|---|---|---|---|---|---|---|']
+    for r in st['rows']:
+        lines.append(f"| {r['method']} | {r['max_accuracy_drop']:g} | "
+                     f"{'–' if r['confidence'] is None else format(r['confidence'], 'g')} | {r['mean_drop']:+.3f} | "
+                     f"{r['p95_drop']:+.3f} | {r['max_drop']:+.3f} | {r['share_above']:.0%} | "
+                     f"{r['mean_flops_ratio']:.3f} | {r['never_exit_splits']} |")
+    return lines
+
+
 def plot(res: Dict[str, Any]):
     keys = list(res['timing'])
     fig, axes = new_figure(ncols=1 + len(keys), width=4.6)
     xs = [('mean_flops', 'mean MFLOPs per image', 1e-6)] + [(f'ms_per_image {k}', f'ms per image ({k})', 1)
                                                             for k in keys]
     style = dict(full=('k*', 'full model'), fixed=('s', 'fixed exit (stage k)'), sweep=('o-', 'adaptive, one '
-                 'threshold for all stages'), fitted=('^-', 'adaptive, fitted on validation (drop 0-1 pts)'))
-    main = next(p for p in res['points'] if p['name'] == f"adaptive (val drop {res['max_accuracy_drop']:g})")
+                 'threshold for all stages'), fitted=('^-', 'adaptive, fitted on validation (drop 0-1 pts)'),
+                 guaranteed=('D', 'adaptive, guaranteed (Learn-then-Test)'))
+    main = next(p for p in res['points'] if p['name'] == res['main'])
     for ax, (key, label, scale) in zip(axes, xs):
         for kind, (fmt, name) in style.items():
             pts = sorted((p for p in res['points'] if p['kind'] == kind and key in p), key=lambda p: p[key])
@@ -259,7 +324,7 @@ def plot(res: Dict[str, Any]):
                 ax.plot([p[key] * scale for p in pts], [p['top1'] for p in pts], fmt, label=name,
                         ms=9 if kind == 'full' else 5)
         if key in main:
-            ax.annotate(f"fitted, drop {res['max_accuracy_drop']:g}", (main[key] * scale, main['top1']),
+            ax.annotate(f"guaranteed, drop {res['max_accuracy_drop']:g}", (main[key] * scale, main['top1']),
                         textcoords='offset points', xytext=(6, -12), fontsize=7)
         ax.set_xlabel(label)
         ax.set_ylabel('test top-1 (%)')
@@ -282,7 +347,9 @@ def main(argv=None) -> Dict[str, Any]:
     parser.add_argument('--data-dir', default=FASHION_MNIST_DIR, help='IDX files (train + test)')
     parser.add_argument('--val-fraction', type=float, default=0.1, help='the run\'s validation hold-out')
     parser.add_argument('--split-seed', type=int, default=0)
-    parser.add_argument('--max-accuracy-drop', type=float, default=TARGET_DROP)
+    parser.add_argument('--max-accuracy-drop', type=float, default=0.5, help='the guaranteed bound (top-1 points)')
+    parser.add_argument('--confidence', type=float, default=0.9, help='of the guarantee (1 - epsilon)')
+    parser.add_argument('--splits', type=int, default=50, help='random calibrate / measure splits of the study')
     parser.add_argument('--rule', default='max_prob', choices=('max_prob', 'entropy'))
     parser.add_argument('--batch-sizes', type=int, nargs='+', default=[1, 256])
     parser.add_argument('--timed-images', type=int, nargs='+', default=None,

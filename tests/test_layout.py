@@ -19,7 +19,8 @@ MAX_FUNCTION_LINES = 80
 # module in no layer counts as an entry point (the top layer): it may import anything, and nothing may import it.
 LAYERS = [
     ('version', '_config', '_lazy', '_names', 'data', '_io', '_pretrained', '_inputs', '_timm_cfg'),
-    ('_meta', '_fused_head', '_heads', '_stages', '_cuts', '_probe', '_small_input', '_exit_rule', '_stem_ckpt'),
+    ('_meta', '_fused_head', '_heads', '_stages', '_cuts', '_probe', '_small_input', '_exit_rule', '_stem_ckpt',
+     '_exit_search', '_exit_guarantee'),
     ('_profile', '_adaptive', '_local_losses', '_model', '_step_cost', '_balance', '_compile'),
     ('_builder', '_exit', '_compile', '_features'),
     ('hub',),
@@ -30,8 +31,8 @@ LAYERS = [
     ('train.registry', 'train.errors', 'train.cuda_graphs'),
     ('train.checks', 'train.help'),
     ('train.config',),
-    ('train.checkpoint', 'train.metrics', 'train.evaluate', 'train.exits', 'train.optim', 'train.targets',
-     'train.data'),
+    ('train.checkpoint', 'train.state_files', 'train.metrics', 'train.evaluate', 'train.exits', 'train.optim',
+     'train.targets', 'train.data'),
     ('train.methods',),
     ('train.run', 'train.steps'),
     ('train.trainer', 'train.schedules.stage_parallel.checks', 'train.schedules.stage_parallel.handoff',

@@ -11,10 +11,10 @@ from ._timm_hook import register_with_timm
 _EXPORTS = {
     'HFFConfig': '._config', 'PrototypeHead': '._heads', 'register_head': '._heads', 'SplitError': '._stages',
     'StageSplit': '._stages', 'run_stages': '._cuts', 'HFFModel': '._model', 'HFFOutput': '._model',
-    'build_hff_model': '._builder', 'ExitCalibration': '._exit', 'calibrate_exits': '._exit',
-    'create_model': '._factory', 'list_models': '._registry', 'PretrainedWeightsError': '._pretrained',
-    'compile_model': '._compile', 'exit_stats': '._exit', 'fit_exits': '._exit', 'stage_profile': '._profile',
-    'format_profile': '._profile',
+    'build_hff_model': '._builder', 'ExitCalibration': '._exit', 'ExitStats': '._exit', 'calibrate_exits': '._exit',
+    'best_fit_exits': '._exit', 'create_model': '._factory', 'list_models': '._registry',
+    'PretrainedWeightsError': '._pretrained', 'compile_model': '._compile', 'exit_stats': '._exit',
+    'fit_exits': '._exit', 'stage_profile': '._profile', 'format_profile': '._profile',
     **{name: '.hub' for name in (
         'CheckpointError', 'CheckpointFileNotFoundError', 'ConfigError', 'CorruptCheckpointError', 'ExportError',
         'FormatVersionError', 'ShapeMismatchError', 'UnknownArchitectureError', 'UnsafeCheckpointError',

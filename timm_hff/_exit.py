@@ -1,33 +1,27 @@
-"""Fitting the early-exit thresholds of ``predict_from='adaptive'`` on held-out data.
+"""Choosing the early-exit setting of ``predict_from='adaptive'`` on held-out data.
 
 Every stage's logits are collected once over the validation loader (one full forward per batch), so any setting of
 the thresholds can be scored exactly, without running the model again: an image's exit is the first stage whose
 confidence passes that stage's threshold (``_exit_rule``), its prediction that stage's, its cost the FLOPs of the
-stages it went through (``_profile.exit_flops``). The search descends greedily from "never exit early" (every
-threshold 1), each step lowering the one threshold whose move saves the most FLOPs per point of accuracy lost, as
-long as accuracy stays within ``max_accuracy_drop`` points of the full model; with ``flops_budget`` it goes on until
-the mean cost fits the budget, at the least accuracy lost per FLOP saved (MSDNet fits its exits the same way, on a
-validation split under a budget).
-
-A stage left at threshold 1 runs no head in the adaptive forward (nobody may leave there), so opening an exit costs
-its head for every image that reaches it: on a model whose early heads cost as much as the stages between them, the
-cheapest setting uses only some exits. The descent therefore runs once per set of open exits (every set for up to
-``EXHAUSTIVE`` exits, else all of them open), each charged its heads from the start, and the best end point wins.
+stages it went through (``_profile.exit_flops``). ``_exit_search`` walks the settings greedily; ``calibrate_exits``
+picks among them with a Learn-then-Test guarantee on new data (``_exit_guarantee``), ``best_fit_exits`` picks the
+one that fits these images best (no guarantee: issue 36 measured its drop out of sample from below zero to 1.26
+points for a 0.2-point bound).
 """
 import math
 from dataclasses import asdict, dataclass, field
-import itertools
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
 from ._config import EXIT_RULES
+from ._exit_guarantee import guarantee_record, min_calibration_images, ordered_split, select_by_testing
+from ._exit_search import _descend, _fit_patience, _fit_thresholds, _search_space
 from ._exit_rule import ExitRule, confidence, replay_exits, scored_stages
 from ._model import HFFModel
 from ._profile import exit_costs, exit_flops, full_cost, stage_profile
 
-GRID = 200   # candidate thresholds per stage: quantiles of that stage's confidence on the calibration data
-EXHAUSTIVE = 6   # up to this many early exits, every subset of them is tried as the set of open exits
+DEFAULT_CONFIDENCE = 0.9   # of calibrate_exits' guarantee: the drop bound holds with this probability
 
 
 @dataclass
@@ -85,6 +79,11 @@ class ExitStats:
         return dict(top1=100.0 * correct / n, mean_flops=mean_flops, flops_ratio=mean_flops / self.full_flops,
                     exit_shares=[c / n for c in counts])
 
+    def subset(self, index: torch.Tensor) -> 'ExitStats':
+        """The same statistics over some of the images (``index``), in that order."""
+        return ExitStats([lg[index] for lg in self.stage_logits], self.labels[index], self.exit_flops, self.full_flops,
+                         self.img_size, self.stage_flops, self.head_flops)
+
     def full_top1(self) -> float:
         """Top-1 (%) of the last stage, from the count (a float32 mean is off in the 6th digit, enough to put an
         exact 0.2-point drop on the wrong side of a 0.2 bound)."""
@@ -105,6 +104,7 @@ class ExitCalibration:
     exit_shares: List[float]     # share of images leaving at each stage
     images: int
     target: Dict[str, float] = field(default_factory=dict)   # max_accuracy_drop or flops_budget
+    guarantee: Optional[Dict[str, Any]] = None   # the Learn-then-Test record (``_exit_guarantee``); None: a fit
 
     def metrics(self, prefix: str = 'adaptive_') -> Dict[str, Any]:
         """Flat figures for metrics.json and the model card."""
@@ -120,9 +120,13 @@ class ExitCalibration:
         setting = (f'patience {self.patience}' if self.rule == 'patience'
                    else 'thresholds ' + ', '.join(f'{t:.4g}' for t in self.thresholds))
         shares = ' / '.join(f'{s:.0%}' for s in self.exit_shares)
+        g = self.guarantee
+        promise = (f"; guaranteed: drop <= {g['max_accuracy_drop']:g} points on new data with probability >= "
+                   f"{g['confidence']:g} over the draw of these {g['calibration_images']} calibration images" if g
+                   else '; fitted to these images (no out-of-sample guarantee)')
         return (f'adaptive exit ({self.rule}, {setting}): top-1 {self.top1:.2f}% vs {self.full_top1:.2f}% at full '
                 f'depth, {self.mean_flops / 1e6:.2f} vs {self.full_flops / 1e6:.2f} MFLOPs per image '
-                f'({self.flops_ratio:.2f}x); exits per stage {shares}')
+                f'({self.flops_ratio:.2f}x) on the calibration images; exits per stage {shares}{promise}')
 
 
 @torch.no_grad()
@@ -166,52 +170,124 @@ def exit_stats(model: HFFModel, loader: Iterable, gather: Optional[Callable] = N
 
 
 def calibrate_exits(model: HFFModel, loader: Iterable, max_accuracy_drop: Optional[float] = None,
-                    flops_budget: Optional[float] = None, rule: Optional[str] = None) -> ExitCalibration:
-    """Fit the early-exit setting on validation data and store it in the model (``exit_thresholds``, saved in
-    config.json); ``model.set_predict_from('adaptive')`` then predicts with it.
+                    flops_budget: Optional[float] = None, rule: Optional[str] = None,
+                    confidence: Optional[float] = DEFAULT_CONFIDENCE) -> ExitCalibration:
+    """Choose the early-exit setting on validation data, with a guarantee, and store it in the model
+    (``exit_thresholds``, saved in config.json); ``model.set_predict_from('adaptive')`` then predicts with it.
+
+    With ``max_accuracy_drop`` (the default), the choice is a Learn-then-Test one (``_exit_guarantee``): on new images
+    from the same distribution, the adaptive prediction's expected top-1 loss against full depth exceeds
+    ``max_accuracy_drop`` with probability at most ``1 - confidence`` over the draw of the calibration images. Too few
+    images for that is refused, saying how many are needed. ``best_fit_exits`` is the plain fit to the images.
 
     Args:
         model: An HFFModel.
         loader: Validation batches ``(images, labels)``, ready for the model (normalised, on any device).
-        max_accuracy_drop: Top-1 points the adaptive prediction may lose against the full-depth one on this data
-            (default 0.2); the setting with the fewest FLOPs within it is chosen.
+        max_accuracy_drop: Top-1 points the adaptive prediction may lose against the full-depth one (default 0.2);
+            the cheapest setting certified within it is chosen.
         flops_budget: Instead: mean FLOPs per image to stay within (see ``timm_hff._profile.exit_flops``); the
-            setting with the least accuracy loss that fits is chosen.
+            setting with the least accuracy loss that fits is chosen: a fit, with no accuracy guarantee.
         rule: 'max_prob' (default: the model's ``exit_rule``), 'entropy' or 'patience' (fits ``exit_patience``).
+        confidence: 1 - epsilon of the guarantee (default 0.9); None fits without one (``best_fit_exits``).
 
     Returns:
-        The fitted setting and its operating point on ``loader`` (``.describe()`` for one line).
+        The chosen setting, its operating point on ``loader`` and the guarantee (``.describe()`` for one line).
     """
-    _check_target(model, max_accuracy_drop, flops_budget, rule)   # before the (long) pass over the data
-    return fit_exits(model, exit_stats(model, loader), max_accuracy_drop, flops_budget, rule)
+    _check_target(model, max_accuracy_drop, flops_budget, rule, confidence)   # before the (long) pass over the data
+    return fit_exits(model, exit_stats(model, loader), max_accuracy_drop, flops_budget, rule, confidence)
+
+
+def best_fit_exits(model: HFFModel, loader: Iterable, max_accuracy_drop: Optional[float] = None,
+                   flops_budget: Optional[float] = None, rule: Optional[str] = None) -> ExitCalibration:
+    """The setting that fits ``loader`` best: the fewest FLOPs whose drop on these very images is within
+    ``max_accuracy_drop`` (or the least drop within ``flops_budget``). A fit, not a guarantee: on new images the drop
+    varies with the draw, from below zero to several times the bound (``calibrate_exits`` bounds it)."""
+    return calibrate_exits(model, loader, max_accuracy_drop, flops_budget, rule, confidence=None)
 
 
 def fit_exits(model: HFFModel, stats: ExitStats, max_accuracy_drop: Optional[float] = None,
-              flops_budget: Optional[float] = None, rule: Optional[str] = None) -> ExitCalibration:
-    """``calibrate_exits`` on logits already collected (``exit_stats``; the trainer gathers them over processes)."""
-    max_accuracy_drop, rule = _check_target(model, max_accuracy_drop, flops_budget, rule)
+              flops_budget: Optional[float] = None, rule: Optional[str] = None,
+              confidence: Optional[float] = None) -> ExitCalibration:
+    """``calibrate_exits`` (``confidence`` given) or ``best_fit_exits`` (None) on logits already collected
+    (``exit_stats``; the trainer gathers them over processes)."""
+    max_accuracy_drop, rule = _check_target(model, max_accuracy_drop, flops_budget, rule, confidence)
     if flops_budget is not None and flops_budget < stats.exit_flops[0]:   # the data's size may differ
         raise ValueError(f'flops_budget={flops_budget:.4g} is below the cost of stage 1 alone '
                          f'({stats.exit_flops[0]:.4g} FLOPs per image at {stats.img_size[0]}x{stats.img_size[1]}), '
                          f'which every image pays; raise the budget')
+    guaranteed = confidence is not None and flops_budget is None
+    if guaranteed:
+        setting, guarantee = _certified(stats, rule, max_accuracy_drop, confidence)
+    else:
+        guarantee = None
+        setting = (_fit_patience(stats, max_accuracy_drop, flops_budget) if rule == 'patience'
+                   else _fit_thresholds(stats, rule, max_accuracy_drop, flops_budget))
+    thresholds, patience = (None, setting) if rule == 'patience' else (setting, None)
     if rule == 'patience':
-        patience, thresholds = _fit_patience(stats, max_accuracy_drop, flops_budget), None
         point = stats.point('patience', patience=patience)
         model.set_exits(rule='patience', patience=patience)
     else:
-        thresholds, patience = _fit_thresholds(stats, rule, max_accuracy_drop, flops_budget), None
         point = stats.point(rule, thresholds)
         model.set_exits(thresholds=thresholds, rule=rule)
     target = dict(max_accuracy_drop=max_accuracy_drop) if flops_budget is None else dict(flops_budget=flops_budget)
     return ExitCalibration(rule=rule, thresholds=thresholds, patience=patience, top1=point['top1'],
                            full_top1=stats.full_top1(), mean_flops=point['mean_flops'], full_flops=stats.full_flops,
                            flops_ratio=point['flops_ratio'], exit_shares=point['exit_shares'],
-                           images=stats.num_images, target=target)
+                           images=stats.num_images, target=target, guarantee=guarantee)
+
+
+def _certified(stats: ExitStats, rule: str, max_drop: float, confidence: float):
+    """(setting, guarantee record): Learn-then-Test over the greedy descent's path (``_exit_guarantee``)."""
+    epsilon, delta = 1 - confidence, max_drop / 100
+    need = min_calibration_images(delta, epsilon)
+    if stats.num_images < need:
+        raise ValueError(f'a guarantee that adaptive exit loses at most {max_drop:g} top-1 points with confidence '
+                         f'{confidence:g} needs at least {need} calibration images, got {stats.num_images}: give more '
+                         f'validation images, a larger max_accuracy_drop or a lower confidence (or best_fit_exits '
+                         f'for a fit without a guarantee)')
+    order, test = ordered_split(stats.num_images)
+    fit, held = stats.subset(order), stats.subset(test)
+    path = _patience_path(stats.num_stages) if rule == 'patience' else _threshold_path(fit, rule, max_drop)
+    correct = held.correct()
+    full = correct[:, -1].to(torch.int8)
+
+    def drops():
+        for setting in path:
+            exits = held.exits(rule, None, setting) if rule == 'patience' else held.exits(rule, setting)
+            yield full - correct.gather(1, exits.view(-1, 1)).squeeze(1).to(torch.int8)
+
+    chosen, pvalues = select_by_testing(drops(), delta, epsilon)
+    setting = path[max(chosen, 0)]
+    return setting, guarantee_record(max_drop, epsilon, stats.num_images, len(order), len(test), len(path), pvalues,
+                                     chosen)
+
+
+def _patience_path(num_stages: int) -> List[int]:
+    """Patience from the safest (every stage must agree) down to 1."""
+    return list(range(num_stages, 0, -1))
+
+
+def _threshold_path(stats: ExitStats, rule: str, max_drop: float) -> List[Tuple[float, ...]]:
+    """"Never exit early", then every step of the greedy descent with the exits open that the best fit at
+    ``max_drop`` opens on these images (all exits if it opens none), down to the lowest thresholds."""
+    n = stats.num_stages
+    closed = (1.0,) * (n - 1)
+    if n == 1:
+        return [()]
+    fitted = _fit_thresholds(stats, rule, max_drop, None)
+    conf, correct, grids = _search_space(stats, rule)
+    opened = tuple(k for k in range(n - 1) if fitted[k] < 1) or tuple(k for k in range(n - 1) if len(grids[k]) > 1)
+    steps: List[List[int]] = []
+    _descend(stats, rule, conf, correct, grids, opened, -math.inf, None, steps)
+    return [closed] + [tuple(float(grids[k][p[k]]) for k in range(n - 1)) for p in steps]
 
 
 def _check_target(model: HFFModel, max_accuracy_drop: Optional[float], flops_budget: Optional[float],
-                  rule: Optional[str]) -> Tuple[Optional[float], str]:
+                  rule: Optional[str], confidence: Optional[float] = None) -> Tuple[Optional[float], str]:
     """(max_accuracy_drop with its default, rule), or a one-line error for a setting that cannot be met."""
+    if confidence is not None and (not _is_number(confidence) or not 0 < confidence < 1):
+        raise ValueError(f'confidence is the probability the accuracy guarantee holds over the calibration draw, '
+                         f'between 0 and 1 exclusive (e.g. 0.9), got {confidence!r}; None fits without a guarantee')
     if max_accuracy_drop is not None and flops_budget is not None:
         raise ValueError('give max_accuracy_drop or flops_budget, not both: the search keeps accuracy within the '
                          'drop at the fewest FLOPs, or fits the budget at the least accuracy lost')
@@ -232,93 +308,6 @@ def _check_target(model: HFFModel, max_accuracy_drop: Optional[float], flops_bud
                              f'per image at {model.split.probe_img_size} px), which every image pays; raise the '
                              f'budget')
     return max_accuracy_drop, rule
-
-
-def _fit_thresholds(stats: ExitStats, rule: str, max_drop: Optional[float],
-                    budget: Optional[float]) -> Tuple[float, ...]:
-    """The best end point of a greedy descent per set of open exits (see the module docstring)."""
-    n = stats.num_stages
-    if n == 1:
-        return ()
-    conf = stats.confidences(rule)                                # (N, n-1)
-    correct = stats.correct()                                     # (N, n)
-    levels = torch.linspace(1, 0, GRID + 1, dtype=torch.float64)
-    grids = [[1.0] + [t for t in torch.quantile(conf[:, k].double(), levels).unique().flip(0).tolist()
-                      if 0 < t < 1] for k in range(n - 1)]
-    full_correct = int(correct[:, -1].sum())
-    floor = full_correct - (max_drop or 0) / 100 * stats.num_images - 1e-9
-    limit = None if budget is None else budget * stats.num_images
-    exits = [k for k in range(n - 1) if len(grids[k]) > 1]
-    if stats.stage_flops is None or len(exits) > EXHAUSTIVE:
-        open_sets = [tuple(exits)] if exits else []
-    else:
-        open_sets = [c for r in range(1, len(exits) + 1) for c in itertools.combinations(exits, r)]
-    all_closed = [0] * (n - 1)
-    best = (all_closed, full_correct, float(stats.costs(rule, [1.0] * (n - 1))[-1]) * stats.num_images)
-    for opened in open_sets:
-        got = _descend(stats, rule, conf, correct, grids, opened, floor, limit)
-        if got is not None and _better(got, best, floor, limit):
-            best = got
-    return tuple(float(grids[k][best[0][k]]) for k in range(n - 1))
-
-
-def _better(a, b, floor: float, limit: Optional[float]) -> bool:
-    """Is end point ``a`` (positions, correct, total cost) better than ``b``: without a budget the cheaper one within
-    the accuracy floor; with one, the more accurate one within the budget (else the cheaper)."""
-    if limit is None:
-        return a[1] >= floor and (a[2], -a[1]) < (b[2], -b[1])
-    fits_a, fits_b = a[2] <= limit, b[2] <= limit
-    if fits_a != fits_b:
-        return fits_a
-    return (-a[1], a[2]) < (-b[1], b[2]) if fits_a else a[2] < b[2]
-
-
-def _descend(stats: ExitStats, rule: str, conf: torch.Tensor, correct: torch.Tensor, grids: List[List[float]],
-             opened: Sequence[int], floor: float, limit: Optional[float]):
-    """Greedy descent with the exits ``opened`` open (their heads charged from the start, the rest at 1): each step
-    lowers the open threshold that saves the most FLOPs per image right lost. (positions, correct, total cost), or
-    None when even the first step below 1 breaks the accuracy floor."""
-    n = stats.num_stages
-    thresholds = [1.0 if k not in opened else grids[k][1] for k in range(n - 1)]
-    costs = torch.tensor(stats.costs(rule, thresholds), dtype=torch.float64)
-
-    def score(p: List[int]) -> Tuple[int, float]:
-        t = torch.tensor([grids[k][p[k]] for k in range(n - 1)], dtype=torch.float32)
-        leave = (conf >= t) & (t < 1)
-        leave = torch.cat([leave, torch.ones(leave.shape[0], 1, dtype=torch.bool)], 1)
-        exit_stage = leave.to(torch.uint8).argmax(1)
-        return int(correct.gather(1, exit_stage.view(-1, 1)).sum()), costs[exit_stage].sum().item()
-
-    pos = [1 if k in opened else 0 for k in range(n - 1)]
-    cur_correct, cur_cost = score(pos)
-    if limit is None and cur_correct < floor:
-        return None
-    while limit is None or cur_cost > limit:
-        best = None
-        for k in opened:
-            if pos[k] + 1 >= len(grids[k]):
-                continue
-            trial = pos[:k] + [pos[k] + 1] + pos[k + 1:]
-            c, cost = score(trial)
-            saved, lost = cur_cost - cost, cur_correct - c
-            if limit is None and c < floor:
-                continue
-            key = (saved / lost if lost > 0 else math.inf, saved)
-            if best is None or key > best[0]:
-                best = (key, trial, c, cost)
-        if best is None:
-            break
-        _, pos, cur_correct, cur_cost = best
-    return pos, cur_correct, cur_cost
-
-
-def _fit_patience(stats: ExitStats, max_drop: Optional[float], budget: Optional[float]) -> int:
-    """The smallest patience within the accuracy drop; with a budget, the largest (most accurate) that fits it."""
-    points = [(p, stats.point('patience', patience=p)) for p in range(1, stats.num_stages + 1)]
-    if budget is None:
-        floor = stats.full_top1() - max_drop - 1e-9
-        return min([p for p, s in points if s['top1'] >= floor], default=stats.num_stages)
-    return max([p for p, s in points if s['mean_flops'] <= budget], default=1)
 
 
 def _is_number(v: Any) -> bool:

@@ -66,6 +66,9 @@ def check_values(cfg) -> None:
     if cfg.calibrate_exits is not None and cfg.calibrate_exits < 0:
         raise ValueError(f'calibrate_exits is the top-1 points adaptive exit may lose (e.g. 0.2), so it must '
                          f'be >= 0, got {cfg.calibrate_exits!r}; null turns calibration off')
+    if cfg.exit_confidence is not None and not 0 < cfg.exit_confidence < 1:
+        raise ValueError(f'exit_confidence is the probability the calibrate_exits bound holds on new data, between 0 '
+                         f'and 1 exclusive (e.g. 0.9), got {cfg.exit_confidence!r}; null fits without a guarantee')
     if not cfg.stage_parallel_timeout > 0:
         raise ValueError(f'stage_parallel_timeout must be > 0 seconds, got {cfg.stage_parallel_timeout!r}')
     if cfg.clip_grad is not None and cfg.clip_grad <= 0:

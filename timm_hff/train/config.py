@@ -128,9 +128,13 @@ class TrainConfig:
             hundred images spend most of their time validating otherwise).
         resume: A checkpoint folder or a run folder to continue from ('auto': this run's latest, if any).
         save_model: Save the final model (``save_pretrained``) at the end.
-        calibrate_exits: After the last epoch, fit adaptive-exit thresholds (``timm_hff.calibrate_exits``) on the
-            validation split, within this many top-1 points of the full-depth prediction (e.g. 0.2); they are saved
-            with the model(s), and the operating point (accuracy, mean FLOPs) is reported on validation and test.
+        calibrate_exits: After the last epoch, choose adaptive-exit thresholds (``timm_hff.calibrate_exits``) on the
+            validation split, losing at most this many top-1 points against the full-depth prediction (e.g. 0.5); they
+            are saved with the model(s), and the operating point (accuracy, mean FLOPs) is reported on validation and
+            test.
+        exit_confidence: The probability, over the draw of the validation images, that ``calibrate_exits``' bound
+            holds on new data (Learn-then-Test); null fits the thresholds to the validation images without a
+            guarantee (``timm_hff.best_fit_exits``).
         progress: Show a tqdm bar.
     """
     # data
@@ -236,6 +240,7 @@ class TrainConfig:
     save_model: bool = True
     progress: bool = True
     calibrate_exits: Optional[float] = None
+    exit_confidence: Optional[float] = 0.9
 
     def __post_init__(self):
         self.validate()

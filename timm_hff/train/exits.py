@@ -8,13 +8,28 @@ from typing import Any, Callable, Dict, Iterable, Optional
 
 from .._exit import ExitCalibration, exit_stats, fit_exits
 
-__all__ = ['adaptive_point', 'calibrate', 'describe_point']
+__all__ = ['adaptive_point', 'calibrate', 'check_calibration_size', 'describe_point']
 
 
-def calibrate(model, batches: Iterable, max_accuracy_drop: float, gather: Optional[Callable] = None
-              ) -> ExitCalibration:
-    """Fit (and store in ``model``) the exit setting on the validation batches of every process."""
-    return fit_exits(model, exit_stats(model, batches, gather=gather), max_accuracy_drop=max_accuracy_drop)
+def check_calibration_size(cfg, num_images: Optional[int]) -> None:
+    """Refuse, before training, a validation split too small for ``calibrate_exits``' guarantee."""
+    if cfg.calibrate_exits is None or cfg.exit_confidence is None or num_images is None:
+        return
+    from .._exit_guarantee import min_calibration_images
+    need = min_calibration_images(cfg.calibrate_exits / 100, 1 - cfg.exit_confidence)
+    if num_images < need:
+        raise ValueError(f'calibrate_exits {cfg.calibrate_exits:g} with exit_confidence {cfg.exit_confidence:g} needs '
+                         f'at least {need} validation images for its guarantee, the validation split has {num_images}: '
+                         f'hold out more (val_fraction), allow a larger drop or a lower exit_confidence, or set '
+                         f'exit_confidence: null to fit without a guarantee')
+
+
+def calibrate(model, batches: Iterable, max_accuracy_drop: float, gather: Optional[Callable] = None,
+              confidence: Optional[float] = None) -> ExitCalibration:
+    """Choose (and store in ``model``) the exit setting on the validation batches of every process: with a
+    Learn-then-Test guarantee at ``confidence``, or (None) the best fit to them."""
+    return fit_exits(model, exit_stats(model, batches, gather=gather), max_accuracy_drop=max_accuracy_drop,
+                     confidence=confidence)
 
 
 def adaptive_point(model, batches: Iterable, gather: Optional[Callable] = None, prefix: str = '') -> Dict[str, Any]:

@@ -122,8 +122,10 @@ HELP: Dict[str, Tuple[str, str]] = {
     'resume': ('Miscellaneous', "checkpoint or run folder to continue from (bare --resume: this run's latest)"),
     'save_model': ('Miscellaneous', 'save the final model (config.json + model.safetensors + card)'),
     'progress': ('Miscellaneous', 'show a progress bar'),
-    'calibrate_exits': ('Miscellaneous', 'after training, fit adaptive-exit thresholds on the validation split '
+    'calibrate_exits': ('Miscellaneous', 'after training, choose adaptive-exit thresholds on the validation split '
                                          'losing at most this many top-1 points (null: off)'),
+    'exit_confidence': ('Miscellaneous', "probability that calibrate_exits' bound holds on new data (Learn-then-Test; "
+                                         'null: fit to the validation images, no guarantee)'),
 }
 
 

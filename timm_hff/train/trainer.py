@@ -24,7 +24,7 @@ from .checks import check_device_precision
 from .data import build_data, build_loaders, steps_per_epoch
 from .errors import os_error, reason
 from .evaluate import accuracy_row, topk_hits
-from .exits import adaptive_point, calibrate, describe_point
+from .exits import adaptive_point, calibrate, check_calibration_size, describe_point
 from .optim import build_optimizer, build_scheduler, run_settings_kept, say_changes, stretch_to_min_steps
 from .registry import get_method, get_schedule
 from .run import RunSequence
@@ -102,6 +102,7 @@ class Trainer(RunSequence):
         self._check_channels()
         self.data_cfg, self.train_loader, self.val_loader, self.test_loader = build_loaders(
             cfg, model, self.train_data, self.val_data, acc, self.test_data)
+        check_calibration_size(cfg, self.val_loader.num_samples)   # before training, not after it
         self.total_epochs = self.schedule.total_epochs(cfg.epochs, self.num_stages)
         if cfg.calibrate_exits is not None and self.val_loader.sharded and acc.num_processes > 1:
             raise ValueError('calibrate_exits fits thresholds on the whole validation split, which a streamed split '
@@ -307,7 +308,8 @@ class Trainer(RunSequence):
         for prefix, module in self._models():
             self._sync_buffers(module)
             with acc.autocast():
-                self.exits[prefix] = calibrate(module, self._batches('val'), cfg.calibrate_exits, self._gather('val'))
+                self.exits[prefix] = calibrate(module, self._batches('val'), cfg.calibrate_exits, self._gather('val'),
+                                               cfg.exit_confidence)
             self.say(f'validation ({self.val_data.split}){" EMA" if prefix else ""}: {self.exits[prefix].describe()}')
         if acc.is_main_process:
             from .metrics import write_metrics
