@@ -381,6 +381,21 @@ def test_calibrate_on_an_empty_loader():
 
 
 # ----- hff-train -----
+def test_train_refuses_a_guarantee_its_validation_split_cannot_give_before_training(idx_root, tmp_path,
+                                                                                    fresh_accelerate_state):
+    from timm_hff.train import Trainer
+
+    from conftest import tiny
+
+    cfg = tiny(idx_root, tmp_path, train_num_samples=None, val_split=None, val_fraction=0.25, test_split='test',
+               calibrate_exits=0.5)
+    with pytest.raises(ValueError, match=r'calibrate_exits 0.5 with exit_confidence 0.9 needs at least 1408 '
+                                         r'validation images for its guarantee, the validation split has 12: hold out '
+                                         r'more'):
+        Trainer(cfg)
+    assert not (tmp_path / 'run' / 'checkpoints').exists()   # refused before the first epoch
+
+
 def test_train_calibrates_on_validation_and_reports_test(idx_root, tmp_path, capsys, fresh_accelerate_state):
     from timm_hff.train import Trainer
 

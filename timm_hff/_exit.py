@@ -108,8 +108,12 @@ class ExitCalibration:
 
     def metrics(self, prefix: str = 'adaptive_') -> Dict[str, Any]:
         """Flat figures for metrics.json and the model card."""
-        return {f'{prefix}top1': self.top1, f'{prefix}mean_mflops': self.mean_flops / 1e6,
-                f'{prefix}full_mflops': self.full_flops / 1e6, f'{prefix}flops_ratio': self.flops_ratio}
+        out = {f'{prefix}top1': self.top1, f'{prefix}mean_mflops': self.mean_flops / 1e6,
+               f'{prefix}full_mflops': self.full_flops / 1e6, f'{prefix}flops_ratio': self.flops_ratio}
+        if self.guarantee:   # the promise travels with the thresholds (config.json, the model card)
+            out.update({f'{prefix}guaranteed_max_drop': self.guarantee['max_accuracy_drop'],
+                        f'{prefix}guarantee_confidence': self.guarantee['confidence']})
+        return out
 
     def to_dict(self) -> Dict[str, Any]:
         d = asdict(self)
