@@ -5,6 +5,7 @@ count, since a function-level import is a dependency deferred, not removed), so 
 effects and names the offending import.
 """
 import ast
+import importlib
 from pathlib import Path
 from typing import Dict, List, Set
 
@@ -176,3 +177,25 @@ def test_the_size_rule_can_fail():
     body = '\n'.join(f'    x{i} = {i}' for i in range(MAX_FUNCTION_LINES))
     assert size_problems(f'def f():\n{body}\n') and not size_problems(f'def f():\n{body[:-12]}\n')
     assert size_problems('x = 1\n' * (MAX_LINES + 1)) and not size_problems('x = 1\n' * MAX_LINES)
+
+
+def test_every_module_declares_its_public_names():
+    """``__all__`` in every module, naming only what the module has (defined, imported or lazily exported)."""
+    problems = []
+    for name, path in sorted(_modules().items()):
+        tree = ast.parse(path.read_text())
+        declared = None
+        for node in tree.body:
+            if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == '__all__'
+                                                    for t in node.targets):
+                declared = node
+        if declared is None:
+            problems.append(f'{_dotted(name)}: no __all__')
+            continue
+        if name.endswith('__main__'):   # running it would start the CLI
+            continue
+        module = importlib.import_module(_dotted(name))
+        for entry in module.__all__:
+            if not hasattr(module, entry):
+                problems.append(f'{_dotted(name)}: __all__ names {entry!r}, which it does not have')
+    assert not problems, problems

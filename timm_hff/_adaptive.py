@@ -15,6 +15,8 @@ from ._exit_rule import ExitRule, replay_exits, scored_stages
 from ._profile import exit_flops
 from ._probe import check_shrink
 
+__all__ = ['AdaptiveExit']
+
 
 class AdaptiveExit:
     """HFFModel's adaptive-exit surface (a mixin, so the model module stays one concept). It uses the model's

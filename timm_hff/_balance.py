@@ -23,6 +23,8 @@ import torch.nn as nn
 from ._config import HFFConfig
 from ._stages import SplitError, family_of, finish_order, hookable, plain_container, resolve_name
 
+__all__ = ['Cut', 'STEP_BATCH', 'balance_cuts', 'candidate_cuts', 'stage_costs']
+
 Cut = Union[int, str]
 STEP_BATCH = 32   # balance='step' without balance_batch: small enough to probe quickly, big enough to be compute-bound
 

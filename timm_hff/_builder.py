@@ -20,6 +20,8 @@ from ._probe import probe_split
 from ._small_input import adapt_small_input, measure_reductions
 from ._stages import build_split, stem_split
 
+__all__ = ['build_hff_model', 'create_from_timm']
+
 _logger = logging.getLogger(__name__)
 
 

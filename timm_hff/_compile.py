@@ -11,6 +11,8 @@ from typing import List, Optional
 import torch
 import torch.nn as nn
 
+__all__ = ['compile_model', 'compile_units', 'uncompile_model']
+
 
 def compile_units(model: nn.Module) -> List[str]:
     """Names (under the model) of the modules whose ``forward`` gets compiled: the tap blocks, every largest subtree

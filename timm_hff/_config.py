@@ -7,6 +7,9 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
+__all__ = ['AUX_KINDS', 'BALANCE_KINDS', 'EXIT_RULES', 'HFFConfig', 'MAX_INT', 'POOL_KINDS', 'PREDICT_KINDS',
+           'PROTOTYPE_INITS', 'PredictFrom', 'printable_name', 'short_repr']
+
 AUX_KINDS = ('none', 'conv1x1', 'conv3x3')
 BALANCE_KINDS = ('memory', 'time', 'step')
 POOL_KINDS = ('avg', 'token')

@@ -21,6 +21,9 @@ from ._exit_rule import ExitRule, confidence, replay_exits, scored_stages
 from ._model import HFFModel
 from ._profile import exit_costs, exit_flops, full_cost, stage_profile
 
+__all__ = ['DEFAULT_CONFIDENCE', 'ExitCalibration', 'ExitStats', 'best_fit_exits', 'calibrate_exits', 'exit_stats',
+           'fit_exits']
+
 DEFAULT_CONFIDENCE = 0.9   # of calibrate_exits' guarantee: the drop bound holds with this probability
 
 

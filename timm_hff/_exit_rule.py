@@ -20,6 +20,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
+__all__ = ['ExitRule', 'confidence', 'replay_exits', 'scored_stages']
+
 
 def confidence(logits: torch.Tensor, rule: str) -> torch.Tensor:
     """How sure a stage is of each image, in [0, 1] (float32, shape (B,))."""

@@ -11,6 +11,8 @@ from ._model import HFFModel
 from ._names import HFF_DEFAULTS, parse_model_name, registered_defaults
 from .hub import load_pretrained_hff
 
+__all__ = ['create_model']
+
 _DEFAULTS = HFF_DEFAULTS   # the registered hff_* names (timm_hff._names)
 
 

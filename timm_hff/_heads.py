@@ -16,6 +16,9 @@ import torch.nn.functional as F
 from ._config import HFFConfig
 from ._fused_head import fp32, fused_score_loss
 
+__all__ = ['AuxBlock', 'HEADS', 'LAYOUTS', 'PrototypeHead', 'create_head', 'log_probs_mean', 'pool_stage',
+           'register_head']
+
 LAYOUTS = ('NCHW', 'NHWC', 'NLC', 'NC')
 
 

@@ -27,6 +27,8 @@ from ._stem_ckpt import set_stem_checkpointing, stem_containers
 from ._inputs import check_images, check_target, is_fx_symbolic_tracing
 from ._timm_cfg import first_convs, hff_pretrained_cfg, pool_type, prefix_spec, settle_cfg
 
+__all__ = ['HFFModel']
+
 
 class HFFModel(AdaptiveExit, LocalLosses, nn.Module):
     """A timm backbone trained greedily, stage by stage, against unit-norm class prototypes.

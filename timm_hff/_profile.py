@@ -10,6 +10,8 @@ import torch.nn as nn
 
 from ._cuts import run_stages
 
+__all__ = ['exit_costs', 'exit_flops', 'format_profile', 'full_cost', 'full_flops', 'stage_profile']
+
 _LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 

@@ -22,6 +22,9 @@ import torch.nn as nn
 
 from ._config import HFFConfig
 
+__all__ = ['DEFAULT_STAGES', 'SplitError', 'StageSplit', 'build_split', 'cut_name', 'family_of', 'finish_order',
+           'hookable', 'plain_container', 'resolve_name', 'resolve_stage_indices', 'stage_modules', 'stem_split']
+
 
 DEFAULT_STAGES = HFFConfig().num_stages   # 'up to this many' when left at the default; any other count is a request
 

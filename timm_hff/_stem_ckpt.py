@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+__all__ = ['set_stem_checkpointing', 'stem_containers']
+
 
 class _CheckpointedForward:
     """``module.forward`` through a non-reentrant checkpoint while training with grad enabled (a callable object, so

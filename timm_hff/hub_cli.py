@@ -12,6 +12,8 @@ from typing import List, Optional
 
 from .hub import CONFIG_NAME, CheckpointError
 
+__all__ = ['build_parser', 'find_model_dir', 'main']
+
 
 def find_model_dir(run_dir: Path) -> Path:
     """``run_dir`` itself if it holds an HFF ``config.json``, else its one sub-folder (up to two levels) that does."""

@@ -17,6 +17,8 @@ import os
 import sys
 from typing import Any, Dict, List, Optional
 
+__all__ = ['IMG_EXTENSIONS', 'build_parser', 'find_images', 'load_image', 'main', 'predict']
+
 IMG_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp', '.tif', '.tiff', '.ppm', '.pgm')
 
 

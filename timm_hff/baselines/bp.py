@@ -21,6 +21,8 @@ from .._pretrained import create_timm_model
 from .._small_input import adapt_small_input
 from .._stages import StageSplit, stem_split
 
+__all__ = ['accumulated_backward', 'create_bp_model']
+
 
 def create_bp_model(model_name: str, num_classes: int = 1000, in_chans: int = 3, small_input: bool = False,
                     grad_checkpointing: bool = False, split: Optional[StageSplit] = None,

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from .._cuts import run_stages
 from .._stages import StageSplit
 
+__all__ = ['FFConfig', 'FFModel', 'LABEL_MODES', 'LabelPlane', 'create_ff_model', 'goodness']
+
 LABEL_MODES = ('learned', 'fixed', 'onehot')
 
 

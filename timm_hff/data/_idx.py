@@ -9,6 +9,9 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
+__all__ = ['FASHION_MNIST_CLASSES', 'FASHION_MNIST_DIR', 'find_idx_files', 'has_idx_files', 'idx_dataset',
+           'idx_label_names', 'load_idx_arrays', 'read_idx']
+
 FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: '>i2', 0x0C: '>i4', 0x0D: '>f4', 0x0E: '>f8'}
 

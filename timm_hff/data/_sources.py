@@ -19,6 +19,9 @@ from typing import Any, List, Optional, Tuple
 
 from ._idx import FASHION_MNIST_DIR, has_idx_files, idx_dataset
 
+__all__ = ['HUB_PREFIX', 'HUB_STREAM_PREFIX', 'IMAGE_KEYS', 'ImageData', 'LABEL_KEYS', 'carve_validation',
+           'load_image_dataset', 'parse_dataset_spec', 'parse_split', 'slice_rows']
+
 IMAGE_KEYS = ('image', 'img', 'jpg', 'png', 'webp')
 LABEL_KEYS = ('label', 'fine_label', 'labels', 'cls', 'class', 'target')
 HUB_PREFIX = 'hfds/'

@@ -19,6 +19,9 @@ import torch.nn.functional as F
 
 from ._aug import AUG_KINDS, AugConfig
 
+__all__ = ['BatchTransform', 'SampleTransform', 'image_mode', 'images_to_uint8', 'random_flip', 'random_pad_crop',
+           'resolve_data_config', 'to_pil']
+
 def resolve_data_config(model, in_chans: int, img_size: Optional[int] = None, mean: Optional[Sequence[float]] = None,
                         std: Optional[Sequence[float]] = None, crop_pct: Optional[float] = None,
                         interpolation: Optional[str] = None) -> Dict[str, Any]:

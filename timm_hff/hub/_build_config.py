@@ -17,6 +17,8 @@ from ._errors import one_line
 from ._format import FORBIDDEN_TIMM_KWARGS, FORMAT_VERSION, GENERIC_ARCH, parse_config
 from ._names import check_repo_id
 
+__all__ = ['build_config', 'jsonable', 'saved_timm_kwargs', 'unwrap_model']
+
 
 def unwrap_model(model) -> HFFModel:
     """The HFFModel inside Accelerate/DDP (``.module``) or ``torch.compile`` (``._orig_mod``) wrappers."""

@@ -13,6 +13,9 @@ from typing import Any, Dict, List, Optional
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+__all__ = ['CARD_TEMPLATE', 'DATASET_HUB_IDS', 'DATASET_NAMES', 'PAPER', 'TAGS', 'build_model_card', 'hub_dataset_id',
+           'stage_values']
+
 TAGS = ['image-classification', 'timm', 'timm_hff', 'local-learning', 'forward-forward']
 PAPER = 'arXiv 2605.00082'
 DATASET_NAMES = {

@@ -33,6 +33,9 @@ from ._errors import ConfigError, ResourceLimitError, ShapeMismatchError, one_li
 from ._format import CONFIG_NAME, WEIGHTS_NAME, SavedConfig
 from ._weights import FLOAT_DTYPES, Header
 
+__all__ = ['PACKAGE', 'PROBE_ENV', 'PROBE_FLOOR_MB', 'check_prototypes', 'check_shapes', 'check_state', 'dry_build',
+           'probe_budget', 'translate_errors']
+
 PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROBE_FLOOR_MB = 512        # activation memory any model may use to probe its cut, on top of 8x its weights
 PROBE_ENV = 'HFF_MAX_PROBE_MB'

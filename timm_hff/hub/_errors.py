@@ -3,6 +3,10 @@
 Each is a ``ValueError`` (bad input), and each message is one line naming the file, what is wrong and what to do.
 """
 
+__all__ = ['CheckpointError', 'CheckpointFileNotFoundError', 'ConfigError', 'CorruptCheckpointError',
+           'FormatVersionError', 'ResourceLimitError', 'ShapeMismatchError', 'UnknownArchitectureError',
+           'UnsafeCheckpointError', 'one_line']
+
 
 class CheckpointError(ValueError):
     """A saved HFF model cannot be read or written; the message says which file, what is wrong, what to do."""

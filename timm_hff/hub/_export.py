@@ -34,6 +34,8 @@ from ._build_config import saved_timm_kwargs, unwrap_model
 from ._errors import CheckpointError
 from ._format import CARD_NAME
 
+__all__ = ['ExportError', 'MULTI_PROTOTYPE_MODES', 'export_timm', 'fold_last_head']
+
 
 class ExportError(CheckpointError):
     """The model cannot be exported to a plain timm classifier; the message says why."""

@@ -29,6 +29,9 @@ from ._values import (
     MAX_INT, MAX_KWARG_INT, check_descriptions, check_hub_id, check_int, check_mapping, check_metrics, check_names,
     check_pretrained_cfg, check_recipe, check_stages, check_str, short)
 
+__all__ = ['CARD_NAME', 'CONFIG_NAME', 'FORBIDDEN_TIMM_KWARGS', 'FORMAT_VERSION', 'HUB_FILES', 'MAX_CLASSES',
+           'MAX_CONFIG_BYTES', 'RUNTIME_SETTINGS', 'SavedConfig', 'WEIGHTS_NAME', 'parse_config', 'read_config']
+
 FORMAT_VERSION = 1                      # bump when a reader of the previous version would misread a file
 CONFIG_NAME = 'config.json'
 WEIGHTS_NAME = 'model.safetensors'

@@ -20,6 +20,8 @@ from ._format import RUNTIME_SETTINGS, SavedConfig, read_config
 from ._resolve import HUB_KWARGS, resolve
 from ._weights import check_weights, load_weights
 
+__all__ = ['load_from_timm_source', 'load_pretrained_hff', 'load_state_checked']
+
 
 def load_pretrained_hff(model_name: str, pretrained: bool = True, num_classes: Optional[int] = None,
                         in_chans: Optional[int] = None, hff_cfg: Optional[HFFConfig] = None, **kwargs) -> HFFModel:

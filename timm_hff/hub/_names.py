@@ -13,6 +13,8 @@ from huggingface_hub.utils import validate_repo_id
 
 from ._errors import one_line
 
+__all__ = ['MAX_NAME_CHARS', 'check_folder_name', 'check_path', 'check_repo_id', 'check_revision', 'check_text']
+
 MAX_NAME_CHARS = 256
 _CONTROL = re.compile(r'[\x00-\x1f\x7f]')
 # git's check-ref-format rules, which the Hub applies to branch and tag names: no '..', no '@{', no control

@@ -15,6 +15,8 @@ from ._names import check_repo_id, check_revision
 from ._save import save_pretrained
 from ._weights import read_weights
 
+__all__ = ['push_to_hub']
+
 
 def push_to_hub(model_or_dir, repo_id: str, token: Optional[str] = None, private: bool = False,
                 revision: Optional[str] = None, create_pr: bool = False,

@@ -17,6 +17,8 @@ from ._names import check_repo_id, check_revision
 from ._format import CONFIG_NAME, WEIGHTS_NAME
 from ._weights import PICKLE_SUFFIXES, pickle_names, unsafe_error
 
+__all__ = ['HUB_KWARGS', 'HubFiles', 'LocalFiles', 'resolve', 'split_source']
+
 HUB_KWARGS = ('revision', 'cache_dir', 'token', 'force_download', 'local_files_only')
 
 

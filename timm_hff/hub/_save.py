@@ -9,6 +9,8 @@ from ._card import build_model_card
 from ._format import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME
 from ._weights import state_tensors, write_weights
 
+__all__ = ['save_pretrained']
+
 
 def save_pretrained(model, save_dir: Union[str, Path], label_names: Optional[Sequence[str]] = None,
                     metrics: Optional[Dict[str, Any]] = None, train_args: Optional[Dict[str, Any]] = None,

@@ -12,6 +12,10 @@ from .._config import printable_name, short_repr as short
 from ._errors import ConfigError, one_line
 from ._names import check_repo_id, check_text
 
+__all__ = ['MAX_DEPTH', 'MAX_INT', 'MAX_ITEMS', 'MAX_KWARG_INT', 'MAX_NODES', 'MAX_SIZE', 'MAX_TEXT',
+           'check_descriptions', 'check_hub_id', 'check_int', 'check_json', 'check_mapping', 'check_metrics',
+           'check_names', 'check_number', 'check_pretrained_cfg', 'check_recipe', 'check_stages', 'check_str']
+
 MAX_DEPTH = 16              # nesting of JSON values (a recipe is 3 deep)
 MAX_ITEMS = 100_000         # entries of one list or mapping
 MAX_NODES = 1_000_000       # values in one section, all levels together

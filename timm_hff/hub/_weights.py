@@ -16,6 +16,10 @@ import torch
 from ._errors import CorruptCheckpointError, UnsafeCheckpointError, one_line
 from ._format import CONFIG_NAME, FORMAT_VERSION
 
+__all__ = ['DTYPE_BYTES', 'FLOAT_DTYPES', 'Header', 'MAX_HEADER_BYTES', 'PICKLE_SUFFIXES', 'check_weights',
+           'file_sha256', 'load_weights', 'pickle_names', 'read_weights', 'state_tensors', 'unsafe_error',
+           'write_weights']
+
 PICKLE_SUFFIXES = ('.bin', '.pth', '.pt', '.pkl', '.pickle', '.ckpt', '.tar')
 MAX_HEADER_BYTES = 64 * 2 ** 20     # ~100 bytes a tensor: room for half a million tensors
 # safetensors' dtypes that torch reads, and their sizes

@@ -25,6 +25,9 @@ _EXPORTS = {'RunSequence': '.run', 'build_optimizer': '.optim', 'build_scheduler
             'Trainer': '.trainer', 'train': '.trainer', 'CapturedStep': '.cuda_graphs',
             'StageParallelTrainer': '.schedules.stage_parallel.trainer'}
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = ['METHODS', 'Method', 'NoAccelerator', 'PRECISIONS', 'SCHEDULES', 'Schedule', 'TrainConfig', 'build_model',
+           'create_trainer', 'get_method', 'get_schedule', 'method_names', 'register_method', 'register_schedule',
+           'schedule_names', *_EXPORTS]
 
 
 def build_model(cfg: TrainConfig, num_classes: int, label_names=None):

@@ -4,3 +4,5 @@ from . import hff, bp, ff   # the registration lines: a new method is a new file
 from .hff import HFFMethod
 from .bp import BPMethod, bp_loss
 from .ff import FFMethod
+
+__all__ = ['BPMethod', 'FFMethod', 'HFFMethod', 'Method', 'NoAccelerator', 'bp_loss']
