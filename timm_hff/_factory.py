@@ -8,12 +8,11 @@ from ._builder import create_from_timm
 from ._config import HFFConfig
 from ._features import as_feature_extractor, pop_feature_kwargs
 from ._model import HFFModel
-from ._names import HFF_DEFAULTS, parse_model_name, registered_defaults
+from ._names import parse_model_name, registered_defaults
 from .hub import load_pretrained_hff
 
 __all__ = ['create_model']
 
-_DEFAULTS = HFF_DEFAULTS   # the registered hff_* names (timm_hff._names)
 
 
 def _check_not_a_folder(name: str) -> None:

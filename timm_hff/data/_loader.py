@@ -18,10 +18,8 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from ._sources import ImageData
 from ._transforms import AugConfig, BatchTransform, SampleTransform, images_to_uint8
 
-__all__ = ['EpochSampler', 'ImageLoader', 'LOADER_KINDS', 'LabelCheckedCollate', 'SampleImages', 'StreamImages',
-           'TensorImages', 'create_image_loader', 'load_into_memory']
-
-LOADER_KINDS = ('memory', 'samples', 'stream')
+__all__ = ['EpochSampler', 'ImageLoader', 'LabelCheckedCollate', 'SampleImages', 'StreamImages', 'TensorImages',
+           'create_image_loader', 'load_into_memory']
 
 
 @dataclass
