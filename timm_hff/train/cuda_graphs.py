@@ -35,6 +35,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .registry import get_schedule
+
 __all__ = ['CAPTURABLE_OPTIMIZERS', 'CapturedStep', 'CudaGraph', 'GraphCaptureError', 'check_device', 'check_settings',
            'host_syncs', 'optimizer_kwargs']
 
@@ -64,8 +66,8 @@ def check_settings(cfg) -> None:
     elif cfg.grad_checkpointing:
         why = ("gradient checkpointing's recomputation saves and restores the RNG state on the host, which a graph "
                "cannot; drop grad_checkpointing")
-    elif cfg.schedule == 'stage_parallel':
-        why = 'stage_parallel runs one process per stage with host-side hand-offs; use schedule: simultaneous'
+    elif get_schedule(cfg.schedule).capture_refusal:
+        why = get_schedule(cfg.schedule).capture_refusal
     elif cfg.opt.lower() not in CAPTURABLE_OPTIMIZERS:
         why = (f'opt {cfg.opt!r} has no device-side (fused) step; use one of {list(CAPTURABLE_OPTIMIZERS)}')
     if why:

@@ -17,6 +17,7 @@ class Schedule:
     processes_reason: Optional[str] = None  # why several Accelerate processes (DDP) do not apply; None: they do
     head_warmup: bool = True               # honours head_warmup_epochs
     own_trainer: bool = False              # runs in its own trainer (``create_trainer``), not the Accelerate one
+    capture_refusal: Optional[str] = None  # why cuda_graphs cannot capture its step; None: a graph can
 
     def check(self, cfg) -> None:
         """One-line refusals of settings this schedule cannot honour (called by ``TrainConfig.validate``)."""

@@ -22,6 +22,7 @@ class StageParallel(Schedule):
     help = 'one process per stage'
     own_trainer = True
     head_warmup = False
+    capture_refusal = 'stage_parallel runs one process per stage with host-side hand-offs; use schedule: simultaneous'
 
     def check(self, cfg) -> None:
         super().check(cfg)
