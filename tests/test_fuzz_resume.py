@@ -304,6 +304,22 @@ def test_an_undamaged_checkpoint_resumes_in_both_harnesses(accelerate_run):
     assert host.start_epoch == 2
 
 
+def test_a_checkpoint_written_before_the_checksums_still_resumes(accelerate_run, tmp_path):
+    """timm_hff 0.1's Accelerate checkpoints have no sha256 record: they resume, each file still checked as read."""
+    good, host = accelerate_run
+    ckpt = tmp_path / 'ckpt'
+    shutil.copytree(sorted(good.iterdir())[-1], ckpt)
+    state = json.loads((ckpt / STATE_FILE).read_text())
+    del state[FILES_KEY]
+    (ckpt / STATE_FILE).write_text(json.dumps(state))
+    check_files(str(ckpt), read_state(str(ckpt)))
+    host._load(str(ckpt))
+    assert host.start_epoch == 2
+    (ckpt / 'model.safetensors').write_bytes((ckpt / 'model.safetensors').read_bytes()[:-100])   # still checked
+    with pytest.raises(Exception, match=r'model\.safetensors is truncated or corrupted'):
+        host._load(str(ckpt))
+
+
 def test_a_pickle_in_an_accelerate_checkpoint_never_runs(accelerate_run, tmp_path):
     good, host = accelerate_run
     ckpt = tmp_path / 'ckpt'
