@@ -16,7 +16,7 @@ MAX_LINES = 400
 MAX_FUNCTION_LINES = 80
 
 # Bottom to top; a module may import its own layer and the layers below it, never one above it. Names are module
-# names under timm_hff ('hub' covers timm_hff/hub/*); the first entry that prefixes a module's name is its layer. A
+# names under timm_hff ('hub' covers timm_hff/hub/*); the most specific entry that prefixes a module's name is its layer. A
 # module in no layer counts as an entry point (the top layer): it may import anything, and nothing may import it.
 LAYERS = [
     ('version', '_config', '_lazy', '_names', 'data', '_io', '_pretrained', '_inputs', '_timm_cfg'),
@@ -42,7 +42,9 @@ LAYERS = [
      'train.schedules.stage_parallel.trainer'),
     ('train.schedules',),
     ('train',),
-    ('hub_cli', 'seed_cli', 'validate', '_timm_hook', ''),   # CLIs; '' is the package's own __init__ (the public face)
+    ('cli',),   # the console scripts
+    # deprecated aliases of the CLIs' old paths, the timm hook; '' is the package's own __init__ (the public face)
+    ('hub_cli', 'seed_cli', 'validate', 'predict', 'train.cli', 'train.__main__', '_timm_hook', ''),
 ]
 
 def _module_name(path: Path) -> str:
@@ -122,11 +124,10 @@ def find_cycle(graph: Dict[str, Set[str]]) -> List[str]:
 
 
 def layer_of(module: str) -> int:
-    for i, layer in enumerate(LAYERS):
-        for prefix in layer:
-            if module == prefix or (prefix and module.startswith(prefix + '.')):
-                return i
-    return len(LAYERS) - 1
+    """The layer of the most specific entry that names the module or a package above it."""
+    matches = [(len(prefix), i) for i, layer in enumerate(LAYERS) for prefix in layer
+               if module == prefix or (prefix and module.startswith(prefix + '.'))]
+    return max(matches)[1] if matches else len(LAYERS) - 1
 
 
 def _dotted(module: str) -> str:
@@ -189,6 +190,8 @@ def test_every_module_declares_its_public_names():
             if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == '__all__'
                                                     for t in node.targets):
                 declared = node
+            elif isinstance(node, ast.ImportFrom) and any(a.name == '__all__' for a in node.names):
+                declared = node   # a deprecated alias re-exports its new home's
         if declared is None:
             problems.append(f'{_dotted(name)}: no __all__')
             continue

@@ -1,5 +1,5 @@
 """``python -m timm_hff.train`` / ``accelerate launch -m timm_hff.train --config recipes/<name>.yaml``."""
-from .cli import main
+from ..cli.train import main
 
 __all__ = ['main']
 

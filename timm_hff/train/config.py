@@ -21,11 +21,12 @@ from ..data import AugConfig
 from .checks import MAPPING_SETTINGS, PRECISIONS, check_combinations, check_values, coerce
 from .registry import get_method, method_names
 
-__all__ = ['MAPPING_SETTINGS', 'PRECISIONS', 'TrainConfig', 'flat_config', 'merge_settings']
+__all__ = ['ALIASES', 'MAPPING_SETTINGS', 'PRECISIONS', 'TrainConfig', 'flat_config', 'merge_settings',
+           'packaged_recipes', 'recipe_path']
 
 # Names other trainers use for a setting, so the hint for an unknown key names the right one (difflib alone
 # suggests 'decay_rate' for 'learning_rate').
-_ALIASES = {'learning_rate': 'lr', 'optimizer': 'opt', 'scheduler': 'sched', 'lr_scheduler': 'sched',
+ALIASES = {'learning_rate': 'lr', 'optimizer': 'opt', 'scheduler': 'sched', 'lr_scheduler': 'sched',
             'num_epochs': 'epochs', 'max_epochs': 'epochs', 'ema': 'model_ema', 'label_smoothing': 'smoothing',
             'num_workers': 'workers', 'arch': 'model', 'data_path': 'data_dir', 'output_dir': 'output',
             'precision': 'mixed_precision', 'gradient_accumulation_steps': 'grad_accum_steps'}
@@ -285,7 +286,7 @@ class TrainConfig:
         known = [f.name for f in fields(cls)]
         for key in d:
             if key not in known:
-                close = [_ALIASES[key]] if key in _ALIASES else difflib.get_close_matches(str(key), known, n=1)
+                close = [ALIASES[key]] if key in ALIASES else difflib.get_close_matches(str(key), known, n=1)
                 hint = f"; did you mean '{close[0]}'?" if close else ''
                 raise ValueError(f"{where}: unknown setting {short_repr(str(key))}{hint}")
         return cls(**d)
