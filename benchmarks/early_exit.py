@@ -227,11 +227,17 @@ def split_study(model, val, test, args) -> Dict[str, Any]:
             for s in range(args.splits):
                 perm = torch.randperm(pooled.num_images, generator=torch.Generator().manual_seed(10_000 + s))
                 cal, held = pooled.subset(perm[:n_cal]), pooled.subset(perm[n_cal:])
-                c = fit_exits(model, cal, max_accuracy_drop=drop, rule=args.rule, confidence=confidence)
+                try:
+                    c = fit_exits(model, cal, max_accuracy_drop=drop, rule=args.rule, confidence=confidence)
+                except ValueError as e:   # too few calibration images for this bound: said, not studied
+                    rows.append(dict(method=method, max_accuracy_drop=drop, confidence=confidence, refused=str(e)))
+                    break
                 point = held.point(args.rule, c.thresholds)
                 drops.append(held.full_top1() - point['top1'])
                 ratios.append(point['flops_ratio'])
                 closed += all(t >= 1 for t in c.thresholds)
+            if not drops:
+                continue
             d = torch.tensor(drops, dtype=torch.float64)
             rows.append(dict(method=method, max_accuracy_drop=drop, confidence=confidence, splits=args.splits,
                              mean_drop=d.mean().item(), p95_drop=torch.quantile(d, 0.95).item(),
@@ -288,6 +294,10 @@ def render(res: Dict[str, Any], info: Dict[str, Any], command: str) -> str:
     return '\n'.join(lines)
 
 
+def args_splits(study: Dict[str, Any]) -> int:
+    return next((r['splits'] for r in study['rows'] if 'splits' in r), 0)
+
+
 def study_md(res: Dict[str, Any]) -> List[str]:
     st = res['study']
     g = res['guaranteed']['guarantee']
@@ -295,12 +305,16 @@ def study_md(res: Dict[str, Any]) -> List[str]:
              f"({g['ordering_images']} order the candidate settings, {g['testing_images']} test them; "
              f"{g['candidates_tested']} of {g['candidates']} tested, p-value of the chosen one "
              f"{g['p_value'] if g['p_value'] is None else round(g['p_value'], 4)}).", '',
-             f"Out of sample, over {st['rows'][0]['splits']} random splits of validation + test pooled (calibrate on "
+             f"Out of sample, over {args_splits(st)} random splits of validation + test pooled (calibrate on "
              f"{st['calibration_images']} images, measure on the other {st['evaluation_images']}): the top-1 points "
              f"lost against full depth on the measured part.", '',
              '| method | bound (pts) | confidence | mean drop | 95th percentile | largest | share of splits above the '
              'bound | mean FLOPs (x full) | splits that never exit early |', '|---|---|---|---|---|---|---|---|---|']
     for r in st['rows']:
+        if 'refused' in r:
+            lines.append(f"| {r['method']} | {r['max_accuracy_drop']:g} | {r['confidence']:g} | refused: "
+                         f"{r['refused']} | | | | | |")
+            continue
         lines.append(f"| {r['method']} | {r['max_accuracy_drop']:g} | "
                      f"{'–' if r['confidence'] is None else format(r['confidence'], 'g')} | {r['mean_drop']:+.3f} | "
                      f"{r['p95_drop']:+.3f} | {r['max_drop']:+.3f} | {r['share_above']:.0%} | "

@@ -439,13 +439,17 @@ def test_benchmark_at_toy_size(idx_root, tmp_path):
     out = tmp_path / 'out'
     res = early_exit.main(['--model', f'local-dir:{tmp_path / "model"}', '--data-dir', idx_root, '--val-fraction',
                            '0.25', '--quick', '--batch-sizes', '1', '4', '--timed-images', '2', '8', '--rounds', '1',
-                           '--out', str(out)])
+                           '--max-accuracy-drop', '60', '--confidence', '0.5', '--splits', '3', '--out', str(out)])
     saved = json.loads((out / 'results.json').read_text())
     assert (out / 'plot.png').stat().st_size > 1000 and '### Anytime inference' in (out / 'results.md').read_text()
     assert saved['check']['matches_replay'] and saved['test_images'] == 13 and saved['val_images'] == 12
     assert set(saved['timing']) == {'nchw b1', 'nchw b4', 'channels_last b1', 'channels_last b4'}
     names = [p['name'] for p in saved['points']]
     assert names[:4] == ['full', 'stage 1', 'stage 2', 'stage 3'] and 'adaptive (val drop 0.2)' in names
+    assert 'adaptive (guaranteed drop 60, confidence 0.5)' in names and saved['guaranteed']['guarantee']
+    rows = {(r['method'], r['max_accuracy_drop']): r for r in saved['study']['rows']}
+    assert rows[('guaranteed', 60)]['splits'] == 3 and 'needs at least' in rows[('guaranteed', 0.5)]['refused']
+    assert rows[('best fit', 0.5)]['splits'] == 3
     full = saved['points'][0]
     assert full['mean_flops'] == res['full_flops'] and full['flops_ratio'] == 1.0
     assert 'cpu_speedup_b256' not in saved['targets']   # judged at batch 256 and 1 only

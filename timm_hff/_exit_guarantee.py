@@ -54,7 +54,7 @@ def min_calibration_images(delta: float, epsilon: float) -> int:
     ``FIT_SHARE``) must reject even a setting that never changes a prediction's correctness."""
     def rejects(n: int) -> bool:
         return wsr_pvalue(torch.zeros(n), delta, epsilon) <= epsilon
-    hi = 64
+    hi = 1
     while not rejects(hi):
         hi *= 2
         if hi > 2 ** 26:
