@@ -35,6 +35,7 @@ def same_training(want: Dict[str, Any], got: Dict[str, Any]) -> bool:
     for cfg in (want, got):   # FF's chunk_size only batches its scoring passes
         cfg['ff'] = {k: v for k, v in (cfg.get('ff') or {}).items() if k != 'chunk_size'}
         cfg['hff'] = {k: v for k, v in (cfg.get('hff') or {}).items() if k not in PREDICTION_ONLY}
+    _unstretch(want, got)
     for key, value in want.items():
         if key in got:
             if got[key] != value:
@@ -42,6 +43,20 @@ def same_training(want: Dict[str, Any], got: Dict[str, Any]) -> bool:
         elif value != default.get(key):
             return False
     return True
+
+
+def _unstretch(want: Dict[str, Any], got: Dict[str, Any]) -> None:
+    """A run stretched by ``min_steps`` wrote its stretched epoch-counted settings (``optim.stretch_to_min_steps``):
+    ``want``'s, multiplied by the same whole factor, are what it trained."""
+    from timm_hff.train.optim import EPOCH_COUNTED
+    if not want.get('min_steps') or got.get('min_steps') != want['min_steps'] or not want.get('epochs'):
+        return
+    factor, rest = divmod(got.get('epochs') or 0, want['epochs'])
+    if factor > 1 and not rest and all(got.get(k) == (want.get(k) or 0) * factor or not want.get(k)
+                                       for k in EPOCH_COUNTED):
+        for k in EPOCH_COUNTED:
+            if want.get(k):
+                want[k] = got[k]
 
 
 def start_or_resume(args: List[str], run_dir: str, log: str) -> Tuple[List[str], IO[str]]:

@@ -223,6 +223,19 @@ def test_transfer_keeps_a_finished_run_of_the_same_configuration(tmp_path):
     assert transfer.finished_run(args + ['--baseline', 'bp'], [str(tmp_path)]) is None       # BP is another run
 
 
+def test_a_run_stretched_by_min_steps_is_recognised_as_the_same_training():
+    """hff-train writes the stretched epoch-counted settings of a min_steps run into its config.yaml: the same
+    arguments must still find it (a rerun would delete and repeat hours of training), another min_steps must not."""
+    from benchmarks._runs import resolved, same_training
+    args = ['--config', 'recipes/fashion_mnist.yaml', '--epochs', '3', '--warmup_epochs', '1', '--min_steps', '500']
+    want = resolved(args)
+    stretched = dict(want, epochs=3 * 42, warmup_epochs=42)
+    assert same_training(resolved(args), stretched)
+    assert not same_training(resolved(args[:-1] + ['1500']), stretched)   # the 500-step run is another
+    assert not same_training(resolved(args), dict(stretched, warmup_epochs=41))   # not one factor: another run
+    assert not same_training(resolved(args), dict(want, epochs=4))
+
+
 def test_a_stopped_benchmark_run_continues_from_its_checkpoint_only_when_it_trains_the_same(tmp_path):
     """Hours of a stopped FF run are not thrown away: a run folder with a complete checkpoint of the same training is
     resumed, its log appended to; one of other settings, or without a complete checkpoint, starts afresh."""

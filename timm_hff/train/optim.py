@@ -3,8 +3,8 @@
 import contextlib
 from typing import Dict, Set, Tuple
 
-__all__ = ['OPTIMIZER_SHAPE', 'build_optimizer', 'build_scheduler', 'param_groups', 'run_settings_kept', 'say_changes',
-           'stretch_to_min_steps']
+__all__ = ['EPOCH_COUNTED', 'OPTIMIZER_SHAPE', 'build_optimizer', 'build_scheduler', 'param_groups',
+           'run_settings_kept', 'say_changes', 'stretch_to_min_steps']
 
 # settings that decide the optimizer's kind and its parameter groups (what trains, at which lr factor): a checkpoint's
 # optimizer state fits only the same ones, so resume refuses a change of them (``checkpoint.run_identity``); every
@@ -111,7 +111,7 @@ def say_changes(changes: list) -> str:
 
 
 # settings counted in epochs, stretched with ``epochs`` by ``min_steps`` so the schedule keeps its shape
-_EPOCH_COUNTED = ('epochs', 'warmup_epochs', 'cooldown_epochs', 'head_warmup_epochs', 'val_every', 'decay_epochs')
+EPOCH_COUNTED = ('epochs', 'warmup_epochs', 'cooldown_epochs', 'head_warmup_epochs', 'val_every', 'decay_epochs')
 
 
 def stretch_to_min_steps(cfg, updates_per_epoch: int, stages: int = 1) -> str:
@@ -124,7 +124,7 @@ def stretch_to_min_steps(cfg, updates_per_epoch: int, stages: int = 1) -> str:
         return ''
     factor = -(-cfg.min_steps // max(have, 1))
     before = cfg.epochs
-    for name in _EPOCH_COUNTED:
+    for name in EPOCH_COUNTED:
         value = getattr(cfg, name)
         if value:
             setattr(cfg, name, value * factor)
