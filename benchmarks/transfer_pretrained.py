@@ -83,6 +83,8 @@ CANDIDATES = {
         ('_lr3e-3', dict(lr=0.003)), ('_lr1e-2', dict(lr=0.01)), ('_lr3e-4', dict(lr=0.0003)))},
     'bp_finetune_layer_decay0.8': dict(BP, layer_decay=0.8),
     'bp_freeze_0_2_layer_decay0.8': dict(BP, freeze_stages=[0, 1, 2], layer_decay=0.8),
+    # layer decay at BP's own best lr (1e-2 with the same freeze): at the base lr it only lowered lrs that were too low
+    'bp_freeze_0_2_lr1e-2_layer_decay0.8': dict(BP, freeze_stages=[0, 1, 2], lr=0.01, layer_decay=0.8),
 }
 # the table's rows: each a family of candidates, the one with the best mean validation top-1 over the two target sizes
 # chosen (HFF also between predicting from the last stage and from the stage ensemble); test read once per run
@@ -98,7 +100,8 @@ FAMILIES = {
     'BP from ImageNet, same frozen blocks as HFF (stages 1-3)': ['bp_freeze_0_2', 'bp_freeze_0_2_lr3e-3',
                                                                   'bp_freeze_0_2_lr1e-2', 'bp_freeze_0_2_lr3e-4',
                                                                   'bp_freeze_0_2_lr3e-2',
-                                                                  'bp_freeze_0_2_layer_decay0.8'],
+                                                                  'bp_freeze_0_2_layer_decay0.8',
+                                                                  'bp_freeze_0_2_lr1e-2_layer_decay0.8'],
     'BP from ImageNet, linear probe': ['bp_linear_probe'],
     'HFF from scratch': ['hff_scratch', 'hff_scratch_lr3e-3'],
     'BP from scratch': ['bp_scratch'],
@@ -282,6 +285,7 @@ def main(argv=None) -> Dict[str, Any]:
     elif args.phase == 'curves':
         md = curves_md(rows)
     elif args.phase == 'seeds':
+        result['summary'] = seeds_summary(rows)
         md = seeds_md(rows)
     elif args.phase == 'fair':
         md = fair_md(rows)
@@ -480,6 +484,19 @@ def run_seeds(args, common: List[str]) -> List[Dict[str, Any]]:
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         return list(pool.map(one, jobs))
+
+
+def seeds_summary(rows) -> List[Dict[str, Any]]:
+    """Per target size and method: validation and test top-1 over the seeds, mean and standard deviation."""
+    out = []
+    for n, method, name in sorted({(r['n'], r['method'], r['name']) for r in rows},
+                                  key=lambda k: (k[0], list(CURVES).index(k[1]))):
+        mine = [r for r in rows if (r['n'], r['method'], r['name']) == (n, method, name)]
+        val, test = np.array([r['val_top1'] for r in mine]), np.array([r['test_top1'] for r in mine])
+        out.append(dict(n=n, method=method, name=name, seeds=sorted(r['seed'] for r in mine),
+                        val_top1_mean=round(float(val.mean()), 2), val_top1_sd=round(float(val.std(ddof=1)), 2),
+                        test_top1_mean=round(float(test.mean()), 2), test_top1_sd=round(float(test.std(ddof=1)), 2)))
+    return out
 
 
 def seeds_md(rows) -> List[str]:
