@@ -68,6 +68,31 @@ def ckpt(out, epoch, exp='run'):
     return os.path.join(str(out), exp, 'checkpoints', f'epoch_{epoch:04d}')
 
 
+class Boom:
+    """Unpickling it creates ``marker``: the side effect a malicious checkpoint would have."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.makedirs, (self.marker,)
+
+
+def resign(ckpt) -> None:
+    """Record a changed checkpoint's sha256s in its trainer_state.json, as a deliberate editor would."""
+    from pathlib import Path
+    from timm_hff.hub import file_sha256
+    from timm_hff.train.checkpoint import FILES_KEY, STATE_FILE
+    ckpt = Path(ckpt)
+    try:
+        state = json.loads((ckpt / STATE_FILE).read_text())
+    except (ValueError, OSError, UnicodeDecodeError):
+        return
+    if isinstance(state, dict) and isinstance(state.get(FILES_KEY), dict):
+        state[FILES_KEY] = {n: file_sha256(ckpt / n) for n in state[FILES_KEY] if (ckpt / n).is_file()}
+        (ckpt / STATE_FILE).write_text(json.dumps(state))
+
+
 # The default `python -m pytest -q` runs in a few minutes on 2 cores; these run with `-m slow` (CI runs both, see
 # .ci/run): multi-process (gloo) and subprocess runs, the benchmarks' smoke runs, every recipe's two steps,
 # torch.compile, the fuzz budget, and every test parametrised over a real (non-``test_*``) timm model. timm's own tiny

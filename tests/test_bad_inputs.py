@@ -27,7 +27,7 @@ from timm_hff.train import Trainer
 from timm_hff.train.checkpoint import RunInUseError, list_checkpoints
 from timm_hff.train.cli import main
 
-from conftest import ckpt, cli_args, reset_accelerate, tiny, tiny_settings, weights
+from conftest import Boom, ckpt, cli_args, reset_accelerate, resign, tiny, tiny_settings, weights
 from test_data import make_idx, make_imagefolder
 
 PACKAGE = os.path.dirname(os.path.abspath(timm_hff.__file__))
@@ -56,6 +56,12 @@ class Env:
         d = self.tmp / 'model'
         shutil.copytree(self.model_dir, d)
         return d
+
+    def copy_run(self):
+        """(a copy of the finished tiny run, its first checkpoint) to damage."""
+        run = self.tmp / 'copy'
+        shutil.copytree(self.run_dir, run)
+        return run, run / 'checkpoints' / 'epoch_0000'
 
     def edit_config(self, d, fn):
         cfg = json.loads((d / 'config.json').read_text())
@@ -323,9 +329,8 @@ def _(env, capsys):
       r'--resume: .*epoch_0000/model\.safetensors differs from the file trainer_state\.json recorded \(truncated, '
       r'.*resume from an earlier checkpoint')
 def _(env):
-    run = env.tmp / 'copy'
-    shutil.copytree(env.run_dir, run)
-    path = run / 'checkpoints' / 'epoch_0000' / 'model.safetensors'
+    run, ckpt = env.copy_run()
+    path = ckpt / 'model.safetensors'
     path.write_bytes(path.read_bytes()[:1000])
     Trainer(tiny(env.idx, env.tmp / 'out', resume=str(run)))
 
@@ -333,36 +338,22 @@ def _(env):
 @case('--resume at a checkpoint whose optimizer state is a pickle that runs code', CorruptCheckpointError,
       r'--resume: .*epoch_0000/optimizer\.bin cannot be loaded without unpickling code or is damaged \(UnpicklingError\)')
 def _(env):
-    from timm_hff.hub import file_sha256
-    run = env.tmp / 'copy'
-    shutil.copytree(env.run_dir, run)
-    ckpt = run / 'checkpoints' / 'epoch_0000'
+    run, ckpt = env.copy_run()
     marker = env.tmp / 'unpickled'
-    torch.save({'state': {0: _Boom(str(marker))}, 'param_groups': []}, ckpt / 'optimizer.bin')
-    state = json.loads((ckpt / 'trainer_state.json').read_text())   # re-signed, as a deliberate editor would
-    state['files']['optimizer.bin'] = file_sha256(ckpt / 'optimizer.bin')
-    (ckpt / 'trainer_state.json').write_text(json.dumps(state))
+    torch.save({'state': {0: Boom(str(marker))}, 'param_groups': []}, ckpt / 'optimizer.bin')
+    resign(ckpt)   # as a deliberate editor would
     try:
         Trainer(tiny(env.idx, env.tmp / 'out', resume=str(run)))
     finally:
         assert not marker.exists()
 
 
-class _Boom:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.makedirs, (self.marker,)
-
-
 @case('--resume at a checkpoint whose trainer_state.json says epoch 10**30', CorruptCheckpointError,
       r'--resume: .*trainer_state\.json holds epoch = 10000000000\d*\.\.\. \(31 chars\), not a count from 0 to 10,000,000; the '
       r'checkpoint is damaged')
 def _(env):
-    run = env.tmp / 'copy'
-    shutil.copytree(env.run_dir, run)
-    path = run / 'checkpoints' / 'epoch_0000' / 'trainer_state.json'
+    run, ckpt = env.copy_run()
+    path = ckpt / 'trainer_state.json'
     path.write_text(json.dumps({**json.loads(path.read_text()), 'epoch': 10 ** 30}))
     Trainer(tiny(env.idx, env.tmp / 'out', resume=str(run)))
 

@@ -17,11 +17,9 @@ import hashlib
 import json
 import os
 import pickle
-import random
 import shutil
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -32,14 +30,13 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from timm_hff.hub import file_sha256
 from timm_hff.train import TrainConfig, Trainer
 from timm_hff.train.checkpoint import FILES_KEY, STATE_FILE, check_compatible, check_files, read_state
 from timm_hff.train.optim import build_optimizer, build_scheduler
 from timm_hff.train.registry import get_method, get_schedule
 from timm_hff.train.schedules.stage_parallel.state import StageEma, StageState, stage_dir
 
-from conftest import cli_args, reset_accelerate, tiny, tiny_settings
+from conftest import Boom, cli_args, reset_accelerate, resign, tiny, tiny_settings
 from test_fuzz import N, STATS, case, folder, mutate, outcome_of, report  # noqa: F401 (report: the fixture)
 import test_fuzz
 
@@ -49,16 +46,6 @@ KINDS = ('truncate', 'flip', 'swap', 'pickle', 'shape', 'json', 'tree')
 ENV = dict(os.environ, OMP_NUM_THREADS='1')
 
 
-class Boom:
-    """Unpickling it creates ``marker``: the side effect a malicious checkpoint would have."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.makedirs, (self.marker,)
-
-
 def tree_hash(root: Path) -> str:
     h = hashlib.sha256()
     for p in sorted(root.rglob('*')):
@@ -66,17 +53,6 @@ def tree_hash(root: Path) -> str:
         if p.is_file():
             h.update(p.read_bytes())
     return h.hexdigest()
-
-
-def resign(ckpt: Path) -> None:
-    """Record the damaged files' sha256s in trainer_state.json, as a deliberate editor would."""
-    try:
-        state = json.loads((ckpt / STATE_FILE).read_text())
-    except (ValueError, OSError, UnicodeDecodeError):
-        return
-    if isinstance(state, dict) and isinstance(state.get(FILES_KEY), dict):
-        state[FILES_KEY] = {n: file_sha256(ckpt / n) for n in state[FILES_KEY] if (ckpt / n).is_file()}
-        (ckpt / STATE_FILE).write_text(json.dumps(state))
 
 
 def damage(data, ckpt: Path, other: Path, marker: str) -> str:

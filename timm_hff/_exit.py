@@ -229,11 +229,12 @@ def fit_exits(model: HFFModel, stats: ExitStats, max_accuracy_drop: Optional[flo
         guarantee = None
         setting = (_fit_patience(stats, max_accuracy_drop, flops_budget) if rule == 'patience'
                    else _fit_thresholds(stats, rule, max_accuracy_drop, flops_budget))
-    thresholds, patience = (None, setting) if rule == 'patience' else (setting, None)
     if rule == 'patience':
+        thresholds, patience = None, setting
         point = stats.point('patience', patience=patience)
         model.set_exits(rule='patience', patience=patience)
     else:
+        thresholds, patience = setting, None
         point = stats.point(rule, thresholds)
         model.set_exits(thresholds=thresholds, rule=rule)
     target = dict(max_accuracy_drop=max_accuracy_drop) if flops_budget is None else dict(flops_budget=flops_budget)

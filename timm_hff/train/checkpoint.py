@@ -23,7 +23,7 @@ from .errors import first_line, os_error, reason
 __all__ = ['CKPT_DIR', 'EMA_FILE', 'FILES_KEY', 'LOCK_FILE', 'RunInUseError', 'RunLock', 'STATE_FILE',
            'check_compatible', 'check_files', 'checkpoint_name', 'checkpoint_paths', 'commit_checkpoint',
            'find_resume', 'list_checkpoints', 'open_run_folder', 'prune', 'read_state', 'resolve_resume',
-           'run_identity', 'unloadable']
+           'run_identity', 'state_error', 'unloadable']
 
 CKPT_DIR = 'checkpoints'
 STATE_FILE = 'trainer_state.json'
@@ -83,25 +83,33 @@ def read_state(ckpt: str) -> Dict[str, Any]:
     path = os.path.join(ckpt, STATE_FILE)
     try:
         if os.path.getsize(path) > _MAX_STATE_BYTES:
-            raise _damaged(path, f'is over {_MAX_STATE_BYTES >> 20} MiB, far more than a run state')
+            raise state_error(path, f'is over {_MAX_STATE_BYTES >> 20} MiB, far more than a run state')
         with open(path, encoding='utf-8') as f:
             state = json.load(f)
     except (ValueError, RecursionError) as e:   # not JSON, not UTF-8, an int of 5,000 digits, nested too deep
-        raise _damaged(path, f'is not valid JSON ({first_line(e)[:80]})') from None
+        raise state_error(path, f'is not valid JSON ({first_line(e)[:80]})') from None
     if not isinstance(state, dict) or not {'epoch', 'updates', 'history'} <= set(state):
         raise ValueError(f'{path} lacks epoch / updates / history; it is not a timm_hff training checkpoint')
     for key, limit in (('epoch', _MAX_EPOCHS), ('updates', 2 ** 53)):
         value = state[key]
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < limit:
             shown = str(value) if len(str(value)) <= 24 else f'{str(value)[:20]}... ({len(str(value))} chars)'
-            raise _damaged(path, f'holds {key} = {shown}, not a count from 0 to {limit:,}')
+            raise state_error(path, f'holds {key} = {shown}, not a count from 0 to {limit:,}')
     if not isinstance(state['history'], list) or not all(_metric_row(r) for r in state['history']):
-        raise _damaged(path, 'holds a history that is not a list of metric rows (names -> numbers)')
+        raise state_error(path, 'holds a history that is not a list of metric rows (names -> numbers)')
     if len(state['history']) > state['epoch'] + 1:
-        raise _damaged(path, f"holds {len(state['history'])} epochs of history for {state['epoch'] + 1} epochs run")
+        raise state_error(path, f"holds {len(state['history'])} epochs of history for {state['epoch'] + 1} epochs run")
     if not isinstance(state.get('identity', {}), dict) or not isinstance(state.get(FILES_KEY, {}), dict):
-        raise _damaged(path, f'holds an identity or {FILES_KEY} that is not a mapping')
+        raise state_error(path, f'holds an identity or {FILES_KEY} that is not a mapping')
     return state
+
+
+def state_error(path: str, what: str) -> Exception:
+    """The one error of a checkpoint file that is not what this run wrote (``CorruptCheckpointError``, one line
+    naming the file)."""
+    from ..hub import CorruptCheckpointError
+    return CorruptCheckpointError(f'--resume: {path} {what}; the checkpoint is damaged or not this run\'s: resume '
+                                  f'from an earlier checkpoint or start a new experiment')
 
 
 def _metric_row(row: Any) -> bool:
@@ -122,17 +130,16 @@ def check_files(ckpt: str, state: Dict[str, Any]) -> None:
     if recorded is None:
         return
     from ..hub import file_sha256
-    path = os.path.join(ckpt, STATE_FILE)
     present = set(_checkpoint_files(ckpt))
     for name, digest in recorded.items():
         if not (isinstance(name, str) and isinstance(digest, str) and name in present):
-            raise _damaged(os.path.join(ckpt, str(name)[:80]), f'is listed in {STATE_FILE} but missing')
+            raise state_error(os.path.join(ckpt, str(name)[:80]), f'is listed in {STATE_FILE} but missing')
     for name in sorted(present):
         if name not in recorded:
-            raise _damaged(os.path.join(ckpt, name), f'is not listed in {STATE_FILE} (added or swapped in)')
+            raise state_error(os.path.join(ckpt, name), f'is not listed in {STATE_FILE} (added or swapped in)')
         if file_sha256(os.path.join(ckpt, name)) != recorded[name]:
-            raise _damaged(os.path.join(ckpt, name), f'differs from the file {STATE_FILE} recorded (truncated, '
-                                                     f'changed, or swapped with another stage\'s or epoch\'s)')
+            raise state_error(os.path.join(ckpt, name), f'differs from the file {STATE_FILE} recorded (truncated, '
+                                                        f'changed, or swapped with another stage\'s or epoch\'s)')
 
 
 def _checkpoint_files(ckpt: str):
@@ -143,12 +150,6 @@ def _checkpoint_files(ckpt: str):
             rel = os.path.relpath(os.path.join(root, name), ckpt).replace(os.sep, '/')
             if rel != STATE_FILE:
                 yield rel
-
-
-def _damaged(path: str, what: str) -> Exception:
-    from ..hub import CorruptCheckpointError
-    return CorruptCheckpointError(f'--resume: {path} {what}; the checkpoint is damaged or not this run\'s: resume '
-                                  f'from an earlier checkpoint or start a new experiment')
 
 
 def check_compatible(state: Dict[str, Any], identity: Dict[str, Any], ckpt: str) -> None:

@@ -16,20 +16,15 @@ from typing import Any, Dict, List
 import numpy as np
 import torch
 
+from .checkpoint import state_error
+
 __all__ = ['check_accelerate_state', 'check_optimizer_state', 'check_torch_file', 'load_state_file',
-           'load_tensors_file', 'match_state', 'save_state_file', 'state_error']
+           'load_tensors_file', 'match_state', 'save_state_file']
 
 _META_KEY = 'timm_hff_state'
 _MAX_DEPTH = 32
 _MAX_NODES = 2_000_000
 _MAX_INT = 2 ** 63   # what an int64 tensor or a C long holds; beyond it no state number of torch or numpy is sane
-
-
-def state_error(path: str, what: str):
-    """The one error of a state file that is not what this run wrote (``CorruptCheckpointError``, one line)."""
-    from ..hub import CorruptCheckpointError
-    return CorruptCheckpointError(f'--resume: {path} {what}; the checkpoint is damaged or not this run\'s: resume '
-                                  f'from an earlier checkpoint or start a new experiment')
 
 
 def save_state_file(obj: Any, path: str) -> None:
@@ -285,11 +280,11 @@ def check_accelerate_state(ckpt: str, model: torch.nn.Module, optimizer: torch.o
     load_tensors_file(weights, clean_state_dict_for_safetensors(model.state_dict()))
     path = os.path.join(ckpt, 'optimizer.bin')
     check_optimizer_state(check_torch_file(path), optimizer, path)
+    like = dict(random_state=random.getstate(), numpy_random_seed=np.random.get_state(),
+                torch_manual_seed=torch.get_rng_state())
     for i in range(num_processes):
         path = os.path.join(ckpt, f'random_states_{i}.pkl')
         got = check_torch_file(path)
-        like = dict(random_state=random.getstate(), numpy_random_seed=np.random.get_state(),
-                    torch_manual_seed=torch.get_rng_state())
         if not isinstance(got, dict) or not set(like) <= set(got):
             raise state_error(path, 'is not an RNG state of Accelerate (random / numpy / torch)')
         match_state({k: got[k] for k in like}, like, path)

@@ -22,9 +22,8 @@ import torch
 import torch.nn as nn
 from timm.utils import ModelEmaV3
 
-from ...checkpoint import checkpoint_paths, commit_checkpoint, read_state, unloadable
-from ...state_files import (check_optimizer_state, load_state_file, load_tensors_file, match_state, save_state_file,
-                            state_error)
+from ...checkpoint import checkpoint_paths, commit_checkpoint, read_state, state_error, unloadable
+from ...state_files import check_optimizer_state, load_state_file, load_tensors_file, match_state, save_state_file
 from ...optim import run_settings_kept, say_changes
 from ...errors import first_line, reason
 from ....hub import CheckpointError, CorruptCheckpointError
@@ -99,7 +98,7 @@ def save_stage(path: str, trainer) -> None:
 
 def load_stage(path: str, trainer) -> None:
     """Restore stage ``trainer.k`` from its part of a checkpoint; a missing, damaged or foreign file raises one line
-    naming it (``state_files.state_error``), before this stage's state is touched where the check can come first."""
+    naming it (``checkpoint.state_error``), before this stage's state is touched where the check can come first."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f'{path} is missing')
     old = [n for n in PICKLED if os.path.exists(os.path.join(path, n))]
