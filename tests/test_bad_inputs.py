@@ -513,8 +513,8 @@ def _(env):
       r'stage 0 loss is inf at epoch 1, step 2 of 2; training stopped without saving and no checkpoint had been '
       r'written yet: .*then start the run again')
 def _(env, capsys, monkeypatch):
-    from timm_hff._local_losses import LocalLosses
-    original, calls = LocalLosses.local_losses, [0]
+    from timm_hff import HFFModel
+    original, calls = HFFModel.local_losses, [0]
 
     def local_losses(self, *args, **kwargs):   # every stage goes inf at step 2: the first stage is named
         calls[0] += 1
@@ -523,7 +523,7 @@ def _(env, capsys, monkeypatch):
             out.stage_losses = [s * float('inf') for s in out.stage_losses]
             out.loss = out.loss * float('inf')
         return out
-    monkeypatch.setattr(LocalLosses, 'local_losses', local_losses)
+    monkeypatch.setattr(HFFModel, 'local_losses', local_losses)
     try:
         env.cli(cli_args(tiny_settings(env.idx, env.tmp, save_model=False, epochs=2)), capsys)
     except CliError as e:

@@ -192,17 +192,6 @@ def test_benchmarks_readme_indexes_every_benchmark_and_results_folder():
     assert not missing and not unlisted, f'benchmarks/README.md lacks {missing + unlisted}'
 
 
-def test_architecture_page_lists_every_module_and_only_those():
-    """docs/architecture.md's module tree against the package: every module is listed, every listed one exists."""
-    page = _text(REPO / 'docs' / 'architecture.md')
-    tree = page[page.index('## Modules'):page.index('## Layers')]
-    listed = set(re.findall(r'^\s+(\w+\.py)\s', tree, flags=re.M))
-    package = REPO / 'timm_hff'
-    real = {p.name for p in package.rglob('*.py') if 'hub' not in p.relative_to(package).parts}
-    assert not sorted(real - listed), f'docs/architecture.md does not list {sorted(real - listed)}'
-    assert not sorted(listed - real), f'docs/architecture.md lists modules that do not exist: {sorted(listed - real)}'
-
-
 def test_hub_page_names_every_hub_module():
     page = _text(REPO / 'docs' / 'hub.md')
     hub = sorted(p.stem for p in (REPO / 'timm_hff' / 'hub').glob('_*.py') if p.stem != '__init__')

@@ -20,9 +20,9 @@ MAX_FUNCTION_LINES = 80
 # module in no layer counts as an entry point (the top layer): it may import anything, and nothing may import it.
 LAYERS = [
     ('version', '_config', '_lazy', '_names', 'data', '_io', '_pretrained', '_inputs', '_timm_cfg'),
-    ('_meta', '_fused_head', '_heads', '_stages', '_cuts', '_probe', '_small_input', '_exit_rule', '_stem_ckpt',
+    ('_meta', 'heads', '_stages', '_cuts', '_probe', '_small_input', '_exit_rule', '_stem_ckpt',
      '_exit_search', '_exit_guarantee'),
-    ('_profile', '_adaptive', '_local_losses', '_model', '_step_cost', '_balance', '_compile'),
+    ('_profile', '_adaptive', '_local_losses', '_prediction', '_model', '_step_cost', '_balance', '_compile'),
     ('_builder', '_exit', '_compile', '_features'),
     ('hub',),
     ('_factory', '_registry'),
@@ -136,7 +136,7 @@ def _dotted(module: str) -> str:
 
 def test_graph_reader_sees_both_kinds_of_import():
     graph = import_graph()
-    assert '_config' in graph['_heads']                         # module level: from ._config import HFFConfig
+    assert '_config' in graph['heads._prototype']               # module level: from .._config import HFFConfig
     assert '_factory' in graph['baselines.ff']                  # function level: from .._factory import ...
     assert 'hub' in graph['_factory'] and 'hub._errors' in graph['hub._format'] and '_config' in graph['hub._format']
     assert find_cycle({'a': {'b'}, 'b': {'c'}, 'c': {'a'}}) == ['a', 'b', 'c', 'a']
@@ -202,3 +202,42 @@ def test_every_module_declares_its_public_names():
             if not hasattr(module, entry):
                 problems.append(f'{_dotted(name)}: __all__ names {entry!r}, which it does not have')
     assert not problems, problems
+
+
+ARCHITECTURE = PACKAGE.parent / 'docs' / 'architecture.md'
+
+
+def documented_modules(text: str) -> Set[str]:
+    """The files and folders of the module tree in docs/architecture.md (its '## Modules' section), as paths: an
+    entry's folder is the nearest less indented folder line above it."""
+    import re
+    section = text.split('## Modules', 1)[1].split('\n## ', 1)[0]
+    entries, stack = set(), []
+    for line in section.splitlines():
+        m = re.match(r'^( {4,})([\w.]+/?|[\w]+(?:/[\w]+)+/)(?:\s|$)', line)
+        if not m:
+            continue
+        indent, name = len(m.group(1)), m.group(2)
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        path = (stack[-1][1] if stack and indent > 4 else '') + name
+        stack.append((indent, path))
+        entries.add(path)
+    return {e for e in entries if e.startswith('timm_hff/')}
+
+
+def test_architecture_lists_every_module_both_ways():
+    """docs/architecture.md's module tree and the package hold the same modules: a module added, moved or removed
+    without its line (or a line left for a module that is gone) fails here."""
+    listed = documented_modules(ARCHITECTURE.read_text())
+    code = {str(p.relative_to(PACKAGE.parent)).replace('\\', '/') for p in PACKAGE.rglob('*.py')}
+    folders = {str(p.relative_to(PACKAGE.parent)) + '/' for p in PACKAGE.rglob('__init__.py') for p in [p.parent]}
+    unlisted = sorted(m for m in code if not m.endswith('__init__.py') and m not in listed)
+    gone = sorted(e for e in listed if e not in code and e not in folders)
+    assert not unlisted and not gone, (f'modules missing from docs/architecture.md: {unlisted}; listed there but '
+                                       f'not in the package: {gone}')
+
+
+def test_the_architecture_reader_can_fail():
+    text = '## Modules\n\n    timm_hff/\n      _a.py   x\n      pkg/    y\n        _b.py   z\n\n## Layers\n'
+    assert documented_modules(text) == {'timm_hff/', 'timm_hff/_a.py', 'timm_hff/pkg/', 'timm_hff/pkg/_b.py'}

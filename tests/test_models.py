@@ -702,7 +702,7 @@ def test_a_folder_given_as_model_name_points_to_local_dir(tmp_path):
 def test_fused_head_equals_the_unfused_one(k, soft, layout):
     """forward_loss (one fused scoring function) against forward + loss (autograd step by step): logits, loss and
     every parameter's and the input's gradient within 1e-5."""
-    from timm_hff._heads import PrototypeHead
+    from timm_hff.heads import PrototypeHead
     torch.manual_seed(0)
     cfg = HFFConfig(prototypes_per_class=k, margin=0.3, scale=12.0, embed_dim=16)
     head = PrototypeHead(8, layout, NUM_CLASSES, cfg).double().float()
@@ -732,7 +732,7 @@ def test_fused_head_equals_the_unfused_one(k, soft, layout):
 def test_fused_head_counts_fewer_ops():
     """The reason for the fused head: fewer dispatched ops per local loss (forward and backward)."""
     from torch.utils._python_dispatch import TorchDispatchMode
-    from timm_hff._heads import PrototypeHead
+    from timm_hff.heads import PrototypeHead
 
     class Count(TorchDispatchMode):
         n = 0

@@ -117,7 +117,7 @@ def test_val_num_samples_truncates_the_validation_split_only(idx_60, tmp_path):
 # 6 ------------------------------------------------------------------------------------------------------------------
 def test_a_class_score_with_several_prototypes_exceeds_one_by_at_most_ln_k_over_scale():
     """The docstring said [-1, 1]; a LogSumExp over K cosines reaches 1 + ln(K) / scale."""
-    from timm_hff._heads import PrototypeHead
+    from timm_hff.heads import PrototypeHead
     k, scale = 3, 16.0
     head = PrototypeHead(8, 'NC', 2, HFFConfig(prototypes_per_class=k, scale=scale, embed_dim=None))
     with torch.no_grad():

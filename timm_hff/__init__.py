@@ -9,7 +9,8 @@ from ._lazy import lazy_exports
 from ._timm_hook import register_with_timm
 
 _EXPORTS = {
-    'HFFConfig': '._config', 'PrototypeHead': '._heads', 'register_head': '._heads', 'SplitError': '._stages',
+    'HFFConfig': '._config', 'Head': '.heads', 'PrototypeHead': '.heads', 'register_head': '.heads',
+    'SplitError': '._stages',
     'StageSplit': '._stages', 'run_stages': '._cuts', 'HFFModel': '._model', 'HFFOutput': '._model',
     'build_hff_model': '._builder', 'ExitCalibration': '._exit', 'ExitStats': '._exit', 'calibrate_exits': '._exit',
     'best_fit_exits': '._exit', 'create_model': '._factory', 'list_models': '._registry',

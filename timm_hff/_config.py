@@ -63,7 +63,7 @@ class HFFConfig:
             projection (NCHW / NHWC), so an early stage is not asked for features that are already position-free;
             1 is global average pooling.
         prototype_init: 'normal' (random directions) or 'orthogonal' (orthonormal rows where possible).
-        head: The head type of every stage (``timm_hff._heads.HEADS``; 'prototype': the hyperspherical prototype head
+        head: The head type of every stage (``timm_hff.heads.HEADS``; 'prototype': the hyperspherical prototype head
             above). A new head type registers itself there.
         predict_from: 'last', 'ensemble' (mean of all stages' log-probabilities), a stage index, a tuple of
             stage indices to ensemble, or 'adaptive'. An early stage index stops the forward there (early exit);

@@ -4,11 +4,10 @@
            (detach) -> stage 2 -> h2 -> head 2 -> logits 2, loss 2
                           ...            (the last stage runs through the backbone's own pooling/head norm)
 
-``model(x)`` predicts in one pass (``predict_from='adaptive'``: each image leaves at the first stage that is sure
-enough, see ``forward_adaptive``). ``model(x, target)`` returns every stage's local loss:
-
-``mode='simultaneous'`` (one summed backward) or ``'memory_efficient'`` (each stage's backward as soon as it has run).
-The model owns a private copy of its ``HFFConfig`` (``hff_cfg``), so what ``save_pretrained`` writes is what it does.
+``model(x)`` predicts in one pass (``_prediction``; ``predict_from='adaptive'``: ``forward_adaptive``).
+``model(x, target)`` returns every stage's local loss (``_local_losses``), with one summed backward
+(``mode='simultaneous'``) or each stage's backward as soon as it has run (``'memory_efficient'``). The model owns
+a private copy of its ``HFFConfig`` (``hff_cfg``), so what ``save_pretrained`` writes is what it does.
 """
 import dataclasses
 from typing import Callable, Dict, List, Optional, Sequence, Set, Union
@@ -18,9 +17,9 @@ import torch.nn as nn
 
 from ._config import HFFConfig
 from ._adaptive import AdaptiveExit
-from ._exit_rule import replay_exits
-from ._heads import create_head, log_probs_mean, pool_stage
-from ._local_losses import HFFOutput, LocalLosses
+from .heads import create_head, pool_stage
+from ._local_losses import MODES, HFFOutput, check_checkpoint_mode, local_losses
+from ._prediction import predict, predict_from_stages
 from ._cuts import run_stages_checked
 from ._stages import StageSplit, cut_name, stage_modules
 from ._stem_ckpt import set_stem_checkpointing, stem_containers
@@ -30,12 +29,16 @@ from ._timm_cfg import first_convs, hff_pretrained_cfg, pool_type, prefix_spec, 
 __all__ = ['HFFModel']
 
 
-class HFFModel(AdaptiveExit, LocalLosses, nn.Module):
+class HFFModel(nn.Module):
     """A timm backbone trained greedily, stage by stage, against unit-norm class prototypes.
 
     The backbone is a plain timm model (built with ``num_classes=0``) registered as ``self.backbone``, so its
     ``state_dict`` keys are timm's own under a ``backbone.`` prefix, and ``self.heads[k]`` is stage k's
     prototype head. Use ``timm_hff.create_model`` rather than this constructor.
+
+    The training forward (``_local_losses``) and the adaptive one (``_adaptive.AdaptiveExit``, owned as ``_exits``)
+    live in modules of their own and reach the model only through its public surface: ``run_stages``, ``heads``
+    (``heads.Head``'s contract), ``check_input``, ``stage_index``.
     """
 
     def __init__(self, backbone: nn.Module, split: StageSplit, num_classes: int, cfg: HFFConfig,
@@ -54,10 +57,10 @@ class HFFModel(AdaptiveExit, LocalLosses, nn.Module):
         self.head_hidden_size = (getattr(backbone, 'head_hidden_size', None) if split.full_tail else None) or \
             split.channels[-1]
         self.heads = self._new_heads(num_classes)
-        self._check_exit_settings(cfg)
+        AdaptiveExit.check_settings(cfg, split.num_stages)
+        self._exits = AdaptiveExit()
         self._frozen: Set[int] = set()
         self._frozen_backbone: Set[int] = set()
-        self._exit_flops: Dict[tuple, torch.Tensor] = {}   # (H, W) -> FLOPs per image of leaving after stage k
         self._pruned = False   # prune_intermediate_layers cut the backbone: a feature extractor from then on
         self._heads_pool = pool_type(backbone)   # the backbone's pooling, which the last stage's head reads
         # timm's feature_info is the backbone's (what forward_intermediates and features_only return); the HFF stages,
@@ -138,15 +141,15 @@ class HFFModel(AdaptiveExit, LocalLosses, nn.Module):
             self.heads = self._new_heads(num_classes)
             self._frozen.clear()
         self.num_classes = num_classes
-        self._exit_flops.clear()   # the heads' cost depends on the class count
+        self._exits.clear()   # the heads' cost depends on the class count
 
     def get_classifier(self) -> nn.Module:
         return self.heads[-1] if len(self.heads) else nn.Identity()
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
-        """Prototypes live on the sphere: weight decay would only fight the normalisation."""
-        nwd = {f'heads.{k}.prototypes' for k in range(len(self.heads))}
+        """The heads' own (``Head.no_weight_decay``: prototypes live on the sphere) and the backbone's."""
+        nwd = {f'heads.{k}.{n}' for k, head in enumerate(self.heads) for n in head.no_weight_decay()}
         if hasattr(self.backbone, 'no_weight_decay'):
             nwd |= {f'backbone.{n}' for n in self.backbone.no_weight_decay()}
         return nwd
@@ -170,9 +173,9 @@ class HFFModel(AdaptiveExit, LocalLosses, nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The backbone's own unpooled features (the whole backbone, as in timm); for a cut that ends before the
         backbone's last level, the last trained stage's output (the layers after it are never trained)."""
-        self._check_input(x)
+        self.check_input(x)
         if not self.split.full_tail:
-            return self._run(x)[-1]
+            return self.run_stages(x)[-1]
         return self.backbone.forward_features(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -206,7 +209,7 @@ class HFFModel(AdaptiveExit, LocalLosses, nn.Module):
     # ----- stages -----
     def stage_parameters(self, k: int, include_head: bool = True) -> List[nn.Parameter]:
         """Parameters that stage k's local loss trains: its slice of the backbone, and its head."""
-        k = self._stage_index(k)
+        k = self.stage_index(k)
         if self._pruned:
             self._need_heads('stage_parameters')
         params = dict(self.backbone.named_parameters())
@@ -225,7 +228,7 @@ class HFFModel(AdaptiveExit, LocalLosses, nn.Module):
         """
         self._need_heads('freeze_stages')
         for k in stages:
-            k = self._stage_index(k)
+            k = self.stage_index(k)
             for p in self.stage_parameters(k, include_head=heads or not freeze):
                 p.requires_grad_(not freeze)
             whole = freeze and heads
@@ -260,9 +263,9 @@ class HFFModel(AdaptiveExit, LocalLosses, nn.Module):
     def forward_stages(self, x: torch.Tensor, stop_after: Optional[int] = None) -> List[torch.Tensor]:
         """Every stage's class logits (up to ``stop_after``) from one pass."""
         self._need_heads('forward_stages')
-        self._check_input(x)
+        self.check_input(x)
         logits: List[torch.Tensor] = []
-        self._run(x, on_stage=lambda k, h: logits.append(self.heads[k](h)), stop_after=stop_after, keep=False)
+        self.run_stages(x, on_stage=lambda k, h: logits.append(self.heads[k](h)), stop_after=stop_after, keep=False)
         return logits
 
     def forward(
@@ -290,10 +293,10 @@ class HFFModel(AdaptiveExit, LocalLosses, nn.Module):
                 self._need_heads('a training step (model(x, target))')
             if not self.split.full_tail:   # the last trained stage's pooled features, not untrained layers'
                 return self.forward_head(self.forward_features(x), pre_logits=True)
-            self._check_input(x)
+            self.check_input(x)
             return self.backbone(x)   # timm's num_classes=0: the backbone's pooled (or unpooled) features
         if target is None:
-            return self._predict(x)
+            return predict(self, x)
         return self.local_losses(x, target, mode, backward_fn, stages)
 
     def _need_heads(self, what: str) -> None:
@@ -302,94 +305,91 @@ class HFFModel(AdaptiveExit, LocalLosses, nn.Module):
                    else 'it was built with num_classes=0; reset_classifier(num_classes) adds fresh heads')
             raise ValueError(f'{what} needs the prototype heads, but this model has none: {how}')
 
-    def _check_checkpoint_mode(self, mode: str) -> None:
-        """Training with grad checkpointing needs timm's non-reentrant checkpoint: a reentrant one runs its block
-        without grad and gives no gradient when the block's input requires none, which a stage's detached input never
-        does (and memory_efficient mode runs each head's backward inside the checkpointed block, where reentrant
-        checkpointing would show the head a tensor with no graph)."""
-        if getattr(self.backbone, 'grad_checkpointing', False) and torch.is_grad_enabled():
-            from timm.layers import use_reentrant_ckpt
-            if use_reentrant_ckpt():
-                raise ValueError(f'{mode} training with grad checkpointing needs non-reentrant checkpoints (a stage '
-                                 f'starts from a detached input); unset TIMM_REENTRANT_CKPT or call '
-                                 f'timm.layers.set_reentrant_ckpt(False)')
+    def local_losses(self, x: torch.Tensor, target: torch.Tensor, mode: str = 'simultaneous',
+                     backward_fn: Optional[Callable[[torch.Tensor], None]] = None,
+                     stages: Optional[Sequence[int]] = None) -> HFFOutput:
+        """``forward(x, target, ...)``: the arguments checked, then ``_local_losses.local_losses``."""
+        if mode not in MODES:
+            raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
+        self.check_input(x, target)
+        active = sorted({self.stage_index(k) for k in stages}) if stages is not None else list(range(self.num_stages))
+        active = [k for k in active if k not in self._frozen]
+        if not active:
+            raise ValueError('no stage left to train: all requested stages are frozen')
+        check_checkpoint_mode(self.backbone, mode)
+        stage_logits, loss_vec = local_losses(lambda **kw: self.run_stages(x, **kw), self.heads, target, active, mode,
+                                              backward_fn)
+        return HFFOutput(logits=self.predict_from_stages(stage_logits), stage_logits=stage_logits,
+                         stage_losses=list(loss_vec.detach().unbind(0)), loss=loss_vec.sum(),
+                         backward_done=mode == 'memory_efficient', loss_vector=loss_vec)
+
+    def forward_adaptive(self, x: torch.Tensor, return_flops: bool = False):
+        """Predict with early exit: each image leaves at the first stage whose confidence passes that stage's
+        threshold (``exit_rule``, ``exit_thresholds``), with that stage's logits.
+
+        The batch runs stage by stage through the backbone's own forward; after each stage the images that left are
+        dropped, so the later stages run only on the rest and the forward ends once every image has left. For
+        inference: call it in eval mode (in train mode the norm layers would see a different batch at every stage).
+
+        Returns:
+            ``(logits, exit_stage)``: logits (B, num_classes) and each image's 0-based exit stage (B,); with
+            ``return_flops``, also the FLOPs spent on each image (B,), from ``torch.utils.flop_counter`` counts of
+            one image (the backbone stages and the heads it went through; a stage whose threshold is 1 runs no
+            head, as nobody may leave there).
+        """
+        self._need_heads('adaptive exit')
+        self.check_input(x)
+        return self._exits.forward(self, x, return_flops)
+
+    def set_exits(self, thresholds: Optional[Sequence[float]] = None, rule: Optional[str] = None,
+                  patience: Optional[int] = None) -> None:
+        """Set the adaptive-exit settings (saved with the model); arguments left None keep their value."""
+        new = dict(self.hff_cfg.to_dict(), check_split=False)
+        for key, value in (('exit_thresholds', thresholds), ('exit_rule', rule), ('exit_patience', patience)):
+            if value is not None:
+                new[key] = value
+        cfg = HFFConfig(**new)
+        AdaptiveExit.check_settings(cfg, self.num_stages)
+        self.hff_cfg.exit_thresholds, self.hff_cfg.exit_rule = cfg.exit_thresholds, cfg.exit_rule
+        self.hff_cfg.exit_patience = cfg.exit_patience
 
     @property
     def predict_from(self):
         """Which stages the prediction comes from (``HFFConfig.predict_from``; change it with ``set_predict_from``)."""
         return self.hff_cfg.predict_from
 
-    def _prediction(self, available: Optional[int] = None):
-        """(stages to run, stages whose logits are combined, how they combine) for ``predict_from``, with only the
-        first ``available`` stages at hand (a greedy forward that stopped early)."""
-        pf, n = self.predict_from, available or self.num_stages
-        if isinstance(pf, tuple):
-            picked = [self._stage_index(k) for k in pf]
-            within = [k for k in picked if k < n]
-            return max(picked), within or [n - 1], log_probs_mean if within else (lambda ls: ls[0])
-        if pf == 'ensemble':
-            return None, list(range(n)), log_probs_mean
-        if isinstance(pf, int) and self._stage_index(pf) < n:
-            return self._stage_index(pf), [self._stage_index(pf)], lambda ls: ls[0]
-        return None, [n - 1], lambda ls: ls[0]   # 'last' (or an index beyond the stages at hand)
-
-    def _predict(self, x: torch.Tensor) -> torch.Tensor:
-        if self._plain_loss_trains_every_stage():
-            return self._train_prediction(x)
-        if self.predict_from == 'adaptive':
-            return self.forward_adaptive(x)[0]
-        self._check_input(x)
-        stop, picked, combine = self._prediction()
-        outs = self._run(x, stop_after=stop)
-        return combine([self.heads[k](outs[k]) for k in picked])   # only the heads the prediction reads
-
-    def _plain_loss_trains_every_stage(self) -> bool:
-        """``model(x)`` in training mode with gradients on (timm's train.py: a plain loss on the output) reaches every
-        stage that trains, each through its own head; the cuts detach, so the last stage alone would train only
-        itself. Evaluation (eval mode, or no gradient) predicts as ``predict_from`` says."""
-        return self.training and torch.is_grad_enabled() and len(self._frozen) < self.num_stages
-
-    def _train_prediction(self, x: torch.Tensor) -> torch.Tensor:
-        """The mean log-probabilities of every stage that trains (the stage ensemble): a loss on it sends each stage's
-        head a gradient; frozen stages are left out, so they neither train nor weigh on the others."""
-        self._check_input(x)
-        stages = [k for k in range(self.num_stages) if k not in self._frozen]
-        outs = self._run(x, stop_after=stages[-1])
-        return log_probs_mean([self.heads[k](outs[k]) for k in stages])
-
     def predict_from_stages(self, stage_logits: List[torch.Tensor]) -> torch.Tensor:
         """The model's prediction (``predict_from``) from the stages' logits of one forward (all, or the first ones
         of a greedy forward that stopped early)."""
-        if self.predict_from == 'adaptive':   # the exits replayed on a full forward: the same as forward_adaptive
-            return replay_exits(self._exit_rule(), stage_logits)[0]
-        _, picked, combine = self._prediction(len(stage_logits))
-        return combine([stage_logits[k] for k in picked])
+        return predict_from_stages(self, stage_logits)
 
     def set_predict_from(self, predict_from) -> None:
         cfg = HFFConfig(**{**self.hff_cfg.to_dict(), 'predict_from': predict_from, 'check_split': False})
         if cfg.predict_from == 'adaptive':
-            self._exit_rule()   # refuse now, not at the first forward, if there is nothing to exit on
+            AdaptiveExit.rule(cfg, self.num_stages)   # refused now, not at the first forward, if nothing to exit on
         if not isinstance(cfg.predict_from, str):
             for k in (cfg.predict_from if isinstance(cfg.predict_from, tuple) else (cfg.predict_from,)):
-                self._stage_index(k)
+                self.stage_index(k)
         self.hff_cfg.predict_from = cfg.predict_from
 
-    def _stage_index(self, k: int) -> int:
+    def stage_index(self, k: int) -> int:
+        """``k`` as a stage index in 0..num_stages-1 (negative counts from the end); a one-line refusal otherwise."""
         n = self.num_stages
         if isinstance(k, bool) or not isinstance(k, int) or not -n <= k < n:
             raise ValueError(f'stage index {k!r} is out of range: this model has {n} stages (0..{n - 1})')
         return k % n
 
-    def _run(self, x: torch.Tensor, on_stage: Optional[Callable[[int, torch.Tensor], None]] = None,
+    def run_stages(self, x: torch.Tensor, on_stage: Optional[Callable[[int, torch.Tensor], None]] = None,
              stop_after: Optional[int] = None,
              route: Optional[Callable[[int, torch.Tensor], Optional[torch.Tensor]]] = None,
              keep: bool = True) -> List[torch.Tensor]:
-        """``run_stages``, with a one-line ValueError when the backbone cannot take this input size
-        (``_cuts.run_stages_checked``)."""
+        """The backbone's own forward with each stage's output handed to ``on_stage(k, h)`` (and ``route``, which may
+        drop rows), stopping after ``stop_after``; the stage outputs (``keep``). ``timm_hff.run_stages`` on this
+        model, with a one-line ValueError when the backbone cannot take this input size."""
         return run_stages_checked(self.backbone, self.split, x, self.model_name, on_stage=on_stage,
                                   stop_after=stop_after, route=route, keep=keep)
 
-    def _check_input(self, x: torch.Tensor, target: Optional[torch.Tensor] = None) -> None:
+    def check_input(self, x: torch.Tensor, target: Optional[torch.Tensor] = None) -> None:
         """The model's input boundary (``_inputs.check_images`` / ``check_target``); none while torch.fx traces (a
         Proxy has no shape to check, and the traced graph is for the inputs it was traced for)."""
         if is_fx_symbolic_tracing():

@@ -23,7 +23,6 @@ import torch.nn as nn
 
 from ._config import HFFConfig
 from ._cuts import run_stages
-from ._local_losses import head_loss
 from ._model import HFFModel
 from ._probe import probe_split
 from ._stages import build_split
@@ -59,7 +58,7 @@ def step_costs(backbone: nn.Module, cfg: HFFConfig, cuts: Sequence, in_chans: in
         def on_stage(k: int, h: torch.Tensor) -> None:
             t = time.perf_counter()
             held = h.detach().requires_grad_(h.requires_grad)
-            loss, _ = head_loss(model.heads[k], held, y)
+            loss, _ = model.heads[k].forward_loss(held, y)
             loss.backward()
             spent[k] = time.perf_counter() - t
             if h.requires_grad and held.grad is not None:   # the blocks' backward, from the head's gradient

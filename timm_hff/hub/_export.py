@@ -26,7 +26,6 @@ from typing import Optional, Sequence, Union
 import timm
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .._io import atomic_dir
@@ -70,8 +69,8 @@ def export_timm(model, out_dir: Union[str, Path], label_names: Optional[Sequence
     _check_exportable(model)
     if multi_prototype not in MULTI_PROTOTYPE_MODES:
         raise ValueError(f'multi_prototype must be one of {MULTI_PROTOTYPE_MODES}, got {multi_prototype!r}')
-    k = model.heads[-1].num_prototypes
     weight, bias = fold_last_head(model, multi_prototype)
+    k = model.hff_cfg.prototypes_per_class
     num_classes = weight.shape[0]
     plain = timm.create_model(model.model_name, pretrained=False, num_classes=num_classes, in_chans=model.in_chans,
                               **saved_timm_kwargs(model.backbone))
@@ -119,27 +118,12 @@ def export_timm(model, out_dir: Union[str, Path], label_names: Optional[Sequence
 
 
 def fold_last_head(model, multi_prototype: str = 'mean') -> tuple:
-    """(weight, bias) of the linear classifier equivalent (in argmax) to the last stage's prototype head."""
-    head = model.heads[-1]
-    if not isinstance(head.aux, nn.Identity) or head.layout != 'NC':
+    """(weight, bias) of the linear classifier equivalent (in argmax) to the last stage's head
+    (``Head.linear_classifier``)."""
+    folded = model.heads[-1].linear_classifier(multi_prototype)
+    if folded is None:
         raise ExportError('the last stage head has an aux block, so it is not linear in the pooled features')
-    protos = head.unit_prototypes().detach()
-    c, k = head.num_classes, head.num_prototypes
-    if k > 1 and multi_prototype == 'mean':
-        warnings.warn(f'prototypes_per_class={k}: HFF takes a smooth max over each class\'s prototypes, which a '
-                      f'linear classifier cannot express; exporting the normalised mean prototype per class (the '
-                      f'argmax can differ from HFF\'s where they spread out; multi_prototype=\'expand\' is closer)',
-                      stacklevel=2)
-        protos = F.normalize(protos.view(c, k, -1).mean(1), dim=-1)
-    elif k > 1:
-        warnings.warn(f'prototypes_per_class={k}: exporting {c * k} outputs, one per prototype (class = index // {k}, '
-                      f'label_names repeated); a hard max replaces HFF\'s LogSumExp over a class\'s prototypes',
-                      stacklevel=2)
-    if isinstance(head.proj, nn.Linear):
-        w = head.proj.weight.detach().float()
-        b = head.proj.bias.detach().float() if head.proj.bias is not None else torch.zeros(w.shape[0])
-        return protos @ w, protos @ b
-    return protos.clone(), torch.zeros(c)
+    return folded
 
 
 def _check_exportable(model) -> None:
@@ -210,7 +194,7 @@ def _export_card(model, multi_prototype: Optional[str], metrics: Optional[dict] 
                          tags=['image-classification', 'timm', 'timm_hff'],
                          base_model=base.split('@')[0] if base else None, eval_results=results,
                          model_name=f'{model.model_name} (HFF export)' if results else None)
-    k = model.heads[-1].num_prototypes
+    k = model.hff_cfg.prototypes_per_class
     fidelity = {None: 'exactly',
                 'mean': f'approximately ({k} prototypes per class were averaged into one)',
                 'expand': f'up to LogSumExp vs max: it has one output per prototype, class = index // {k}'}

@@ -87,7 +87,7 @@ class HFFMethod(Method):
         return out.loss.detach(), out.stage_losses
 
     def heads(self, module, x) -> list:
-        from ..._heads import log_probs_mean
+        from ...heads import log_probs_mean
         stage_logits = module.forward_stages(x)
         return stage_logits + [log_probs_mean(stage_logits), module.predict_from_stages(stage_logits)]
 

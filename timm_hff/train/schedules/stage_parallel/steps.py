@@ -11,8 +11,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from ...._heads import log_probs_mean
-from ...._local_losses import head_loss
+from ....heads import log_probs_mean
 from ...evaluate import accuracy_row, topk_hits
 from ...steps import FINITE_CHECK_EVERY, on_terminal, take
 from ...targets import make_targets
@@ -57,7 +56,7 @@ class StageSteps:
                 self.outbox.send(self.specs_out['train'], flatten(handed) + [target], batch,
                                  f'receiving {what}, step {step + 1}')
             with self.autocast():   # the head's fused loss, as the one-process schedules use: the same bits
-                loss, _ = head_loss(head, h, target)
+                loss, _ = head.forward_loss(h, target)
             self._backward(loss / cfg.grad_accum_steps)
             if (step + 1) % cfg.grad_accum_steps == 0 or step + 1 == len(sizes):
                 self._step(epoch)

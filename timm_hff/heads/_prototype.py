@@ -6,93 +6,24 @@
 
 The other classes' prototypes act as negatives, so no negative data is needed and one pass predicts.
 """
-
-from typing import Dict, Optional
+import warnings
+from typing import List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._config import HFFConfig
-from ._fused_head import fp32, fused_score_loss
+from .._config import HFFConfig
+from ._aux import AuxBlock
+from ._base import Head, register_head
+from ._fused import fp32, fused_score_loss, fused_stage_losses
+from ._pooling import LAYOUTS
 
-__all__ = ['AuxBlock', 'HEADS', 'LAYOUTS', 'PrototypeHead', 'create_head', 'log_probs_mean', 'pool_stage',
-           'register_head']
-
-LAYOUTS = ('NCHW', 'NHWC', 'NLC', 'NC')
-
-
-class AuxBlock(nn.Module):
-    """Non-linear per-position layers between a stage and its pooling (the paper's AuxConv).
-
-    ``depth`` layers of conv (1x1 or 3x3) + norm + activation; for NHWC and token layouts a 1x1 conv is a Linear over
-    the last dim, so it runs there without permutes. With ``size``, a feature map is first average-pooled to at most
-    ``size`` x ``size``, so the head of a full-resolution stage costs a fraction of the stage.
-    """
-
-    def __init__(self, kind: str, layout: str, in_chs: int, out_chs: int, depth: int = 1,
-                 size: Optional[int] = None):
-        super().__init__()
-        self.layout = layout
-        self.size = size if layout in ('NCHW', 'NHWC') else None
-        if layout != 'NCHW' and kind == 'conv3x3':
-            raise ValueError(f"aux='conv3x3' needs an NCHW stage output, this stage is {layout}; "
-                             f"use aux='conv1x1' or 'none'")
-        layers = []
-        for i in range(depth):
-            chs = in_chs if i == 0 else out_chs
-            if layout == 'NCHW':
-                k = 3 if kind == 'conv3x3' else 1
-                layers += [nn.Conv2d(chs, out_chs, k, padding=k // 2, bias=False), nn.BatchNorm2d(out_chs),
-                           nn.ReLU(inplace=True)]
-            else:
-                layers += [nn.Linear(chs, out_chs, bias=False), nn.LayerNorm(out_chs), nn.GELU()]
-        if depth == 1:   # the names of a one-layer block (proj, norm, act) are those of saved models
-            self.proj, self.norm, self.act = layers
-        else:
-            self.layers = nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.size is not None:
-            x = _pool_to(x, self.size, self.layout)
-        if hasattr(self, 'layers'):
-            return self.layers(x)
-        return self.act(self.norm(self.proj(x)))
-
-
-def _pool_to(x: torch.Tensor, size: int, layout: str) -> torch.Tensor:
-    """Average-pool a feature map to at most ``size`` x ``size`` (a smaller map is returned as is)."""
-    h, w = (x.shape[2], x.shape[3]) if layout == 'NCHW' else (x.shape[1], x.shape[2])
-    if h <= size and w <= size:
-        return x
-    if layout == 'NHWC':
-        return F.adaptive_avg_pool2d(x.permute(0, 3, 1, 2), (min(h, size), min(w, size))).permute(0, 2, 3, 1)
-    return F.adaptive_avg_pool2d(x, (min(h, size), min(w, size)))
-
-
-HEADS: Dict[str, type] = {}   # head type name -> class; HFFConfig.head chooses one, ``create_head`` builds it
-
-
-def register_head(name: str):
-    """Class decorator: ``HFFConfig(head=name)`` builds this head type. A new head is one file that defines
-    ``__init__(in_chs, layout, num_classes, cfg, num_prefix_tokens)``, ``forward`` (class logits), ``loss(logits,
-    target)`` and ``reset_prototypes(num_classes)`` (and, optionally, a fused ``forward_loss(x, target)`` returning
-    (loss, detached logits)), decorated with this, and imported by ``timm_hff/__init__.py``."""
-    def register(cls):
-        HEADS[name] = cls
-        return cls
-    return register
-
-
-def create_head(cfg: HFFConfig, in_chs: int, layout: str, num_classes: int, num_prefix_tokens: int = 0) -> nn.Module:
-    """Stage k's head, of the type ``cfg.head`` names."""
-    if cfg.head not in HEADS:
-        raise ValueError(f'head must be one of {sorted(HEADS)}, got {cfg.head!r}')
-    return HEADS[cfg.head](in_chs, layout, num_classes, cfg, num_prefix_tokens)
+__all__ = ['PrototypeHead']
 
 
 @register_head('prototype')
-class PrototypeHead(nn.Module):
+class PrototypeHead(Head):
     """Projects a stage output onto the sphere and scores it against learned class prototypes.
 
     Args:
@@ -201,15 +132,52 @@ class PrototypeHead(nn.Module):
 
     def forward_loss(self, x: torch.Tensor, target: torch.Tensor):
         """(local loss, detached class logits) of a training step: ``loss(forward(x), target)`` and ``forward(x)``
-        from one fused scoring function (``_fused_head``: a third of the ops, the same values). Forward hooks on the
+        from one fused scoring function (``heads._fused``: a third of the ops, the same values). Forward hooks on the
         head's own modules (aux, proj) run; hooks on the head module itself do not (it is not called)."""
         return fused_score_loss(self.project(x), self.prototypes, target, self.scale, self.margin, self.num_prototypes)
 
-    def fuses_with(self, other: nn.Module) -> bool:
-        """Whether ``other`` can be scored in the same fused call (``_fused_head.fused_stage_losses``)."""
+    def fuses_with(self, other: Head) -> bool:
+        """Whether ``other`` can be scored in the same fused call (``fused_losses``)."""
         return (type(other) is type(self) and other.embed_dim == self.embed_dim and other.scale == self.scale
                 and other.margin == self.margin and other.num_prototypes == self.num_prototypes
                 and other.num_classes == self.num_classes)
+
+    def fused_losses(self, heads: Sequence[Head], xs: Sequence[torch.Tensor], target: torch.Tensor
+                     ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """The stages of a ``simultaneous`` step scored in one call (``heads._fused.fused_stage_losses``): their
+        embeddings and prototypes stacked, so five stages' heads cost about as many ops as one."""
+        vec, logits = fused_stage_losses([h.project(x) for h, x in zip(heads, xs)], [h.prototypes for h in heads],
+                                         target, self.scale, self.margin, self.num_prototypes)
+        return vec, list(logits.unbind(0))
+
+    def no_weight_decay(self) -> Set[str]:
+        """Prototypes live on the sphere: weight decay would only fight the normalisation."""
+        return {'prototypes'}
+
+    def linear_classifier(self, multi_prototype: str = 'mean') -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """The linear classifier with this head's argmax on its pooled input: the unit prototypes folded through
+        the projection. None with an aux block or an unpooled input (not linear in the pooled features). With K
+        prototypes per class, ``'mean'`` exports each class's normalised mean prototype and ``'expand'`` one output
+        per prototype (a hard max replacing the LogSumExp); both warn, as the argmax can differ from HFF's."""
+        if not isinstance(self.aux, nn.Identity) or self.layout != 'NC':
+            return None
+        protos = self.unit_prototypes().detach()
+        c, k = self.num_classes, self.num_prototypes
+        if k > 1 and multi_prototype == 'mean':
+            warnings.warn(f'prototypes_per_class={k}: HFF takes a smooth max over each class\'s prototypes, which a '
+                          f'linear classifier cannot express; exporting the normalised mean prototype per class (the '
+                          f'argmax can differ from HFF\'s where they spread out; multi_prototype=\'expand\' is '
+                          f'closer)', stacklevel=3)
+            protos = F.normalize(protos.view(c, k, -1).mean(1), dim=-1)
+        elif k > 1:
+            warnings.warn(f'prototypes_per_class={k}: exporting {c * k} outputs, one per prototype (class = index // '
+                          f'{k}, label_names repeated); a hard max replaces HFF\'s LogSumExp over a class\'s '
+                          f'prototypes', stacklevel=3)
+        if isinstance(self.proj, nn.Linear):
+            w = self.proj.weight.detach().float()
+            b = self.proj.bias.detach().float() if self.proj.bias is not None else torch.zeros(w.shape[0])
+            return protos @ w, protos @ b
+        return protos.clone(), torch.zeros(c)
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Margin softmax loss in fp32; ``target`` is class indices (B,) or soft targets (B, C) from mixup / label
@@ -224,21 +192,3 @@ class PrototypeHead(nn.Module):
             logits = logits.float()
             soft = F.one_hot(target, self.num_classes).float() if target.ndim == 1 else target.float()
             return torch.sum(-soft * F.log_softmax(logits - self.scale * self.margin * soft, dim=-1), dim=-1).mean()
-
-
-def pool_stage(x: torch.Tensor, layout: str, num_prefix_tokens: int = 0) -> torch.Tensor:
-    """A stage output average-pooled to (B, C) in its layout (prefix tokens left out): timm's pre-logits of a model
-    whose cut ends before the backbone's own pooling."""
-    if layout == 'NCHW':
-        return x.mean((2, 3))
-    if layout == 'NHWC':
-        return x.mean((1, 2))
-    if layout == 'NLC':
-        return x[:, num_prefix_tokens:].mean(1)
-    return x
-
-
-def log_probs_mean(stage_logits) -> torch.Tensor:
-    """Ensemble of stages: the mean of their log-probabilities (in fp32, returned in the logits' dtype)."""
-    return torch.stack([F.log_softmax(s.float(), dim=-1) for s in stage_logits]).mean(0).to(stage_logits[0].dtype)
-
