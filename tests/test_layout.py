@@ -241,3 +241,23 @@ def test_architecture_lists_every_module_both_ways():
 def test_the_architecture_reader_can_fail():
     text = '## Modules\n\n    timm_hff/\n      _a.py   x\n      pkg/    y\n        _b.py   z\n\n## Layers\n'
     assert documented_modules(text) == {'timm_hff/', 'timm_hff/_a.py', 'timm_hff/pkg/', 'timm_hff/pkg/_b.py'}
+
+
+def settings_named(text: str, names: List[str]) -> Set[str]:
+    """The settings a module's source names as an attribute (``cfg.lr``) or a string (``'lr'``)."""
+    import re
+    return {n for n in names if re.search(r"""(\.|['"])""" + re.escape(n) + r'\b', text)}
+
+
+def test_a_setting_is_declared_in_one_place():
+    """Each TrainConfig setting carries its help, group and bounds in its declaration (``train.help.setting``), so no
+    other module lists the settings: none names more than 60% of them (a help table or a checks table would)."""
+    from dataclasses import fields
+    from timm_hff.train.config import TrainConfig
+    names = [f.name for f in fields(TrainConfig)]
+    over = {str(p.relative_to(PACKAGE)): len(settings_named(p.read_text(), names)) / len(names)
+            for p in PACKAGE.rglob('*.py') if p != PACKAGE / 'train' / 'config.py'}
+    over = {m: f'{share:.0%}' for m, share in over.items() if share > 0.6}
+    assert not over, f'modules that name most of the settings (declare them once, in train/config.py): {over}'
+    table = '\n'.join(f"    '{n}': ('Dataset', 'help')," for n in names)   # what a second declaration looks like
+    assert len(settings_named(table, names)) == len(names)

@@ -572,9 +572,12 @@ def test_stage_lr_scales_each_stage(idx_root, tmp_path):
 def test_cli_help_lists_every_setting_and_suggests_flags(capsys):
     from dataclasses import fields as dc_fields
     from timm_hff.train import method_names, schedule_names
-    from timm_hff.train.help import HELP
-    # no setting without its help line; the method and schedule lines are read from their registries
-    assert {f.name for f in dc_fields(TrainConfig)} == set(HELP) | {'method', 'schedule'}
+    from timm_hff.train.help import GROUPS, setting
+    # no setting without its group and help line (setting() refuses one); method's and schedule's choices are read
+    # from their registries
+    assert all(f.metadata.get('group') in GROUPS and f.metadata.get('help') for f in dc_fields(TrainConfig))
+    with pytest.raises(ValueError, match='needs one of the groups'):
+        setting(1, 'Dataset', '')
     with pytest.raises(SystemExit):
         main(['--help'])
     text = capsys.readouterr().out

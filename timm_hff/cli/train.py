@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     for f in fields(TrainConfig):
         if f.name in ('resume', 'torchcompile'):
             continue
-        group, text = help_text(f.name)
+        group, text = help_text(f)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         flags = [f'--{f.name.replace("_", "-")}'] + ([f'--{f.name}'] if '_' in f.name else [])
         groups[group].add_argument(*flags, dest=f.name, default=argparse.SUPPRESS, metavar='VALUE',

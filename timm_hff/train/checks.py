@@ -3,14 +3,14 @@ settings that do not go together (the method's and the schedule's own refusals, 
 failure is one line naming the setting and what to give instead."""
 import math
 import typing
+from dataclasses import fields
 from typing import Any, Dict, List, Tuple, Union
 
 from .._config import short_repr
-from ..data import AUG_KINDS
 from ..hub._values import MAX_KWARG_INT, check_json
-from .registry import get_method, get_schedule, method_names, schedule_names
+from .registry import get_method, get_schedule, method_names
 
-__all__ = ['check_combinations', 'check_values', 'coerce']
+__all__ = ['check_combinations', 'check_declared', 'check_values', 'coerce']
 
 MAPPING_SETTINGS = ('hff', 'model_kwargs', 'ff')   # settings that are mappings of their own (merged key by key)
 PRECISIONS = ('no', 'bf16', 'fp16')
@@ -18,24 +18,7 @@ PRECISIONS = ('no', 'bf16', 'fp16')
 
 def check_values(cfg) -> None:
     """Choices, ranges and names of single settings."""
-    _choice('method', cfg.method, method_names())
-    _choice('schedule', cfg.schedule, schedule_names())
-    _choice('mixed_precision', cfg.mixed_precision, PRECISIONS)
-    _choice('aug', cfg.aug, AUG_KINDS)
-    _choice('mixup_mode', cfg.mixup_mode, ('batch', 'pair', 'elem'))
-    for name in ('workers', 'warmup_epochs', 'cooldown_epochs', 'crop_padding', 'split_seed', 'head_warmup_epochs',
-                 'min_steps'):
-        _at_least(name, getattr(cfg, name), 0)
-    for name in ('epochs', 'batch_size', 'grad_accum_steps', 'checkpoint_hist', 'recount', 'shuffle_buffer',
-                 'val_every', 'in_chans', 'stage_parallel_queue'):
-        _at_least(name, getattr(cfg, name), 1)
-    for name in ('num_classes', 'train_num_samples', 'val_num_samples', 'img_size', 'validation_batch_size',
-                 'threads'):
-        if getattr(cfg, name) is not None:
-            _at_least(name, getattr(cfg, name), 1)
-    for name, most in _AT_MOST.items():   # processes, threads, seeds and sizes a machine can hold
-        if getattr(cfg, name) is not None and getattr(cfg, name) > most:
-            raise ValueError(f'{name} must be <= {most}, got {getattr(cfg, name)!r}')
+    check_declared(cfg)
     check_names(cfg)
     if not 0.0 <= cfg.val_fraction < 1.0:
         raise ValueError(f'val_fraction must be in [0, 1) (the share of train_split held out), got '
@@ -53,14 +36,6 @@ def check_values(cfg) -> None:
         seen = set()
         dup = next(n for n in cfg.label_names if n in seen or seen.add(n))
         raise ValueError(f'label_names has a duplicate ({short_repr(dup)}): give each class its own name')
-    for name in ('hflip', 'vflip', 'reprob', 'mixup_prob', 'mixup_switch_prob', 'model_ema_decay'):
-        if not 0.0 <= getattr(cfg, name) <= 1.0:
-            raise ValueError(f'{name} must be in [0, 1], got {getattr(cfg, name)!r}')
-    for name in ('lr', 'weight_decay', 'mixup', 'cutmix', 'min_lr', 'warmup_lr'):
-        if getattr(cfg, name) < 0:
-            raise ValueError(f'{name} must be >= 0, got {getattr(cfg, name)!r}')
-    if not 0.0 <= cfg.smoothing < 1.0:
-        raise ValueError(f'smoothing must be in [0, 1), got {cfg.smoothing!r}')
     if cfg.stage_lr is not None and (not cfg.stage_lr or any(f <= 0 for f in cfg.stage_lr)):
         raise ValueError(f'stage_lr must list one positive factor per stage, got {short_repr(cfg.stage_lr)}')
     if cfg.calibrate_exits is not None and cfg.calibrate_exits < 0:
@@ -182,12 +157,6 @@ def coerce(name: str, value: Any, tp) -> Any:
     raise TypeError(f'unsupported setting type {_type_name(tp)} for {name}')
 
 
-# Upper bounds of settings that size what a run starts or allocates before it can fail on its own.
-_AT_MOST = {'workers': 256, 'threads': 1024, 'stage_parallel_queue': 1024, 'seed': 2 ** 32 - 1,
-            'split_seed': 2 ** 32 - 1, 'img_size': 8192, 'num_classes': 2 ** 24, 'batch_size': 2 ** 20,
-            'validation_batch_size': 2 ** 20}
-
-
 def check_names(cfg) -> None:
     """Strings that become paths, folder names or model-card text: no '..' escape, no NUL, no line break."""
     from ..hub._names import check_folder_name, check_path, check_text
@@ -205,16 +174,24 @@ def check_names(cfg) -> None:
             raise ValueError(str(e)) from None   # a recipe error, not a checkpoint's
 
 
-def _choice(name: str, value: Any, choices) -> None:
-    if value not in choices:
-        raise ValueError(f'{name} must be one of {list(choices)}, got {short_repr(value)}')
-
-
-def _at_least(name: str, value: int, minimum: int) -> None:
-    if value < minimum:
-        raise ValueError(f'{name} must be >= {minimum}, got {value!r}')
-
-
+def check_declared(cfg) -> None:
+    """Each setting's own bounds, from its declaration (``help.setting``: choices, at_least, at_most, within)."""
+    for f in fields(cfg):
+        value, meta = getattr(cfg, f.name), f.metadata
+        if value is None:
+            continue
+        choices = meta.get('choices')
+        choices = choices() if callable(choices) else choices
+        if choices is not None and value not in choices:
+            raise ValueError(f'{f.name} must be one of {list(choices)}, got {short_repr(value)}')
+        if meta.get('at_least') is not None and value < meta['at_least']:
+            raise ValueError(f"{f.name} must be >= {meta['at_least']}, got {value!r}")
+        if meta.get('at_most') is not None and value > meta['at_most']:
+            raise ValueError(f"{f.name} must be <= {meta['at_most']}, got {value!r}")
+        if meta.get('within') is not None:
+            lo, hi, *shut = meta['within']
+            if not (lo <= value < hi if shut == [')'] else lo <= value <= hi):
+                raise ValueError(f"{f.name} must be in [{lo}, {hi}{shut[0] if shut else ']'}, got {value!r}")
 
 
 def check_device_precision(mixed_precision: str, device) -> None:

@@ -11,15 +11,16 @@ import dataclasses
 import difflib
 import os
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any, Dict, List, Optional
 
 import yaml
 
 from .._config import short_repr
-from ..data import AugConfig
+from ..data import AUG_KINDS, AugConfig
+from .help import setting
 from .checks import MAPPING_SETTINGS, PRECISIONS, check_combinations, check_values, coerce
-from .registry import get_method, method_names
+from .registry import get_method, method_names, schedule_names
 
 __all__ = ['ALIASES', 'MAPPING_SETTINGS', 'PRECISIONS', 'TrainConfig', 'flat_config', 'merge_settings',
            'packaged_recipes', 'recipe_path']
@@ -34,214 +35,177 @@ ALIASES = {'learning_rate': 'lr', 'optimizer': 'opt', 'scheduler': 'sched', 'lr_
 
 @dataclass
 class TrainConfig:
-    """A training run. See ``recipes/*.yaml`` for complete examples.
-
-    Data:
-        dataset: 'hfds/<hub id>', 'hfids/<hub id>' (streamed), 'imagefolder', 'idx', or '' (infer from data_dir).
-        data_dir: Local folder ('imagefolder' / 'idx').
-        dataset_config: Hub configuration name, for data sets that have several.
-        train_split: The split trained on: a name, or a ``datasets``-style slice ('train[:54000]').
-        val_split: The split evaluated after every epoch (a name or a slice); null with ``val_fraction``.
-        val_fraction: Hold out this fraction of ``train_split`` as the validation split: class-balanced
-            (stratified) and the same rows on every run (``split_seed``), never trained on. Settings are chosen on it.
-        split_seed: Seed of the ``val_fraction`` hold-out; independent of ``seed``, so runs with other training seeds
-            validate on the same images.
-        test_split: Evaluated once, after the last epoch (the live model and the EMA); never read during training.
-        input_key / target_key: Image / label columns; inferred when None.
-        num_classes: Classes to build prototypes for; None takes the label column's ClassLabel.
-        label_names: Class names saved with the model (config.json, card), one per class in label order; None takes
-            the label column's ClassLabel names (digits for an integer column, Fashion-MNIST's names for IDX files
-            under a folder named so). Like timm's class map, for data whose labels carry no names.
-        train_num_samples / val_num_samples: Use the first N rows; for a stream, its length (required there).
-        streaming: Stream the splits (implied by 'hfids/').
-        data_in_memory: Hold each split as one uint8 tensor (decode once); None: only array columns (IDX).
-        workers: Loader workers for per-sample decoding.
-        shuffle_buffer: Shuffle buffer of a streamed training split.
-        threads: CPU threads per process (``torch.set_num_threads``); None keeps torch's default. On a CPU shared
-            with other jobs, 1 avoids OpenMP threads spinning against each other (often several times faster).
-
-    Model:
-        model: A timm architecture, an 'hff_*' name, or 'hf-hub:' / 'local-dir:' HFF weights.
-        pretrained: Load timm's pretrained backbone (or the HFF weights of a hub / local model).
-        pretrained_file: timm's pretrained weights from this local ``.safetensors`` file instead of the Hub (timm's
-            ``pretrained_cfg_overlay=dict(file=...)``; implies ``pretrained``). ``hff-seed-weights`` converts a
-            ``.pth`` state dict, or seeds the Hub cache so that ``pretrained: true`` finds it offline.
-        in_chans: Input channels (1 reads images as grayscale).
-        img_size: Input resolution; None takes the model's default.
-        model_kwargs: timm keyword arguments (e.g. ``channels``, ``drop_path_rate``).
-        hff: HFF settings (``HFFConfig`` fields: num_stages, prototypes_per_class, margin, small_input, ...).
-        method: 'hff' (local prototype losses), 'bp' (the same backbone with timm's head, end to end) or 'ff'
-            (Forward-Forward at HFF's stage cut, ``timm_hff.baselines``: a baseline, C passes per prediction).
-        ff: Forward-Forward settings (``timm_hff.baselines.FFConfig`` fields: threshold, label_mode, ...); method 'ff'.
-        reset_prototypes: Draw fresh prototypes in every head (a new label set with the same class count).
-        freeze_stages: HFF stages to keep frozen (transfer).
-        head_only: Train only the heads (HFF's prototype heads; BP's classifier: a linear probe); the whole backbone
-            stays frozen, its norm layers in eval mode (transfer).
-        head_warmup_epochs: Train only the heads for this many epochs first (backbone frozen as with ``head_only``),
-            then fine-tune: fresh heads on a pretrained backbone no longer send random gradients into it.
-        channels_last: Channels-last memory format.
-        torchcompile / torchcompile_mode: timm train.py's flags: ``torch.compile`` backend (e.g. 'inductor'; bare
-            ``--torchcompile`` means 'inductor') and mode. HFF compiles each block and head, keeping the cuts eager.
-        cuda_graphs: Capture the whole training step (forward, local losses, backward, optimizer step) as a CUDA
-            graph and replay it per batch (``train/cuda_graphs.py``): a step bound by kernel launches, as HFF's
-            many small head kernels make it, then costs one launch. One CUDA process; the optimizer's fused step
-            (sgd, momentum, adam, adamw); bf16 or fp32, no gradient accumulation, checkpointing or torchcompile.
-        grad_checkpointing: timm's gradient checkpointing (recompute each block in backward). With schedule
-            'memory_efficient' it also applies inside each stage, the lowest-memory way to train.
-
-    Optimisation:
-        schedule: 'simultaneous' (all stages each step), 'memory_efficient' (each stage's backward as soon as it
-            has run; single process only), 'sequential' (greedy: stage k trains alone for ``epochs`` epochs),
-            'stage_parallel' (one process per stage, all training at once; see ``schedules/stage_parallel``).
-        stage_parallel_queue: Stage outputs in flight between two stage processes (each way bounded), so hand-offs
-            overlap compute; 1 still overlaps one receive.
-        stage_parallel_timeout: Seconds a stage process waits for another (set-up, a hand-off, a checkpoint) before
-            it stops with an error naming that rank.
-        opt, lr, weight_decay, momentum, opt_eps, opt_betas: timm ``create_optimizer_v2``.
-        clip_grad: Gradient-norm clip, applied per stage (each stage has its own loss).
-        stage_lr: One learning-rate factor per HFF stage (its backbone slice and its head), applied through timm's
-            ``lr_scale`` so every scheduler honours it; null: the same rate everywhere.
-        layer_decay: timm's layer-wise lr decay (``create_optimizer_v2(layer_decay=...)`` over the backbone's
-            ``group_matcher``): layer group g of G trains at ``lr * layer_decay ** (G - g)``; the heads at ``lr``.
-        backbone_lr_scale: lr factor of every backbone parameter (the heads train at ``lr``): the usual fine-tuning
-            practice of a lower backbone lr. Multiplies with ``layer_decay`` and ``stage_lr``.
-        sched, warmup_epochs, warmup_lr, min_lr, cooldown_epochs, decay_epochs, decay_rate, sched_on_updates: timm
-            ``create_scheduler_v2`` (with 'sequential', one cosine cycle per stage).
-        epochs: Epochs (per stage with 'sequential').
-        min_steps: At least this many optimizer steps, whatever the data size: a small folder's epochs are stretched
-            by a whole factor, and every epoch-counted setting with them (warmup, cooldown, decay, heads-only warm-up,
-            val_every), so the schedule keeps its shape; 0: off. The run header says the factor.
-        batch_size: Per-process batch size; validation_batch_size defaults to it.
-        grad_accum_steps: Gradient accumulation steps.
-        mixed_precision: 'no', 'bf16' or 'fp16'.
-        model_ema, model_ema_decay, model_ema_warmup: timm ``ModelEmaV3``.
-        mixup, cutmix, mixup_prob, mixup_switch_prob, mixup_mode, smoothing: timm ``Mixup`` / label smoothing.
-
-    Augmentation: aug, crop_padding, hflip, vflip, scale, ratio, color_jitter, aa, reprob, remode, recount (see
-        ``timm_hff.data.AugConfig``); mean, std, crop_pct, interpolation override the model's data config.
-
-    Run:
-        seed: Seed of everything (initialisation, data order, augmentation).
-        output: Parent folder of runs; experiment: the run's folder name (default: the recipe name).
-        log_with: Extra Accelerate trackers, e.g. 'tensorboard'.
-        checkpoint_hist: Epoch checkpoints to keep.
-        val_every: Evaluate the validation split every N epochs, and always after the last one (long runs on a few
-            hundred images spend most of their time validating otherwise).
-        resume: A checkpoint folder or a run folder to continue from ('auto': this run's latest, if any).
-        save_model: Save the final model (``save_pretrained``) at the end.
-        calibrate_exits: After the last epoch, choose adaptive-exit thresholds (``timm_hff.calibrate_exits``) on the
-            validation split, losing at most this many top-1 points against the full-depth prediction (e.g. 0.5); they
-            are saved with the model(s), and the operating point (accuracy, mean FLOPs) is reported on validation and
-            test.
-        exit_confidence: The probability, over the draw of the validation images, that ``calibrate_exits``' bound
-            holds on new data (Learn-then-Test); null fits the thresholds to the validation images without a
-            guarantee (``timm_hff.best_fit_exits``).
-        progress: Show a tqdm bar.
+    """A training run. Each setting is declared once, below: its type, default, ``hff-train --help`` group and help
+    line (``help.setting``), from which the CLI builds its flags. The augmentation settings are ``AugConfig``'s
+    (``aug_config``); ``hff`` holds ``HFFConfig`` fields and ``ff`` ``FFConfig`` ones. ``recipes/*.yaml`` are complete
+    examples; docs/training.md says how the settings work together.
     """
     # data
-    dataset: str = ''
-    data_dir: Optional[str] = None
-    dataset_config: Optional[str] = None
-    train_split: str = 'train'
-    val_split: Optional[str] = 'test'
-    val_fraction: float = 0.0
-    split_seed: int = 0
-    test_split: Optional[str] = None
-    input_key: Optional[str] = None
-    target_key: Optional[str] = None
-    num_classes: Optional[int] = None
-    label_names: Optional[List[str]] = None
-    train_num_samples: Optional[int] = None
-    val_num_samples: Optional[int] = None
-    streaming: bool = False
-    data_in_memory: Optional[bool] = None
-    workers: int = 2
-    shuffle_buffer: int = 10000
-    threads: Optional[int] = None
+    dataset: str = setting('', 'Dataset',
+        "'hfds/<hub id>', 'hfids/<hub id>' (streamed), 'imagefolder', 'idx' or '' (infer from data_dir)")
+    data_dir: Optional[str] = setting(None, 'Dataset', "local folder of 'imagefolder' / 'idx' data")
+    dataset_config: Optional[str] = setting(None, 'Dataset', 'Hub configuration name, for data sets that have several')
+    train_split: str = setting('train', 'Dataset',
+        "split trained on: a name or a datasets-style slice ('train[:54000]')")
+    val_split: Optional[str] = setting('test', 'Dataset',
+        'split evaluated after every epoch (name or slice); null with val_fraction')
+    val_fraction: float = setting(0.0, 'Dataset',
+        'hold out this share of train_split (class-balanced, same rows every run) as the validation split')
+    split_seed: int = setting(0, 'Dataset',
+        'seed of the val_fraction hold-out; independent of seed, so runs with other training seeds validate on '
+        'the same images', at_least=0, at_most=2 ** 32 - 1)
+    test_split: Optional[str] = setting(None, 'Dataset',
+        'split evaluated once, after the last epoch (never read during training)')
+    input_key: Optional[str] = setting(None, 'Dataset', 'image column (inferred when null)')
+    target_key: Optional[str] = setting(None, 'Dataset', 'label column (inferred when null)')
+    num_classes: Optional[int] = setting(None, 'Dataset',
+        "classes to build prototypes for (null: the label column's ClassLabel)", at_least=1, at_most=2 ** 24)
+    label_names: Optional[List[str]] = setting(None, 'Dataset',
+        "class names saved with the model, one per class in label order (null: the label column's ClassLabel "
+        "names), like timm's class map")
+    train_num_samples: Optional[int] = setting(None, 'Dataset',
+        "use the first N training rows; a stream's length (required there)", at_least=1)
+    val_num_samples: Optional[int] = setting(None, 'Dataset', 'use the first N validation (and test) rows', at_least=1)
+    streaming: bool = setting(False, 'Dataset', "stream the splits (implied by 'hfids/')")
+    data_in_memory: Optional[bool] = setting(None, 'Dataset',
+        'hold each split as one uint8 tensor (null: only array columns such as IDX)')
+    workers: int = setting(2, 'Dataset', 'loader workers for per-sample decoding', at_least=0, at_most=256)
+    shuffle_buffer: int = setting(10000, 'Dataset', 'shuffle buffer of a streamed training split', at_least=1)
+    threads: Optional[int] = setting(None, 'Miscellaneous',
+        "CPU threads per process (torch.set_num_threads; null: torch's default); 1 on a CPU shared with other "
+        'jobs, where OpenMP threads spinning against each other are often several times slower',
+        at_least=1, at_most=1024)
     # model
-    model: str = 'resnet18'
-    pretrained: bool = False
-    pretrained_file: Optional[str] = None
-    in_chans: int = 3
-    img_size: Optional[int] = None
-    model_kwargs: Dict[str, Any] = field(default_factory=dict)
-    hff: Dict[str, Any] = field(default_factory=dict)
-    method: str = 'hff'
-    ff: Dict[str, Any] = field(default_factory=dict)
-    reset_prototypes: bool = False
-    freeze_stages: List[int] = field(default_factory=list)
-    head_only: bool = False
-    head_warmup_epochs: int = 0
-    channels_last: bool = False
-    grad_checkpointing: bool = False
-    torchcompile: Optional[str] = None
-    torchcompile_mode: Optional[str] = None
-    cuda_graphs: bool = False
+    model: str = setting('resnet18', 'Model',
+        "timm architecture, 'hff_*' name, or 'hf-hub:<repo>' / 'local-dir:<folder>' HFF weights")
+    pretrained: bool = setting(False, 'Model',
+        "load timm's pretrained backbone (or the HFF weights of a hub / local model)")
+    pretrained_file: Optional[str] = setting(None, 'Model',
+        "timm's pretrained weights from a local .safetensors file (implies pretrained)")
+    in_chans: int = setting(3, 'Model', 'input channels (1 reads images as grayscale)', at_least=1)
+    img_size: Optional[int] = setting(None, 'Model', "input resolution (null: the model's default)",
+        at_least=1, at_most=8192)
+    model_kwargs: Dict[str, Any] = setting(dict, 'Model',
+        "timm keyword arguments, a mapping merged key by key (e.g. '{drop_path_rate: 0.1}')")
+    hff: Dict[str, Any] = setting(dict, 'Model',
+        "HFF settings, a mapping merged key by key (e.g. '{num_stages: 4, margin: 0.3}')")
+    method: str = setting('hff', 'Model', 'what learns; one of the registered methods', choices=method_names)
+    ff: Dict[str, Any] = setting(dict, 'Model',
+        'Forward-Forward settings (FFConfig: threshold, label_mode, label_res, ...); method ff only')
+    reset_prototypes: bool = setting(False, 'Model',
+        'fresh prototypes in every head (a new label set with the same class count)')
+    freeze_stages: List[int] = setting(list, 'Model',
+        "HFF stages whose backbone slice stays frozen (transfer), e.g. '[0, 1]'; BP: the same blocks")
+    head_only: bool = setting(False, 'Model',
+        "train only the heads (BP: timm's classifier, a linear probe); the backbone stays frozen")
+    head_warmup_epochs: int = setting(0, 'Model', 'train only the heads for N epochs (backbone frozen), then fine-tune',
+        at_least=0)
+    channels_last: bool = setting(False, 'Model', 'channels-last memory format')
+    grad_checkpointing: bool = setting(False, 'Model',
+        "timm's gradient checkpointing (with memory_efficient: inside each stage too)")
+    torchcompile: Optional[str] = setting(None, 'Model',
+        "torch.compile backend, e.g. 'inductor' (bare --torchcompile: inductor); HFF compiles block by block, "
+        'the cuts stay eager')
+    torchcompile_mode: Optional[str] = setting(None, 'Model',
+        "torch.compile mode, e.g. 'max-autotune' (null: the default)")
+    cuda_graphs: bool = setting(False, 'Model',
+        'capture the whole training step as a CUDA graph and replay it (one GPU; fused sgd / adam / adamw; not '
+        'fp16)')
     # optimisation
-    schedule: str = 'simultaneous'
-    stage_parallel_queue: int = 2
-    stage_parallel_timeout: float = 600.0
-    opt: str = 'sgd'
-    lr: float = 0.1
-    weight_decay: float = 5e-4
-    momentum: float = 0.9
-    opt_eps: Optional[float] = None
-    opt_betas: Optional[List[float]] = None
-    clip_grad: Optional[float] = None
-    stage_lr: Optional[List[float]] = None
-    layer_decay: Optional[float] = None
-    backbone_lr_scale: float = 1.0
-    sched: str = 'cosine'
-    epochs: int = 10
-    min_steps: int = 0
-    warmup_epochs: int = 0
-    warmup_lr: float = 1e-5
-    min_lr: float = 0.0
-    cooldown_epochs: int = 0
-    decay_epochs: Optional[float] = None
-    decay_rate: float = 0.1
-    sched_on_updates: bool = True
-    batch_size: int = 128
-    validation_batch_size: Optional[int] = None
-    grad_accum_steps: int = 1
-    mixed_precision: str = 'no'
-    model_ema: bool = False
-    model_ema_decay: float = 0.9998
-    model_ema_warmup: bool = False
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    mixup_prob: float = 1.0
-    mixup_switch_prob: float = 0.5
-    mixup_mode: str = 'batch'
-    smoothing: float = 0.0
+    schedule: str = setting('simultaneous', 'Optimizer', 'when stages step; one of the registered schedules',
+        choices=schedule_names)
+    stage_parallel_queue: int = setting(2, 'Optimizer',
+        'stage_parallel: stage outputs in flight between two stage processes', at_least=1, at_most=1024)
+    stage_parallel_timeout: float = setting(600.0, 'Optimizer',
+        'stage_parallel: seconds to wait for another stage process before stopping with an error naming it')
+    opt: str = setting('sgd', 'Optimizer', "timm optimizer name ('sgd', 'adamw', 'lamb', ...)")
+    lr: float = setting(0.1, 'Optimizer', 'learning rate', at_least=0)
+    weight_decay: float = setting(5e-4, 'Optimizer', 'weight decay (not on biases, norms and prototypes)', at_least=0)
+    momentum: float = setting(0.9, 'Optimizer', 'SGD momentum')
+    opt_eps: Optional[float] = setting(None, 'Optimizer', 'optimizer epsilon (null: its default)')
+    opt_betas: Optional[List[float]] = setting(None, 'Optimizer', 'optimizer betas (null: its default)')
+    clip_grad: Optional[float] = setting(None, 'Optimizer', 'gradient-norm clip, per stage (null: off)')
+    stage_lr: Optional[List[float]] = setting(None, 'Optimizer',
+        "one lr factor per HFF stage (timm's lr_scale), e.g. '[1, 1, 2, 2]'")
+    layer_decay: Optional[float] = setting(None, 'Optimizer',
+        "timm's layer-wise lr decay over the backbone's group_matcher (e.g. 0.75)")
+    backbone_lr_scale: float = setting(1.0, 'Optimizer',
+        "lr factor of the backbone's parameters; the heads train at lr (e.g. 0.1)")
+    sched: str = setting('cosine', 'Learning rate schedule', "timm scheduler ('cosine', 'step', 'plateau', ...)")
+    epochs: int = setting(10, 'Learning rate schedule', "epochs (per stage with schedule 'sequential')", at_least=1)
+    min_steps: int = setting(0, 'Learning rate schedule',
+        "at least this many optimizer steps: a small data set's epochs (and every epoch-counted setting) "
+        'stretched by a whole factor; 0: off', at_least=0)
+    warmup_epochs: int = setting(0, 'Learning rate schedule', 'linear warm-up epochs', at_least=0)
+    warmup_lr: float = setting(1e-5, 'Learning rate schedule', 'learning rate at the start of the warm-up', at_least=0)
+    min_lr: float = setting(0.0, 'Learning rate schedule', 'lowest learning rate of the schedule', at_least=0)
+    cooldown_epochs: int = setting(0, 'Learning rate schedule', 'epochs at min_lr after the schedule', at_least=0)
+    decay_epochs: Optional[float] = setting(None, 'Learning rate schedule', "epochs between decays ('step' schedules)")
+    decay_rate: float = setting(0.1, 'Learning rate schedule', "decay factor ('step' schedules)")
+    sched_on_updates: bool = setting(True, 'Learning rate schedule',
+        'step the schedule every update (else every epoch)')
+    batch_size: int = setting(128, 'Optimizer', 'per-process batch size', at_least=1, at_most=2 ** 20)
+    validation_batch_size: Optional[int] = setting(None, 'Optimizer', 'evaluation batch size (null: batch_size)',
+        at_least=1, at_most=2 ** 20)
+    grad_accum_steps: int = setting(1, 'Optimizer', 'gradient accumulation steps', at_least=1)
+    mixed_precision: str = setting('no', 'Optimizer', "'no', 'bf16' or 'fp16'", choices=PRECISIONS)
+    model_ema: bool = setting(False, 'Model exponential moving average',
+        "keep an EMA of the weights (timm's ModelEmaV3)")
+    model_ema_decay: float = setting(0.9998, 'Model exponential moving average', 'EMA decay', within=(0, 1))
+    model_ema_warmup: bool = setting(False, 'Model exponential moving average', 'EMA decay warm-up')
+    mixup: float = setting(0.0, 'Augmentation and regularization', 'mixup alpha (0: off)', at_least=0)
+    cutmix: float = setting(0.0, 'Augmentation and regularization', 'cutmix alpha (0: off)', at_least=0)
+    mixup_prob: float = setting(1.0, 'Augmentation and regularization', 'probability of mixup / cutmix per batch',
+        within=(0, 1))
+    mixup_switch_prob: float = setting(0.5, 'Augmentation and regularization', 'probability of cutmix instead of mixup',
+        within=(0, 1))
+    mixup_mode: str = setting('batch', 'Augmentation and regularization', "'batch', 'pair' or 'elem'",
+        choices=('batch', 'pair', 'elem'))
+    smoothing: float = setting(0.0, 'Augmentation and regularization', 'label smoothing', within=(0, 1, ')'))
     # augmentation
-    aug: str = 'pad_crop'
-    crop_padding: int = 4
-    hflip: float = 0.5
-    vflip: float = 0.0
-    scale: Optional[List[float]] = None
-    ratio: Optional[List[float]] = None
-    color_jitter: float = 0.4
-    aa: Optional[str] = None
-    reprob: float = 0.0
-    remode: str = 'pixel'
-    recount: int = 1
-    mean: Optional[List[float]] = None
-    std: Optional[List[float]] = None
-    crop_pct: Optional[float] = None
-    interpolation: Optional[str] = None
+    aug: str = setting('pad_crop', 'Augmentation and regularization',
+        "'pad_crop' (batched on the device), 'timm' (per sample) or 'none'", choices=AUG_KINDS)
+    crop_padding: int = setting(4, 'Augmentation and regularization', "padding of 'pad_crop'", at_least=0)
+    hflip: float = setting(0.5, 'Augmentation and regularization', 'horizontal flip probability', within=(0, 1))
+    vflip: float = setting(0.0, 'Augmentation and regularization', 'vertical flip probability', within=(0, 1))
+    scale: Optional[List[float]] = setting(None, 'Augmentation and regularization',
+        "RandomResizedCrop scale range ('timm' aug)")
+    ratio: Optional[List[float]] = setting(None, 'Augmentation and regularization',
+        "RandomResizedCrop aspect-ratio range ('timm' aug)")
+    color_jitter: float = setting(0.4, 'Augmentation and regularization', "colour jitter ('timm' aug)")
+    aa: Optional[str] = setting(None, 'Augmentation and regularization',
+        "auto-augment policy, e.g. 'rand-m9-mstd0.5' ('timm' aug)")
+    reprob: float = setting(0.0, 'Augmentation and regularization', 'random erasing probability', within=(0, 1))
+    remode: str = setting('pixel', 'Augmentation and regularization', "random erasing mode ('pixel', 'rand', 'const')")
+    recount: int = setting(1, 'Augmentation and regularization', 'random erasing count', at_least=1)
+    mean: Optional[List[float]] = setting(None, 'Augmentation and regularization',
+        "normalisation mean (null: the model's)")
+    std: Optional[List[float]] = setting(None, 'Augmentation and regularization',
+        "normalisation std (null: the model's)")
+    crop_pct: Optional[float] = setting(None, 'Augmentation and regularization',
+        "evaluation crop fraction (null: the model's)")
+    interpolation: Optional[str] = setting(None, 'Augmentation and regularization',
+        "resize interpolation (null: the model's)")
     # run
-    seed: int = 42
-    output: str = 'output'
-    experiment: str = ''
-    log_with: Optional[str] = None
-    checkpoint_hist: int = 1
-    val_every: int = 1
-    resume: Optional[str] = None
-    save_model: bool = True
-    progress: bool = True
-    calibrate_exits: Optional[float] = None
-    exit_confidence: Optional[float] = 0.9
+    seed: int = setting(42, 'Miscellaneous', 'seed of initialisation, data order and augmentation', at_most=2 ** 32 - 1)
+    output: str = setting('output', 'Miscellaneous', 'parent folder of runs')
+    experiment: str = setting('', 'Miscellaneous', "the run's folder name (default: the recipe's name)")
+    log_with: Optional[str] = setting(None, 'Miscellaneous', "extra Accelerate trackers, e.g. 'tensorboard'")
+    checkpoint_hist: int = setting(1, 'Miscellaneous', 'epoch checkpoints to keep', at_least=1)
+    val_every: int = setting(1, 'Miscellaneous',
+        'evaluate the validation split every N epochs (and after the last): long runs on a few hundred images '
+        'spend most of their time validating otherwise', at_least=1)
+    resume: Optional[str] = setting(None, 'Miscellaneous',
+        "checkpoint or run folder to continue from (bare --resume: this run's latest)")
+    save_model: bool = setting(True, 'Miscellaneous', 'save the final model (config.json + model.safetensors + card)')
+    progress: bool = setting(True, 'Miscellaneous', 'show a progress bar')
+    calibrate_exits: Optional[float] = setting(None, 'Miscellaneous',
+        'after training, choose adaptive-exit thresholds on the validation split losing at most this many top-1'
+        ' points (null: off)')
+    exit_confidence: Optional[float] = setting(0.9, 'Miscellaneous',
+        "probability that calibrate_exits' bound holds on new data (Learn-then-Test; null: fit to the "
+        'validation images, no guarantee)')
+
 
     def __post_init__(self):
         self.validate()
