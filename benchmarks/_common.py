@@ -14,7 +14,7 @@ import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -40,6 +40,23 @@ METHOD_LABELS = {
     'bp_accum': 'BP + accumulation',
     'ff': 'FF',
 }
+ACCUM_DEFAULT = 4   # micro-batches of the plain 'bp_accum' row
+
+
+def split_accum(method: str) -> Tuple[str, int]:
+    """(method, micro-batches) of a row name: ``<method>_accum<N>`` steps once after N micro-batches of the batch,
+    each backpropagated at once (so one micro-batch's activations are alive at a time); ``bp_accum`` is BP's 4."""
+    if method == 'bp_accum':
+        return 'bp', ACCUM_DEFAULT
+    head, sep, tail = method.rpartition('_accum')
+    return (head, int(tail)) if sep and tail.isdigit() and int(tail) > 1 else (method, 1)
+
+
+def method_label(method: str) -> str:
+    base, k = split_accum(method)
+    if method in METHOD_LABELS or base not in METHOD_LABELS:
+        return METHOD_LABELS.get(method, method)
+    return f'{METHOD_LABELS[base]} + accumulation ({k} micro-batches)'
 
 
 @dataclass(frozen=True)
@@ -216,6 +233,7 @@ CHEAP_AUX_SIZE = 7
 
 
 def build_for_method(method: str, spec: ModelSpec, num_classes: int, **kwargs: Any) -> nn.Module:
+    method = split_accum(method)[0]
     if method.startswith('hff'):
         if method.startswith('hff_balanced'):
             kwargs = dict(dict(balance='memory', num_stages=BALANCED_STAGES), **kwargs)
@@ -246,22 +264,38 @@ def make_train_step(method: str, model: nn.Module, optimizer: torch.optim.Optimi
         with runtime.no_autocast():
             loss.backward()
 
+    base, micro = split_accum(method)
+    if method == 'bp_accum':
+        micro = accum_steps
+
+    def losses(x: torch.Tensor, y: torch.Tensor, backward_fn) -> torch.Tensor:
+        """The base method's loss on (x, y); a loss that still requires grad is backpropagated by the caller."""
+        if base in ('hff_simultaneous', 'hff_compiled'):
+            return model(x, y, mode='simultaneous').loss
+        if base in ('hff_memory_efficient', 'hff_me_ckpt', 'hff_balanced', 'hff_balanced_ckpt', 'hff_balanced_cheap'):
+            return model(x, y, mode='memory_efficient', backward_fn=backward_fn).loss
+        if base in ('bp', 'bp_ckpt'):
+            return F.cross_entropy(model(x), y)
+        if base == 'ff':
+            return model.loss(x, y)
+        raise ValueError(f'unknown method {method!r}; choose from {sorted(METHOD_LABELS)}')
+
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
         with runtime.autocast():
-            if method in ('hff_simultaneous', 'hff_compiled'):
-                loss = model(x, y, mode='simultaneous').loss
-            elif method in ('hff_memory_efficient', 'hff_me_ckpt', 'hff_balanced', 'hff_balanced_ckpt',
-                            'hff_balanced_cheap'):
-                loss = model(x, y, mode='memory_efficient', backward_fn=backward).loss
-            elif method in ('bp', 'bp_ckpt'):
-                loss = F.cross_entropy(model(x), y)
-            elif method == 'bp_accum':
-                loss = accumulated_backward(model, x, y, accum_steps, backward_fn=backward)
-            elif method == 'ff':
-                loss = model.loss(x, y)
+            if micro > 1 and base in ('bp', 'bp_ckpt'):
+                loss = accumulated_backward(model, x, y, micro, backward_fn=backward)
+            elif micro > 1:   # each micro-batch's backward (scaled by its share) before the next one's forward
+                total = 0.0
+                for xs, ys in zip(x.tensor_split(micro), y.tensor_split(micro)):
+                    share = xs.shape[0] / x.shape[0]
+                    part = losses(xs, ys, lambda l, share=share: backward(l * share))
+                    if part.requires_grad:
+                        backward(part * share)
+                    total = total + part.detach() * share
+                loss = total
             else:
-                raise ValueError(f'unknown method {method!r}; choose from {sorted(METHOD_LABELS)}')
+                loss = losses(x, y, backward)
         if loss.requires_grad:
             loss.backward()
         optimizer.step()

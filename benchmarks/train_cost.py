@@ -39,8 +39,8 @@ from typing import Any, Dict, List
 import torch
 
 from ._common import (BALANCED_STAGES, METHOD_LABELS, add_common_args, build_for_method, get_spec, machine_info,
-                      machine_line, make_runtime, make_train_step, markdown_table, median, mode_of, new_figure,
-                      time_calls, verdict, write_outputs)
+                      machine_line, make_runtime, make_train_step, markdown_table, median, method_label, mode_of,
+                      new_figure, split_accum, time_calls, verdict, write_outputs)
 
 # mode -> [(preset, batch)]
 SIZES = {
@@ -62,6 +62,10 @@ GRAPHED = {'hff_simultaneous_graphed': 'hff_simultaneous', 'hff_balanced_graphed
            'bp_graphed': 'bp'}
 GRAPHED_TARGETS = {'hff_simultaneous_graphed': 1.15, 'hff_balanced_graphed': 1.3}   # x BP's captured step
 ACCUM_STEPS = 4
+# --frontier (issue 35): every BP memory technique beside HFF's settings, for the memory / time Pareto set
+FRONTIER = ('bp', 'bp_ckpt', 'bp_accum2', 'bp_accum4', 'bp_accum8', 'bp_ckpt_accum4', 'hff_simultaneous',
+            'hff_memory_efficient', 'hff_balanced', 'hff_balanced_cheap', 'hff_balanced_ckpt',
+            'hff_balanced_cheap_accum2', 'hff_balanced_cheap_accum4')
 TIME_TARGET = 1.15        # HFF simultaneous (and balanced memory_efficient) step time <= 1.15x BP
 MEMORY_TARGET = 0.45      # HFF memory_efficient peak <= 0.45x BP (4+ stages), and below BP + checkpointing
 CKPT_MEMORY_TARGET = 0.3  # the balanced cut with checkpointing as well
@@ -287,7 +291,8 @@ def run_model(preset: str, batch: int, methods: List[str], runtime, args, mode: 
     print(f'  {preset}: timing {len(methods)} methods ...', file=sys.stderr, flush=True)
     timing_s = TIMING_S[mode] if args.timing_seconds is None else args.timing_seconds
     times = measure_times(methods, preset, batch, runtime, args.seed, mode, timing_s)
-    flops = {m: train_flops_per_image(GRAPHED.get(m, m), preset, runtime, args.seed) for m in methods}
+    # FLOPs per image: a row's micro-batches do its base row's work in pieces (and FLOP_BATCH is below their count)
+    flops = {m: train_flops_per_image(split_accum(GRAPHED.get(m, m))[0], preset, runtime, args.seed) for m in methods}
     rows = []
     all_methods = [m for m in methods if m not in GRAPHED] + list(DIAGNOSTICS)   # captured rows: time only
     print(f'  {preset}: memory of {len(all_methods)} configurations ...', file=sys.stderr, flush=True)
@@ -302,7 +307,7 @@ def run_model(preset: str, batch: int, methods: List[str], runtime, args, mode: 
         mems[m] = dict(peak_mib=None, total_peak_mib=None, base_mib=None, how='not measured (captured step)')
     for m, mem in mems.items():
         rows.append(dict(model=preset, spec=spec.describe(), method=m, label=_label(m), batch=batch,
-                         micro_batch=batch // ACCUM_STEPS if m == 'bp_accum' else batch,
+                         micro_batch=batch // split_accum(m)[1],
                          step_s=times[m][0] if m in times else None, median_step_s=times[m][1] if m in times else None,
                          images_per_s=batch / times[m][0] if m in times else None,
                          train_gflops_per_image=flops[m] / 1e9 if m in flops else None, **mem))
@@ -319,8 +324,9 @@ def run_model(preset: str, batch: int, methods: List[str], runtime, args, mode: 
 
 
 def _label(method: str) -> str:
-    return METHOD_LABELS.get(method) or {'hff_stage1': 'HFF stage 1 alone (floor of memory_efficient)',
-                                         'hff_me_noaux': "HFF memory_efficient, aux='none'"}[method]
+    diagnostics = {'hff_stage1': 'HFF stage 1 alone (floor of memory_efficient)',
+                   'hff_me_noaux': "HFF memory_efficient, aux='none'"}
+    return diagnostics.get(method) or method_label(method)
 
 
 def targets(rows: List[Dict[str, Any]], num_stages: Dict[str, int]) -> List[Dict[str, Any]]:
@@ -484,9 +490,16 @@ def plot(rows):
     for ax, model in zip(axes, models):
         rs = [r for r in rows if r['model'] == model and r['step_s'] and r['peak_mib'] is not None]
         for r in rs:
-            ax.scatter(r['step_s'] * 1000, r['peak_mib'], s=40)
+            hff = r['method'].startswith('hff')
+            ax.scatter(r['step_s'] * 1000, r['peak_mib'], s=40, marker='o' if hff else 's',
+                       facecolors=('C0' if hff else 'C1') if r.get('on_frontier') else 'none',
+                       edgecolors='C0' if hff else 'C1')
             ax.annotate(r['label'], (r['step_s'] * 1000, r['peak_mib']), fontsize=7, xytext=(4, 2),
                         textcoords='offset points')
+        front = sorted((r for r in rs if r.get('on_frontier')), key=lambda r: r['step_s'])
+        if len(front) > 1:   # the Pareto set (filled: on it; circles HFF, squares BP)
+            ax.step([r['step_s'] * 1000 for r in front], [r['peak_mib'] for r in front], where='post', color='0.6',
+                    lw=1, zorder=0)
         ax.set_xlabel('step time (ms)')
         ax.set_ylabel('peak training memory above set-up (MiB)')
         ax.set_title(model)
@@ -494,11 +507,52 @@ def plot(rows):
     return fig
 
 
+def _method_name(name: str) -> str:
+    base, _ = split_accum(name)
+    if base not in METHODS + ('ff',) + tuple(GRAPHED) or (name != base and base in GRAPHED):
+        raise argparse.ArgumentTypeError(f"unknown row {name!r}: one of {', '.join(METHODS)}, ff, "
+                                         f"{', '.join(GRAPHED)}, or '<row>_accum<N>' (N micro-batches)")
+    return name
+
+
+def pareto(rows: List[Dict[str, Any]]) -> None:
+    """Mark each timed and measured row of a model ``on_frontier`` (no other row of that model has less or equal
+    memory and step time, one of them less) or name the row that dominates it (``dominated_by``)."""
+    for model in dict.fromkeys(r['model'] for r in rows):
+        rs = [r for r in rows if r['model'] == model and r['step_s'] and r['peak_mib'] is not None]
+        for r in rs:
+            better = [o for o in rs if o is not r and o['step_s'] <= r['step_s'] and o['peak_mib'] <= r['peak_mib']
+                      and (o['step_s'] < r['step_s'] or o['peak_mib'] < r['peak_mib'])]
+            r['on_frontier'] = not better
+            r['dominated_by'] = min(better, key=lambda o: o['step_s'])['label'] if better else None
+
+
+def frontier_md(rows: List[Dict[str, Any]]) -> List[str]:
+    """Per model: the Pareto set in memory order, and whether an HFF setting is on it."""
+    md = []
+    for model in dict.fromkeys(r['model'] for r in rows):
+        rs = [r for r in rows if r['model'] == model and r.get('on_frontier') is not None]
+        md += [f'**{model}, the memory / step-time frontier** (a row is on it when no other row has both less or '
+               f'equal memory and less or equal time):', '',
+               '| method | peak MiB | step ms | on the frontier | dominated by |', '|---|---|---|---|---|']
+        for r in sorted(rs, key=lambda r: r['peak_mib']):
+            md.append(f"| {r['label']} | {r['peak_mib']:.1f} | {r['step_s'] * 1000:.1f} | "
+                      f"{'yes' if r['on_frontier'] else 'no'} | {r['dominated_by'] or '-'} |")
+        hff = [r['label'] for r in rs if r['method'].startswith('hff') and r['on_frontier']]
+        md += ['', 'HFF on the frontier: ' + (', '.join(hff) if hff else 'none: every HFF setting is dominated'), '']
+    return md
+
+
 def main(argv=None) -> Dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser, 'train_cost')
     parser.add_argument('--models', nargs='+', default=None, help="presets as NAME or NAME:BATCH")
-    parser.add_argument('--methods', nargs='+', default=list(METHODS), choices=list(METHODS) + ['ff'] + list(GRAPHED))
+    parser.add_argument('--methods', nargs='+', default=list(METHODS), type=_method_name,
+                        help=f"rows: {', '.join(list(METHODS) + ['ff'] + list(GRAPHED))}; '<row>_accum<N>' steps "
+                             f"once after N micro-batches")
+    parser.add_argument('--frontier', action='store_true',
+                        help='every BP memory technique (checkpointing, accumulation at 2 / 4 / 8 micro-batches, '
+                             'both) beside HFF\'s settings (with micro-batches too): the memory / time Pareto set')
     parser.add_argument('--timing-seconds', type=float, default=None,
                         help="keep adding timing rounds until this long per model (default: the mode's)")
     parser.add_argument('--memory-jobs', type=int, default=2,
@@ -511,6 +565,8 @@ def main(argv=None) -> Dict[str, Any]:
     if args.worker is not None:
         _worker(args.worker)
         return {}
+    if args.frontier:
+        args.methods = list(FRONTIER)
     if args.cuda_graphs:
         args.methods = list(dict.fromkeys(list(args.methods) + list(GRAPHED)))
     if any(m in GRAPHED for m in args.methods) and args.device.split(':')[0] != 'cuda':
@@ -523,8 +579,9 @@ def main(argv=None) -> Dict[str, Any]:
     from .inference import _parse_model
     models = SIZES[mode] if args.models is None else [_parse_model(m, SIZES[mode], parser) for m in args.models]
     for preset, batch in models:
-        if 'bp_accum' in args.methods and batch < ACCUM_STEPS:
-            parser.error(f'batch {batch} of {preset} is below the {ACCUM_STEPS} accumulation micro-batches')
+        most = max(split_accum(m)[1] for m in args.methods)
+        if batch < most:
+            parser.error(f'batch {batch} of {preset} is below the {most} accumulation micro-batches')
     info = machine_info(runtime)
     info['memory_protocol'] = ('torch.cuda.max_memory_allocated, one method alive at a time' if runtime.is_cuda else
                                'peak resident set (VmHWM after clear_refs) of a fresh subprocess per method, '
@@ -538,8 +595,9 @@ def main(argv=None) -> Dict[str, Any]:
         if diag and diag[0]['memory_vs_bp'] is not None:
             stage_share[preset] = diag[0]['memory_vs_bp']
     tgts = targets(rows, num_stages)
+    pareto(rows)
     command = ('python -m benchmarks.train_cost ' + ' '.join(argv if argv is not None else sys.argv[1:])).strip()
-    md = render(rows, tgts, info, command, stage_share, profiles)
+    md = render(rows, tgts, info, command, stage_share, profiles) + '\n\n' + '\n'.join(frontier_md(rows))
     payload = dict(benchmark='train_cost', mode=mode, command=command, machine=info,
                    protocol=__doc__.split('\n\n', 2)[-1].strip(), steps=STEPS[mode], accum_steps=ACCUM_STEPS,
                    rows=rows, targets=tgts, saved_activation_profile=profiles)

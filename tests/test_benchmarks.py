@@ -78,6 +78,49 @@ def test_train_cost_captured_rows(monkeypatch, capsys):
     assert '| BP, CUDA graph |' in md.replace('tiny_resnet_28 | ', '')
 
 
+def test_frontier_rows_and_pareto_set(capsys):
+    """--frontier's rows: '<row>_accum<N>' is N micro-batches of the row's own step (BP and HFF alike), a bad row name
+    is refused in one line, and the Pareto marking is right on known points."""
+    assert _common.split_accum('bp_accum') == ('bp', 4) and _common.split_accum('bp_ckpt_accum8') == ('bp_ckpt', 8)
+    assert _common.split_accum('hff_balanced_cheap_accum2') == ('hff_balanced_cheap', 2)
+    assert _common.split_accum('hff_balanced') == ('hff_balanced', 1)
+    assert _common.method_label('bp_ckpt_accum4') == 'BP + checkpointing + accumulation (4 micro-batches)'
+    with pytest.raises(SystemExit):
+        train_cost.main(['--quick', '--methods', 'bp_graphed_accum2', '--out', 'unused'])
+    assert "unknown row 'bp_graphed_accum2'" in capsys.readouterr().err
+    rows = [dict(model='m', method=m, label=m, step_s=t, peak_mib=p) for m, t, p in
+            [('bp', 1.0, 10.0), ('bp_accum4', 0.9, 4.0), ('hff_balanced', 1.1, 5.0), ('bp_ckpt', 1.2, 5.0),
+             ('hff_simultaneous', 0.8, 12.0)]]
+    train_cost.pareto(rows)
+    by = {r['method']: r for r in rows}
+    assert [m for m, r in by.items() if r['on_frontier']] == ['bp_accum4', 'hff_simultaneous']
+    assert by['hff_balanced']['dominated_by'] == 'bp_accum4' and by['bp']['dominated_by'] == 'bp_accum4'
+    md = '\n'.join(train_cost.frontier_md(rows))
+    assert 'HFF on the frontier: hff_simultaneous' in md
+
+
+def test_micro_batched_steps_sum_to_the_batch_gradient():
+    """A row's micro-batched step gives the batch's gradient (no batch norm: the micro-batches' statistics would
+    differ): HFF memory_efficient as BP, 1e-5."""
+    spec = _common.get_spec('tiny_resnet_28')
+    runtime = Runtime(torch.device('cpu'), amp=False, channels_last=False)
+    x, y = torch.randn(8, spec.in_chans, spec.img_size, spec.img_size), torch.randint(0, 10, (8,))
+    for method in ('hff_memory_efficient', 'bp'):
+        grads = []
+        for row in (method, f'{method}_accum4'):
+            torch.manual_seed(0)
+            model = _common.build_for_method(row, spec, num_classes=10).train()
+            for m in model.modules():   # norms on fixed statistics: the same for every micro-batch
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.eval()
+            opt = torch.optim.SGD(model.parameters(), lr=0.0)
+            _common.make_train_step(row, model, opt, runtime)(x, y)
+            grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+        assert len(grads[0]) == len(grads[1]) > 0
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_train_cost_memory_and_targets(tmp_path):
     out = str(tmp_path / 'tc')
     train_cost.main(['--quick', '--models', 'tiny_resnet_28:16', '--methods', 'bp', 'bp_accum', 'hff_memory_efficient',
