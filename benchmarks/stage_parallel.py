@@ -101,7 +101,7 @@ def stage_step_times(rounds: int, extra_hff: Dict[str, Any]) -> Dict[str, Any]:
     from timm_hff import run_stages
     from timm_hff.data import BatchTransform
     from timm_hff.train import TrainConfig, build_model
-    from timm_hff.train.schedules.stage_parallel.part import StagePart
+    from timm_hff.train.engines.stage_parallel.part import StagePart
 
     cfg = TrainConfig.from_yaml(RECIPE)
     hff = {**cfg.hff, **extra_hff}

@@ -13,7 +13,7 @@ trained alone (the floor of ``memory_efficient``'s peak, since that mode holds o
 ``memory_efficient`` with ``aux='none'`` (heads pool first, so no full-resolution aux activations).
 
 ``--cuda-graphs`` (CUDA only) adds three time-only rows whose whole step (zero_grad, forward, backward, SGD step) is
-captured once as a CUDA graph and replayed (``timm_hff.train.cuda_graphs.CapturedStep``, what ``hff-train
+captured once as a CUDA graph and replayed (``timm_hff.train.engines.cuda_graphs.CapturedStep``, what ``hff-train
 cuda_graphs: true`` uses): HFF simultaneous, HFF memory_efficient on the balanced cut, and BP. Their SGD is torch's
 fused one (a graph needs the optimizer step on the device) and autocast runs without its weight-cast cache; each is
 compared with BP's captured step.
@@ -56,7 +56,7 @@ METHODS = ('hff_simultaneous', 'hff_memory_efficient', 'hff_me_ckpt', 'hff_balan
            'hff_balanced_cheap', 'hff_compiled', 'bp', 'bp_ckpt', 'bp_accum')
 DIAGNOSTICS = ('hff_stage1', 'hff_me_noaux')   # memory only: HFF's stage 1 alone; memory_efficient with aux='none'
 # --cuda-graphs: time-only rows, the whole step (zero_grad, forward, backward, fused SGD step) captured as one CUDA
-# graph and replayed (timm_hff.train.cuda_graphs.CapturedStep); BP captured the same way: their ratio is like with
+# graph and replayed (timm_hff.train.engines.cuda_graphs.CapturedStep); BP captured the same way: their ratio is like with
 # like
 GRAPHED = {'hff_simultaneous_graphed': 'hff_simultaneous', 'hff_balanced_graphed': 'hff_balanced',
            'bp_graphed': 'bp'}
@@ -81,7 +81,7 @@ def _setup(method: str, preset: str, batch: int, runtime, seed: int):
     import timm.optim
     fused = {}
     if method in GRAPHED:   # the fused SGD step, which a graph can hold; autocast without its weight-cast cache
-        from timm_hff.train.cuda_graphs import optimizer_kwargs
+        from timm_hff.train.engines.cuda_graphs import optimizer_kwargs
         fused = optimizer_kwargs('sgd', runtime.device.type)
         runtime = dataclasses.replace(runtime, autocast_cache=False)
     opt = timm.optim.create_optimizer_v2(model, 'sgd', lr=0.01, momentum=0.9, weight_decay=1e-4, **fused)
@@ -96,7 +96,7 @@ def _setup(method: str, preset: str, batch: int, runtime, seed: int):
     else:
         step = make_train_step(base, model, opt, runtime, accum_steps=ACCUM_STEPS)
     if method in GRAPHED:
-        from timm_hff.train.cuda_graphs import CapturedStep
+        from timm_hff.train.engines.cuda_graphs import CapturedStep
         captured, eager = CapturedStep(opt, list(model.parameters()), runtime.device), step
 
         def step(x, y):   # warm-up steps, then the capture, then replays
@@ -269,7 +269,7 @@ def measure_times(methods: List[str], preset: str, batch: int, runtime, seed: in
     warmup, rounds, per_round = STEPS[mode]
     setups = {m: _setup(m, preset, batch, runtime, seed) for m in methods}
     fns = {m: (lambda s=s: s[2](s[3], s[4])) for m, s in setups.items()}
-    from timm_hff.train.cuda_graphs import WARMUP_STEPS
+    from timm_hff.train.engines.cuda_graphs import WARMUP_STEPS
     for m, fn in fns.items():   # a captured row: its warm-up steps, the capture and a replay before timing
         for _ in range(max(warmup, WARMUP_STEPS + 2) if m in GRAPHED else warmup):
             fn()

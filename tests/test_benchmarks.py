@@ -52,7 +52,7 @@ def test_train_cost_captured_rows(monkeypatch, capsys):
     """--cuda-graphs: refused off CUDA in one line; on CUDA its rows are the captured steps (CapturedStep with the
     replaying stand-in of tests/test_cuda_graphs.py here), timed against BP's captured step, memory not measured."""
     import argparse
-    from timm_hff.train import cuda_graphs
+    from timm_hff.train.engines import cuda_graphs
     from test_cuda_graphs import ReplayGraph
     with pytest.raises(SystemExit):
         train_cost.main(['--quick', '--cuda-graphs', '--out', 'unused'])

@@ -18,8 +18,9 @@ import torch
 from torch.utils._pytree import tree_leaves
 
 import timm_hff
-from timm_hff.train import Trainer, cuda_graphs
-from timm_hff.train.cuda_graphs import CapturedStep, GraphCaptureError, host_syncs
+from timm_hff.train import Trainer
+from timm_hff.train.engines import cuda_graphs
+from timm_hff.train.engines.cuda_graphs import CapturedStep, GraphCaptureError, host_syncs
 
 from conftest import reset_accelerate, tiny, weights   # also the fixtures idx_root, fresh_accelerate_state
 

@@ -433,8 +433,8 @@ OUTPUTS = ['out', 'out2', '.', '..', 'a b', 'ünï', 'out/sub', 'x\ny', 'x\x00y'
 @pytest.fixture(scope='module')
 def no_data():
     """``build_data`` raises ``_Reached``: arguments, settings and the run folder are checked, no data is read."""
-    from timm_hff.train import trainer
-    from timm_hff.train.schedules.stage_parallel import trainer as stage_parallel
+    from timm_hff.train.engines.accelerate import trainer
+    from timm_hff.train.engines.stage_parallel import trainer as stage_parallel
 
     def reached(*args, **kwargs):
         raise _Reached()

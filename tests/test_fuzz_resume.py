@@ -34,7 +34,7 @@ from timm_hff.train import TrainConfig, Trainer
 from timm_hff.train.checkpoint import FILES_KEY, STATE_FILE, check_compatible, check_files, read_state
 from timm_hff.train.optim import build_optimizer, build_scheduler
 from timm_hff.train.registry import get_method, get_schedule
-from timm_hff.train.schedules.stage_parallel.state import StageEma, StageState, stage_dir
+from timm_hff.train.engines.stage_parallel.state import StageEma, StageState, stage_dir
 
 from conftest import Boom, cli_args, reset_accelerate, resign, tiny, tiny_settings
 from test_fuzz import N, STATS, case, folder, mutate, outcome_of, report  # noqa: F401 (report: the fixture)
@@ -343,7 +343,7 @@ def test_hff_train_refuses_a_damaged_resume_in_one_line_and_leaves_the_run_folde
 def test_a_stage_parallel_checkpoint_of_pickles_is_refused_unopened(tmp_path):
     """timm_hff 0.1 wrote a stage's optimizer, scheduler and RNG state with torch.save: refused by name, unopened."""
     from timm_hff.hub import CorruptCheckpointError
-    from timm_hff.train.schedules.stage_parallel.state import load_stage
+    from timm_hff.train.engines.stage_parallel.state import load_stage
     stage = tmp_path / 'epoch_0000' / 'stage_0'
     stage.mkdir(parents=True)
     marker = tmp_path / 'ran'
@@ -361,7 +361,7 @@ def test_resume_code_never_unpickles():
     import re
     import timm_hff
     root = Path(timm_hff.__file__).parent
-    allowed = {'train/schedules/stage_parallel/handoff.py'}
+    allowed = {'train/engines/stage_parallel/handoff.py'}
     found = []
     for path in root.rglob('*.py'):
         rel = str(path.relative_to(root))
@@ -372,7 +372,7 @@ def test_resume_code_never_unpickles():
                 if rel not in allowed:
                     found.append(f'{rel}: {m.group(0)}')
     assert not found, found
-    assert re.search(r'\bpickle\.loads?\(', (root / 'train/schedules/stage_parallel/handoff.py').read_text())
+    assert re.search(r'\bpickle\.loads?\(', (root / 'train/engines/stage_parallel/handoff.py').read_text())
 
 
 @pytest.mark.parametrize('opt', ['adamw', 'sgd', 'lamb', 'adafactor', 'lion', 'adan', 'rmsprop'])

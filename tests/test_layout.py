@@ -29,22 +29,20 @@ LAYERS = [
     ('baselines',),
     # the training package, bottom to top: registries; settings; the run's parts; methods; the run sequence; its
     # engines (Accelerate, stage-parallel); the schedules (which name their engine); the CLI and the package face
-    ('train.registry', 'train.errors', 'train.cuda_graphs'),
+    ('train.registry', 'train.errors', 'train.graph_settings'),
     ('train.checks', 'train.help'),
     ('train.config',),
     ('train.checkpoint', 'train.state_files', 'train.metrics', 'train.evaluate', 'train.exits', 'train.optim',
      'train.targets', 'train.data'),
     ('train.methods',),
-    ('train.run', 'train.steps'),
-    ('train.trainer', 'train.schedules.stage_parallel.checks', 'train.schedules.stage_parallel.handoff',
-     'train.schedules.stage_parallel.part', 'train.schedules.stage_parallel.launch',
-     'train.schedules.stage_parallel.state', 'train.schedules.stage_parallel.steps',
-     'train.schedules.stage_parallel.trainer'),
+    ('train.run',),
+    ('train.engines',),   # Accelerate, stage-parallel, CUDA graphs: none imports a schedule
     ('train.schedules',),
     ('train',),
     ('cli',),   # the console scripts
     # deprecated aliases of the CLIs' old paths, the timm hook; '' is the package's own __init__ (the public face)
-    ('hub_cli', 'seed_cli', 'validate', 'predict', 'train.cli', 'train.__main__', '_timm_hook', ''),
+    ('hub_cli', 'seed_cli', 'validate', 'predict', 'train.cli', 'train.trainer', 'train.steps', 'train.cuda_graphs',
+     'train.__main__', '_timm_hook', ''),
 ]
 
 def _module_name(path: Path) -> str:

@@ -34,7 +34,8 @@ WORKER = textwrap.dedent('''
     """hff-train with one pause point (HFF_TEST_PAUSE, JSON): it writes a marker file and waits to be killed."""
     import json, os, sys, time
 
-    from timm_hff.train import cli, steps, trainer
+    from timm_hff.train import cli
+    from timm_hff.train.engines.accelerate import steps, trainer
 
     pause = json.loads(os.environ.get('HFF_TEST_PAUSE', 'null'))
 

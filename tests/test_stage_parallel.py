@@ -25,8 +25,8 @@ import timm_hff
 from timm_hff import run_stages
 from timm_hff.train import TrainConfig, Trainer, create_trainer
 from timm_hff.train.checkpoint import list_checkpoints
-from timm_hff.train.schedules.stage_parallel.handoff import lost_message
-from timm_hff.train.schedules.stage_parallel.part import StagePart, spec_of
+from timm_hff.train.engines.stage_parallel.handoff import lost_message
+from timm_hff.train.engines.stage_parallel.part import StagePart, spec_of
 
 from conftest import REPO, cli_args, reset_accelerate, tiny_settings
 
@@ -115,7 +115,7 @@ WORKER = textwrap.dedent('''
     import json, os, sys, time
 
     from timm_hff.train import cli
-    from timm_hff.train.schedules.stage_parallel import steps as _stage_steps
+    from timm_hff.train.engines.stage_parallel import steps as _stage_steps
 
     pause = json.loads(os.environ.get('HFF_TEST_PAUSE', 'null'))
     if pause and int(os.environ.get('RANK', '0')) == pause['rank']:

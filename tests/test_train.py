@@ -691,7 +691,7 @@ def test_a_bad_setting_is_refused_before_any_heavy_import():
 
 
 def test_a_launcher_that_started_fewer_processes_is_named(monkeypatch, caplog):
-    from timm_hff.train import trainer
+    from timm_hff.train.engines.accelerate import trainer
     launched = ['/usr/bin/python3', '/usr/local/bin/accelerate', 'launch', '--cpu', '--num_processes', '2', '-m',
                 'timm_hff.train', '--config', 'x.yaml']
     monkeypatch.setattr(trainer, 'launcher_cmdline', lambda: launched)

@@ -22,8 +22,8 @@ from .._lazy import lazy_exports
 METHODS = method_names()
 SCHEDULES = schedule_names()
 _EXPORTS = {'RunSequence': '.run', 'build_optimizer': '.optim', 'build_scheduler': '.optim', 'param_groups': '.optim',
-            'Trainer': '.trainer', 'train': '.trainer', 'CapturedStep': '.cuda_graphs',
-            'StageParallelTrainer': '.schedules.stage_parallel.trainer'}
+            'Trainer': '.engines.accelerate.trainer', 'train': '.engines.accelerate.trainer',
+            'CapturedStep': '.engines.cuda_graphs', 'StageParallelTrainer': '.engines.stage_parallel.trainer'}
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 __all__ = ['METHODS', 'Method', 'NoAccelerator', 'PRECISIONS', 'SCHEDULES', 'Schedule', 'TrainConfig', 'build_model',
            'create_trainer', 'get_method', 'get_schedule', 'method_names', 'register_method', 'register_schedule',

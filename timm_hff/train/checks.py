@@ -68,7 +68,7 @@ def check_combinations(cfg) -> None:
     get_schedule(cfg.schedule).check(cfg)
     _check_finetune(cfg)
     if cfg.cuda_graphs:
-        from .cuda_graphs import check_settings
+        from .graph_settings import check_settings
         check_settings(cfg)
     if cfg.freeze_stages and cfg.head_only:
         raise ValueError('give freeze_stages or head_only, not both (head_only freezes the whole backbone)')

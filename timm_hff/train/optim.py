@@ -49,11 +49,11 @@ def param_groups(model, cfg, heads: Set[str]) -> list:
 def build_optimizer(cfg, model, heads: Set[str] = frozenset(), device_type: str = 'cpu'):
     """timm's ``create_optimizer_v2`` over the parameters that require grad, lr factors applied (``param_groups``;
     ``heads``: the method's head parameter names). With ``cuda_graphs``, the optimizer's fused step, which a graph
-    can hold (``cuda_graphs.optimizer_kwargs``; ``device_type``: where it will step)."""
+    can hold (``graph_settings.optimizer_kwargs``; ``device_type``: where it will step)."""
     from timm.optim import create_optimizer_v2
     opt_kwargs = {}
     if cfg.cuda_graphs:
-        from .cuda_graphs import optimizer_kwargs
+        from .graph_settings import optimizer_kwargs
         opt_kwargs.update(optimizer_kwargs(cfg.opt, device_type))
     if cfg.opt_eps is not None:
         opt_kwargs['eps'] = cfg.opt_eps

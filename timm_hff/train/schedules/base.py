@@ -41,5 +41,5 @@ class Schedule:
 
     def create_trainer(self, cfg):
         """The trainer that runs this schedule: the Accelerate one, unless the schedule brings its own."""
-        from ..trainer import Trainer
+        from ..engines.accelerate.trainer import Trainer
         return Trainer(cfg)

@@ -13,7 +13,7 @@ import torch
 
 from ....heads import log_probs_mean
 from ...evaluate import accuracy_row, topk_hits
-from ...steps import FINITE_CHECK_EVERY, on_terminal, take
+from ..accelerate.steps import FINITE_CHECK_EVERY, on_terminal, take
 from ...targets import make_targets
 from .part import flatten
 

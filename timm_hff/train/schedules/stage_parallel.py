@@ -1,0 +1,24 @@
+"""``schedule: stage_parallel``: one process per stage, all training at once, nothing sent backward. The schedule is
+this declaration; its engine is ``engines/stage_parallel/``, loaded only when a run starts."""
+from ..engines.stage_parallel.checks import check_settings
+from ..registry import register_schedule
+from .base import Schedule
+
+__all__ = ['StageParallel', 'check_settings']
+
+
+@register_schedule
+class StageParallel(Schedule):
+    name = 'stage_parallel'
+    help = 'one process per stage'
+    own_trainer = True
+    head_warmup = False
+    capture_refusal = 'stage_parallel runs one process per stage with host-side hand-offs; use schedule: simultaneous'
+
+    def check(self, cfg) -> None:
+        super().check(cfg)
+        check_settings(cfg)
+
+    def create_trainer(self, cfg):
+        from ..engines.stage_parallel.trainer import StageParallelTrainer
+        return StageParallelTrainer(cfg)
