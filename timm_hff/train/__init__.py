@@ -3,14 +3,14 @@
 
     registry      the method and schedule registries (``register_method`` / ``register_schedule``)
     methods/      hff, bp, ff: what learns (model, step, prediction heads, final save), one file each
-    schedules/    simultaneous, memory_efficient, sequential, stage_parallel/: when stages step, one file each
-    config        TrainConfig; checks: its validation; help: one line per setting
+    schedules/    simultaneous, memory_efficient, sequential, stage_parallel: when stages step, one file each
+    config        TrainConfig, each setting declared once (help: how); checks: its validation
     data          the splits and their loaders; optim: optimizer and lr schedule; targets: mixup / smoothing
     checkpoint    epoch checkpoints, resume, the run folder's lock; metrics: metrics.json / csv / png
     evaluate      top-1 / top-5 of every head; exits: adaptive exits fitted at the end of a run
     run           RunSequence: set-up -> epochs (train, validate, checkpoint) -> test once -> final save
-    trainer       the Accelerate engine of the run sequence (steps: its epoch loop); cli: hff-train
-    cuda_graphs   cuda_graphs: the whole step as a replayed CUDA graph (CapturedStep, for any training loop)
+    engines/      what runs it: accelerate/ (Trainer), stage_parallel/ (one process per stage), cuda_graphs
+                  (CapturedStep: the whole step as a replayed CUDA graph, for any training loop)
 """
 from . import methods, schedules   # the registries' entries, before anything reads them (both light)
 from .registry import get_method, get_schedule, method_names, register_method, register_schedule, schedule_names

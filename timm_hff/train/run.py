@@ -3,8 +3,8 @@
     set-up (the engine) -> for each epoch: train, validate (every ``val_every``), lr step, metrics, checkpoint
       -> adaptive exits fitted on validation (``calibrate_exits``) -> the test split, once -> the final model(s)
 
-Two engines fill it in: ``trainer.Trainer`` (HF Accelerate, one process or data-parallel ones) and
-``engines/stage_parallel`` (one process per stage). An engine sets up the attributes listed in ``RunSequence`` and
+Two engines fill it in (``engines/``): ``accelerate.Trainer`` (HF Accelerate, one process or data-parallel ones) and
+``stage_parallel.StageParallelTrainer`` (one process per stage). An engine sets up the attributes listed in ``RunSequence`` and
 implements its step, its evaluation, its checkpoints and how it hands over the final model; the method and the
 schedule objects (``registry``) supply everything that differs between methods and schedules.
 """
