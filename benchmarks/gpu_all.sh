@@ -8,6 +8,8 @@
 #     bash benchmarks/gpu_all.sh                 # writes benchmarks/results/gpu/<name>/, prints all tables last
 #     ACC_EPOCHS=5 bash benchmarks/gpu_all.sh    # + the accuracy benchmark (5 epochs; the Fashion-MNIST IDX files)
 #     TC_METHODS=all bash benchmarks/gpu_all.sh  # train_cost with every method (about 5 minutes more)
+#     FRONTIER=1 bash benchmarks/gpu_all.sh      # + train_cost --frontier: every BP memory technique beside HFF's
+#       settings, micro-batches included, the Pareto set marked (issue 35; 13 methods, about 7 minutes more)
 #     EXIT_MODEL=local-dir:output/greedy25/c64/model bash benchmarks/gpu_all.sh   # + early exit on a saved model
 #       (batch 1 and 256, bf16; thresholds fitted on its validation hold-out; the Fashion-MNIST IDX files needed)
 #
@@ -21,12 +23,12 @@ start=$(date +%s)
 python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu_all.sh needs a CUDA device')"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 
-step() {   # name, then its arguments
-    local name=$1; shift
+step() {   # name (the module, or module:folder for a second run of one), then its arguments
+    local name=${1#*:} module=${1%%:*}; shift
     local t0=$(date +%s)
     echo "== $name ($(( t0 - start ))s elapsed) ==" >&2
     rm -rf "$OUT/$name"   # never print an older run's table as this run's
-    if python -m "benchmarks.$name" --device cuda --out "$OUT/$name" "$@" > "$OUT/$name.log" 2>&1; then
+    if python -m "benchmarks.$module" --device cuda --out "$OUT/$name" "$@" > "$OUT/$name.log" 2>&1; then
         echo "== $name done in $(( $(date +%s) - t0 ))s ==" >&2
     else
         echo "== $name FAILED after $(( $(date +%s) - t0 ))s; last lines of $OUT/$name.log: ==" >&2
@@ -49,6 +51,10 @@ tc_methods=()
 step train_cost --cuda-graphs "${tc_methods[@]}" || status=1
 step inference || status=1
 names="train_cost inference"
+if [ "${FRONTIER:-0}" = 1 ]; then
+    step train_cost:train_cost_frontier --frontier || status=1
+    names="$names train_cost_frontier"
+fi
 if [ "$ACC_EPOCHS" -gt 0 ]; then
     step accuracy --epochs "$ACC_EPOCHS" || status=1
     names="$names accuracy"
