@@ -347,14 +347,14 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
 def machine_info(runtime: Runtime) -> Dict[str, Any]:
     import timm
     info = dict(platform=platform.platform(), python=platform.python_version(), torch=torch.__version__,
-                timm=timm.__version__, timm_hff=timm_hff.__version__, cpu=_cpu_name(),
+                timm=timm.__version__, timm_hff=timm_hff.__version__, cpu=cpu_name(),
                 cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), runtime=runtime.describe())
     if runtime.is_cuda:
         info['gpu'] = torch.cuda.get_device_name(runtime.device)
     return info
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         with open('/proc/cpuinfo') as f:
             for line in f:

@@ -37,8 +37,8 @@ def machine() -> str:
     import torch
     if torch.cuda.is_available():
         return f'{torch.cuda.get_device_name(0)}, torch {torch.__version__}'
-    from ._common import _cpu_name
-    return f'{_cpu_name()} ({os.cpu_count()} cores), torch {torch.__version__}'
+    from ._common import cpu_name
+    return f'{cpu_name()} ({os.cpu_count()} cores), torch {torch.__version__}'
 
 
 def launch(args: List[str], run_dir: str, log: str) -> subprocess.Popen:

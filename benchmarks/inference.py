@@ -132,7 +132,7 @@ def main(argv=None) -> Dict[str, Any]:
         parser.error(f'--classes must all be >= 2, got {args.classes}')
     runtime = make_runtime(args)
     mode = mode_of(args)
-    models = SIZES[mode] if args.models is None else [_parse_model(m, SIZES[mode], parser) for m in args.models]
+    models = SIZES[mode] if args.models is None else [parse_model(m, SIZES[mode], parser) for m in args.models]
     info = machine_info(runtime)
     info['min_time'] = MIN_TIME[mode]
     rows = []
@@ -148,7 +148,7 @@ def main(argv=None) -> Dict[str, Any]:
     return payload
 
 
-def _parse_model(text: str, defaults, parser) -> tuple:
+def parse_model(text: str, defaults, parser) -> tuple:
     name, _, batch = text.partition(':')
     if not batch:
         batch = dict(defaults).get(name, 32)

@@ -576,8 +576,8 @@ def main(argv=None) -> Dict[str, Any]:
         parser.error(f'--memory-jobs must be >= 1, got {args.memory_jobs}')
     runtime = make_runtime(args)
     mode = mode_of(args)
-    from .inference import _parse_model
-    models = SIZES[mode] if args.models is None else [_parse_model(m, SIZES[mode], parser) for m in args.models]
+    from .inference import parse_model
+    models = SIZES[mode] if args.models is None else [parse_model(m, SIZES[mode], parser) for m in args.models]
     for preset, batch in models:
         most = max(split_accum(m)[1] for m in args.methods)
         if batch < most:

@@ -14,7 +14,7 @@ from huggingface_hub import hf_hub_download
 import timm_hff
 from timm_hff._exit import ExitStats, exit_stats
 from timm_hff._exit_guarantee import FIT_SHARE, min_calibration_images, wsr_pvalue
-from timm_hff._exit_search import _fit_thresholds
+from timm_hff._exit_search import fit_thresholds
 from timm_hff._exit_rule import confidence
 from timm_hff._profile import exit_flops, full_flops
 from timm_hff.hub import push_to_hub, save_pretrained
@@ -333,7 +333,7 @@ def test_the_guarantee_holds_over_many_calibration_draws():
         (t,), record = _certified(stats, 'max_prob', delta, 1 - epsilon)
         failures += _true_drop(t) > delta / 100
         opened += t < 1
-        fit_failures += _true_drop(_fit_thresholds(stats, 'max_prob', delta, None)[0]) > delta / 100
+        fit_failures += _true_drop(fit_thresholds(stats, 'max_prob', delta, None)[0]) > delta / 100
         assert record['calibration_images'] == 800 and record['confidence'] == pytest.approx(0.9)
     assert failures <= epsilon * len(seeds), failures
     assert opened >= 0.8 * len(seeds), opened   # it exits early: the guarantee is not bought by never exiting

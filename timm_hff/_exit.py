@@ -16,7 +16,7 @@ import torch
 
 from ._config import EXIT_RULES
 from ._exit_guarantee import guarantee_record, min_calibration_images, ordered_split, select_by_testing
-from ._exit_search import _descend, _fit_patience, _fit_thresholds, _search_space
+from ._exit_search import descend, fit_patience, fit_thresholds, search_space
 from ._exit_rule import ExitRule, confidence, replay_exits, scored_stages
 from ._model import HFFModel
 from ._profile import exit_costs, exit_flops, full_cost, stage_profile
@@ -227,8 +227,8 @@ def fit_exits(model: HFFModel, stats: ExitStats, max_accuracy_drop: Optional[flo
         setting, guarantee = _certified(stats, rule, max_accuracy_drop, confidence)
     else:
         guarantee = None
-        setting = (_fit_patience(stats, max_accuracy_drop, flops_budget) if rule == 'patience'
-                   else _fit_thresholds(stats, rule, max_accuracy_drop, flops_budget))
+        setting = (fit_patience(stats, max_accuracy_drop, flops_budget) if rule == 'patience'
+                   else fit_thresholds(stats, rule, max_accuracy_drop, flops_budget))
     if rule == 'patience':
         thresholds, patience = None, setting
         point = stats.point('patience', patience=patience)
@@ -282,11 +282,11 @@ def _threshold_path(stats: ExitStats, rule: str, max_drop: float) -> List[Tuple[
     closed = (1.0,) * (n - 1)
     if n == 1:
         return [()]
-    fitted = _fit_thresholds(stats, rule, max_drop, None)
-    conf, correct, grids = _search_space(stats, rule)
+    fitted = fit_thresholds(stats, rule, max_drop, None)
+    conf, correct, grids = search_space(stats, rule)
     opened = tuple(k for k in range(n - 1) if fitted[k] < 1) or tuple(k for k in range(n - 1) if len(grids[k]) > 1)
     steps: List[List[int]] = []
-    _descend(stats, rule, conf, correct, grids, opened, -math.inf, None, steps)
+    descend(stats, rule, conf, correct, grids, opened, -math.inf, None, steps)
     return [closed] + [tuple(float(grids[k][p[k]]) for k in range(n - 1)) for p in steps]
 
 

@@ -14,19 +14,19 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ['EXHAUSTIVE', 'GRID']
+__all__ = ['EXHAUSTIVE', 'GRID', 'descend', 'fit_patience', 'fit_thresholds', 'search_space']
 
 GRID = 200   # candidate thresholds per stage: quantiles of that stage's confidence on the calibration data
 EXHAUSTIVE = 6   # up to this many early exits, every subset of them is tried as the set of open exits
 
 
-def _fit_thresholds(stats, rule: str, max_drop: Optional[float],
+def fit_thresholds(stats, rule: str, max_drop: Optional[float],
                     budget: Optional[float]) -> Tuple[float, ...]:
     """The best end point of a greedy descent per set of open exits (see the module docstring)."""
     n = stats.num_stages
     if n == 1:
         return ()
-    conf, correct, grids = _search_space(stats, rule)
+    conf, correct, grids = search_space(stats, rule)
     full_correct = int(correct[:, -1].sum())
     floor = full_correct - (max_drop or 0) / 100 * stats.num_images - 1e-9
     limit = None if budget is None else budget * stats.num_images
@@ -38,13 +38,13 @@ def _fit_thresholds(stats, rule: str, max_drop: Optional[float],
     all_closed = [0] * (n - 1)
     best = (all_closed, full_correct, float(stats.costs(rule, [1.0] * (n - 1))[-1]) * stats.num_images)
     for opened in open_sets:
-        got = _descend(stats, rule, conf, correct, grids, opened, floor, limit)
+        got = descend(stats, rule, conf, correct, grids, opened, floor, limit)
         if got is not None and _better(got, best, floor, limit):
             best = got
     return tuple(float(grids[k][best[0][k]]) for k in range(n - 1))
 
 
-def _search_space(stats, rule: str):
+def search_space(stats, rule: str):
     """(confidences (N, n-1), correctness (N, n), per early stage its candidate thresholds: 1, then quantiles of its
     confidence from high to low)."""
     conf = stats.confidences(rule)
@@ -65,7 +65,7 @@ def _better(a, b, floor: float, limit: Optional[float]) -> bool:
     return (-a[1], a[2]) < (-b[1], b[2]) if fits_a else a[2] < b[2]
 
 
-def _descend(stats, rule: str, conf: torch.Tensor, correct: torch.Tensor, grids: List[List[float]],
+def descend(stats, rule: str, conf: torch.Tensor, correct: torch.Tensor, grids: List[List[float]],
              opened: Sequence[int], floor: float, limit: Optional[float], steps: Optional[List[List[int]]] = None):
     """Greedy descent with the exits ``opened`` open (their heads charged from the start, the rest at 1): each step
     lowers the open threshold that saves the most FLOPs per image right lost. (positions, correct, total cost), or
@@ -106,7 +106,7 @@ def _descend(stats, rule: str, conf: torch.Tensor, correct: torch.Tensor, grids:
     return pos, cur_correct, cur_cost
 
 
-def _fit_patience(stats, max_drop: Optional[float], budget: Optional[float]) -> int:
+def fit_patience(stats, max_drop: Optional[float], budget: Optional[float]) -> int:
     """The smallest patience within the accuracy drop; with a budget, the largest (most accurate) that fits it."""
     points = [(p, stats.point('patience', patience=p)) for p in range(1, stats.num_stages + 1)]
     if budget is None:

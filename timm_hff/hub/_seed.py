@@ -22,7 +22,7 @@ import torch
 
 from .._io import atomic_write_bytes, atomic_write_text
 from ._errors import CheckpointError, CorruptCheckpointError, ShapeMismatchError, UnsafeCheckpointError, one_line
-from ._weights import _looks_like_pickle, check_weights, load_weights
+from ._weights import looks_like_pickle, check_weights, load_weights
 
 __all__ = ['SeededWeights', 'convert_state_dict', 'read_state_dict', 'seed_timm_cache', 'write_converted']
 
@@ -51,7 +51,7 @@ def read_state_dict(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
     size = path.stat().st_size
     with open(path, 'rb') as f:
         head = f.read(9)
-    if not _looks_like_pickle(head, size):
+    if not looks_like_pickle(head, size):
         check_weights(path, where=str(path))
         return load_weights(path, where=str(path))
     try:

@@ -17,8 +17,8 @@ from ._errors import CorruptCheckpointError, UnsafeCheckpointError, one_line
 from ._format import CONFIG_NAME, FORMAT_VERSION
 
 __all__ = ['DTYPE_BYTES', 'FLOAT_DTYPES', 'Header', 'MAX_HEADER_BYTES', 'PICKLE_SUFFIXES', 'check_weights',
-           'file_sha256', 'load_weights', 'pickle_names', 'read_weights', 'state_tensors', 'unsafe_error',
-           'write_weights']
+           'file_sha256', 'load_weights', 'looks_like_pickle', 'pickle_names', 'read_weights', 'state_tensors',
+           'unsafe_error', 'write_weights']
 
 PICKLE_SUFFIXES = ('.bin', '.pth', '.pt', '.pkl', '.pickle', '.ckpt', '.tar')
 MAX_HEADER_BYTES = 64 * 2 ** 20     # ~100 bytes a tensor: room for half a million tensors
@@ -72,7 +72,7 @@ def check_weights(path: Path, sha256: Optional[str] = None, where: str = '') -> 
     size = path.stat().st_size
     with open(path, 'rb') as f:
         head = f.read(9)
-    if _looks_like_pickle(head, size):
+    if looks_like_pickle(head, size):
         raise UnsafeCheckpointError(f'{where}: {path.name} is a PyTorch pickle, not safetensors; it is refused '
                                     f'unopened. {_CONVERT_HINT}')
     header_len = int.from_bytes(head[:8], 'little') if len(head) >= 8 else -1
@@ -111,7 +111,7 @@ def load_weights(path: Path, where: str = '') -> Dict[str, torch.Tensor]:
                                      ) from None
 
 
-def _looks_like_pickle(head: bytes, size: int) -> bool:
+def looks_like_pickle(head: bytes, size: int) -> bool:
     """A torch.save zip (``PK``) or a bare pickle (``\\x80`` + protocol 2-5), told apart from safetensors, whose
     8-byte little-endian header length (its first byte can be 0x80) is followed by the JSON header's ``{``."""
     if len(head) >= 9 and head[8:9] == b'{' and int.from_bytes(head[:8], 'little') <= size - 8:

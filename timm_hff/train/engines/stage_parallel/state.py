@@ -28,7 +28,7 @@ from ...optim import run_settings_kept, say_changes
 from ...errors import first_line, reason
 from ....hub import CheckpointError, CorruptCheckpointError
 
-__all__ = ['PICKLED', 'StageEma', 'StageState', 'assemble', 'load_stage', 'owned_keys', 'owned_state',
+__all__ = ['PICKLED', 'QuietStop', 'StageEma', 'StageState', 'assemble', 'load_stage', 'owned_keys', 'owned_state',
            'rng_state', 'save_stage', 'set_rng_state', 'stage_dir']
 
 MODEL_FILE, OPTIMIZER_FILE, SCHEDULER_FILE = 'model.safetensors', 'optimizer.safetensors', 'scheduler.safetensors'
@@ -135,7 +135,7 @@ def load_stage(path: str, trainer) -> None:
     set_rng_state(rng)
 
 
-class _Quiet(Exception):
+class QuietStop(Exception):
     """An error rank 0 reports; the other ranks stop without repeating it."""
 
 
@@ -181,7 +181,7 @@ class StageState:
         errors = [e for e in self.ctl.all_gather(error, 'loading the checkpoint') if e]
         if errors:
             if not self.is_main:
-                raise _Quiet(errors[0])
+                raise QuietStop(errors[0])
             if errors[0].startswith('--resume: '):
                 raise CorruptCheckpointError(errors[0])
             raise unloadable(ckpt, RuntimeError(errors[0]))

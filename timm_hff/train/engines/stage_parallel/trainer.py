@@ -32,7 +32,7 @@ from ...targets import build_mixup
 from .handoff import Control, Inbox, Outbox, PeerLost
 from .launch import Group, check_devices, from_environment, join, leave, spawn
 from .part import StagePart, TensorSpec
-from .state import StageEma, StageState, _Quiet, owned_keys
+from .state import StageEma, StageState, QuietStop, owned_keys
 from .steps import StageSteps
 from .checks import check_settings
 
@@ -73,7 +73,7 @@ class StageParallelTrainer(StageSteps, StageState, RunSequence):
             if self.lock is not None:
                 self.lock.release()
             leave(self.group, failed=True)
-            if isinstance(e, _Quiet):
+            if isinstance(e, QuietStop):
                 raise SystemExit(2) from None
             raise
 
@@ -95,7 +95,7 @@ class StageParallelTrainer(StageSteps, StageState, RunSequence):
     def _setup_rank(self) -> None:
         got = self._control().broadcast(None, 'waiting for the run plan and the model')
         if isinstance(got, dict) and 'error' in got:
-            raise _Quiet(got['error'])
+            raise QuietStop(got['error'])
         self._setup_stage(*got)
 
     def _control(self) -> Control:
