@@ -31,6 +31,8 @@ _EXPORTS = {
     **dict.fromkeys(['build_config', 'saved_timm_kwargs', 'unwrap_model'], '._build_config'),
     **dict.fromkeys(['PICKLE_SUFFIXES', 'file_sha256', 'read_weights'], '._weights'),
     **dict.fromkeys(['atomic_dir'], '.._io'),
+    **dict.fromkeys(['MAX_KWARG_INT', 'check_json'], '._values'),
+    **dict.fromkeys(['check_folder_name', 'check_path', 'check_text'], '._names'),
     **dict.fromkeys(['CARD_TEMPLATE', 'build_model_card', 'hub_dataset_id'], '._card'),
     **dict.fromkeys(['save_pretrained'], '._save'),
     **dict.fromkeys(['HUB_KWARGS'], '._resolve'),

@@ -7,7 +7,7 @@ from dataclasses import fields
 from typing import Any, Dict, List, Tuple, Union
 
 from .._config import short_repr
-from ..hub._values import MAX_KWARG_INT, check_json
+from ..hub import MAX_KWARG_INT, check_json
 from .registry import get_method, get_schedule, method_names
 
 __all__ = ['check_combinations', 'check_declared', 'check_values', 'coerce']
@@ -159,7 +159,7 @@ def coerce(name: str, value: Any, tp) -> Any:
 
 def check_names(cfg) -> None:
     """Strings that become paths, folder names or model-card text: no '..' escape, no NUL, no line break."""
-    from ..hub._names import check_folder_name, check_path, check_text
+    from ..hub import check_folder_name, check_path, check_text
     if cfg.experiment:
         check_folder_name(cfg.experiment, 'experiment')
     for name in ('output', 'data_dir', 'resume', 'model', 'dataset'):
