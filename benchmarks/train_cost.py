@@ -38,9 +38,9 @@ from typing import Any, Dict, List
 
 import torch
 
-from ._common import (BALANCED_STAGES, METHOD_LABELS, add_common_args, build_for_method, get_spec, machine_info,
-                      machine_line, make_runtime, make_train_step, markdown_table, median, method_label, mode_of,
-                      new_figure, split_accum, time_calls, verdict, write_outputs)
+from ._common import (ACCUM_DEFAULT, BALANCED_STAGES, METHOD_LABELS, add_common_args, build_for_method, get_spec,
+                      machine_info, machine_line, make_runtime, make_train_step, markdown_table, median, method_label,
+                      mode_of, new_figure, split_accum, time_calls, verdict, write_outputs)
 
 # mode -> [(preset, batch)]
 SIZES = {
@@ -61,7 +61,7 @@ DIAGNOSTICS = ('hff_stage1', 'hff_me_noaux')   # memory only: HFF's stage 1 alon
 GRAPHED = {'hff_simultaneous_graphed': 'hff_simultaneous', 'hff_balanced_graphed': 'hff_balanced',
            'bp_graphed': 'bp'}
 GRAPHED_TARGETS = {'hff_simultaneous_graphed': 1.15, 'hff_balanced_graphed': 1.3}   # x BP's captured step
-ACCUM_STEPS = 4
+ACCUM_STEPS = ACCUM_DEFAULT   # micro-batches of the plain 'bp_accum' row (split_accum)
 # --frontier (issue 35): every BP memory technique beside HFF's settings, for the memory / time Pareto set
 FRONTIER = ('bp', 'bp_ckpt', 'bp_accum2', 'bp_accum4', 'bp_accum8', 'bp_ckpt_accum4', 'hff_simultaneous',
             'hff_memory_efficient', 'hff_balanced', 'hff_balanced_cheap', 'hff_balanced_ckpt',

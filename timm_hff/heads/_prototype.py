@@ -17,7 +17,7 @@ from .._config import HFFConfig
 from ._aux import AuxBlock
 from ._base import Head, register_head
 from ._fused import fp32, fused_score_loss, fused_stage_losses
-from ._pooling import LAYOUTS
+from ._pooling import LAYOUTS, pool_stage
 
 __all__ = ['PrototypeHead']
 
@@ -86,15 +86,9 @@ class PrototypeHead(Head):
             if self.layout == 'NHWC':
                 x = x.permute(0, 3, 1, 2)
             return F.adaptive_avg_pool2d(x, self.grid).flatten(1)
-        if self.layout == 'NCHW':
-            return x.mean((2, 3))
-        if self.layout == 'NHWC':
-            return x.mean((1, 2))
-        if self.layout == 'NLC':
-            if self.pool_kind == 'token':
-                return x[:, 0]
-            return x[:, self.num_prefix_tokens:].mean(1)
-        return x
+        if self.layout == 'NLC' and self.pool_kind == 'token':
+            return x[:, 0]
+        return pool_stage(x, self.layout, self.num_prefix_tokens)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """The stage output as a point z on the unit sphere, shape (B, embed_dim), in fp32.
