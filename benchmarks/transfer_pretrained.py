@@ -5,6 +5,7 @@
     python -m benchmarks.transfer_pretrained --phase table        # every method at the chosen settings, test once
     python -m benchmarks.transfer_pretrained --phase full         # the full Fashion-MNIST (60k / 10k)
     python -m benchmarks.transfer_pretrained --phase schedule     # the recipe's min_steps on small folders
+    python -m benchmarks.transfer_pretrained --phase schedule_full  # ... and on the full set (the 3-epoch run beside)
     python -m benchmarks.transfer_pretrained --phase curves       # validation top-1 against training seconds
     python -m benchmarks.transfer_pretrained --phase seeds        # the compared methods' chosen runs over 3 seeds
     python -m benchmarks.transfer_pretrained --phase fair         # HFF vs BP, same frozen blocks / every layer
@@ -249,7 +250,7 @@ def candidates_md(rows) -> List[str]:
 def main(argv=None) -> Dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--phase', default='pilot', choices=['pilot', 'candidates', 'table', 'full', 'schedule',
-                                                           'curves', 'seeds', 'fair'])
+                                                           'schedule_full', 'curves', 'seeds', 'fair'])
     p.add_argument('--data-dir', default=FASHION_MNIST_DIR)
     p.add_argument('--sizes', type=int, nargs='+', default=[100, 500])
     p.add_argument('--only', nargs='+', default=None, help='run only these run names')
@@ -265,6 +266,8 @@ def main(argv=None) -> Dict[str, Any]:
         rows = run_full(args, common)
     elif args.phase == 'schedule':
         rows = run_schedule(args, common)
+    elif args.phase == 'schedule_full':
+        rows = run_schedule_full(args, common)
     elif args.phase == 'curves':
         rows = curves(args)
     elif args.phase == 'seeds':
@@ -280,7 +283,7 @@ def main(argv=None) -> Dict[str, Any]:
         md = table_md(rows, chosen, args.sizes) + [''] + targets_md(rows, chosen, args.sizes)
     elif args.phase == 'full':
         md = full_md(rows)
-    elif args.phase == 'schedule':
+    elif args.phase in ('schedule', 'schedule_full'):
         md = schedule_md(rows)
     elif args.phase == 'curves':
         md = curves_md(rows)
@@ -390,11 +393,35 @@ def run_schedule(args, common: List[str]) -> List[Dict[str, Any]]:
         return list(pool.map(one, runs))
 
 
+# the shipped min_steps on the full set: 1,500 steps stretch its 3 epochs (1,266 steps) to 6; the stored 3-epoch run
+# (--phase full, min_steps 0) sits beside it, and the recipe's lr again at 3e-3, the lr --phase fair chose for it
+FULL_SCHEDULE = {'full_recipe_min_steps1500': [], 'full_recipe_min_steps1500_lr3e-3': ['--lr', '0.003']}
+
+
+def run_schedule_full(args, common: List[str]) -> List[Dict[str, Any]]:
+    target = 'Fashion-MNIST, 10 classes (54,000 / 6,000 / 10,000)'
+    rows = [dict(target=target, n=None, name='recipe_min_steps0', min_steps=0, lr=1e-3, run='full_hff_imagenet',
+                 **read(os.path.join(args.out, 'runs', 'full_hff_imagenet')))]
+    names_ = [k for k in FULL_SCHEDULE if args.only is None or k in args.only]
+
+    def one(exp):
+        run_args = ['--config', RECIPE] + FULL_SCHEDULE[exp] + ['--experiment', exp] + common
+        run_dir = hff_train(run_args, os.path.join(args.work, f'{exp}.log'), os.path.join(args.work, 'runs', exp))
+        store(run_dir, args.work, args.out)
+        row = dict(target=target, n=None, name=exp, min_steps=1500, lr=float((FULL_SCHEDULE[exp] or [0, 1e-3])[1]),
+                   run=os.path.basename(run_dir), **read(run_dir))
+        print(json.dumps(row), flush=True)
+        return row
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        return rows + list(pool.map(one, names_))
+
+
 def schedule_md(rows) -> List[str]:
-    md = ['| target | min_steps | epochs run | val top-1 | val EMA | test top-1 (reported, not used) |',
-          '|---|---|---|---|---|---|']
+    md = ['| target | min_steps | lr | epochs run | val top-1 | val EMA | test top-1 (reported, not used) |',
+          '|---|---|---|---|---|---|---|']
     for r in rows:
-        md.append(f"| {r['target']} | {r['min_steps']} | {r['epochs']} | {fmt(r['val_top1'])} | "
+        md.append(f"| {r['target']} | {r['min_steps']} | {r.get('lr', 1e-3):g} | {r['epochs']} | {fmt(r['val_top1'])} | "
                   f"{fmt(r['val_ema_top1'])} | {fmt(r['test_top1'])} |")
     return md
 
