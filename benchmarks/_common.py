@@ -24,30 +24,15 @@ import timm_hff
 from timm_hff.baselines import FFConfig, accumulated_backward, create_bp_model, create_ff_model
 
 RESULTS_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
-METHOD_LABELS = {
-    'hff_simultaneous': 'HFF simultaneous',
-    'hff_memory_efficient': 'HFF memory_efficient',
-    'hff_me_ckpt': 'HFF memory_efficient + checkpointing',
-    'hff_balanced': 'HFF memory_efficient, balanced cut',
-    'hff_balanced_ckpt': 'HFF memory_efficient, balanced cut + checkpointing',
-    'hff_balanced_cheap': 'HFF memory_efficient, balanced cut, aux on a 7x7 map',
-    'hff_compiled': 'HFF simultaneous, torch.compile',
-    'hff_simultaneous_graphed': 'HFF simultaneous, CUDA graph',
-    'hff_balanced_graphed': 'HFF memory_efficient, balanced cut, CUDA graph',
-    'bp_graphed': 'BP, CUDA graph',
-    'bp': 'BP',
-    'bp_ckpt': 'BP + checkpointing',
-    'bp_accum': 'BP + accumulation',
-    'ff': 'FF',
-}
 ACCUM_DEFAULT = 4   # micro-batches of the plain 'bp_accum' row
 
 
 def split_accum(method: str) -> Tuple[str, int]:
     """(method, micro-batches) of a row name: ``<method>_accum<N>`` steps once after N micro-batches of the batch,
     each backpropagated at once (so one micro-batch's activations are alive at a time); ``bp_accum`` is BP's 4."""
-    if method == 'bp_accum':
-        return 'bp', ACCUM_DEFAULT
+    row = ROWS.get(method)
+    if row is not None and row.micro_batches > 1:
+        return row.of, row.micro_batches
     head, sep, tail = method.rpartition('_accum')
     return (head, int(tail)) if sep and tail.isdigit() and int(tail) > 1 else (method, 1)
 
@@ -232,25 +217,86 @@ BALANCED_STAGES = 6
 CHEAP_AUX_SIZE = 7
 
 
+def _build_hff(row: 'Row', spec: ModelSpec, num_classes: int, **kwargs: Any) -> nn.Module:
+    model = build_hff(spec, num_classes, **dict(row.hff, **kwargs))
+    if row.grad_checkpointing:   # checkpointing inside each stage; still freed one by one
+        model.set_grad_checkpointing(True)
+    if row.compiled:   # block by block, the cuts stay eager (timm_hff.compile_model)
+        from timm_hff import compile_model
+        compile_model(model)
+    return model
+
+
+def _hff_loss(row: 'Row', model: nn.Module, x: torch.Tensor, y: torch.Tensor, backward_fn) -> torch.Tensor:
+    """memory_efficient calls ``backward_fn`` on each stage's loss inside the forward; simultaneous leaves it unused."""
+    return model(x, y, mode=row.mode, backward_fn=backward_fn, stages=row.stages).loss
+
+
+@dataclass(frozen=True)
+class Family:
+    """How a family of rows builds its model, computes its loss and (BP) accumulates micro-batches."""
+    build: Callable[..., nn.Module]
+    loss: Callable[..., torch.Tensor]
+    accumulate: Optional[Callable[..., torch.Tensor]] = None
+
+
+HFF = Family(_build_hff, _hff_loss)
+BP = Family(lambda row, spec, n, **kw: build_bp(spec, n, grad_checkpointing=row.grad_checkpointing),
+            lambda row, model, x, y, backward_fn: F.cross_entropy(model(x), y), accumulated_backward)
+FF = Family(lambda row, spec, n, **kw: build_ff(spec, n, **kw), lambda row, model, x, y, backward_fn: model.loss(x, y))
+
+
+@dataclass(frozen=True)
+class Row:
+    """A benchmark row: what its name builds and how its step runs, read as attributes (no row name is compared)."""
+    label: str
+    family: Family
+    mode: str = 'simultaneous'             # HFF's training mode
+    hff: Dict[str, Any] = field(default_factory=dict)   # HFFConfig settings over the preset's
+    grad_checkpointing: bool = False
+    compiled: bool = False
+    stages: Optional[Tuple[int, ...]] = None   # HFF: train only these stages (a memory diagnostic)
+    micro_batches: int = 1                 # a fixed micro-batch count ('bp_accum'), over row ``of``
+    of: str = ''
+    graphed: str = ''                      # the eager row a CUDA-graph row captures (time only)
+
+
+_ME, _BALANCED = dict(mode='memory_efficient'), dict(balance='memory', num_stages=BALANCED_STAGES)
+ROWS = {
+    'hff_simultaneous': Row('HFF simultaneous', HFF),
+    'hff_memory_efficient': Row('HFF memory_efficient', HFF, **_ME),
+    'hff_me_ckpt': Row('HFF memory_efficient + checkpointing', HFF, grad_checkpointing=True, **_ME),
+    'hff_balanced': Row('HFF memory_efficient, balanced cut', HFF, hff=_BALANCED, **_ME),
+    'hff_balanced_ckpt': Row('HFF memory_efficient, balanced cut + checkpointing', HFF, hff=_BALANCED,
+                             grad_checkpointing=True, **_ME),
+    'hff_balanced_cheap': Row('HFF memory_efficient, balanced cut, aux on a 7x7 map', HFF,
+                              hff=dict(_BALANCED, aux_size=CHEAP_AUX_SIZE), **_ME),
+    'hff_compiled': Row('HFF simultaneous, torch.compile', HFF, compiled=True),
+    'hff_simultaneous_graphed': Row('HFF simultaneous, CUDA graph', HFF, graphed='hff_simultaneous'),
+    'hff_balanced_graphed': Row('HFF memory_efficient, balanced cut, CUDA graph', HFF, hff=_BALANCED,
+                                graphed='hff_balanced', **_ME),
+    'bp_graphed': Row('BP, CUDA graph', BP, graphed='bp'),
+    'bp': Row('BP', BP),
+    'bp_ckpt': Row('BP + checkpointing', BP, grad_checkpointing=True),
+    'bp_accum': Row('BP + accumulation', BP, micro_batches=ACCUM_DEFAULT, of='bp'),
+    'ff': Row('FF', FF),
+    # memory diagnostics (train_cost): HFF's stage 1 alone, the floor of memory_efficient; and without aux blocks
+    'hff_stage1': Row('HFF stage 1 alone (floor of memory_efficient)', HFF, stages=(0,), **_ME),
+    'hff_me_noaux': Row("HFF memory_efficient, aux='none'", HFF, hff=dict(aux='none'), **_ME),
+}
+METHOD_LABELS = {name: row.label for name, row in ROWS.items()}
+
+
+def _row(method: str) -> 'Row':
+    row = ROWS.get(split_accum(method)[0])
+    if row is None:
+        raise ValueError(f'unknown method {method!r}; choose from {sorted(ROWS)}')
+    return row
+
+
 def build_for_method(method: str, spec: ModelSpec, num_classes: int, **kwargs: Any) -> nn.Module:
-    method = split_accum(method)[0]
-    if method.startswith('hff'):
-        if method.startswith('hff_balanced'):
-            kwargs = dict(dict(balance='memory', num_stages=BALANCED_STAGES), **kwargs)
-        if method == 'hff_balanced_cheap':
-            kwargs = dict(dict(aux_size=CHEAP_AUX_SIZE), **kwargs)
-        model = build_hff(spec, num_classes, **kwargs)
-        if method in ('hff_me_ckpt', 'hff_balanced_ckpt'):   # checkpointing inside each stage; still freed one by one
-            model.set_grad_checkpointing(True)
-        if method == 'hff_compiled':   # block by block, the cuts stay eager (timm_hff._compile)
-            from timm_hff import compile_model
-            compile_model(model)
-        return model
-    if method.startswith('bp'):
-        return build_bp(spec, num_classes, grad_checkpointing=method == 'bp_ckpt')
-    if method == 'ff':
-        return build_ff(spec, num_classes, **kwargs)
-    raise ValueError(f'unknown method {method!r}; choose from {sorted(METHOD_LABELS)}')
+    row = _row(method)
+    return row.family.build(row, spec, num_classes, **kwargs)
 
 
 def make_train_step(method: str, model: nn.Module, optimizer: torch.optim.Optimizer, runtime: Runtime,
@@ -264,27 +310,19 @@ def make_train_step(method: str, model: nn.Module, optimizer: torch.optim.Optimi
         with runtime.no_autocast():
             loss.backward()
 
-    base, micro = split_accum(method)
-    if method == 'bp_accum':
+    row, micro = _row(method), split_accum(method)[1]
+    if method in ROWS and ROWS[method].micro_batches > 1:   # 'bp_accum': the caller's count
         micro = accum_steps
 
     def losses(x: torch.Tensor, y: torch.Tensor, backward_fn) -> torch.Tensor:
-        """The base method's loss on (x, y); a loss that still requires grad is backpropagated by the caller."""
-        if base in ('hff_simultaneous', 'hff_compiled'):
-            return model(x, y, mode='simultaneous').loss
-        if base in ('hff_memory_efficient', 'hff_me_ckpt', 'hff_balanced', 'hff_balanced_ckpt', 'hff_balanced_cheap'):
-            return model(x, y, mode='memory_efficient', backward_fn=backward_fn).loss
-        if base in ('bp', 'bp_ckpt'):
-            return F.cross_entropy(model(x), y)
-        if base == 'ff':
-            return model.loss(x, y)
-        raise ValueError(f'unknown method {method!r}; choose from {sorted(METHOD_LABELS)}')
+        """The row's loss on (x, y); a loss that still requires grad is backpropagated by the caller."""
+        return row.family.loss(row, model, x, y, backward_fn)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
         with runtime.autocast():
-            if micro > 1 and base in ('bp', 'bp_ckpt'):
-                loss = accumulated_backward(model, x, y, micro, backward_fn=backward)
+            if micro > 1 and row.family.accumulate is not None:
+                loss = row.family.accumulate(model, x, y, micro, backward_fn=backward)
             elif micro > 1:   # each micro-batch's backward (scaled by its share) before the next one's forward
                 total = 0.0
                 for xs, ys in zip(x.tensor_split(micro), y.tensor_split(micro)):

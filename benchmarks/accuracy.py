@@ -24,7 +24,7 @@ from typing import Any, Dict, List
 import torch
 import torch.nn.functional as F
 
-from ._common import (FFConfig, add_common_args, build_bp, build_ff, build_hff, count_flops, get_spec,
+from ._common import (FFConfig, add_common_args, build_for_method, count_flops, get_spec,
                       load_fashion_mnist, machine_info, machine_line, make_runtime, make_train_step, markdown_table,
                       mode_of, new_figure, normalize_images, write_outputs)
 
@@ -39,6 +39,8 @@ WEIGHT_DECAY = 0.05
 WARMUP_FRACTION = 0.05
 NUM_CLASSES = 10
 LABELS = dict(hff='HFF', bp='BP', ff='FF')
+METHOD_ROWS = dict(hff='hff_simultaneous', bp='bp', ff='ff')   # the benchmarks' rows (_common.ROWS) they train as
+BUILD_KWARGS = dict(ff=lambda cfg: dict(ff_cfg=FFConfig(chunk_size=cfg['batch'] * 4)))
 
 
 def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -63,7 +65,7 @@ def train(method: str, model, xtr, ytr, cfg, runtime, seed: int) -> Dict[str, fl
     def lr_factor(s: int) -> float:   # linear warm-up, then cosine to zero, per step
         return (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm)))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-    step = make_train_step({'hff': 'hff_simultaneous'}.get(method, method), model, opt, runtime)
+    step = make_train_step(METHOD_ROWS[method], model, opt, runtime)
     g = torch.Generator().manual_seed(seed)   # same data order and augmentation draws for every method
     model.train()
     losses = []
@@ -85,6 +87,30 @@ def train(method: str, model, xtr, ytr, cfg, runtime, seed: int) -> Dict[str, fl
     return dict(train_s=seconds, train_images_per_s=total * batch / seconds, loss_trace=losses)
 
 
+def _hff_predictions(model, x):
+    stage_logits = [s.float() for s in model.forward_stages(x)]
+    preds = dict(final=stage_logits[-1].argmax(1),
+                 ensemble=torch.stack([s.log_softmax(-1) for s in stage_logits]).mean(0).argmax(1))
+    stage_preds = [s.argmax(1) for s in stage_logits]
+    return preds, stage_preds, stage_preds
+
+
+def _bp_predictions(model, x):
+    preds = dict(final=model(x).argmax(1))
+    return preds, [], [preds['final']]
+
+
+def _ff_predictions(model, x):
+    g = model.class_goodness(x).float()            # (S, B, C)
+    preds = dict(final=model.scores(g).argmax(1))
+    return (preds, [g[k].argmax(1) for k in range(g.shape[0])],
+            [model.scores(g[:k + 1]).argmax(1) for k in range(g.shape[0])])
+
+
+# each method's (final and ensemble predictions, per-stage predictions, predictions exiting after each stage)
+PREDICTIONS = dict(hff=_hff_predictions, bp=_bp_predictions, ff=_ff_predictions)
+
+
 @torch.no_grad()
 def evaluate(method: str, model, xte, yte, runtime, eval_batch: int) -> Dict[str, Any]:
     """Per-stage correct counts (and the final prediction's) over the test set."""
@@ -95,20 +121,7 @@ def evaluate(method: str, model, xte, yte, runtime, eval_batch: int) -> Dict[str
         x = runtime.input(normalize_images(xte[i:i + eval_batch]))
         y = yte[i:i + eval_batch].to(runtime.device)
         with runtime.autocast():
-            if method == 'hff':
-                stage_logits = [s.float() for s in model.forward_stages(x)]
-                preds = dict(final=stage_logits[-1].argmax(1),
-                             ensemble=torch.stack([s.log_softmax(-1) for s in stage_logits]).mean(0).argmax(1))
-                stage_preds = [s.argmax(1) for s in stage_logits]
-                exit_preds = stage_preds
-            elif method == 'bp':
-                preds = dict(final=model(x).argmax(1))
-                stage_preds, exit_preds = [], [preds['final']]
-            else:
-                g = model.class_goodness(x).float()            # (S, B, C)
-                preds = dict(final=model.scores(g).argmax(1))
-                stage_preds = [g[k].argmax(1) for k in range(g.shape[0])]
-                exit_preds = [model.scores(g[:k + 1]).argmax(1) for k in range(g.shape[0])]
+            preds, stage_preds, exit_preds = PREDICTIONS[method](model, x)
         for key, p in preds.items():
             correct[key] = correct.get(key, 0) + int((p == y).sum())
         correct.setdefault('stages', [0] * len(stage_preds))
@@ -121,20 +134,23 @@ def evaluate(method: str, model, xte, yte, runtime, eval_batch: int) -> Dict[str
     return acc
 
 
+def _hff_exit_flops(model, x) -> List[int]:
+    from timm_hff import run_stages
+    return [count_flops(lambda: model.heads[k](run_stages(model.backbone, model.split, x, stop_after=k)[k]))
+            for k in range(model.num_stages)]
+
+
+# inference FLOPs per image of exiting after each stage (BP: its one exit)
+EXIT_FLOPS = dict(hff=_hff_exit_flops, bp=lambda model, x: [count_flops(lambda: model(x))],
+                  ff=lambda model, x: [count_flops(lambda: model.class_goodness(x, stop_after=k))
+                                       for k in range(model.num_stages)])
+
+
 def exit_flops(method: str, model, spec) -> List[int]:
     """Inference FLOPs per image of exiting after each stage (BP: its one exit)."""
-    from timm_hff import run_stages
     x = torch.zeros(1, spec.in_chans, spec.img_size, spec.img_size, device=next(model.parameters()).device)
     model.eval()
-    if method == 'bp':
-        return [count_flops(lambda: model(x))]
-    out = []
-    for k in range(model.num_stages):
-        if method == 'hff':
-            out.append(count_flops(lambda: model.heads[k](run_stages(model.backbone, model.split, x, stop_after=k)[k])))
-        else:
-            out.append(count_flops(lambda: model.class_goodness(x, stop_after=k)))
-    return out
+    return EXIT_FLOPS[method](model, x)
 
 
 def run(cfg: Dict[str, Any], methods: List[str], runtime, seed: int) -> Dict[str, Any]:
@@ -145,12 +161,8 @@ def run(cfg: Dict[str, Any], methods: List[str], runtime, seed: int) -> Dict[str
     results = {}
     for method in methods:
         torch.manual_seed(seed)
-        if method == 'hff':
-            model = build_hff(spec, NUM_CLASSES)
-        elif method == 'bp':
-            model = build_bp(spec, NUM_CLASSES)
-        else:
-            model = build_ff(spec, NUM_CLASSES, FFConfig(chunk_size=cfg['batch'] * 4))
+        extra = BUILD_KWARGS[method](cfg) if method in BUILD_KWARGS else {}
+        model = build_for_method(METHOD_ROWS[method], spec, NUM_CLASSES, **extra)
         model = runtime.model(model)
         print(f'  {method}: training {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params', file=sys.stderr,
               flush=True)

@@ -38,7 +38,7 @@ from typing import Any, Dict, List
 
 import torch
 
-from ._common import (ACCUM_DEFAULT, BALANCED_STAGES, METHOD_LABELS, add_common_args, build_for_method, get_spec,
+from ._common import (ACCUM_DEFAULT, BALANCED_STAGES, METHOD_LABELS, ROWS, add_common_args, build_for_method, get_spec,
                       machine_info, machine_line, make_runtime, make_train_step, markdown_table, median, method_label,
                       mode_of, new_figure, split_accum, time_calls, verdict, write_outputs)
 
@@ -56,10 +56,9 @@ METHODS = ('hff_simultaneous', 'hff_memory_efficient', 'hff_me_ckpt', 'hff_balan
            'hff_balanced_cheap', 'hff_compiled', 'bp', 'bp_ckpt', 'bp_accum')
 DIAGNOSTICS = ('hff_stage1', 'hff_me_noaux')   # memory only: HFF's stage 1 alone; memory_efficient with aux='none'
 # --cuda-graphs: time-only rows, the whole step (zero_grad, forward, backward, fused SGD step) captured as one CUDA
-# graph and replayed (timm_hff.train.engines.cuda_graphs.CapturedStep); BP captured the same way: their ratio is like with
-# like
-GRAPHED = {'hff_simultaneous_graphed': 'hff_simultaneous', 'hff_balanced_graphed': 'hff_balanced',
-           'bp_graphed': 'bp'}
+# graph and replayed (timm_hff.train.engines.cuda_graphs.CapturedStep); BP captured the same way: their ratio is
+# like with like
+GRAPHED = {name: row.graphed for name, row in ROWS.items() if row.graphed}
 GRAPHED_TARGETS = {'hff_simultaneous_graphed': 1.15, 'hff_balanced_graphed': 1.3}   # x BP's captured step
 ACCUM_STEPS = ACCUM_DEFAULT   # micro-batches of the plain 'bp_accum' row (split_accum)
 # --frontier (issue 35): every BP memory technique beside HFF's settings, for the memory / time Pareto set
@@ -75,9 +74,8 @@ MALLOC_ENV = dict(MALLOC_MMAP_THRESHOLD_='65536', MALLOC_TRIM_THRESHOLD_='0')
 def _setup(method: str, preset: str, batch: int, runtime, seed: int):
     spec = get_spec(preset)
     torch.manual_seed(seed)
-    base = 'hff_memory_efficient' if method in DIAGNOSTICS else GRAPHED.get(method, method)
-    extra = dict(aux='none') if method == 'hff_me_noaux' else {}
-    model = runtime.model(build_for_method(base, spec, num_classes=10, **extra).train())
+    base = GRAPHED.get(method, method)
+    model = runtime.model(build_for_method(base, spec, num_classes=10).train())
     import timm.optim
     fused = {}
     if method in GRAPHED:   # the fused SGD step, which a graph can hold; autocast without its weight-cast cache
@@ -87,14 +85,7 @@ def _setup(method: str, preset: str, batch: int, runtime, seed: int):
     opt = timm.optim.create_optimizer_v2(model, 'sgd', lr=0.01, momentum=0.9, weight_decay=1e-4, **fused)
     x = runtime.input(torch.randn(batch, spec.in_chans, spec.img_size, spec.img_size))
     y = torch.randint(0, 10, (batch,), device=runtime.device)
-    if method == 'hff_stage1':
-        def step(x, y):
-            opt.zero_grad(set_to_none=True)
-            with runtime.autocast():
-                model(x, y, mode='memory_efficient', stages=[0], backward_fn=_plain_backward(runtime))
-            opt.step()
-    else:
-        step = make_train_step(base, model, opt, runtime, accum_steps=ACCUM_STEPS)
+    step = make_train_step(base, model, opt, runtime, accum_steps=ACCUM_STEPS)
     if method in GRAPHED:
         from timm_hff.train.engines.cuda_graphs import CapturedStep
         captured, eager = CapturedStep(opt, list(model.parameters()), runtime.device), step
@@ -102,13 +93,6 @@ def _setup(method: str, preset: str, batch: int, runtime, seed: int):
         def step(x, y):   # warm-up steps, then the capture, then replays
             return captured(eager, (x, y))
     return model, opt, step, x, y
-
-
-def _plain_backward(runtime):
-    def backward(loss):
-        with runtime.no_autocast():
-            loss.backward()
-    return backward
 
 
 # ----- memory -----
@@ -306,7 +290,7 @@ def run_model(preset: str, batch: int, methods: List[str], runtime, args, mode: 
     for m in [m for m in methods if m in GRAPHED]:
         mems[m] = dict(peak_mib=None, total_peak_mib=None, base_mib=None, how='not measured (captured step)')
     for m, mem in mems.items():
-        rows.append(dict(model=preset, spec=spec.describe(), method=m, label=_label(m), batch=batch,
+        rows.append(dict(model=preset, spec=spec.describe(), method=m, label=method_label(m), batch=batch,
                          micro_batch=batch // split_accum(m)[1],
                          step_s=times[m][0] if m in times else None, median_step_s=times[m][1] if m in times else None,
                          images_per_s=batch / times[m][0] if m in times else None,
@@ -321,12 +305,6 @@ def run_model(preset: str, batch: int, methods: List[str], runtime, args, mode: 
         r['memory_vs_bp'] = (r['peak_mib'] / bp['peak_mib'] if bp and r['peak_mib'] is not None and bp['peak_mib']
                              and bp['peak_mib'] > 0 else None)
     return rows, profile
-
-
-def _label(method: str) -> str:
-    diagnostics = {'hff_stage1': 'HFF stage 1 alone (floor of memory_efficient)',
-                   'hff_me_noaux': "HFF memory_efficient, aux='none'"}
-    return diagnostics.get(method) or method_label(method)
 
 
 def targets(rows: List[Dict[str, Any]], num_stages: Dict[str, int]) -> List[Dict[str, Any]]:

@@ -421,7 +421,8 @@ def schedule_md(rows) -> List[str]:
     md = ['| target | min_steps | lr | epochs run | val top-1 | val EMA | test top-1 (reported, not used) |',
           '|---|---|---|---|---|---|---|']
     for r in rows:
-        md.append(f"| {r['target']} | {r['min_steps']} | {r.get('lr', 1e-3):g} | {r['epochs']} | {fmt(r['val_top1'])} | "
+        md.append(f"| {r['target']} | {r['min_steps']} | {r.get('lr', 1e-3):g} | {r['epochs']} | "
+                  f"{fmt(r['val_top1'])} | "
                   f"{fmt(r['val_ema_top1'])} | {fmt(r['test_top1'])} |")
     return md
 

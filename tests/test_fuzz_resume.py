@@ -34,7 +34,7 @@ from timm_hff.train import TrainConfig, Trainer
 from timm_hff.train.checkpoint import FILES_KEY, STATE_FILE, check_compatible, check_files, read_state
 from timm_hff.train.optim import build_optimizer, build_scheduler
 from timm_hff.train.registry import get_method, get_schedule
-from timm_hff.train.engines.stage_parallel.state import StageEma, StageState, stage_dir
+from timm_hff.train.engines.stage_parallel.state import StageEma, load_checkpoint, stage_dir
 
 from conftest import Boom, cli_args, reset_accelerate, resign, tiny, tiny_settings
 from test_fuzz import N, STATS, case, folder, mutate, outcome_of, report  # noqa: F401 (report: the fixture)
@@ -210,8 +210,8 @@ class _Ctl:
         return [value]
 
 
-class _Stage(StageState):
-    """One stage process's resume (``StageState._load``) without its process group: what ``--resume`` runs on each
+class _Stage:
+    """One stage process's resume (``state.load_checkpoint``) without its process group: what ``--resume`` runs on each
     rank, over that rank's model, optimizer, scheduler and EMA."""
     ctl, is_main, scaler = _Ctl(), True, None
 
@@ -264,7 +264,7 @@ def test_fuzz_resume_stage_parallel(stage_parallel_run, tmp_path_factory, data):
         check_compatible(state, identity, ckpt)
         check_files(ckpt, state)
         for stage in stages:   # rank by rank, as each process loads its own part
-            stage._load(ckpt)
+            load_checkpoint(stage, ckpt)
 
     run_case(data, 'resume_stage_parallel', good, resume, tmp_path_factory.mktemp('case'))
 

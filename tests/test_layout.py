@@ -16,16 +16,17 @@ MAX_LINES = 400
 MAX_FUNCTION_LINES = 80
 
 # Bottom to top; a module may import its own layer and the layers below it, never one above it. Names are module
-# names under timm_hff ('hub' covers timm_hff/hub/*); the most specific entry that prefixes a module's name is its layer. A
-# module in no layer counts as an entry point (the top layer): it may import anything, and nothing may import it.
+# names under timm_hff ('hub' covers timm_hff/hub/*); the most specific entry that prefixes a module's name is its
+# layer. A module in no layer counts as an entry point (the top layer): it may import anything, and nothing may
+# import it.
 LAYERS = [
-    ('version', '_config', '_lazy', '_names', 'data', '_io', '_pretrained', '_inputs', '_timm_cfg'),
+    ('version', '_config', '_lazy', '_names', '_io', 'core', 'data', '_pretrained', '_inputs', '_timm_cfg'),
     ('_meta', 'heads', '_stages', '_cuts', '_probe', '_small_input', '_exit_rule', '_stem_ckpt',
      '_exit_search', '_exit_guarantee'),
     ('_profile', '_adaptive', '_local_losses', '_prediction', '_model', '_step_cost', '_balance', '_compile'),
-    ('_builder', '_exit', '_compile', '_features'),
+    ('_builder', '_exit', '_compile', '_features', 'model'),
     ('hub',),
-    ('_factory', '_registry'),
+    ('_factory', '_registry', 'factory'),
     ('baselines',),
     # the training package, bottom to top: registries; settings; the run's parts; methods; the run sequence; its
     # engines (Accelerate, stage-parallel); the schedules (which name their engine); the CLI and the package face
@@ -134,9 +135,10 @@ def _dotted(module: str) -> str:
 
 def test_graph_reader_sees_both_kinds_of_import():
     graph = import_graph()
-    assert '_config' in graph['heads._prototype']               # module level: from .._config import HFFConfig
-    assert '_factory' in graph['baselines.ff']                  # function level: from .._factory import ...
-    assert 'hub' in graph['_factory'] and 'hub._errors' in graph['hub._format'] and '_config' in graph['hub._format']
+    assert 'core' in graph['heads._prototype']                  # module level: from ..core import HFFConfig
+    assert 'factory' in graph['baselines.ff']                   # function level: from ..factory import create_model
+    assert 'hub' in graph['_factory'] and 'hub._errors' in graph['hub._format'] and 'core' in graph['hub._format']
+    assert '_model' in graph['model'] and '_config' in graph['_stages']   # a face's edges, a same-package import
     assert find_cycle({'a': {'b'}, 'b': {'c'}, 'c': {'a'}}) == ['a', 'b', 'c', 'a']
     assert find_cycle({'a': {'b'}, 'b': set()}) == []
 
@@ -151,6 +153,34 @@ def test_layers_import_downward_only():
               for n in sorted(edges) if layer_of(n) > layer_of(m)]
     assert not upward, 'imports against the layering (bottom to top: ' + ' -> '.join(
         '/'.join(p or '__init__' for p in layer) for layer in LAYERS) + '):\n' + '\n'.join(upward)
+
+
+def _packages() -> Set[str]:
+    return {_module_name(p) for p in PACKAGE.rglob('__init__.py')}
+
+
+def private_crossings(graph: Dict[str, Set[str]], packages: Set[str]) -> List[str]:
+    """Imports of a private module (``_name``) from outside its own package. A subpackage counts as outside, the root
+    included: ``hub``, ``train`` and the rest reach the root's core through its faces (``core``, ``model``,
+    ``factory``), so the files behind a face can move without touching them."""
+    def package(m):
+        return m if m in packages else m.rpartition('.')[0]
+    return [f'{_dotted(m)} imports {_dotted(n)}' for m, edges in sorted(graph.items()) for n in sorted(edges)
+            if n.rpartition('.')[2].startswith('_') and n not in packages and package(n) != package(m)]
+
+
+def test_private_modules_are_imported_only_inside_their_package():
+    crossings = private_crossings(import_graph(), _packages())
+    assert not crossings, ('private modules imported from outside their package (import the package or face that '
+                           're-exports the name):\n' + '\n'.join(crossings))
+
+
+def test_the_boundary_rule_can_fail():
+    packages = {'', 'hub', 'train', 'train.methods'}
+    graph = {'hub._load': {'_model', 'model', 'hub._format'}, 'train.methods.bp': {'train._x', 'train.methods._y'},
+             '_factory': {'hub', '_model'}, 'train': {'train._x'}}
+    assert private_crossings(graph, packages) == ['timm_hff.hub._load imports timm_hff._model',
+                                                  'timm_hff.train.methods.bp imports timm_hff.train._x']
 
 
 def size_problems(text: str) -> List[str]:

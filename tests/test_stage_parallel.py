@@ -119,16 +119,16 @@ WORKER = textwrap.dedent('''
 
     pause = json.loads(os.environ.get('HFF_TEST_PAUSE', 'null'))
     if pause and int(os.environ.get('RANK', '0')) == pause['rank']:
-        real = _stage_steps.StageSteps._inputs
+        real = _stage_steps.stage_inputs
 
-        def inputs(self, phase, sizes, what, source=None):
-            for i, item in enumerate(real(self, phase, sizes, what, source)):
+        def inputs(run, phase, sizes, what, source=None):
+            for i, item in enumerate(real(run, phase, sizes, what, source)):
                 if what == 'epoch %d training' % (pause['epoch'] + 1) and i == pause['step']:
                     with open(pause['marker'], 'w') as f:
                         f.write(str(os.getpid()))
                     time.sleep(pause['sleep'])
                 yield item
-        _stage_steps.StageSteps._inputs = inputs
+        _stage_steps.stage_inputs = inputs
 
     sys.exit(cli.main(sys.argv[1:]))
 ''')

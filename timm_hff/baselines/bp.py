@@ -16,10 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .._config import HFFConfig
-from .._pretrained import create_timm_model
-from .._small_input import adapt_small_input
-from .._stages import StageSplit, stem_split
+from ..core import HFFConfig
+from ..model import StageSplit, adapt_small_input, create_timm_model, stem_split
 
 __all__ = ['accumulated_backward', 'create_bp_model']
 

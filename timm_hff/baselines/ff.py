@@ -24,8 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .._cuts import run_stages
-from .._stages import StageSplit
+from ..model import StageSplit, run_stages
 
 __all__ = ['FFConfig', 'FFModel', 'LABEL_MODES', 'LabelPlane', 'create_ff_model', 'goodness']
 
@@ -261,7 +260,7 @@ def create_ff_model(model_name: str, num_classes: int = 10, in_chans: int = 3, f
         **kwargs: HFF split settings (``num_stages``, ``stage_indices``, ``small_input``, ``check_img_size``)
             and timm kwargs, exactly as for ``timm_hff.create_model``.
     """
-    from .._factory import create_model
+    from ..factory import create_model
     if isinstance(in_chans, bool) or not isinstance(in_chans, int) or in_chans < 1:
         raise ValueError(f'in_chans must be an integer >= 1, got {in_chans!r}')
     hff = create_model(model_name, num_classes=num_classes, in_chans=in_chans + 1, **kwargs)

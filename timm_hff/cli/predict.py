@@ -105,7 +105,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise ValueError(f"model {args.model!r} is not a saved model; pass 'local-dir:<folder>' (a folder with "
                              f"config.json and model.safetensors) or 'hf-hub:<org>/<repo>'")
         files = find_images(args.images)
-        from .._factory import create_model
+        from ..factory import create_model
         model = create_model(args.model, pretrained=True)
         if args.predict_from is not None:
             from .validate import parse_predict_from

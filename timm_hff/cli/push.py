@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from .._io import atomic_write_text   # after parsing: --help and argument errors answer at once
+    from ..core import atomic_write_text   # after parsing: --help and argument errors answer at once
     from ..hub import build_model_card, push_to_hub, read_config
     try:
         model_dir = find_model_dir(args.run_dir)

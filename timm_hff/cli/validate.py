@@ -121,7 +121,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                              f"config.json and model.safetensors) or 'hf-hub:<org>/<repo>'")
         print(f"hff-validate: loading {args.model} and {args.dataset or args.data_dir or 'the data'}:{args.split}, "
               f"then scoring on {device}", file=sys.stderr, flush=True)   # data loading can take a while: say so
-        from .._factory import create_model
+        from ..factory import create_model
         model = create_model(args.model, pretrained=True)
         if args.predict_from is not None:
             model.set_predict_from(parse_predict_from(args.predict_from))

@@ -6,7 +6,7 @@
 
 Names load on first use (``timm_hff._lazy``): the augmentation settings are read before torch is imported.
 """
-from .._lazy import lazy_exports
+from ..core import lazy_exports
 
 _EXPORTS = {
     **dict.fromkeys(['FASHION_MNIST_CLASSES', 'FASHION_MNIST_DIR', 'find_idx_files', 'has_idx_files', 'idx_dataset',

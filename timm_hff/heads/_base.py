@@ -54,6 +54,13 @@ class Head(nn.Module):
         """Names (relative to the head) of parameters that weight decay must leave alone."""
         return set()
 
+    @classmethod
+    def class_tensor_shapes(cls, cfg, num_classes: int) -> Dict[str, Tuple[Tuple[Optional[int], ...], str]]:
+        """{parameter name: (shape, the settings that fix it)} of the head's tensors whose shape the settings and
+        the class count alone fix (None: a size they leave open). The Hub loader holds a saved file's header against
+        them before it builds anything, naming those settings. The default fixes none."""
+        return {}
+
     def linear_classifier(self, multi_prototype: str = 'mean') -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
         """(weight (C, D), bias (C,)) of a linear classifier on the head's pooled input with the head's argmax, or
         None where there is none (``export_timm`` then refuses)."""

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .._config import HFFConfig
+from ..core import HFFConfig
 from ._aux import AuxBlock
 from ._base import Head, register_head
 from ._fused import fp32, fused_score_loss, fused_stage_losses
@@ -69,6 +69,12 @@ class PrototypeHead(Head):
         self.prototypes = nn.Parameter(torch.empty(num_classes * self.num_prototypes, self.embed_dim))
         self.num_classes = num_classes
         self.reset_prototypes(num_classes)
+
+    @classmethod
+    def class_tensor_shapes(cls, cfg, num_classes: int):
+        return {'prototypes': ((num_classes * cfg.prototypes_per_class, cfg.embed_dim or None),
+                               f'num_classes={num_classes}, prototypes_per_class={cfg.prototypes_per_class} and '
+                               f'embed_dim={cfg.embed_dim}')}
 
     def reset_prototypes(self, num_classes: int) -> None:
         """Draw fresh prototypes for ``num_classes`` classes (used for new label sets in transfer)."""

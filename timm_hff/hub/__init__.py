@@ -20,7 +20,7 @@ The modules, in the order the data flows (each imports only those above it):
 
 Nothing here imports ``timm_hff._factory`` or ``timm_hff._registry``: they sit above the hub and call into it.
 """
-from .._lazy import lazy_exports
+from ..core import lazy_exports
 
 _EXPORTS = {
     **dict.fromkeys(['CheckpointError', 'CheckpointFileNotFoundError', 'ConfigError',

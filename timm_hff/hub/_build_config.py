@@ -9,9 +9,7 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 
-from .._model import HFFModel
-from .._timm_cfg import settle_cfg
-from .._profile import stage_profile
+from ..model import HFFModel, settle_cfg, stage_profile
 from ..version import __version__
 from ._errors import one_line
 from ._format import FORBIDDEN_TIMM_KWARGS, FORMAT_VERSION, GENERIC_ARCH, parse_config

@@ -26,14 +26,14 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from .._config import short_repr
-from .._meta import MetaValues
-from .._model import HFFModel
+from ..core import short_repr
+from ..heads import HEADS
+from ..model import HFFModel, MetaValues
 from ._errors import ConfigError, ResourceLimitError, ShapeMismatchError, one_line
 from ._format import CONFIG_NAME, WEIGHTS_NAME, SavedConfig
 from ._weights import FLOAT_DTYPES, Header
 
-__all__ = ['PACKAGE', 'PROBE_ENV', 'PROBE_FLOOR_MB', 'check_prototypes', 'check_shapes', 'check_state', 'dry_build',
+__all__ = ['PACKAGE', 'PROBE_ENV', 'PROBE_FLOOR_MB', 'check_head_shapes', 'check_shapes', 'check_state', 'dry_build',
            'probe_budget', 'translate_errors']
 
 PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,19 +58,21 @@ def probe_budget(header: Header) -> int:
     return PROBE_FLOOR_MB * 2 ** 20 + 8 * header.data_bytes
 
 
-def check_prototypes(saved: SavedConfig, header: Header, where: str) -> None:
-    """The class count, prototypes per class and embedding width against the header's prototypes, before any build."""
-    rows = saved.num_classes * saved.cfg.prototypes_per_class
+def check_head_shapes(saved: SavedConfig, header: Header, where: str) -> None:
+    """The head tensors whose shapes the settings and class count fix (``Head.class_tensor_shapes``: the prototype
+    head's class count, prototypes per class and embedding width) against the header, before any build."""
+    head = HEADS.get(saved.cfg.head)
+    expected = head.class_tensor_shapes(saved.cfg, saved.num_classes) if head is not None else {}
     for name, (_, shape) in sorted(header.tensors.items()):
-        if not (name.startswith('heads.') and name.endswith('.prototypes')) or len(shape) != 2:
+        parts = name.split('.')
+        if parts[0] != 'heads' or parts[-1] not in expected or len(shape) != len(expected[parts[-1]][0]):
             continue
-        want_cols = saved.cfg.embed_dim or shape[1]
-        if shape[0] != rows or shape[1] != want_cols:
+        want_shape, settings = expected[parts[-1]]
+        want = [s if w is None else w for w, s in zip(want_shape, shape)]
+        if list(shape) != want:
             raise ShapeMismatchError(
-                f"{where}: tensor {short_repr(name, 120)} is {list(shape)} in {WEIGHTS_NAME} but [{rows}, {want_cols}] "
-                f"for the "
-                f"num_classes={saved.num_classes}, prototypes_per_class={saved.cfg.prototypes_per_class} and "
-                f"embed_dim={saved.cfg.embed_dim} of {CONFIG_NAME}; refused before building anything")
+                f"{where}: tensor {short_repr(name, 120)} is {list(shape)} in {WEIGHTS_NAME} but {want} for the "
+                f"{settings} of {CONFIG_NAME}; refused before building anything")
 
 
 def dry_build(build: Callable[[], HFFModel], header: Header, where: str) -> HFFModel:

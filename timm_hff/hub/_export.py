@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .._io import atomic_dir
+from ..core import atomic_dir
 from ._build_config import saved_timm_kwargs, unwrap_model
 from ._errors import CheckpointError
 from ._format import CARD_NAME

@@ -20,8 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
-from .._config import HFFConfig
-from .._names import GENERIC_ARCH
+from ..core import GENERIC_ARCH, HFFConfig
 from ..version import __version__
 from ._errors import (
     CheckpointFileNotFoundError, ConfigError, FormatVersionError, UnknownArchitectureError, one_line)

@@ -11,10 +11,9 @@ from typing import Any, Dict, Optional, Tuple
 import timm
 import torch
 
-from .._builder import create_from_timm
-from .._config import HFFConfig, short_repr
-from .._model import HFFModel
-from ._dry_build import check_prototypes, check_shapes, dry_build, translate_errors
+from ..core import HFFConfig, short_repr
+from ..model import HFFModel, create_from_timm
+from ._dry_build import check_head_shapes, check_shapes, dry_build, translate_errors
 from ._errors import ShapeMismatchError
 from ._format import RUNTIME_SETTINGS, SavedConfig, read_config
 from ._resolve import HUB_KWARGS, resolve
@@ -49,7 +48,7 @@ def load_pretrained_hff(model_name: str, pretrained: bool = True, num_classes: O
     state = None
     if pretrained:   # nothing is allocated before the config is held against the weights header
         header = check_weights(files.weights(), saved.weights_sha256, where=files.where)
-        check_prototypes(saved, header, files.where)
+        check_head_shapes(saved, header, files.where)
         meta = dry_build(lambda: create_from_timm(saved.arch, dataclasses.replace(cfg), pretrained=False,
                                                   num_classes=saved.num_classes, in_chans=saved.in_chans,
                                                   **timm_kwargs), header, files.where)
@@ -145,7 +144,7 @@ def _check_stages(model: HFFModel, saved: SavedConfig, where: str) -> None:
 
 def _adapt_first_conv(model: HFFModel, state: Dict[str, torch.Tensor], in_chans: int, saved_chans: int) -> None:
     from timm.models import adapt_input_conv
-    from .._timm_cfg import first_convs
+    from ..model import first_convs
     first = first_convs(model.backbone, in_chans)   # a deep stem's conv1.0, not timm's cfg's conv1
     for name in ((first,) if isinstance(first, str) else tuple(first or ())):
         key = f'{name}.weight'

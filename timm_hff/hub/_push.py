@@ -7,7 +7,7 @@ from typing import Any, Dict, Optional, Sequence
 
 from huggingface_hub import HfApi
 
-from .._io import link_or_copy
+from ..core import link_or_copy
 from ._card import build_model_card
 from ._errors import CheckpointFileNotFoundError
 from ._format import CARD_NAME, CONFIG_NAME, HUB_FILES, WEIGHTS_NAME, read_config

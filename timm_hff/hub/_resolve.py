@@ -11,7 +11,7 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import (
     EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
 
-from .._config import printable_name, short_repr
+from ..core import printable_name, short_repr
 from ._errors import CheckpointError, CheckpointFileNotFoundError, one_line
 from ._names import check_repo_id, check_revision
 from ._format import CONFIG_NAME, WEIGHTS_NAME

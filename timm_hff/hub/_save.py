@@ -3,7 +3,7 @@ import json
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Union
 
-from .._io import atomic_dir
+from ..core import atomic_dir
 from ._build_config import build_config, unwrap_model
 from ._card import build_model_card
 from ._format import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME

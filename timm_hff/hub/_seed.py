@@ -20,7 +20,7 @@ from typing import Dict, Optional, Tuple, Union
 
 import torch
 
-from .._io import atomic_write_bytes, atomic_write_text
+from ..core import atomic_write_bytes, atomic_write_text
 from ._errors import CheckpointError, CorruptCheckpointError, ShapeMismatchError, UnsafeCheckpointError, one_line
 from ._weights import looks_like_pickle, check_weights, load_weights
 

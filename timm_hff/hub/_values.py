@@ -8,7 +8,7 @@ least be small, finite, plain JSON. Each failure is a ``ConfigError`` of one lin
 import math
 from typing import Any, Dict, Optional
 
-from .._config import printable_name, short_repr as short
+from ..core import printable_name, short_repr as short
 from ._errors import ConfigError, one_line
 from ._names import check_repo_id, check_text
 

@@ -17,7 +17,7 @@ from .registry import get_method, get_schedule, method_names, register_method, r
 from .config import PRECISIONS, TrainConfig
 from .methods import Method, NoAccelerator
 from .schedules import Schedule
-from .._lazy import lazy_exports
+from ..core import lazy_exports
 
 METHODS = method_names()
 SCHEDULES = schedule_names()

@@ -17,7 +17,7 @@ import shutil
 import weakref
 from typing import Any, Dict, Optional, Tuple
 
-from .._io import atomic_write_text
+from ..core import atomic_write_text
 from .errors import first_line, os_error, reason
 
 __all__ = ['CKPT_DIR', 'EMA_FILE', 'FILES_KEY', 'LOCK_FILE', 'RunInUseError', 'RunLock', 'STATE_FILE',

@@ -6,7 +6,7 @@ import typing
 from dataclasses import fields
 from typing import Any, Dict, List, Tuple, Union
 
-from .._config import short_repr
+from ..core import short_repr
 from ..hub import MAX_KWARG_INT, check_json
 from .registry import get_method, get_schedule, method_names
 
@@ -73,7 +73,7 @@ def check_combinations(cfg) -> None:
     if cfg.freeze_stages and cfg.head_only:
         raise ValueError('give freeze_stages or head_only, not both (head_only freezes the whole backbone)')
     if cfg.hff:
-        from .._config import HFFConfig
+        from ..core import HFFConfig
         HFFConfig.from_dict(dict(cfg.hff, check_split=False))   # unknown keys / bad values fail here
     if cfg.streaming or cfg.dataset.startswith('hfids/'):
         if cfg.train_num_samples is None:

@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
-from .._config import short_repr
+from ..core import short_repr
 from ..data import AUG_KINDS, AugConfig
 from .help import setting
 from .checks import MAPPING_SETTINGS, PRECISIONS, check_combinations, check_values, coerce

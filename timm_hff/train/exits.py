@@ -6,7 +6,7 @@ unbiased estimate of what the saved model does with ``predict_from='adaptive'``.
 """
 from typing import Any, Callable, Dict, Iterable, Optional
 
-from .._exit import ExitCalibration, exit_stats, fit_exits
+from ..model import ExitCalibration, exit_stats, fit_exits
 
 __all__ = ['adaptive_point', 'calibrate', 'check_calibration_size', 'describe_point']
 
@@ -15,7 +15,7 @@ def check_calibration_size(cfg, num_images: Optional[int]) -> None:
     """Refuse, before training, a validation split too small for ``calibrate_exits``' guarantee."""
     if cfg.calibrate_exits is None or cfg.exit_confidence is None or num_images is None:
         return
-    from .._exit_guarantee import min_calibration_images
+    from ..model import min_calibration_images
     need = min_calibration_images(cfg.calibrate_exits / 100, 1 - cfg.exit_confidence)
     if num_images < need:
         raise ValueError(f'calibrate_exits {cfg.calibrate_exits:g} with exit_confidence {cfg.exit_confidence:g} needs '

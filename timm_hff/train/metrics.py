@@ -8,7 +8,7 @@ import json
 import os
 from typing import Any, Dict, List, Optional
 
-from .._io import atomic_write, atomic_write_text
+from ..core import atomic_write, atomic_write_text
 
 __all__ = ['ema_metrics', 'final_metrics', 'plot_accuracy', 'stage_keys', 'summary_line', 'write_metrics']
 

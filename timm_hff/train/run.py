@@ -13,7 +13,7 @@ import os
 import time
 from typing import Any, Dict, List, Optional
 
-from .._io import atomic_write_text
+from ..core import atomic_write_text
 from .checkpoint import list_checkpoints, run_identity
 from .metrics import final_metrics, summary_line, write_metrics
 
@@ -251,7 +251,7 @@ class RunSequence:
         return info
 
     def print_plan(self) -> None:
-        from .._profile import format_profile
+        from ..model import format_profile
         cfg = self.cfg
         tl, vl, test = self.train_loader, self.val_loader, self.test_data
         at_end = (f'; test {test.split} ({self.test_loader.num_samples} images) once at the end' if test is not None

@@ -38,14 +38,14 @@ class BPMethod(Method):
         cut, so BP and HFF train the very same backbone; ``head_only`` freezes all but timm's classifier (a linear
         probe)."""
         from ...baselines.bp import create_bp_model
-        from ..._names import parse_model_name
+        from ...core import parse_model_name
         warn_frozen_random(cfg)
         source, name = parse_model_name(cfg.model)
         hff = dict(cfg.hff)
         if source in ('hf-hub', 'local-dir'):
             return self._from_saved_hff(cfg, num_classes)
         if source == 'hff':
-            from ..._names import registered_defaults
+            from ...core import registered_defaults
             name, defaults = registered_defaults(name)
             hff = {**defaults, **hff}
         stem = {k: hff[k] for k in ('small_input', 'num_stages', 'stage_indices', 'balance') if k in hff}
@@ -57,7 +57,7 @@ class BPMethod(Method):
         """BP from a saved HFF model (``transfer_hff.yaml``'s baseline): its backbone, with its trained weights when
         ``pretrained``, under timm's fresh classifier; the same freezing as from timm's weights. The backbone's cut
         passes everything through outside HFF's forward, so it trains end to end (``_cuts``)."""
-        from ..._factory import create_model
+        from ...factory import create_model
         from ...hub import saved_timm_kwargs
         hff = create_model(cfg.model, pretrained=cfg.pretrained, in_chans=cfg.in_chans)
         model = hff.backbone
@@ -77,7 +77,7 @@ class BPMethod(Method):
         """Frozen blocks keep their norm statistics (and no dropout), as HFF's frozen stages do."""
         super().train_mode(model, cfg, epoch)
         if _FROZEN.get(model):
-            from ..._stages import stage_modules
+            from ...model import stage_modules
             for m in stage_modules(model, sorted(_FROZEN[model])):
                 m.eval()
 
@@ -93,7 +93,7 @@ class BPMethod(Method):
         """timm's ``save_for_hf`` (config.json with the label names, model.safetensors), the folder replaced whole."""
         import torch
         from timm.models import save_for_hf
-        from ..._io import atomic_dir
+        from ...core import atomic_dir
         args, small = _SAVED_ARGS.get(model, (cfg.model_kwargs, bool(cfg.hff.get('small_input'))))
         model = model.to(memory_format=torch.contiguous_format)   # safetensors stores contiguous tensors only
         with atomic_dir(path, carry_over=False) as tmp:
@@ -106,7 +106,7 @@ class BPMethod(Method):
 def _twin(arch: str, cfg, hff: Dict[str, Any], num_classes: int):
     """The HFF model of the same architecture, cut and stem, built on the meta device (nothing allocated): its
     backbone's parameter names are the BP model's, so its stages say which blocks ``freeze_stages`` means."""
-    from ..._factory import create_model
+    from ...factory import create_model
     hff = {k: v for k, v in hff.items() if k != 'predict_from'}
     if cfg.img_size and 'check_img_size' not in hff:
         hff['check_img_size'] = cfg.img_size

@@ -63,7 +63,7 @@ class FFMethod(Method):
         """``timm_hff.baselines.create_ff_model``: the recipe's backbone and stage cut, one extra input channel for
         the label plane, no prototype heads."""
         from ...baselines.ff import FFConfig, create_ff_model
-        from ..._names import parse_model_name
+        from ...core import parse_model_name
         if parse_model_name(cfg.model)[0] in ('hf-hub', 'local-dir'):
             raise ValueError(f"method 'ff' needs a timm architecture, not saved HFF weights ({cfg.model})")
         hff = dict(cfg.hff)
@@ -93,7 +93,7 @@ class FFMethod(Method):
         import os
         import torch
         from safetensors.torch import save_model
-        from ..._io import atomic_dir, atomic_write_text
+        from ...core import atomic_dir, atomic_write_text
         config = dict(method='ff', model_name=cfg.model, num_classes=model.num_classes, in_chans=cfg.in_chans,
                       model_kwargs=dict(cfg.model_kwargs), hff=dict(cfg.hff), ff=model.cfg.to_dict(),
                       label_names=list(data.label_names), metrics=card_metrics(metrics, cfg, data),

@@ -17,8 +17,8 @@ class HFFMethod(Method):
     def build_model(self, cfg, num_classes: int, label_names=None):
         """``timm_hff.create_model`` of the recipe: timm's (pretrained) backbone or saved HFF weights; new labels get
         fresh prototypes; ``freeze_stages`` / ``head_only`` freeze backbone slices (fresh heads are re-fitted)."""
-        from ..._factory import create_model
-        from ..._names import parse_model_name
+        from ...factory import create_model
+        from ...core import parse_model_name
         warn_frozen_random(cfg)
         hff = dict(cfg.hff)
         if cfg.img_size and 'check_img_size' not in hff:
@@ -47,12 +47,12 @@ class HFFMethod(Method):
         return bool(model.split.unused_param_names)   # a truncated backbone leaves parameters unused
 
     def profile(self, model, img_size) -> Optional[List[Dict[str, Any]]]:
-        from ..._profile import stage_profile
+        from ...model import stage_profile
         return stage_profile(model, img_size)
 
     def compile(self, model, cfg) -> None:
         """Block by block, keeping the stage cuts eager (``timm_hff._compile``)."""
-        from ..._compile import compile_model
+        from ...model import compile_model
         compile_model(model, backend=cfg.torchcompile, mode=cfg.torchcompile_mode)
 
     def head_parameter_names(self, model) -> Set[str]:
@@ -79,9 +79,9 @@ class HFFMethod(Method):
 
     def step(self, acc, model, unwrapped, x, target, stage: Optional[int], mode: str):
         """One forward: every stage's detached input, its own loss; ``memory_efficient`` runs each stage's backward
-        inside it, else one backward of the summed (gradient-isolated) losses."""
-        out = model(x, target, mode=mode, stages=None if stage is None else [stage],
-                    backward_fn=acc.backward if mode == 'memory_efficient' else None)
+        inside it (through ``backward_fn``, which the other mode leaves unused), else one backward of the summed
+        (gradient-isolated) losses."""
+        out = model(x, target, mode=mode, stages=None if stage is None else [stage], backward_fn=acc.backward)
         if not out.backward_done:
             acc.backward(out.loss)
         return out.loss.detach(), out.stage_losses

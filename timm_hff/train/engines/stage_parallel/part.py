@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from ...._cuts import run_stages
+from ....model import run_stages
 
 __all__ = ['Layout', 'PROBE_BATCH', 'StagePart', 'TensorSpec', 'flatten', 'spec_of']
 

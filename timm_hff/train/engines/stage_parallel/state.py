@@ -28,8 +28,8 @@ from ...optim import run_settings_kept, say_changes
 from ...errors import first_line, reason
 from ....hub import CheckpointError, CorruptCheckpointError
 
-__all__ = ['PICKLED', 'QuietStop', 'StageEma', 'StageState', 'assemble', 'load_stage', 'owned_keys', 'owned_state',
-           'rng_state', 'save_stage', 'set_rng_state', 'stage_dir']
+__all__ = ['PICKLED', 'QuietStop', 'StageEma', 'assemble', 'finish', 'load_checkpoint', 'load_stage', 'owned_keys',
+           'owned_state', 'rng_state', 'save_checkpoint', 'save_stage', 'set_rng_state', 'stage_dir']
 
 MODEL_FILE, OPTIMIZER_FILE, SCHEDULER_FILE = 'model.safetensors', 'optimizer.safetensors', 'scheduler.safetensors'
 RNG_FILE, SCALER_FILE, EMA_FILE = 'random_states.safetensors', 'scaler.safetensors', 'ema.safetensors'
@@ -139,77 +139,77 @@ class QuietStop(Exception):
     """An error rank 0 reports; the other ranks stop without repeating it."""
 
 
-class StageState:
-    """Mixin of ``StageParallelTrainer``: epoch checkpoints, resume, and the final model."""
-
-    def _save(self, epoch: int) -> str:
-        """Every rank writes ``stage_K/`` into the temporary folder; rank 0 renames it once all have succeeded."""
-        root, tmp, final = checkpoint_paths(self.out_dir, epoch)
-        if self.is_main:
-            os.makedirs(root, exist_ok=True)
+def save_checkpoint(run, epoch: int) -> str:
+    """Every rank writes ``stage_K/`` into the temporary folder; rank 0 renames it once all have succeeded."""
+    root, tmp, final = checkpoint_paths(run.out_dir, epoch)
+    if run.is_main:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    run.ctl.barrier('preparing a checkpoint')
+    try:
+        save_stage(stage_dir(tmp, run.k), run)
+        error = None
+    except (OSError, RuntimeError) as e:   # disk full, read-only, quota: torch reports these as RuntimeError
+        error = f'stage {run.k + 1}: {reason(e)}'
+    errors = [e for e in run.ctl.all_gather(error, 'writing the checkpoint') if e]
+    if not errors and run.is_main:
+        try:
+            state = dict(epoch=epoch, updates=run.updates, history=run.history, identity=run.identity)
+            commit_checkpoint(tmp, final, state, run.out_dir, run.cfg.checkpoint_hist)
+        except OSError as e:
+            errors = [reason(e)]
+    errors = run.ctl.broadcast(errors, 'finishing the checkpoint')
+    if errors:
+        if run.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-        self.ctl.barrier('preparing a checkpoint')
-        try:
-            save_stage(stage_dir(tmp, self.k), self)
-            error = None
-        except (OSError, RuntimeError) as e:   # disk full, read-only, quota: torch reports these as RuntimeError
-            error = f'stage {self.k + 1}: {reason(e)}'
-        errors = [e for e in self.ctl.all_gather(error, 'writing the checkpoint') if e]
-        if not errors and self.is_main:
-            try:
-                state = dict(epoch=epoch, updates=self.updates, history=self.history, identity=self.identity)
-                commit_checkpoint(tmp, final, state, self.out_dir, self.cfg.checkpoint_hist)
-            except OSError as e:
-                errors = [reason(e)]
-        errors = self.ctl.broadcast(errors, 'finishing the checkpoint')
-        if errors:
-            if self.is_main:
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise OSError(f'cannot write checkpoint {final} ({errors[0]}); {self._kept()}: free disk space or fix '
-                          f'permissions, then {self._go_on()}')
-        return final
+        raise OSError(f'cannot write checkpoint {final} ({errors[0]}); {run._kept()}: free disk space or fix '
+                      f'permissions, then {run._go_on()}')
+    return final
 
-    def _load(self, ckpt: str) -> None:
-        self.resume_changes = []
-        try:
-            load_stage(stage_dir(ckpt, self.k), self)
-            error = None
-        except CheckpointError as e:   # a file refused by name (state_files): its line as it is
-            error = first_line(e)
-        except Exception as e:   # anything else a foreign file causes; the identity was already checked
-            error = f'{type(e).__name__}: {first_line(e)}'
-        errors = [e for e in self.ctl.all_gather(error, 'loading the checkpoint') if e]
-        if errors:
-            if not self.is_main:
-                raise QuietStop(errors[0])
-            if errors[0].startswith('--resume: '):
-                raise CorruptCheckpointError(errors[0])
-            raise unloadable(ckpt, RuntimeError(errors[0]))
-        state = read_state(ckpt)
-        self.start_epoch, self.updates = int(state['epoch']) + 1, int(state['updates'])
-        self.history = list(state['history'])
-        self.print(f'resumed from {ckpt} (epoch {state["epoch"] + 1} done){say_changes(self.resume_changes)}')
 
-    def finish(self, last: Dict[str, Any], test: Optional[Dict[str, Any]]) -> None:
-        """Assemble the model on rank 0 (each tensor from its owner) and save it as a single-process run would."""
-        if not self.cfg.save_model:
-            self.ctl.barrier('finishing')
-            return
-        parts = self.ctl.gather(self._owned_parts(), 'collecting the trained stages')
-        if not self.is_main:
-            self.ctl.barrier('saving the model')
-            return
-        try:
-            models = {'': assemble(self.model, [p[0] for p in parts])}
-            if self.ema is not None:
-                models['ema_'] = assemble(self.ema.module, [p[1] for p in parts])
-            self.save_final(models, last, test)
-        finally:
-            self.ctl.barrier('saving the model')
+def load_checkpoint(run, ckpt: str) -> None:
+    run.resume_changes = []
+    try:
+        load_stage(stage_dir(ckpt, run.k), run)
+        error = None
+    except CheckpointError as e:   # a file refused by name (state_files): its line as it is
+        error = first_line(e)
+    except Exception as e:   # anything else a foreign file causes; the identity was already checked
+        error = f'{type(e).__name__}: {first_line(e)}'
+    errors = [e for e in run.ctl.all_gather(error, 'loading the checkpoint') if e]
+    if errors:
+        if not run.is_main:
+            raise QuietStop(errors[0])
+        if errors[0].startswith('--resume: '):
+            raise CorruptCheckpointError(errors[0])
+        raise unloadable(ckpt, RuntimeError(errors[0]))
+    state = read_state(ckpt)
+    run.start_epoch, run.updates = int(state['epoch']) + 1, int(state['updates'])
+    run.history = list(state['history'])
+    run.print(f'resumed from {ckpt} (epoch {state["epoch"] + 1} done){say_changes(run.resume_changes)}')
 
-    def _owned_parts(self):
-        ema = owned_state(self.ema.module, self.keys) if self.ema is not None else None
-        return owned_state(self.model, self.keys), ema
+
+def finish(run, last: Dict[str, Any], test: Optional[Dict[str, Any]]) -> None:
+    """Assemble the model on rank 0 (each tensor from its owner) and save it as a single-process run would."""
+    if not run.cfg.save_model:
+        run.ctl.barrier('finishing')
+        return
+    parts = run.ctl.gather(_owned_parts(run), 'collecting the trained stages')
+    if not run.is_main:
+        run.ctl.barrier('saving the model')
+        return
+    try:
+        models = {'': assemble(run.model, [p[0] for p in parts])}
+        if run.ema is not None:
+            models['ema_'] = assemble(run.ema.module, [p[1] for p in parts])
+        run.save_final(models, last, test)
+    finally:
+        run.ctl.barrier('saving the model')
+
+
+def _owned_parts(run):
+    ema = owned_state(run.ema.module, run.keys) if run.ema is not None else None
+    return owned_state(run.model, run.keys), ema
 
 
 class StageEma(ModelEmaV3):

@@ -32,8 +32,8 @@ from ...targets import build_mixup
 from .handoff import Control, Inbox, Outbox, PeerLost
 from .launch import Group, check_devices, from_environment, join, leave, spawn
 from .part import StagePart, TensorSpec
-from .state import StageEma, StageState, QuietStop, owned_keys
-from .steps import StageSteps
+from . import state as stage_state, steps as stage_steps
+from .state import StageEma, QuietStop, owned_keys
 from .checks import check_settings
 
 __all__ = ['StageParallelTrainer']
@@ -48,8 +48,10 @@ class _Solo:
         return contextlib.nullcontext()
 
 
-class StageParallelTrainer(StageSteps, StageState, RunSequence):
-    """One stage of a stage-parallel run (this process's rank); ``fit()`` on every rank trains the whole model."""
+class StageParallelTrainer(RunSequence):
+    """One stage of a stage-parallel run (this process's rank); ``fit()`` on every rank trains the whole model. Its
+    epoch and evaluation are ``steps``' functions, its checkpoints and final model ``state``'s, each handed this
+    trainer (as the Accelerate engine's ``steps.train_steps`` is)."""
 
     def __init__(self, cfg):
         check_settings(cfg)
@@ -186,7 +188,7 @@ class StageParallelTrainer(StageSteps, StageState, RunSequence):
         set_seed(cfg.seed + self.k)   # as Accelerate's device_specific seed: rank 0 draws the augmentation
         self.start_epoch, self.updates, self.history = 0, 0, []
         if plan['resume']:
-            self._load(plan['resume'])
+            stage_state.load_checkpoint(self, plan['resume'])
         self.lr_at(self.start_epoch, self.updates)
 
     def _specs(self, stage: int, label: TensorSpec) -> Dict[str, List[TensorSpec]]:
@@ -219,11 +221,20 @@ class StageParallelTrainer(StageSteps, StageState, RunSequence):
             self.lock.release()
         leave(self.group, failed)
 
+    def train_epoch(self, epoch: int) -> Dict[str, Any]:
+        return stage_steps.train_epoch(self, epoch)
+
+    def evaluate(self, ema: bool = False, split: str = 'val') -> Dict[str, Any]:
+        return stage_steps.evaluate(self, ema, split)
+
     def evaluate_model(self, prefix: str, split: str) -> Dict[str, Any]:
         return self.evaluate(ema=bool(prefix), split=split)
 
     def save_checkpoint(self, epoch: int) -> str:
-        return self._save(epoch)
+        return stage_state.save_checkpoint(self, epoch)
+
+    def finish(self, last: Dict[str, Any], test: Optional[Dict[str, Any]]) -> None:
+        stage_state.finish(self, last, test)
 
     def training_row(self, stats: Dict[str, Any]) -> Dict[str, Any]:
         return self._train_row(self.ctl.all_gather(stats, 'sharing the epoch\'s training figures'))
