@@ -394,8 +394,10 @@ def run_schedule(args, common: List[str]) -> List[Dict[str, Any]]:
 
 
 # the shipped min_steps on the full set: 1,500 steps stretch its 3 epochs (1,266 steps) to 6; the stored 3-epoch run
-# (--phase full, min_steps 0) sits beside it, and the recipe's lr again at 3e-3, the lr --phase fair chose for it
-FULL_SCHEDULE = {'full_recipe_min_steps1500': [], 'full_recipe_min_steps1500_lr3e-3': ['--lr', '0.003']}
+# (--phase full, min_steps 0) sits beside it, the recipe's lr again at 3e-3 (the lr --phase fair chose for it), and BP
+# with the same frozen blocks at its own chosen lr (1e-2) on the same schedule
+FULL_SCHEDULE = {'full_recipe_min_steps1500': {}, 'full_recipe_min_steps1500_lr3e-3': dict(lr=0.003),
+                 'full_bp_freeze_0_2_lr1e-2_min_steps1500': dict(baseline='bp', lr=0.01)}
 
 
 def run_schedule_full(args, common: List[str]) -> List[Dict[str, Any]]:
@@ -405,11 +407,11 @@ def run_schedule_full(args, common: List[str]) -> List[Dict[str, Any]]:
     names_ = [k for k in FULL_SCHEDULE if args.only is None or k in args.only]
 
     def one(exp):
-        run_args = ['--config', RECIPE] + FULL_SCHEDULE[exp] + ['--experiment', exp] + common
+        run_args = ['--config', RECIPE] + flags(FULL_SCHEDULE[exp]) + ['--experiment', exp] + common
         run_dir = hff_train(run_args, os.path.join(args.work, f'{exp}.log'), os.path.join(args.work, 'runs', exp))
         store(run_dir, args.work, args.out)
-        row = dict(target=target, n=None, name=exp, min_steps=1500, lr=float((FULL_SCHEDULE[exp] or [0, 1e-3])[1]),
-                   run=os.path.basename(run_dir), **read(run_dir))
+        row = dict(target=target, n=None, name=exp, min_steps=1500, lr=FULL_SCHEDULE[exp].get('lr', 1e-3),
+                   method=FULL_SCHEDULE[exp].get('baseline', 'hff'), run=os.path.basename(run_dir), **read(run_dir))
         print(json.dumps(row), flush=True)
         return row
 
@@ -418,12 +420,11 @@ def run_schedule_full(args, common: List[str]) -> List[Dict[str, Any]]:
 
 
 def schedule_md(rows) -> List[str]:
-    md = ['| target | min_steps | lr | epochs run | val top-1 | val EMA | test top-1 (reported, not used) |',
-          '|---|---|---|---|---|---|---|']
+    md = ['| target | method | min_steps | lr | epochs run | val top-1 | val EMA | test top-1 (reported, not used) |',
+          '|---|---|---|---|---|---|---|---|']
     for r in rows:
-        md.append(f"| {r['target']} | {r['min_steps']} | {r.get('lr', 1e-3):g} | {r['epochs']} | "
-                  f"{fmt(r['val_top1'])} | "
-                  f"{fmt(r['val_ema_top1'])} | {fmt(r['test_top1'])} |")
+        md.append(f"| {r['target']} | {r.get('method', 'hff')} | {r['min_steps']} | {r.get('lr', 1e-3):g} | "
+                  f"{r['epochs']} | {fmt(r['val_top1'])} | {fmt(r['val_ema_top1'])} | {fmt(r['test_top1'])} |")
     return md
 
 
