@@ -751,3 +751,17 @@ def test_a_new_schedule_is_one_file(idx_root, tmp_path, monkeypatch, capsys, fre
     finally:
         registry._SCHEDULES.pop('sweep', None)
         sys.modules.pop('hff_test_sweep', None)
+
+
+def test_every_augmentation_field_is_a_setting_with_the_same_default():
+    """``AugConfig`` (the loaders' view) and ``TrainConfig`` (the settings) name the same augmentation fields with the
+    same defaults, so ``aug_config`` reads each by name and a field added to one without the other fails here."""
+    from dataclasses import fields
+    from timm_hff.data import AugConfig
+    settings = {f.name: f for f in fields(TrainConfig)}
+    for f in fields(AugConfig):
+        assert f.name in settings, f'AugConfig.{f.name} has no TrainConfig setting'
+        assert settings[f.name].default == f.default, f"{f.name}: {settings[f.name].default!r} vs {f.default!r}"
+    cfg = TrainConfig(hflip=0.25, scale=[0.5, 1.0], aa='rand-m9', reprob=0.1)
+    aug = cfg.aug_config()
+    assert (aug.hflip, aug.scale, aug.aa, aug.reprob, aug.ratio) == (0.25, (0.5, 1.0), 'rand-m9', 0.1, None)

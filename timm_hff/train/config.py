@@ -221,10 +221,10 @@ class TrainConfig:
 
     # ----- views -----
     def aug_config(self) -> AugConfig:
-        return AugConfig(aug=self.aug, crop_padding=self.crop_padding, hflip=self.hflip, vflip=self.vflip,
-                         scale=tuple(self.scale) if self.scale else None,
-                         ratio=tuple(self.ratio) if self.ratio else None, color_jitter=self.color_jitter,
-                         aa=self.aa, reprob=self.reprob, remode=self.remode, recount=self.recount)
+        """The data loaders' view of the augmentation settings: ``AugConfig``'s fields, each read from the setting of
+        the same name here (a recipe's lists become the tuples timm's transforms take)."""
+        values = {f.name: getattr(self, f.name) for f in fields(AugConfig)}
+        return AugConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
