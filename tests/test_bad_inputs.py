@@ -336,7 +336,8 @@ def _(env):
 
 
 @case('--resume at a checkpoint whose optimizer state is a pickle that runs code', CorruptCheckpointError,
-      r'--resume: .*epoch_0000/optimizer\.bin cannot be loaded without unpickling code or is damaged \(UnpicklingError\)')
+      r'--resume: .*epoch_0000/optimizer\.bin cannot be loaded without unpickling code or is damaged '
+      r'\(UnpicklingError\)')
 def _(env):
     run, ckpt = env.copy_run()
     marker = env.tmp / 'unpickled'
@@ -349,7 +350,8 @@ def _(env):
 
 
 @case('--resume at a checkpoint whose trainer_state.json says epoch 10**30', CorruptCheckpointError,
-      r'--resume: .*trainer_state\.json holds epoch = 10000000000\d*\.\.\. \(31 chars\), not a count from 0 to 10,000,000; the '
+      r'--resume: .*trainer_state\.json holds epoch = 10000000000\d*\.\.\. \(31 chars\), not a count from 0 to '
+      r'10,000,000; the '
       r'checkpoint is damaged')
 def _(env):
     run, ckpt = env.copy_run()

@@ -289,3 +289,19 @@ def test_a_setting_is_declared_in_one_place():
     assert not over, f'modules that name most of the settings (declare them once, in train/config.py): {over}'
     table = '\n'.join(f"    '{n}': ('Dataset', 'help')," for n in names)   # what a second declaration looks like
     assert len(settings_named(table, names)) == len(names)
+
+
+@pytest.mark.parametrize('old,new', [('train.trainer', 'train.engines.accelerate.trainer'),
+                                     ('train.steps', 'train.engines.accelerate.steps'),
+                                     ('train.cuda_graphs', 'train.engines.cuda_graphs')])
+def test_a_moved_module_is_its_new_home_with_a_warning(old, new):
+    """An old import path gives the very module (so a patch through it reaches the code that runs) and warns."""
+    import sys
+    import warnings
+    sys.modules.pop(_dotted(old), None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        module = importlib.import_module(_dotted(old))
+    assert module is importlib.import_module(_dotted(new))
+    assert any(issubclass(w.category, DeprecationWarning) and f'moved to {_dotted(new)}' in str(w.message)
+               for w in caught)

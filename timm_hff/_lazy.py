@@ -4,9 +4,10 @@ before, so ``import timm_hff`` (and every CLI's ``--help`` and argument errors) 
 """
 import importlib
 import sys
+import warnings
 from typing import Callable, Dict, List, Tuple
 
-__all__ = ['lazy_exports']
+__all__ = ['lazy_exports', 'moved_module']
 
 
 def lazy_exports(package: str, exports: Dict[str, str]) -> Tuple[Callable, Callable]:
@@ -23,3 +24,12 @@ def lazy_exports(package: str, exports: Dict[str, str]) -> Tuple[Callable, Calla
     def __dir__() -> List[str]:
         return sorted(set(vars(sys.modules[package])) | set(exports))
     return __getattr__, __dir__
+
+
+def moved_module(old: str, new: str) -> List[str]:
+    """Make the module ``old`` (a deprecated path, the caller's ``__name__``) the very module ``new``, so attributes
+    read or patched through the old path are the new module's own; warns once on import. Returns ``new``'s
+    ``__all__`` for the alias to declare."""
+    warnings.warn(f'{old} moved to {new}; import it from there', DeprecationWarning, stacklevel=3)
+    sys.modules[old] = module = importlib.import_module(new)
+    return module.__all__

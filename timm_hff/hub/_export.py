@@ -122,8 +122,8 @@ def fold_last_head(model, multi_prototype: str = 'mean') -> tuple:
     (``Head.linear_classifier``)."""
     folded = model.heads[-1].linear_classifier(multi_prototype)
     if folded is None:
-        raise ExportError("the last stage's head has no linear classifier equivalent (an aux block, an unpooled input, or "
-                          "a head type without Head.linear_classifier), so it is not linear in the pooled features")
+        raise ExportError("the last stage's head has no linear classifier equivalent (an aux block, an unpooled input, "
+                          "or a head type without Head.linear_classifier), so it is not linear in the pooled features")
     return folded
 
 

@@ -4,9 +4,9 @@
       -> adaptive exits fitted on validation (``calibrate_exits``) -> the test split, once -> the final model(s)
 
 Two engines fill it in (``engines/``): ``accelerate.Trainer`` (HF Accelerate, one process or data-parallel ones) and
-``stage_parallel.StageParallelTrainer`` (one process per stage). An engine sets up the attributes listed in ``RunSequence`` and
-implements its step, its evaluation, its checkpoints and how it hands over the final model; the method and the
-schedule objects (``registry``) supply everything that differs between methods and schedules.
+``stage_parallel.StageParallelTrainer`` (one process per stage). An engine sets up the attributes listed in
+``RunSequence`` and implements its step, its evaluation, its checkpoints and how it hands over the final model; the
+method and the schedule objects (``registry``) supply everything that differs between methods and schedules.
 """
 import logging
 import os
