@@ -8,6 +8,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOT_TRAINING = ('experiment', 'output', 'progress', 'resume', 'log_with', 'checkpoint_hist', 'save_model', 'val_every')
 # the HFF settings a BP baseline uses (its small-input stem adaptation at HFF's cut); the heads' settings it ignores
 BP_USES = ('small_input', 'stage_indices', 'num_stages', 'balance')
+HFF_SETTINGS_USED = {'bp': BP_USES}   # a method that reads only these of the hff settings (the others: all of them)
 # HFF settings that change what a trained model predicts, not what it learns (every run scores the last stage, each
 # stage and the ensemble anyway)
 PREDICTION_ONLY = ('predict_from', 'exit_rule', 'exit_thresholds', 'exit_patience', 'check_split')
@@ -29,9 +30,10 @@ def same_training(want: Dict[str, Any], got: Dict[str, Any]) -> bool:
     from timm_hff.train import TrainConfig
     default = TrainConfig().to_dict()
     want, got = dict(want), dict(got)
-    if want.get('method') == 'bp':
+    uses = HFF_SETTINGS_USED.get(want.get('method'))
+    if uses is not None:
         for cfg in (want, got):
-            cfg['hff'] = {k: v for k, v in (cfg.get('hff') or {}).items() if k in BP_USES}
+            cfg['hff'] = {k: v for k, v in (cfg.get('hff') or {}).items() if k in uses}
     for cfg in (want, got):   # FF's chunk_size only batches its scoring passes
         cfg['ff'] = {k: v for k, v in (cfg.get('ff') or {}).items() if k != 'chunk_size'}
         cfg['hff'] = {k: v for k, v in (cfg.get('hff') or {}).items() if k not in PREDICTION_ONLY}

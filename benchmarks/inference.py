@@ -29,6 +29,7 @@ FF_ROWS = 4   # FF classifies up to FF_ROWS * batch / C images per measurement (
 TARGET_FRACTION = 0.8
 ROUNDS = 3          # interleaved timing rounds per (model, C)
 FF_BUDGET_S = 30.0  # no further FF rounds once FF calls took this long (C = 1000 on a big model)
+BUDGET_S = dict(ff=FF_BUDGET_S)   # a method's time budget for the rounds after the first
 
 PROTOCOL = (
     'Random weights, eval mode, torch.inference_mode. images/s = images per call / fastest call (other processes '
@@ -64,7 +65,7 @@ def run_model(preset: str, batch: int, classes: List[int], runtime, min_time: fl
             times = {m: [] for m in fns}
             for r in range(ROUNDS):   # interleaved, so load from other processes hits all methods alike
                 for m, fn in fns.items():
-                    if m == 'ff' and r and sum(times['ff']) > FF_BUDGET_S:
+                    if r and sum(times[m]) > BUDGET_S.get(m, float('inf')):
                         continue
                     times[m] += time_calls(fn, runtime, warmup=0, iters=1, min_time=min_time / ROUNDS)
             t_hff, t_bp, t_ff = (min(times[m]) for m in ('hff', 'bp', 'ff'))   # best of: load only adds time
