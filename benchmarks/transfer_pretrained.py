@@ -397,12 +397,16 @@ def run_schedule(args, common: List[str]) -> List[Dict[str, Any]]:
 # (--phase full, min_steps 0) sits beside it, the recipe's lr again at 3e-3 (the lr --phase fair chose for it), and BP
 # with the same frozen blocks at its own chosen lr (1e-2) on the same schedule
 FULL_SCHEDULE = {'full_recipe_min_steps1500': {}, 'full_recipe_min_steps1500_lr3e-3': dict(lr=0.003),
-                 'full_bp_freeze_0_2_lr1e-2_min_steps1500': dict(baseline='bp', lr=0.01)}
+                 'full_bp_freeze_0_2_lr1e-2_min_steps1500': dict(baseline='bp', lr=0.01),
+                 # a second seed of the HFF / BP pair (the recipe's seed is 42)
+                 'full_recipe_min_steps1500_seed1': dict(seed=1),
+                 'full_bp_freeze_0_2_lr1e-2_min_steps1500_seed1': dict(baseline='bp', lr=0.01, seed=1)}
 
 
 def run_schedule_full(args, common: List[str]) -> List[Dict[str, Any]]:
     target = 'Fashion-MNIST, 10 classes (54,000 / 6,000 / 10,000)'
-    rows = [dict(target=target, n=None, name='recipe_min_steps0', min_steps=0, lr=1e-3, run='full_hff_imagenet',
+    rows = [dict(target=target, n=None, name='recipe_min_steps0', min_steps=0, lr=1e-3, seed=42,
+                 run='full_hff_imagenet',
                  **read(os.path.join(args.out, 'runs', 'full_hff_imagenet')))]
     names_ = [k for k in FULL_SCHEDULE if args.only is None or k in args.only]
 
@@ -411,7 +415,8 @@ def run_schedule_full(args, common: List[str]) -> List[Dict[str, Any]]:
         run_dir = hff_train(run_args, os.path.join(args.work, f'{exp}.log'), os.path.join(args.work, 'runs', exp))
         store(run_dir, args.work, args.out)
         row = dict(target=target, n=None, name=exp, min_steps=1500, lr=FULL_SCHEDULE[exp].get('lr', 1e-3),
-                   method=FULL_SCHEDULE[exp].get('baseline', 'hff'), run=os.path.basename(run_dir), **read(run_dir))
+                   method=FULL_SCHEDULE[exp].get('baseline', 'hff'), seed=FULL_SCHEDULE[exp].get('seed', 42),
+                   run=os.path.basename(run_dir), **read(run_dir))
         print(json.dumps(row), flush=True)
         return row
 
@@ -420,11 +425,13 @@ def run_schedule_full(args, common: List[str]) -> List[Dict[str, Any]]:
 
 
 def schedule_md(rows) -> List[str]:
-    md = ['| target | method | min_steps | lr | epochs run | val top-1 | val EMA | test top-1 (reported, not used) |',
-          '|---|---|---|---|---|---|---|---|']
+    md = ['| target | method | min_steps | lr | seed | epochs run | val top-1 | val EMA | '
+          'test top-1 (reported, not used) |',
+          '|---|---|---|---|---|---|---|---|---|']
     for r in rows:
         md.append(f"| {r['target']} | {r.get('method', 'hff')} | {r['min_steps']} | {r.get('lr', 1e-3):g} | "
-                  f"{r['epochs']} | {fmt(r['val_top1'])} | {fmt(r['val_ema_top1'])} | {fmt(r['test_top1'])} |")
+                  f"{r.get('seed', 42)} | {r['epochs']} | {fmt(r['val_top1'])} | {fmt(r['val_ema_top1'])} | "
+                  f"{fmt(r['test_top1'])} |")
     return md
 
 
