@@ -6,6 +6,7 @@ on CUDA the runtime defaults to bf16 autocast and channels_last, and times with 
 """
 import argparse
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -272,10 +273,6 @@ ROWS = {
     'hff_balanced_cheap': Row('HFF memory_efficient, balanced cut, aux on a 7x7 map', HFF,
                               hff=dict(_BALANCED, aux_size=CHEAP_AUX_SIZE), **_ME),
     'hff_compiled': Row('HFF simultaneous, torch.compile', HFF, compiled=True),
-    'hff_simultaneous_graphed': Row('HFF simultaneous, CUDA graph', HFF, graphed='hff_simultaneous'),
-    'hff_balanced_graphed': Row('HFF memory_efficient, balanced cut, CUDA graph', HFF, hff=_BALANCED,
-                                graphed='hff_balanced', **_ME),
-    'bp_graphed': Row('BP, CUDA graph', BP, graphed='bp'),
     'bp': Row('BP', BP),
     'bp_ckpt': Row('BP + checkpointing', BP, grad_checkpointing=True),
     'bp_accum': Row('BP + accumulation', BP, micro_batches=ACCUM_DEFAULT, of='bp'),
@@ -284,6 +281,10 @@ ROWS = {
     'hff_stage1': Row('HFF stage 1 alone (floor of memory_efficient)', HFF, stages=(0,), **_ME),
     'hff_me_noaux': Row("HFF memory_efficient, aux='none'", HFF, hff=dict(aux='none'), **_ME),
 }
+# CUDA-graph rows (time only): their eager row, captured whole (train_cost --cuda-graphs)
+ROWS.update({f'{eager}_graphed': dataclasses.replace(ROWS[eager], label=f'{ROWS[eager].label}, CUDA graph',
+                                                     graphed=eager)
+             for eager in ('hff_simultaneous', 'hff_balanced', 'bp')})
 METHOD_LABELS = {name: row.label for name, row in ROWS.items()}
 
 
